@@ -1,0 +1,50 @@
+# Marketplace — the two commands a new user needs: `make standalone` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+EXTRAS ?= dev,standalone,ml
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps standalone test lint proto proto-check fuzz bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+# Debian tools the tests use for real: gVisor, bubblewrap, compose and promtool.
+system-deps:
+	@missing=""; \
+	for pair in runsc:runsc bwrap:bubblewrap docker-compose:docker-compose promtool:prometheus; do \
+	  bin=$${pair%%:*}; pkg=$${pair##*:}; command -v $$bin >/dev/null || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "run as root or: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
+
+standalone: install
+	$(VENV)/bin/marketplace standalone
+
+test: install system-deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+proto: install
+	./scripts/generate.sh
+
+proto-check: install
+	./scripts/generate.sh --check
+
+bench: install
+	$(PY) bench/fanout.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""JWT auth (flask-jwt-extended): access tokens carry the user id as a string subject."""
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask
+from flask_jwt_extended import JWTManager, current_user
+
+from api.db import db
+from marketplace.errors import PermissionDenied, Unauthenticated
+from marketplace.settings import Settings
+from marketplace.users.models import User
+
+jwt = JWTManager()
+
+
+def init_auth(app: Flask, settings: Settings) -> None:
+    app.config["JWT_SECRET_KEY"] = settings.jwt_secret.get_secret_value()
+    app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(minutes=settings.access_token_minutes)
+    app.config["JWT_REFRESH_TOKEN_EXPIRES"] = timedelta(days=settings.refresh_token_days)
+    app.config["JWT_ALGORITHM"] = "HS256"
+    app.config["JWT_DECODE_ALGORITHMS"] = ["HS256"]
+    app.config["JWT_TOKEN_LOCATION"] = ["headers"]
+    jwt.init_app(app)
+
+
+def _unauthorized(message: str) -> Any:
+    raise Unauthenticated(message)
+
+
+@jwt.user_lookup_loader
+def _load_user(_header: dict[str, Any], payload: dict[str, Any]) -> User | None:
+    try:
+        return db().get(User, uuid.UUID(payload["sub"]))
+    except (KeyError, ValueError):
+        return None
+
+
+@jwt.user_lookup_error_loader
+def _user_gone(_header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+    return _unauthorized("the token's user no longer exists")
+
+
+@jwt.unauthorized_loader
+def _missing(reason: str) -> Any:
+    return _unauthorized(f"missing or malformed Authorization header: {reason}")
+
+
+@jwt.invalid_token_loader
+def _invalid(reason: str) -> Any:
+    return _unauthorized(f"invalid token: {reason}")
+
+
+@jwt.expired_token_loader
+def _expired(_header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+    return _unauthorized("the token has expired")
+
+
+@jwt.revoked_token_loader
+def _revoked(_header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+    return _unauthorized("the token has been revoked")
+
+
+@jwt.needs_fresh_token_loader
+def _not_fresh(_header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+    return _unauthorized("a fresh login is required")
+
+
+def me() -> User:
+    user = current_user
+    if user is None:
+        raise Unauthenticated("not authenticated")
+    return user
+
+
+def require_admin() -> User:
+    user = me()
+    if not user.is_admin:
+        raise PermissionDenied("administrators only")
+    return user
+
+
+def token_pair(user: User) -> dict[str, Any]:
+    from flask import current_app
+    from flask_jwt_extended import create_access_token, create_refresh_token
+
+    claims = {"role": user.role}
+    expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+    return {
+        "access_token": create_access_token(identity=str(user.id), additional_claims=claims),
+        "refresh_token": create_refresh_token(identity=str(user.id), additional_claims=claims),
+        "token_type": "Bearer",
+        "expires_in": int(expires.total_seconds()),
+    }

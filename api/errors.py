@@ -1,0 +1,74 @@
+"""Every error is application/problem+json (RFC 9457); never an HTML page or a stack trace."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, json
+from werkzeug.exceptions import HTTPException
+
+from marketplace.errors import InvalidInput, MarketplaceError
+
+logger = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+    reserved = {"type", "title", "status", "detail"}
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+            **{k: v for k, v in extra.items() if k not in reserved}}
+    resp = Response(json.dumps(body), status=status, mimetype=PROBLEM)
+    return resp
+
+
+def _is_unavailable(exc: BaseException) -> str | None:
+    """Name the dependency when `exc` means a backing service is down."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from marketplace.storage import StorageError
+
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "database"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "redis"
+    if isinstance(exc, KombuOperationalError):
+        return "broker"
+    if isinstance(exc, StorageError):
+        return "object store"
+    return None
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(MarketplaceError)
+    def _domain(exc: MarketplaceError) -> Response:
+        extra = dict(exc.extra)
+        if isinstance(exc, InvalidInput):
+            extra["errors"] = exc.errors
+        resp = problem(exc.status, exc.title, exc.detail, **extra)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        resp = problem(status, exc.name, exc.description or exc.name)
+        if status == 429 and getattr(exc, "retry_after", None) is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        for key, value in (exc.get_headers() if hasattr(exc, "get_headers") else []):
+            if key.lower() in ("retry-after", "allow"):
+                resp.headers[key] = value
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        dependency = _is_unavailable(exc)
+        if dependency:
+            logger.warning("%s unavailable: %s", dependency, exc)
+            resp = problem(503, "Service unavailable", f"the {dependency} is unavailable; try again shortly")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        logger.exception("unhandled error")
+        return problem(500, "Internal server error", "an unexpected error occurred; it has been logged")

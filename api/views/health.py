@@ -1,0 +1,43 @@
+"""Liveness and readiness."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from sqlalchemy import text
+
+from marketplace.db import get_engine
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():  # type: ignore[no-untyped-def]
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():  # type: ignore[no-untyped-def]
+    from marketplace.redis_client import get_redis
+    from marketplace.storage import get_store
+
+    checks: dict[str, str] = {}
+
+    def check(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn()
+            checks[name] = "ok"
+        except Exception as exc:  # readiness reports every failure, it never raises
+            checks[name] = f"unavailable: {type(exc).__name__}"
+
+    def _db() -> None:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    check("database", _db)
+    check("redis", lambda: get_redis().ping())
+    check("storage", lambda: get_store().check())
+    ready = all(v == "ok" for v in checks.values())
+    resp = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
+    resp.status_code = 200 if ready else 503
+    if not ready:
+        resp.mimetype = "application/problem+json"
+    return resp

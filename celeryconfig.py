@@ -1,0 +1,79 @@
+"""Celery settings, derived from `marketplace.settings` (the only reader of the environment).
+
+Why each reliability setting is what it is:
+- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only after
+  its task returns, so a SIGKILLed pool child's subtask is redelivered (~50 ms) instead
+  of lost. Subtasks are idempotent (deterministic result keys, one ledger row per
+  subtask), so a redelivery is safe.
+- `visibility_timeout` (Redis transport): an unacked message is redelivered to another
+  worker after this long. It must exceed the longest subtask (the largest catalog
+  `time_limit`, the hard limit) or a slow subtask would run twice while still running.
+- `unacked_restore_interval` / `unacked_restore_throttle`: how often kombu sweeps the
+  unacked set of a dead worker back onto the queues; lowered from 10 × 10 ≈ 100 s so a
+  whole lost node is noticed sooner. The recovery beat job covers what Redis loses.
+- `result_expires`: chord counters and results live in Redis; they must outlive the
+  longest task (schedule timeout + all subtask retries), so two days.
+- `worker_prefetch_multiplier = 1` and `-O fair` on model queues: a node takes only what
+  it can run now, so a slow GPU batch never holds other messages hostage.
+- Priorities: kombu's Redis transport serves *lower* numbers first; the REST API's
+  `priority` is 0–9 with 9 most urgent, inverted when the subtask is published.
+"""
+from kombu import Exchange, Queue
+
+from marketplace.catalog import CONTROL_QUEUES, get_catalog
+from marketplace.settings import get_settings
+
+_settings = get_settings()
+_catalog = get_catalog()
+_longest_subtask = max((m.time_limit for m in _catalog.models.values()), default=600)
+
+broker_url = _settings.celery_broker_url
+result_backend = _settings.celery_result_backend
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": int(max(3600, _longest_subtask * 2)),
+    "queue_order_strategy": "priority",
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 5,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+}
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}, "health_check_interval": 10}
+result_expires = 2 * 24 * 3600
+result_extended = False
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_max_tasks_per_child = None
+worker_cancel_long_request_on_connection_loss = True
+
+# Flower and the events-based monitors need these.
+worker_send_task_events = True
+task_send_sent_event = True
+
+task_default_queue = "marketplace.scheduler"
+task_create_missing_queues = False
+_queue_names = list(CONTROL_QUEUES) + _catalog.queues
+task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in _queue_names]
+task_routes = {
+    "marketplace.scheduling.*": {"queue": "marketplace.scheduler"},
+    "marketplace.results.*": {"queue": "marketplace.results"},
+    "marketplace.maintenance.*": {"queue": "marketplace.maintenance"},
+    "marketplace.webhooks.*": {"queue": "marketplace.maintenance"},
+}
+# Subtask time limits per queue come from the catalog; see workers.tasks.
+task_soft_time_limit = None
+task_time_limit = None
+
+beat_schedule = {
+    "recover-stalled-tasks": {"task": "marketplace.maintenance.recover", "schedule": 30.0},
+}

@@ -1,0 +1,7 @@
+"""Marketplace: a distributed AI task marketplace on Celery.
+
+`celery -A marketplace worker` finds the Celery app here.
+"""
+from marketplace.celery_app import app
+
+__all__ = ["app"]

@@ -1,0 +1,43 @@
+"""Ledger and holds. Money is Numeric, never float."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from marketplace.db import Base, utcnow
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        # A redelivered or retried subtask can never be charged twice.
+        UniqueConstraint("subtask_id", "kind", name="uq_ledger_subtask_kind"),
+        Index("ix_ledger_user_id", "user_id", "id"),
+        Index("ix_ledger_task", "task_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    task_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    subtask_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    kind: Mapped[str] = mapped_column(String(32))  # signup | topup | charge | charge_failed | adjustment
+    amount: Mapped[Decimal] = mapped_column()  # negative for charges
+    detail: Mapped[str | None] = mapped_column(String(255))
+    settled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Hold(Base):
+    __tablename__ = "holds"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    amount: Mapped[Decimal] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | released
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column()

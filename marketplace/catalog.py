@@ -1,0 +1,74 @@
+"""The model catalog (`config/models.yaml`): models, devices, queues and prices."""
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+Device = Literal["cpu", "gpu"]
+InputKind = Literal["json", "text", "file"]
+CONTROL_QUEUES = ("marketplace.scheduler", "marketplace.results", "marketplace.maintenance")
+
+
+class Price(BaseModel):
+    start_fee: Decimal
+    per_second: Decimal
+    per_item: Decimal
+    failed: Literal["full", "start_fee", "nothing"] = "start_fee"
+
+
+class ModelSpec(BaseModel):
+    name: str
+    description: str = ""
+    input: InputKind
+    devices: list[Device]
+    batch_size: int = Field(gt=0)
+    max_batch_size: int = Field(gt=0)
+    time_limit: float = Field(gt=0)
+    params: dict[str, Any] = {}
+    price: dict[Device, Price]
+    # Built-in models may share another model's queue (`echo` rides on `cpu.generic`).
+    queue_model: str | None = None
+
+    def queue(self, device: Device) -> str:
+        return f"{device}.{self.queue_model or self.name}"
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.queue(d) for d in self.devices]
+
+
+class Catalog(BaseModel):
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({q for spec in self.models.values() for q in spec.queues})
+
+    def models_for_queue(self, queue: str) -> list[str]:
+        return [spec.name for spec in self.models.values() if queue in spec.queues]
+
+
+def parse_catalog(raw: dict[str, Any]) -> Catalog:
+    models = {name: ModelSpec(name=name, **body) for name, body in (raw.get("models") or {}).items()}
+    return Catalog(models=models)
+
+
+@lru_cache(maxsize=4)
+def load_catalog(path: Path) -> Catalog:
+    """Read and validate the catalog file (cached per path)."""
+    with open(path, encoding="utf-8") as fh:
+        return parse_catalog(yaml.safe_load(fh))
+
+
+def get_catalog() -> Catalog:
+    from marketplace.settings import get_settings
+
+    return load_catalog(get_settings().catalog_path)

@@ -1,0 +1,96 @@
+"""The `marketplace` command."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="marketplace")
+def main() -> None:
+    """Marketplace: a distributed AI task marketplace on Celery."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from marketplace import migrate
+
+    migrate.upgrade(revision=revision)
+    click.echo(f"database upgraded to {revision}")
+
+
+@db.command("downgrade")
+@click.option("--revision", default="-1", show_default=True)
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION."""
+    from marketplace import migrate
+
+    migrate.downgrade(revision=revision)
+
+
+@db.command("current")
+def db_current() -> None:
+    """Show the applied revision."""
+    from marketplace import migrate
+
+    migrate.current()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", "num_workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
+@click.option("--threads", default=4, show_default=True, type=int)
+def api(host: str, port: int, num_workers: int, threads: int) -> None:
+    """Serve the REST API with gunicorn."""
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which("gunicorn")
+    if not gunicorn:
+        raise click.ClickException("gunicorn is not installed")
+    args = [
+        gunicorn, "--bind", f"{host}:{port}", "--workers", str(num_workers), "--threads", str(threads),
+        "--worker-class", "gthread", "--no-control-socket", "--access-logfile", "-",
+        "--config", "python:api.gunicorn_conf", "api.wsgi:app",
+    ]
+    os.execv(gunicorn, args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--queues", "-Q", default=None, help="comma-separated queues (default: every queue)")
+@click.option("--concurrency", "-c", default=2, show_default=True, type=int)
+@click.pass_context
+def worker(ctx: click.Context, queues: str | None, concurrency: int) -> None:
+    """Run a Celery worker (shorthand for `celery -A marketplace worker`)."""
+    from marketplace.catalog import CONTROL_QUEUES, get_catalog
+
+    queues = queues or ",".join(list(CONTROL_QUEUES) + get_catalog().queues)
+    celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or "celery"
+    os.execv(celery, [celery, "-A", "marketplace", "worker", "-Q", queues, "-c", str(concurrency), "-E", *ctx.args])
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=int, help="REST API port")
+@click.option("--grpc-port", default=50051, show_default=True, type=int)
+@click.option("--flower-port", default=5555, show_default=True, type=int)
+@click.option("--data-dir", default=".marketplace", show_default=True, type=click.Path(file_okay=False))
+@click.option("--concurrency", default=2, show_default=True, type=int, help="worker pool size")
+def standalone(port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int) -> None:
+    """Everything on one machine: embedded PostgreSQL and Redis unless their URLs are set."""
+    from marketplace.standalone import Standalone
+
+    Standalone(
+        port=port, grpc_port=grpc_port, flower_port=flower_port, data_dir=data_dir, concurrency=concurrency
+    ).run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,66 @@
+"""Domain errors. REST maps them to problem+json, gRPC to status codes, in one table each."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class MarketplaceError(Exception):
+    """Base: `title` is short and stable, `detail` says what exactly went wrong."""
+
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidInput(MarketplaceError):
+    """A field or rule of the request failed; `errors` lists each as {field, message}."""
+
+    status = 422
+    title = "Validation failed"
+
+    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.errors = errors or []
+
+    @classmethod
+    def field(cls, field: str, message: str) -> InvalidInput:
+        return cls(f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+class NotFound(MarketplaceError):
+    status = 404
+    title = "Not found"
+
+
+class Conflict(MarketplaceError):
+    status = 409
+    title = "Conflict"
+
+
+class Unauthenticated(MarketplaceError):
+    status = 401
+    title = "Unauthorized"
+
+
+class PermissionDenied(MarketplaceError):
+    status = 403
+    title = "Forbidden"
+
+
+class PaymentRequired(MarketplaceError):
+    status = 402
+    title = "Insufficient balance"
+
+
+class QuotaExceeded(MarketplaceError):
+    status = 429
+    title = "Quota exceeded"
+
+
+class Unavailable(MarketplaceError):
+    status = 503
+    title = "Service unavailable"

@@ -1,0 +1,26 @@
+"""Write domain events into the outbox, inside the caller's transaction."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from marketplace.events.models import OutboxEvent
+from marketplace.settings import get_settings
+
+TASK_EVENTS = ("TaskCreated", "TaskAssigned", "TaskCompleted", "TaskFailed", "TaskCancelled")
+SUBTASK_EVENTS = ("SubTaskCompleted",)
+
+
+def topic_for(event_type: str) -> str:
+    settings = get_settings()
+    if event_type in SUBTASK_EVENTS:
+        return settings.topic_subtasks
+    if event_type == "AuditEvent":
+        return settings.topic_audit
+    return settings.topic_tasks
+
+
+def emit(session: Session, *, type: str, key: str, payload: dict[str, Any]) -> None:
+    """Add an event; it is relayed to Kafka only if the surrounding transaction commits."""
+    session.add(OutboxEvent(topic=topic_for(type), key=key, type=type, payload=payload))

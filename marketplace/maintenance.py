@@ -1,0 +1,96 @@
+"""Periodic jobs (celery beat, queue `marketplace.maintenance`): recovery of stalled tasks."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from marketplace.catalog import get_catalog
+from marketplace.celery_app import app
+from marketplace.db import session_scope, utcnow
+from marketplace.settings import get_settings
+from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+def recover_stalled() -> dict[str, list[str]]:
+    """Find tasks that stopped moving and push them on from the database.
+
+    - `Created` with no scheduling attempt for a while (the schedule message was lost):
+      publish `schedule` again (it is idempotent under the row lock).
+    - `Scheduled`/`InProgress` with no subtask progress past the stall deadline:
+      re-dispatch exactly the subtasks that are not final — `Pending` ones, and
+      `Running` ones older than their time limit (a merely slow one is left alone) —
+      or, when all are final, run the callback again.
+    """
+    from marketplace.results.service import finalize_task
+    from marketplace.scheduling.service import dispatch
+    from marketplace.tasks.service import enqueue_schedule
+
+    settings = get_settings()
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
+    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": []}
+    with session_scope() as session:
+        created = list(session.scalars(
+            select(Task.id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff).limit(500)
+        ))
+        for task_id in created:
+            session.execute(Task.__table__.update().where(Task.id == task_id).values(progress_at=now))
+    for task_id in created:
+        enqueue_schedule(task_id)
+        report["rescheduled"].append(str(task_id))
+
+    with session_scope() as session:
+        last_move = (
+            select(SubTask.task_id, func.max(func.greatest(SubTask.started_at, SubTask.finished_at)).label("moved"))
+            .group_by(SubTask.task_id).subquery()
+        )
+        rows = session.execute(
+            select(Task).outerjoin(last_move, last_move.c.task_id == Task.id).where(
+                Task.status.in_((TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)),
+                Task.progress_at < cutoff,
+                func.coalesce(last_move.c.moved, Task.progress_at) < cutoff,
+            ).with_for_update(of=Task, skip_locked=True).limit(200)
+        ).scalars().all()
+        plans: list[tuple[str, list[str], str, int, float, int]] = []
+        to_finalize: list[str] = []
+        for task in rows:
+            spec = get_catalog().get(task.model)
+            limit = spec.time_limit if spec else 600.0
+            running_cutoff = now - timedelta(seconds=limit + 60)
+            missing = [str(i) for i in session.scalars(
+                select(SubTask.id).where(
+                    SubTask.task_id == task.id,
+                    (SubTask.status == SubTaskStatus.PENDING.value)
+                    | ((SubTask.status == SubTaskStatus.RUNNING.value) & (SubTask.started_at < running_cutoff)),
+                ).order_by(SubTask.index)
+            )]
+            unfinished = session.scalar(select(func.count()).select_from(SubTask).where(
+                SubTask.task_id == task.id, SubTask.status.in_((SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value))
+            ))
+            task.progress_at = now
+            if missing:
+                task.dispatch_count += 1
+                plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count))
+            elif not unfinished:
+                to_finalize.append(str(task.id))
+    for task_id, ids, queue, priority, limit, attempt in plans:
+        logger.warning("recovery: re-dispatching %d subtask(s) of task %s", len(ids), task_id)
+        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt)
+        report["redispatched"].append(task_id)
+    for task_id in to_finalize:
+        finalize_task(task_id)
+        report["finalized"].append(task_id)
+    return report
+
+
+@app.task(name="marketplace.maintenance.recover", acks_late=True)
+def recover() -> dict[str, Any]:
+    report = recover_stalled()
+    if any(report.values()):
+        logger.warning("recovery: %s", {k: len(v) for k, v in report.items()})
+    return report

@@ -1,0 +1,100 @@
+"""Result Aggregator: combine partial results in input order and finish the task."""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from marketplace.billing import service as billing
+from marketplace.catalog import get_catalog
+from marketplace.db import session_scope, utcnow
+from marketplace.events.outbox import emit
+from marketplace.storage import get_store
+from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+
+logger = logging.getLogger(__name__)
+FINAL_SUBTASK = (SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value)
+WEBHOOK_TASK = "marketplace.webhooks.deliver"
+
+
+def part_key(task_id: str, index: int) -> str:
+    return f"results/{task_id}/parts/{index}.json"
+
+
+def result_key(task_id: str) -> str:
+    return f"results/{task_id}/result.json"
+
+
+def _finish(session: Session, *, task: Task, status: TaskStatus, error: str | None = None) -> None:
+    """Set a final status, settle billing and emit the event, in the caller's transaction."""
+    task.status = status.value
+    task.error = error
+    task.status_reason = None
+    task.finished_at = utcnow()
+    billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model))
+    billing.settle_task(session, task=task)
+    event = {TaskStatus.DONE: "TaskCompleted", TaskStatus.FAILED: "TaskFailed"}.get(status, "TaskCancelled")
+    emit(session, type=event, key=str(task.id), payload={
+        "task_id": str(task.id), "user_id": str(task.user_id), "model": task.model, "status": task.status,
+        "cost": str(task.cost), "error": error, "result_key": task.result_key,
+    })
+    if task.webhook_url:
+        session.info.setdefault("after_commit", []).append(("webhook", str(task.id)))
+
+
+def fail_task(session: Session, *, task: Task, error: str) -> None:
+    """End a task `Failed` with a reason (subtask failure, schedule timeout, recovery)."""
+    if TaskStatus(task.status).final:
+        return
+    _finish(session, task=task, status=TaskStatus.FAILED, error=error)
+
+
+def cancel_task(session: Session, *, task: Task) -> None:
+    _finish(session, task=task, status=TaskStatus.CANCELLED, error="cancelled by the user")
+
+
+def run_after_commit(actions: list[tuple[str, str]]) -> None:
+    """Side effects that must wait for the commit (webhook delivery)."""
+    from marketplace.celery_app import app
+
+    for kind, task_id in actions:
+        if kind == "webhook":
+            app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance")
+
+
+def finalize_task(task_id: str) -> str:
+    """Finish the task if every subtask is final: `done`, `failed`, `waiting` or `noop`."""
+    actions: list[tuple[str, str]] = []
+    with session_scope() as session:
+        task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update())
+        if task is None or TaskStatus(task.status).final:
+            return "noop"
+        subs = session.execute(
+            select(SubTask.index, SubTask.status, SubTask.result_key, SubTask.error)
+            .where(SubTask.task_id == task.id).order_by(SubTask.index)
+        ).all()
+        if any(s.status not in FINAL_SUBTASK for s in subs):
+            return "waiting"
+        failed = [s for s in subs if s.status == SubTaskStatus.FAILED.value]
+        if failed:
+            first = failed[0]
+            fail_task(session, task=task, error=f"subtask {first.index} failed: {first.error}")
+            outcome = "failed"
+        else:
+            outputs: list[Any] = []
+            store = get_store()
+            for s in subs:
+                outputs.extend(json.loads(store.get_bytes(s.result_key)))
+            doc = {"task_id": task_id, "model": task.model, "outputs": outputs}
+            key = result_key(task_id)
+            store.put_bytes(key, json.dumps(doc, separators=(",", ":")).encode(), "application/json")
+            task.result_key = key
+            _finish(session, task=task, status=TaskStatus.DONE)
+            outcome = "done"
+        actions = session.info.pop("after_commit", [])
+    run_after_commit(actions)
+    return outcome

@@ -1,0 +1,146 @@
+"""Scheduler / Dispatcher: pick a live queue, then fan the subtasks out as chords."""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from celery import chord, group, signature
+from sqlalchemy import select
+
+from marketplace.catalog import ModelSpec, get_catalog
+from marketplace.db import session_scope, utcnow
+from marketplace.events.outbox import emit
+from marketplace.settings import get_settings
+from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+
+logger = logging.getLogger(__name__)
+RUN_SUBTASK = "workers.run_subtask"
+FINALIZE = "marketplace.results.finalize"
+
+
+@dataclass
+class Outcome:
+    status: str  # scheduled | waiting | failed | noop
+    queue: str | None = None
+    reason: str | None = None
+    subtask_ids: list[str] = field(default_factory=list)
+
+
+def candidate_queues(spec: ModelSpec, device: str) -> list[str]:
+    """Queues the task may use, best first: `any` prefers GPU, then CPU."""
+    devices = [d for d in ("gpu", "cpu") if d in spec.devices] if device == "any" else [device]
+    return [spec.queue(d) for d in devices]  # type: ignore[arg-type]
+
+
+def choose_queue(candidates: list[str], capacity: dict[str, int] | None) -> str | None:
+    if capacity is None:  # capability check disabled
+        return candidates[0] if candidates else None
+    return next((q for q in candidates if capacity.get(q, 0) > 0), None)
+
+
+def _live_capacity() -> dict[str, int] | None:
+    if not get_settings().worker_capacity_check:
+        return None
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_capacity
+
+    return live_capacity(get_redis())
+
+
+def schedule_task(task_id: str) -> Outcome:
+    """Move a Created task to Scheduled on a live queue, wait, or fail after the timeout."""
+    settings = get_settings()
+    capacity = _live_capacity()
+    with session_scope() as session:
+        task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update())
+        if task is None or task.status != TaskStatus.CREATED.value:
+            return Outcome("noop")
+        spec = get_catalog().get(task.model)
+        candidates = candidate_queues(spec, task.device) if spec else []
+        queue = choose_queue(candidates, capacity)
+        now = utcnow()
+        if queue is None:
+            waited = (now - task.created_at).total_seconds()
+            reason = f"no live worker serves {' or '.join(candidates) or task.model}"
+            if waited >= settings.schedule_timeout:
+                from marketplace.results.service import fail_task
+
+                fail_task(session, task=task, error=f"{reason} after waiting {int(waited)}s (schedule timeout)")
+                return Outcome("failed", reason=reason)
+            task.status_reason = f"waiting: {reason}"
+            return Outcome("waiting", reason=reason)
+        task.queue = queue
+        task.status = TaskStatus.SCHEDULED.value
+        task.scheduled_at = now
+        task.progress_at = now
+        task.status_reason = None
+        task.dispatch_count += 1
+        ids = [str(i) for i in session.scalars(
+            select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index)
+        )]
+        emit(session, type="TaskAssigned", key=task_id,
+             payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids)})
+        priority, attempt = task.priority, task.dispatch_count
+    dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
+             attempt=attempt)
+    return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+def callback_id(task_id: str, attempt: int, chunk: int) -> str:
+    """Deterministic chord-callback ids: operators and tests can look a callback up."""
+    return f"{task_id}:finalize:{attempt}:{chunk}"
+
+
+def dispatch(
+    task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float, attempt: int = 1
+) -> None:
+    """Publish chords of at most `max_subtasks_per_chord` subtasks, each ending in finalize.
+
+    Every chord's callback calls finalize; it finishes the task only once all
+    subtasks in the database are final, so splitting big jobs is safe.
+    """
+    if not subtask_ids:
+        signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).apply_async(
+            task_id=callback_id(task_id, attempt, 0)
+        )
+        return
+    size = get_settings().max_subtasks_per_chord
+    broker_priority = 9 - priority  # Redis serves lower numbers first
+    for chunk, start in enumerate(range(0, len(subtask_ids), size)):
+        header = group(
+            signature(RUN_SUBTASK, args=[sid], queue=queue, priority=broker_priority,
+                      soft_time_limit=time_limit, time_limit=time_limit + 30)
+            for sid in subtask_ids[start : start + size]
+        )
+        callback = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).set(
+            task_id=callback_id(task_id, attempt, chunk)
+        )
+        chord(header, callback).apply_async()
+
+
+def redispatch_missing(task_id: str) -> list[str]:
+    """Re-publish the subtasks that are not final (recovery); returns their ids."""
+    with session_scope() as session:
+        task = session.get(Task, uuid.UUID(task_id))
+        if task is None or task.status not in (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value):
+            return []
+        spec = get_catalog().get(task.model)
+        ids = [str(i) for i in session.scalars(
+            select(SubTask.id).where(
+                SubTask.task_id == task.id,
+                SubTask.status.in_((SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value)),
+            ).order_by(SubTask.index)
+        )]
+        task.progress_at = utcnow()
+        task.dispatch_count += 1
+        queue, priority, attempt = task.queue, task.priority, task.dispatch_count
+    if queue:
+        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
+                 attempt=attempt)
+    return ids
+
+
+def stalled_cutoff() -> timedelta:
+    return timedelta(seconds=get_settings().recovery_stall_seconds)

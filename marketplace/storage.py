@@ -1,0 +1,186 @@
+"""Object store behind one small interface: S3 (boto3; MinIO or moto) or a local directory."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class StorageError(Exception):
+    """The object store could not be reached or refused the operation (retryable)."""
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class ObjectStore(Protocol):
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Store `data` under `key` (overwriting); return its sha256."""
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def check(self) -> None:
+        """Raise StorageError unless the store is usable (readiness)."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safe_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStore:
+    """A directory tree; writes are atomic (temp file + rename) so readers never see halves."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _safe_key(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return sha256_hex(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
+
+
+class S3Store:
+    """S3 API via boto3 (MinIO in compose, moto's server in tests)."""
+
+    def __init__(self, *, endpoint_url: str | None, bucket: str, region: str = "us-east-1") -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=3,
+                read_timeout=30,
+            ),
+        )
+        self._bucket_checked = False
+
+    def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(str(exc)) from exc
+            raise StorageError(f"S3 {code}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 unreachable: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        if self._bucket_checked:
+            return
+        try:
+            self._call(self.client.head_bucket, Bucket=self.bucket)
+        except (ObjectNotFound, StorageError) as exc:
+            if isinstance(exc.__cause__, ClientError) or isinstance(exc, ObjectNotFound):
+                self._call(self.client.create_bucket, Bucket=self.bucket)
+            else:
+                raise
+        self._bucket_checked = True
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.ensure_bucket()
+        self._call(
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=_safe_key(key),
+            Body=data,
+            ContentType=content_type or "application/octet-stream",
+        )
+        return sha256_hex(data)
+
+    def get_bytes(self, key: str) -> bytes:
+        obj = self._call(self.client.get_object, Bucket=self.bucket, Key=_safe_key(key))
+        return obj["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.client.head_object, Bucket=self.bucket, Key=_safe_key(key))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=_safe_key(key))
+
+    def check(self) -> None:
+        self._bucket_checked = False
+        self.ensure_bucket()
+
+
+_store: ObjectStore | None = None
+
+
+def build_store(settings=None) -> ObjectStore:  # type: ignore[no-untyped-def]
+    if settings is None:
+        from marketplace.settings import get_settings
+
+        settings = get_settings()
+    if settings.s3_endpoint_url:
+        return S3Store(endpoint_url=settings.s3_endpoint_url, bucket=settings.s3_bucket, region=settings.s3_region)
+    root = settings.storage_dir or Path.cwd() / "data" / "objects"
+    return LocalStore(root)
+
+
+def get_store() -> ObjectStore:
+    """The process-wide store (rebuilt after fork by `reset_store`)."""
+    global _store
+    if _store is None:
+        _store = build_store()
+    return _store
+
+
+def reset_store() -> None:
+    global _store
+    _store = None

@@ -1,0 +1,106 @@
+"""Tasks and their subtasks: the database is the source of truth."""
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from marketplace.db import Base, new_id, utcnow
+
+
+class TaskStatus(str, enum.Enum):
+    CREATED = "Created"
+    SCHEDULED = "Scheduled"
+    IN_PROGRESS = "InProgress"
+    DONE = "Done"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_TASK_STATUSES
+
+
+FINAL_TASK_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE_TASK_STATUSES = frozenset({TaskStatus.CREATED, TaskStatus.SCHEDULED, TaskStatus.IN_PROGRESS})
+
+
+class SubTaskStatus(str, enum.Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    DONE = "Done"
+    FAILED = "Failed"
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key", name="uq_tasks_user_idempotency"),
+        Index("ix_tasks_user_created", "user_id", "created_at"),
+        Index("ix_tasks_status", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(8))  # requested: any | cpu | gpu
+    queue: Mapped[str | None] = mapped_column(String(128))  # chosen at scheduling
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.CREATED.value)
+    status_reason: Mapped[str | None] = mapped_column(Text)  # why it waits, visible to the user
+    error: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    total_items: Mapped[int] = mapped_column(Integer)
+    subtask_count: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    max_cost: Mapped[Decimal | None] = mapped_column()
+    estimated_cost: Mapped[Decimal] = mapped_column(default=Decimal("0"))
+    cost: Mapped[Decimal | None] = mapped_column()  # settled cost, set at the final status
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    result_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    scheduled_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    # Bumped on every subtask outcome; recovery looks for tasks that stopped moving.
+    progress_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    subtasks: Mapped[list[SubTask]] = relationship(
+        back_populates="task", order_by="SubTask.index", cascade="all, delete-orphan"
+    )
+
+
+class SubTask(Base):
+    __tablename__ = "subtasks"
+    __table_args__ = (
+        UniqueConstraint("task_id", "index", name="uq_subtasks_task_index"),
+        Index("ix_subtasks_task_status", "task_id", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
+    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=SubTaskStatus.PENDING.value)
+    inputs: Mapped[list[Any]] = mapped_column()
+    items: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    celery_id: Mapped[str | None] = mapped_column(String(64))
+    result_key: Mapped[str | None] = mapped_column(Text)
+    result_sha256: Mapped[str | None] = mapped_column(String(64))
+    seconds: Mapped[float | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    task: Mapped[Task] = relationship(back_populates="subtasks")

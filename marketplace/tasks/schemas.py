@@ -1,0 +1,80 @@
+"""Request and response shapes shared by REST, gRPC and the Kafka submissions consumer."""
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+
+class TaskRequest(BaseModel):
+    """A job: one model over a list of input items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=64, description="Catalog model name, e.g. `echo`, `embedding`.")
+    inputs: list[Any] = Field(min_length=1, description="Input items; their kind depends on the model.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Model parameters.")
+    device: Literal["any", "cpu", "gpu"] = "any"
+    batch_size: int | None = Field(default=None, ge=1, description="Items per subtask (model default if absent).")
+    priority: int = Field(default=0, ge=0, le=9, description="0–9, 9 most urgent.")
+    webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the task document on a final status.")
+    max_cost: Decimal | None = Field(default=None, gt=0, max_digits=24, decimal_places=6)
+
+    @field_validator("max_cost", mode="before")
+    @classmethod
+    def _no_float_money(cls, value: Any) -> Any:
+        # Floats are accepted on input for convenience but turned into exact decimals.
+        return Decimal(str(value)) if isinstance(value, float) else value
+
+
+class Progress(BaseModel):
+    done: int
+    failed: int
+    total: int
+
+
+class TaskOut(BaseModel):
+    id: str
+    status: Literal["Created", "Scheduled", "InProgress", "Done", "Failed", "Cancelled"]
+    model: str
+    device: str
+    queue: str | None = None
+    priority: int
+    progress: Progress
+    total_items: int
+    subtasks: int
+    estimated_cost: str
+    cost: str | None = Field(description="Settled cost, or the running sum of charges before the end.")
+    created_at: str
+    scheduled_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    status_reason: str | None = None
+    trace_id: str | None = None
+    links: dict[str, str] = {}
+
+
+class SubTaskOut(BaseModel):
+    id: str
+    index: int
+    status: Literal["Pending", "Running", "Done", "Failed"]
+    items: int
+    worker: str | None = None
+    attempts: int
+    seconds: float | None = None
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class SubTaskList(BaseModel):
+    task_id: str
+    subtasks: list[SubTaskOut]
+
+
+class TaskResult(BaseModel):
+    task_id: str
+    model: str
+    outputs: list[Any]

@@ -1,0 +1,265 @@
+"""Task Service: validation, storage and lookup of tasks. REST, gRPC and Kafka call these."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from marketplace.billing import service as billing
+from marketplace.catalog import ModelSpec, get_catalog
+from marketplace.errors import Conflict, InvalidInput, NotFound
+from marketplace.events.outbox import emit
+from marketplace.files.models import File
+from marketplace.settings import get_settings
+from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks.schemas import Progress, SubTaskOut, TaskOut, TaskRequest
+from marketplace.users.models import User
+
+logger = logging.getLogger(__name__)
+MAX_TEXT_CHARS = 100_000
+SCHEDULE_TASK = "marketplace.scheduling.schedule"
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _request_hash(request: TaskRequest) -> str:
+    return hashlib.sha256(canonical_json(request.model_dump(mode="json")).encode()).hexdigest()
+
+
+def resolve_model(request: TaskRequest) -> tuple[ModelSpec, list[str]]:
+    """The catalog entry and the devices the task may run on; InvalidInput naming the field."""
+    catalog = get_catalog()
+    spec = catalog.get(request.model)
+    if spec is None:
+        raise InvalidInput.field("model", f"unknown model {request.model!r}; known: {', '.join(sorted(catalog.models))}")
+    if request.device == "any":
+        devices = list(spec.devices)
+    elif request.device in spec.devices:
+        devices = [request.device]
+    else:
+        raise InvalidInput.field("device", f"model {spec.name} runs on {', '.join(spec.devices)}, not {request.device}")
+    return spec, devices
+
+
+def _file_id(item: Any) -> uuid.UUID | None:
+    raw = item.get("file") if isinstance(item, dict) and set(item) == {"file"} else item
+    try:
+        return uuid.UUID(str(raw)) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+def validate_items(session: Session, *, spec: ModelSpec, inputs: list[Any], user_id: uuid.UUID) -> list[Any]:
+    """Check every item against the model's input kind; file items become `{"file": id}`."""
+    errors: list[dict[str, Any]] = []
+    items = list(inputs)
+    if spec.input == "text":
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item.strip():
+                errors.append({"field": f"inputs[{i}]", "message": f"model {spec.name} takes non-empty text items"})
+            elif len(item) > MAX_TEXT_CHARS:
+                errors.append({"field": f"inputs[{i}]", "message": f"text longer than {MAX_TEXT_CHARS} characters"})
+    elif spec.input == "file":
+        wanted: dict[int, uuid.UUID] = {}
+        for i, item in enumerate(items):
+            fid = _file_id(item)
+            if fid is None:
+                errors.append({"field": f"inputs[{i}]", "message": 'expected {"file": "<file id>"} from POST /v1/files'})
+            else:
+                wanted[i] = fid
+        if wanted:
+            owned = set(
+                session.scalars(select(File.id).where(File.id.in_(set(wanted.values())), File.user_id == user_id))
+            )
+            for i, fid in wanted.items():
+                if fid not in owned:
+                    errors.append({"field": f"inputs[{i}]", "message": f"file {fid} not found"})
+                else:
+                    items[i] = {"file": str(fid)}
+    if errors:
+        shown = errors[:20]
+        raise InvalidInput(f"{len(errors)} input item(s) invalid; first: {shown[0]['field']}: {shown[0]['message']}", errors=shown)
+    return items
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def create_task(
+    session: Session,
+    *,
+    user_id: uuid.UUID,
+    request: TaskRequest,
+    idempotency_key: str | None = None,
+    trace_id: str | None = None,
+) -> tuple[Task, bool]:
+    """Validate and store a task with its subtasks, hold and TaskCreated event.
+
+    Returns (task, created). The caller commits, then calls `enqueue_schedule`.
+    """
+    settings = get_settings()
+    spec, devices = resolve_model(request)
+    request_hash = _request_hash(request)
+    if idempotency_key:
+        existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
+            return existing, False
+
+    batch_size = request.batch_size or spec.batch_size
+    if batch_size > spec.max_batch_size:
+        raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")
+    if len(request.inputs) > settings.max_inputs:
+        raise InvalidInput.field("inputs", f"at most {settings.max_inputs} items per task")
+    from marketplace.billing import quotas
+
+    quotas.check_submit(session, user_id=user_id, items=len(request.inputs))
+    items = validate_items(session, spec=spec, inputs=request.inputs, user_id=user_id)
+    batches = _chunks(items, batch_size)
+    estimate = max(billing.estimate_cost(spec, d, [len(b) for b in batches]) for d in devices)
+    if request.max_cost is not None and estimate > request.max_cost:
+        raise InvalidInput.field("max_cost", f"estimated cost {estimate} exceeds max_cost {request.max_cost}")
+
+    task = Task(
+        id=uuid.uuid4(),
+        user_id=user_id,
+        model=spec.name,
+        device=request.device,
+        status=TaskStatus.CREATED.value,
+        params={**spec.params, **request.params},
+        batch_size=batch_size,
+        priority=request.priority,
+        total_items=len(items),
+        subtask_count=len(batches),
+        webhook_url=str(request.webhook_url) if request.webhook_url else None,
+        max_cost=request.max_cost,
+        estimated_cost=estimate,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        trace_id=trace_id,
+    )
+    session.add(task)
+    session.flush()
+    session.execute(
+        insert(SubTask),
+        [
+            {"id": uuid.uuid4(), "task_id": task.id, "index": i, "inputs": batch, "items": len(batch),
+             "status": SubTaskStatus.PENDING.value}
+            for i, batch in enumerate(batches)
+        ],
+    )
+    billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate)
+    emit(
+        session,
+        type="TaskCreated",
+        key=str(task.id),
+        payload={"task_id": str(task.id), "user_id": str(user_id), "model": spec.name, "device": request.device,
+                 "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)},
+    )
+    return task, True
+
+
+def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None) -> None:
+    """Publish the scheduling step; call only after the task's transaction committed."""
+    from marketplace.celery_app import app
+
+    app.send_task(SCHEDULE_TASK, args=[str(task_id)], queue="marketplace.scheduler", countdown=countdown)
+
+
+def get_task(session: Session, *, task_id: uuid.UUID | str, user: User | None = None, lock: bool = False) -> Task:
+    """A task visible to `user` (its owner or an admin); anyone else gets NotFound, never 403."""
+    try:
+        tid = uuid.UUID(str(task_id))
+    except ValueError as exc:
+        raise NotFound(f"task {task_id} not found") from exc
+    stmt = select(Task).where(Task.id == tid)
+    if lock:
+        stmt = stmt.with_for_update()
+    task = session.scalar(stmt)
+    if task is None or (user is not None and not user.is_admin and task.user_id != user.id):
+        raise NotFound(f"task {task_id} not found")
+    return task
+
+
+def progress_of(session: Session, *, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    rows = session.execute(
+        select(SubTask.task_id, SubTask.status, func.count())
+        .where(SubTask.task_id.in_(task_ids))
+        .group_by(SubTask.task_id, SubTask.status)
+    )
+    out: dict[uuid.UUID, dict[str, int]] = {tid: {} for tid in task_ids}
+    for tid, status, n in rows:
+        out[tid][status] = n
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal | None = None) -> TaskOut:
+    cost = task.cost if task.cost is not None else running_cost
+    base = f"/v1/tasks/{task.id}"
+    return TaskOut(
+        id=str(task.id),
+        status=task.status,  # type: ignore[arg-type]
+        model=task.model,
+        device=task.device,
+        queue=task.queue,
+        priority=task.priority,
+        progress=Progress(
+            done=counts.get(SubTaskStatus.DONE.value, 0),
+            failed=counts.get(SubTaskStatus.FAILED.value, 0),
+            total=task.subtask_count,
+        ),
+        total_items=task.total_items,
+        subtasks=task.subtask_count,
+        estimated_cost=str(task.estimated_cost),
+        cost=str(cost) if cost is not None else None,
+        created_at=task.created_at.isoformat(),
+        scheduled_at=_iso(task.scheduled_at),
+        started_at=_iso(task.started_at),
+        finished_at=_iso(task.finished_at),
+        error=task.error,
+        status_reason=task.status_reason,
+        trace_id=task.trace_id,
+        links={"self": base, "subtasks": f"{base}/subtasks", "result": f"{base}/result", "cancel": f"{base}/cancel"},
+    )
+
+
+def describe_task(session: Session, *, task: Task) -> TaskOut:
+    counts = progress_of(session, task_ids=[task.id])[task.id]
+    running = None if task.cost is not None else billing.task_charges(session, task_id=task.id)
+    return task_document(task, counts, running_cost=running)
+
+
+def list_subtasks(session: Session, *, task: Task) -> list[SubTaskOut]:
+    rows = session.scalars(select(SubTask).where(SubTask.task_id == task.id).order_by(SubTask.index))
+    return [
+        SubTaskOut(
+            id=str(s.id), index=s.index, status=s.status, items=s.items, worker=s.worker,  # type: ignore[arg-type]
+            attempts=s.attempts, seconds=s.seconds, error=s.error,
+            started_at=_iso(s.started_at), finished_at=_iso(s.finished_at),
+        )
+        for s in rows
+    ]
+
+
+def read_result(session: Session, *, task: Task) -> bytes:
+    """The stored result document (JSON bytes); Conflict unless the task is Done."""
+    from marketplace.storage import get_store
+
+    if task.status != TaskStatus.DONE.value or not task.result_key:
+        raise Conflict(f"task {task.id} is {task.status}; results exist only for Done tasks", task_status=task.status)
+    return get_store().get_bytes(task.result_key)

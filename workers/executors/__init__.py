@@ -1,0 +1,35 @@
+"""Model executors, imported lazily so a CPU node never imports torch for `echo`."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from workers.executors.base import ExecContext, ExecutionError, Executor
+
+_REGISTRY = {
+    "echo": "workers.executors.echo:EchoExecutor",
+    "embedding": "workers.executors.embedding:EmbeddingExecutor",
+    "resnet50": "workers.executors.resnet50:ResNet50Executor",
+    "generic": "workers.executors.generic:GenericExecutor",
+}
+_instances: dict[tuple[str, str], Any] = {}
+
+
+def get_executor(model: str, device: str = "cpu") -> Executor:
+    """The process-wide executor for a model on a device (built on first use)."""
+    key = (model, device)
+    if key not in _instances:
+        target = _REGISTRY.get(model)
+        if target is None:
+            raise ExecutionError(f"no executor for model {model!r}")
+        module_name, _, cls_name = target.partition(":")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        _instances[key] = cls(device=device)
+    return _instances[key]
+
+
+def reset_executors() -> None:
+    _instances.clear()
+
+
+__all__ = ["ExecContext", "ExecutionError", "Executor", "get_executor", "reset_executors"]

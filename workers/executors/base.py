@@ -1,0 +1,39 @@
+"""What every model executor looks like."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class ExecutionError(Exception):
+    """A subtask cannot produce its outputs.
+
+    `retryable` errors (a flaky dependency) are retried with backoff by
+    `workers.run_subtask`; the others fail the subtask at once.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class ExecContext:
+    """What an executor may need besides its items."""
+
+    task_id: str
+    subtask_id: str
+    user_id: str
+    device: str  # cpu | gpu
+    store: Any = None  # marketplace.storage.ObjectStore
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    name: str
+
+    def warmup(self) -> None:
+        """Load weights once per worker process (called from worker_process_init)."""
+
+    def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
+        """Return exactly one output per item, in order; raise ExecutionError to fail the subtask."""

