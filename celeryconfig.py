@@ -69,6 +69,7 @@ task_routes = {
     "marketplace.results.*": {"queue": "marketplace.results"},
     "marketplace.maintenance.*": {"queue": "marketplace.maintenance"},
     "marketplace.webhooks.*": {"queue": "marketplace.maintenance"},
+    "marketplace.registry.*": {"queue": "marketplace.maintenance"},
 }
 # Subtask time limits per queue come from the catalog; see workers.tasks.
 task_soft_time_limit = None
@@ -76,4 +77,9 @@ task_time_limit = None
 
 beat_schedule = {
     "recover-stalled-tasks": {"task": "marketplace.maintenance.recover", "schedule": 30.0},
+    "audit-chain-pending": {"task": "marketplace.audit.chain_pending", "schedule": 2.0,
+                            "options": {"queue": "marketplace.maintenance"}},
+    "sweep-workers": {"task": "marketplace.registry.sweep", "schedule": 15.0},
+    "prune-outbox": {"task": "marketplace.events.prune", "schedule": 3600.0,
+                     "options": {"queue": "marketplace.maintenance"}},
 }

@@ -13,14 +13,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["marketplace.settings"] = settings
 
+    from api import openapi
     from api.auth import init_auth
     from api.db import init_db
     from api.errors import register_error_handlers
-    from api.views import auth, health, tasks
+    from api.limits import init_limiter
+    from api.views import auth, files, health, models, tasks, workers
+    from marketplace import observability
 
     init_db(app)
     init_auth(app, settings)
     register_error_handlers(app)
-    for bp in (health.bp, auth.bp, tasks.bp):
+    init_limiter(app, settings)
+    observability.init_app(app, settings)  # /metrics (no auth), request metrics and traces
+    for bp in (health.bp, auth.bp, auth.me_bp, tasks.bp, files.bp, openapi.bp, models.bp, workers.bp):
         app.register_blueprint(bp)
+    from api.views import audit as audit_views
+    from api.views import billing as billing_views
+    app.register_blueprint(billing_views.bp)
+    app.register_blueprint(audit_views.bp)
     return app

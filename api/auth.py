@@ -1,6 +1,7 @@
 """JWT auth (flask-jwt-extended): access tokens carry the user id as a string subject."""
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -27,7 +28,33 @@ def init_auth(app: Flask, settings: Settings) -> None:
 
 
 def _unauthorized(message: str) -> Any:
-    raise Unauthenticated(message)
+    # Loaders run inside flask-jwt-extended's error handlers, where raising would become a 500.
+    from api.errors import problem
+
+    resp = problem(401, Unauthenticated.title, message)
+    resp.headers["WWW-Authenticate"] = "Bearer"
+    return resp
+
+
+BLOCKLIST_PREFIX = "marketplace:jwt:revoked:"
+
+
+def revoke_token(payload: dict[str, Any]) -> None:
+    """Refuse this token from now until it would have expired anyway."""
+    from marketplace.redis_client import get_redis
+
+    ttl = int(payload.get("exp", 0) - time.time()) + 1
+    if ttl > 0:
+        get_redis().set(BLOCKLIST_PREFIX + payload["jti"], "1", ex=ttl)
+    from marketplace.audit.service import record as audit_record
+    audit_record(actor=f"user:{payload.get('sub')}", action="user.logout", subject=f"user:{payload.get('sub')}", data={"jti": payload.get("jti"), "token_type": payload.get("type")})
+
+
+@jwt.token_in_blocklist_loader
+def _is_revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
+    from marketplace.redis_client import get_redis
+
+    return bool(get_redis().exists(BLOCKLIST_PREFIX + str(payload.get("jti", ""))))
 
 
 @jwt.user_lookup_loader
@@ -80,6 +107,18 @@ def require_admin() -> User:
     if not user.is_admin:
         raise PermissionDenied("administrators only")
     return user
+
+
+def access_token(user_id: str, role: str) -> dict[str, Any]:
+    from flask import current_app
+    from flask_jwt_extended import create_access_token
+
+    expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+    return {
+        "access_token": create_access_token(identity=user_id, additional_claims={"role": role}),
+        "token_type": "Bearer",
+        "expires_in": int(expires.total_seconds()),
+    }
 
 
 def token_pair(user: User) -> dict[str, Any]:

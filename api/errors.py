@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, json
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from marketplace.errors import InvalidInput, MarketplaceError
 
@@ -41,6 +41,13 @@ def _is_unavailable(exc: BaseException) -> str | None:
 
 
 def register_error_handlers(app: Flask) -> None:
+    @app.before_request
+    def _body_size() -> None:
+        # Refuse a declared oversize body before anything reads it (413 even on routes without a body).
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise RequestEntityTooLarge(f"the request body exceeds {limit} bytes")
+
     @app.errorhandler(MarketplaceError)
     def _domain(exc: MarketplaceError) -> Response:
         extra = dict(exc.extra)
@@ -49,6 +56,9 @@ def register_error_handlers(app: Flask) -> None:
         resp = problem(exc.status, exc.title, exc.detail, **extra)
         if exc.status == 401:
             resp.headers["WWW-Authenticate"] = "Bearer"
+        if exc.status == 429:
+            # A quota frees up as tasks finish; a hint, not a promise.
+            resp.headers["Retry-After"] = "10"
         return resp
 
     @app.errorhandler(HTTPException)

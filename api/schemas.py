@@ -1,6 +1,8 @@
 """REST request/response bodies that are not shared with other transports."""
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 
@@ -28,3 +30,51 @@ class TokenPair(BaseModel):
     refresh_token: str
     token_type: str = "Bearer"
     expires_in: int
+
+
+class AccessToken(BaseModel):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_in: int
+
+
+class Usage(BaseModel):
+    active_tasks: int
+
+
+class MeOut(BaseModel):
+    id: str
+    email: str
+    role: Literal["user", "admin"]
+    balance: str = Field(description="Settled balance.")
+    available_balance: str = Field(description="Balance less the holds of running tasks.")
+    quotas: dict[str, Any]
+    usage: Usage
+    webhook_secret: str = Field(description="Key of the HMAC-SHA256 `X-Marketplace-Signature` on webhooks.")
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    status: str
+    model: str
+    subtasks: int
+    estimated_cost: str
+    links: dict[str, str]
+
+
+class TaskListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["Created", "Scheduled", "InProgress", "Done", "Failed", "Cancelled"] | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=512, description="`next_cursor` of the previous page.")
+    all: Literal["0", "1"] = Field(default="0", description="Admins: `1` lists every user's tasks.")
+
+
+class FileOut(BaseModel):
+    id: str
+    size: int
+    sha256: str
+    content_type: str
+    filename: str | None = None
+    created_at: str

@@ -1,6 +1,7 @@
 """Parse and validate request bodies with pydantic; errors name each failing field."""
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 from flask import request
@@ -38,11 +39,45 @@ def parse_body(model: type[M]) -> M:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)")
     try:
         data = request.get_json(force=False, silent=False)
-    except BadRequest:
+    except (BadRequest, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput.field("body", "expected a JSON object")
+    try:
+        _check_storable(data, "")
+    except RecursionError:
+        raise InvalidInput.field("body", "nested too deeply") from None
     return validate(model, data)
+
+
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "NUL characters (\\u0000) are not allowed"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may carry lone surrogates (\ud800) that no UTF-8 store accepts
+        return "invalid Unicode (a lone surrogate) is not allowed"
+    return None
+
+
+def _check_storable(value: Any, where: str) -> None:
+    """Refuse what PostgreSQL cannot store: NUL, lone surrogates, NaN/Infinity (422, not a 500)."""
+    if isinstance(value, str):
+        problem = _bad_text(value)
+        if problem:
+            raise InvalidInput.field(where or "body", problem)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput.field(where or "body", "NaN and Infinity are not allowed")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = _bad_text(key)
+            if problem:
+                raise InvalidInput.field(where or "body", f"{problem} in keys")
+            _check_storable(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
 
 
 def parse_query(model: type[M]) -> M:

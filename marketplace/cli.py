@@ -7,11 +7,19 @@ import sys
 
 import click
 
+# Long-running commands that log and trace in this very process (api, worker, standalone exec or spawn).
+OBSERVED_COMMANDS = {"grpc", "bridge"}
+
 
 @click.group()
 @click.version_option(package_name="marketplace")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Marketplace: a distributed AI task marketplace on Celery."""
+    if ctx.invoked_subcommand in OBSERVED_COMMANDS:
+        from marketplace import observability
+
+        observability.init_process(ctx.invoked_subcommand)
 
 
 @main.group()
@@ -61,6 +69,9 @@ def api(host: str, port: int, num_workers: int, threads: int) -> None:
         "--worker-class", "gthread", "--no-control-socket", "--access-logfile", "-",
         "--config", "python:api.gunicorn_conf", "api.wsgi:app",
     ]
+    from marketplace.observability.metrics import prepare_server_multiprocess_dir
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prepare_server_multiprocess_dir("marketplace-api-"))
     os.execv(gunicorn, args)
 
 
@@ -78,6 +89,20 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int) -> None:
 
 
 @main.command()
+@click.option("--stall-seconds", type=float, default=None, help="override MARKETPLACE_RECOVERY_STALL_SECONDS")
+def recover(stall_seconds: float | None) -> None:
+    """Re-drive tasks that stopped moving (lost messages, dead nodes, a flushed Redis)."""
+    from marketplace.maintenance import recover_stalled
+    from marketplace.settings import get_settings
+
+    if stall_seconds is not None:
+        get_settings().recovery_stall_seconds = stall_seconds
+    report = recover_stalled()
+    for kind, ids in report.items():
+        click.echo(f"{kind}: {len(ids)}" + (f" ({', '.join(ids[:10])}{' …' if len(ids) > 10 else ''})" if ids else ""))
+
+
+@main.command()
 @click.option("--port", default=8000, show_default=True, type=int, help="REST API port")
 @click.option("--grpc-port", default=50051, show_default=True, type=int)
 @click.option("--flower-port", default=5555, show_default=True, type=int)
@@ -90,6 +115,26 @@ def standalone(port: int, grpc_port: int, flower_port: int, data_dir: str, concu
     Standalone(
         port=port, grpc_port=grpc_port, flower_port=flower_port, data_dir=data_dir, concurrency=concurrency
     ).run()
+
+
+from marketplace.models_cli import models as _models  # noqa: E402
+
+main.add_command(_models)
+
+from marketplace import cli_client as _client_cli  # noqa: E402
+
+for _command in _client_cli.COMMANDS:
+    main.add_command(_command)
+
+from marketplace.bridge_cli import bridge_command as _bridge  # noqa: E402
+from marketplace.grpc_cli import grpc_command as _grpc  # noqa: E402
+
+main.add_command(_grpc)
+main.add_command(_bridge)
+
+from marketplace.audit_cli import audit as _audit  # noqa: E402
+
+main.add_command(_audit)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,21 +16,33 @@ from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 logger = logging.getLogger(__name__)
 
 
+def redeclare_queues() -> None:
+    """Re-create queue bindings: a flushed Redis loses kombu's `_kombu.binding.*` sets,
+    and publishes to an exchange without bindings are dropped until someone declares."""
+    with app.connection_for_write() as conn:
+        for queue in app.amqp.queues.values():
+            queue.bind(conn).declare()
+
+
 def recover_stalled() -> dict[str, list[str]]:
     """Find tasks that stopped moving and push them on from the database.
 
     - `Created` with no scheduling attempt for a while (the schedule message was lost):
       publish `schedule` again (it is idempotent under the row lock).
     - `Scheduled`/`InProgress` with no subtask progress past the stall deadline:
-      re-dispatch exactly the subtasks that are not final — `Pending` ones, and
-      `Running` ones older than their time limit (a merely slow one is left alone) —
-      or, when all are final, run the callback again.
+      re-dispatch exactly the subtasks that are not final — `Pending` ones (their
+      message was lost with Redis), and `Running` ones whose node is gone (no live
+      heartbeat) or that outlived their time limit; a merely slow subtask on a live
+      node is left alone — or, when all are final, run the callback again.
     """
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task
     from marketplace.scheduling.service import dispatch
     from marketplace.tasks.service import enqueue_schedule
 
     settings = get_settings()
+    live_nodes = [w["hostname"] for w in live_workers(get_redis())]
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
     report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": []}
@@ -40,6 +52,7 @@ def recover_stalled() -> dict[str, list[str]]:
         ))
         for task_id in created:
             session.execute(Task.__table__.update().where(Task.id == task_id).values(progress_at=now))
+    redeclare_queues()
     for task_id in created:
         enqueue_schedule(task_id)
         report["rescheduled"].append(str(task_id))
@@ -66,7 +79,10 @@ def recover_stalled() -> dict[str, list[str]]:
                 select(SubTask.id).where(
                     SubTask.task_id == task.id,
                     (SubTask.status == SubTaskStatus.PENDING.value)
-                    | ((SubTask.status == SubTaskStatus.RUNNING.value) & (SubTask.started_at < running_cutoff)),
+                    | (
+                        (SubTask.status == SubTaskStatus.RUNNING.value)
+                        & ((SubTask.started_at < running_cutoff) | SubTask.worker.not_in(live_nodes or [""]))
+                    ),
                 ).order_by(SubTask.index)
             )]
             unfinished = session.scalar(select(func.count()).select_from(SubTask).where(

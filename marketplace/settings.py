@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -51,15 +51,25 @@ class Settings(BaseSettings):
     sandbox: Literal["gvisor", "bwrap", "docker", "none"] | None = None
     docker_runtime: str | None = None
 
+    # Compute nodes.
+    model_cache_dir: Path = Path("~/.cache/marketplace")  # verified model weights, per node
+    warmup_models: bool = True  # load served models in worker_process_init
+
     # API.
     rate_limit: str = "1200/minute"
     anonymous_rate_limit: str = "120/minute"
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 200_000
+    webhook_timeout: float = 10.0
+    webhook_max_retries: int = 5  # retries after the first attempt, backoff doubling each time
+    webhook_retry_backoff: float = 1.0  # seconds before the first retry
     signup_credits: Decimal = Decimal("100")
     default_max_active_tasks: int = 20
     default_max_items_per_task: int = 200_000
     default_daily_spend: Decimal = Decimal("1000")
+    # Billing/audit signal handlers (see marketplace/billing and marketplace/audit; bench/billing_audit.py).
+    billing_signal_charges: bool = True  # off: charges are recorded at finalize from the subtask rows
+    audit_subtask_events: Literal["pending", "direct", "off"] = "pending"  # how subtask signals reach the chain
 
     # Recovery.
     recovery_stall_seconds: float = 120.0
@@ -69,6 +79,20 @@ class Settings(BaseSettings):
     flower_password: SecretStr = SecretStr("change-me")
     log_level: str = "INFO"
     log_json: bool = True
+    # Worker-node Prometheus exporter (marketplace.observability); 0 disables it.
+    metrics_port: int = 9808
+    metrics_host: str = "0.0.0.0"
+    # Parent of the prometheus-client multiprocess dirs (`marketplace api`, worker nodes); temp dir if unset.
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "MARKETPLACE_PROMETHEUS_MULTIPROC_DIR")
+    )
+    # Standard OpenTelemetry variables (no prefix): spans are exported only when an endpoint is set.
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    otel_service_name: str | None = Field(default=None, validation_alias="OTEL_SERVICE_NAME")
+    otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
 
     # Events.
     topic_tasks: str = "marketplace.tasks"

@@ -86,22 +86,9 @@ def stack(postgres: Postgres, redis_server: RedisServer, s3_server: S3Server) ->
 
 
 def _reset_clients() -> None:
-    from marketplace import db, redis_client, storage
-    from marketplace.settings import reset_settings
+    from tests.support.env import reset_clients
 
-    reset_settings()
-    db.dispose_engine()
-    storage.reset_store()
-    redis_client.reset_redis()
-    from marketplace.celery_app import app
-
-    # The Celery app read its config at first use; point it at the current broker.
-    from marketplace.settings import get_settings
-
-    s = get_settings()
-    app.conf.broker_url = s.celery_broker_url
-    app.conf.result_backend = s.celery_result_backend
-    app.__dict__.pop("backend", None)
+    reset_clients()
 
 
 @pytest.fixture(scope="session")

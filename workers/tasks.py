@@ -8,7 +8,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from marketplace.celery_app import app
 from marketplace.settings import get_settings
-from workers import runner
+from workers import node, runner  # noqa: F401  (node: capability probe + warm-up signals)
 
 logger = logging.getLogger(__name__)
 INFRA_MAX_RETRIES = 60  # a down database or store gets ~30 min of capped backoff
@@ -30,6 +30,7 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
         limit = INFRA_MAX_RETRIES if outcome.infrastructure else settings.subtask_max_retries
         if retries < limit:
             countdown = min(30.0, settings.subtask_retry_backoff * (2**retries))
-            raise self.retry(countdown=countdown, max_retries=limit)
+            # Retries jump the queue (0 is served first on Redis): a job waits on its slowest part.
+            raise self.retry(countdown=countdown, max_retries=limit, priority=0)
         return {"ok": False, "subtask_id": subtask_id, "skipped": True, "error": outcome.error}
     return outcome

@@ -4,17 +4,21 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 from sqlalchemy import text
 
+from api.openapi import api_doc
 from marketplace.db import get_engine
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@api_doc(summary="Liveness", auth=False, responses={200: {"type": "object"}}, tags=["ops"])
 def healthz():  # type: ignore[no-untyped-def]
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@api_doc(summary="Readiness: database, Redis and object store (503 if any is down)", auth=False,
+         responses={200: {"type": "object"}}, tags=["ops"])
 def readyz():  # type: ignore[no-untyped-def]
     from marketplace.redis_client import get_redis
     from marketplace.storage import get_store

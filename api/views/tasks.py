@@ -1,4 +1,4 @@
-"""Tasks: submit, look up, subtasks, result."""
+"""Tasks: submit, list, look up, subtasks, result, cancel."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
@@ -6,9 +6,12 @@ from flask_jwt_extended import jwt_required
 
 from api.auth import me
 from api.db import db
-from api.validation import parse_body
+from api.openapi import api_doc
+from api.schemas import TaskAccepted, TaskListQuery
+from api.validation import parse_body, parse_query
+from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
-from marketplace.tasks.schemas import SubTaskList, TaskRequest
+from marketplace.tasks.schemas import SubTaskList, TaskOut, TaskPage, TaskRequest, TaskResult
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1/tasks")
 
@@ -21,11 +24,15 @@ def _current_trace_id() -> str | None:
 
 
 @bp.post("")
+@api_doc(summary="Submit a task", request=TaskRequest, responses={202: TaskAccepted, 200: TaskAccepted},
+         headers={"Idempotency-Key": "Same key and body: the same task (200); another body: 409"},
+         description="402 when the balance cannot cover the estimate, 409 on an Idempotency-Key reused with "
+                     "another body, 429 when the active-task quota is reached.", tags=["tasks"])
 @jwt_required()
 def submit():  # type: ignore[no-untyped-def]
     body = parse_body(TaskRequest)
     user = me()
-    key = request.headers.get("Idempotency-Key") or None
+    key = request.headers.get("Idempotency-Key")
     session = db()
     task, created = tasks.create_task(
         session, user_id=user.id, request=body, idempotency_key=key, trace_id=_current_trace_id()
@@ -43,7 +50,19 @@ def submit():  # type: ignore[no-untyped-def]
     return resp
 
 
+@bp.get("")
+@api_doc(summary="The caller's tasks, newest first (admins: `all=1` for everyone's)", query=TaskListQuery,
+         responses={200: TaskPage}, tags=["tasks"])
+@jwt_required()
+def index():  # type: ignore[no-untyped-def]
+    q = parse_query(TaskListQuery)
+    docs, cursor = lifecycle.list_tasks(db(), user=me(), status=q.status, limit=q.limit, cursor=q.cursor,
+                                        all_users=q.all == "1")
+    return jsonify(TaskPage(tasks=docs, next_cursor=cursor).model_dump(mode="json"))
+
+
 @bp.get("/<task_id>")
+@api_doc(summary="A task's status, progress and cost", responses={200: TaskOut}, tags=["tasks"])
 @jwt_required()
 def get(task_id: str):  # type: ignore[no-untyped-def]
     session = db()
@@ -52,6 +71,7 @@ def get(task_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<task_id>/subtasks")
+@api_doc(summary="A task's subtasks", responses={200: SubTaskList}, tags=["tasks"])
 @jwt_required()
 def subtasks(task_id: str):  # type: ignore[no-untyped-def]
     session = db()
@@ -61,9 +81,24 @@ def subtasks(task_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<task_id>/result")
+@api_doc(summary="Outputs in input order (409 until Done)", responses={200: TaskResult}, tags=["tasks"])
 @jwt_required()
 def result(task_id: str):  # type: ignore[no-untyped-def]
     session = db()
     task = tasks.get_task(session, task_id=task_id, user=me())
     # The stored document already has the response shape; stream it as is.
     return Response(tasks.read_result(session, task=task), mimetype="application/json")
+
+
+@bp.post("/<task_id>/cancel")
+@api_doc(summary="Cancel an active task (idempotent; 409 once Done or Failed)", responses={202: TaskOut},
+         tags=["tasks"])
+@jwt_required()
+def cancel(task_id: str):  # type: ignore[no-untyped-def]
+    session = db()
+    task = lifecycle.cancel_task(session, task_id=task_id, user=me())
+    session.commit()
+    lifecycle.after_commit(session)
+    resp = jsonify(tasks.describe_task(session, task=task).model_dump(mode="json"))
+    resp.status_code = 202
+    return resp

@@ -1,4 +1,4 @@
-"""Append-only, hash-chained, signed audit records."""
+"""Append-only, hash-chained, signed audit records, and the buffer that feeds them."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -23,3 +23,22 @@ class AuditRecord(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(128))
+
+
+class AuditPending(Base):
+    """Subtask-level events, written without any lock and chained in batches later.
+
+    High-rate signal handlers (a subtask started, finished, was charged) insert here so
+    they never queue behind the chain's advisory lock; `service.chain_pending` moves the
+    rows into `audit_records` in id order.
+    """
+
+    __tablename__ = "audit_pending"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column()
+    actor: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[str] = mapped_column(Text)

@@ -1,7 +1,10 @@
-"""Per-user quotas, checked at submit: active tasks and items per task."""
+"""Per-user quotas, checked at submit: active tasks, items per task, spend per day (429 naming the quota)."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, time
+from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -50,3 +53,57 @@ def check_submit(session: Session, *, user_id: uuid.UUID, items: int) -> None:
             f"quota max_active_tasks: {active} tasks are still active (limit {quotas['max_active_tasks']})",
             quota="max_active_tasks", limit=quotas["max_active_tasks"],
         )
+
+
+def _today_start() -> datetime:
+    return datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
+
+
+def _charges_today(session: Session, *, user_id: uuid.UUID, settled_only: bool) -> Decimal:
+    from marketplace.billing.models import LedgerEntry
+
+    stmt = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+        LedgerEntry.user_id == user_id,
+        LedgerEntry.kind.in_(("charge", "charge_failed")),
+        LedgerEntry.created_at >= _today_start(),
+    )
+    if settled_only:
+        stmt = stmt.where(LedgerEntry.settled.is_(True))
+    return -Decimal(session.scalar(stmt) or 0)
+
+
+def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
+    """Charges recorded today (UTC), running tasks included."""
+    from marketplace.billing.service import q
+
+    return q(_charges_today(session, user_id=user_id, settled_only=False))
+
+
+def committed_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
+    """What counts against the daily quota: today's settled charges plus active holds.
+
+    A running task's charges are covered by its hold, so only settled charges are
+    added to the holds (no double counting).
+    """
+    from marketplace.billing.service import held_amount, q
+
+    return q(_charges_today(session, user_id=user_id, settled_only=True) + held_amount(session, user_id=user_id))
+
+
+def check_daily_spend(session: Session, *, user: User, amount: Decimal) -> None:
+    """Raise QuotaExceeded (daily_spend_limit) when a new hold of `amount` would pass the limit."""
+    limit = Decimal(str(effective_quotas(user)["daily_spend_limit"]))
+    committed = committed_today(session, user_id=user.id)
+    if committed + amount > limit:
+        raise QuotaExceeded(
+            f"quota daily_spend_limit: {committed} spent or held today + estimate {amount} exceeds {limit}",
+            quota="daily_spend_limit", limit=str(limit), spent=str(committed), estimate=str(amount),
+        )
+
+
+def usage(session: Session, *, user_id: uuid.UUID) -> dict[str, Any]:
+    """`{active_tasks, spent_today}` for `GET /v1/me` (money as a decimal string)."""
+    return {
+        "active_tasks": active_tasks(session, user_id=user_id),
+        "spent_today": str(spent_today(session, user_id=user_id)),
+    }

@@ -7,7 +7,8 @@ The balance moves once per task, at settlement, under the user's row lock.
 from __future__ import annotations
 
 import uuid
-from decimal import ROUND_HALF_UP, Decimal
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from marketplace.billing.models import Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
 from marketplace.db import utcnow
-from marketplace.errors import PaymentRequired
+from marketplace.errors import InvalidInput, NotFound, PaymentRequired
 from marketplace.settings import get_settings
 from marketplace.users.models import User
 
@@ -69,7 +70,13 @@ def available_balance(session: Session, *, user: User) -> Decimal:
 
 
 def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal) -> Hold:
-    """Reserve `amount` for a task, or refuse with 402 naming balance and estimate."""
+    """Reserve `amount` for a task: 402 naming balance and estimate, or 429 over the daily spend quota.
+
+    The user's row lock serializes one user's submits, so two of them cannot both
+    pass a check that only one of them fits.
+    """
+    from marketplace.billing import quotas
+
     user = session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
     available = available_balance(session, user=user)
     if amount > available:
@@ -78,6 +85,7 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
             balance=str(available),
             estimate=str(amount),
         )
+    quotas.check_daily_spend(session, user=user, amount=amount)
     hold = Hold(user_id=user_id, task_id=task_id, amount=q(amount))
     session.add(hold)
     return hold
@@ -93,8 +101,15 @@ def record_subtask_charge(
     ok: bool,
     detail: str | None = None,
 ) -> bool:
-    """Insert the subtask's charge once; False when it was already charged (redelivery)."""
+    """Insert the subtask's charge once; False when it was already charged (redelivery).
+
+    The hold row is read FOR SHARE: charges never wait on each other, but settlement
+    (which locks the hold FOR UPDATE first) either sees this charge or runs before it,
+    in which case the task is already settled and the caller settles this late charge
+    with `settle_late` after commit (a subtask still running when its task was cancelled).
+    """
     kind = "charge" if ok else "charge_failed"
+    hold_status = session.scalar(select(Hold.status).where(Hold.task_id == task_id).with_for_update(read=True))
     stmt = (
         pg_insert(LedgerEntry)
         .values(
@@ -104,7 +119,31 @@ def record_subtask_charge(
         .on_conflict_do_nothing(constraint="uq_ledger_subtask_kind")
         .returning(LedgerEntry.id)
     )
-    return session.execute(stmt).first() is not None
+    inserted = session.execute(stmt).first() is not None
+    if inserted:
+        from marketplace.audit import service as audit
+
+        audit.subtask_event(
+            session, actor="billing", action=f"billing.{kind}", subject=f"subtask:{subtask_id}", task_id=task_id,
+            data={"user_id": str(user_id), "subtask_id": str(subtask_id), "amount": str(-q(amount)), "detail": detail},
+        )
+        if hold_status == "released":
+            # Settled in a second transaction (settle_late): upgrading this FOR SHARE lock
+            # here could deadlock with another late charge of the same task.
+            session.info.setdefault(LATE_KEY, set()).add(task_id)
+    return inserted
+
+
+LATE_KEY = "marketplace.billing.late_tasks"
+
+
+def settle_late(session: Session, *, task_id: uuid.UUID) -> None:
+    """Settle charges that arrived after their task was settled."""
+    from marketplace.tasks.models import Task
+
+    task = session.get(Task, task_id)
+    if task is not None:
+        settle_task(session, task=task)
 
 
 def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
@@ -118,6 +157,8 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 
 def settle_task(session: Session, *, task: Any) -> Decimal:
     """Apply the task's unsettled charges to the balance and release its hold; idempotent."""
+    # Lock order everywhere: hold, then user (see record_subtask_charge).
+    session.execute(select(Hold.id).where(Hold.task_id == task.id).with_for_update())
     user = session.execute(select(User).where(User.id == task.user_id).with_for_update()).scalar_one()
     unsettled = session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
@@ -138,6 +179,12 @@ def settle_task(session: Session, *, task: Any) -> Decimal:
         .values(status="released", released_at=utcnow())
     )
     task.cost = task_charges(session, task_id=task.id)
+    if delta:
+        from marketplace.audit import service as audit
+
+        audit.append(session, actor="billing", action="billing.settled", subject=f"task:{task.id}", task_id=task.id,
+                     data={"user_id": str(task.user_id), "cost": str(task.cost), "applied": str(q(delta)),
+                           "balance": str(user.balance)})
     return task.cost
 
 
@@ -171,3 +218,107 @@ def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None) -> 
             detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s",
         )
     return added
+
+
+def charge_from_row(session: Session, *, subtask_id: uuid.UUID) -> bool:
+    """Charge a final subtask from its database row (task_failure safety net); False if not final or charged."""
+    from marketplace.catalog import get_catalog
+    from marketplace.tasks.models import SubTask, SubTaskStatus, Task
+
+    row = session.execute(
+        select(SubTask, Task).join(Task, SubTask.task_id == Task.id).where(SubTask.id == subtask_id)
+    ).first()
+    if row is None:
+        return False
+    sub, task = row
+    spec = get_catalog().get(task.model)
+    if spec is None or not task.queue or sub.attempts == 0:
+        return False
+    if sub.status not in (SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value):
+        return False
+    ok = sub.status == SubTaskStatus.DONE.value
+    amount = subtask_cost(price_for(spec, task.queue.split(".", 1)[0]), seconds=sub.seconds or 0.0,
+                          items=sub.items, ok=ok)
+    return record_subtask_charge(
+        session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
+        detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s",
+    )
+
+
+# --- balance, ledger and top-ups --------------------------------------------------------
+
+MAX_TOPUP = Decimal("1000000000")
+
+
+def parse_amount(raw: Any, *, field: str = "amount") -> Decimal:
+    """A positive credit amount from a decimal string (or integer); never from a float."""
+    if isinstance(raw, bool) or isinstance(raw, float) or not isinstance(raw, (str, int)):
+        raise InvalidInput.field(field, 'must be a decimal string, e.g. "12.50"')
+    try:
+        amount = Decimal(str(raw).strip())
+    except InvalidOperation:
+        raise InvalidInput.field(field, f"{raw!r} is not a decimal number") from None
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidInput.field(field, "must be greater than 0")
+    if amount != q(amount):
+        raise InvalidInput.field(field, "at most 6 decimal places")
+    if amount > MAX_TOPUP:
+        raise InvalidInput.field(field, f"at most {MAX_TOPUP}")
+    return q(amount)
+
+
+def balance_document(session: Session, *, user: User) -> dict[str, str]:
+    """`{balance, held, available}` as decimal strings."""
+    held = q(held_amount(session, user_id=user.id))
+    balance = q(user.balance)
+    return {"balance": str(balance), "held": str(held), "available": str(q(balance - held))}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def entry_document(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id, "kind": entry.kind, "amount": str(q(entry.amount)),
+        "task_id": str(entry.task_id) if entry.task_id else None,
+        "subtask_id": str(entry.subtask_id) if entry.subtask_id else None,
+        "detail": entry.detail, "created_at": _iso(entry.created_at),
+    }
+
+
+def ledger_page(
+    session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID | None = None, limit: int = 50,
+    cursor: int | None = None,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Newest first, keyset-paginated by id; returns (entries, next cursor or None)."""
+    stmt = select(LedgerEntry).where(LedgerEntry.user_id == user_id).order_by(LedgerEntry.id.desc()).limit(limit + 1)
+    if task_id is not None:
+        stmt = stmt.where(LedgerEntry.task_id == task_id)
+    if cursor is not None:
+        stmt = stmt.where(LedgerEntry.id < cursor)
+    rows = list(session.scalars(stmt))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [entry_document(r) for r in rows], (rows[-1].id if more and rows else None)
+
+
+def topup(session: Session, *, user_id: uuid.UUID | str, amount: Decimal, actor: str) -> LedgerEntry:
+    """Credit a user (admin action): a settled `topup` ledger row and the balance, under the user's lock."""
+    try:
+        uid = uuid.UUID(str(user_id))
+    except ValueError:
+        raise NotFound(f"user {user_id} not found", field="user_id") from None
+    user = session.execute(select(User).where(User.id == uid).with_for_update()).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"user {user_id} not found", field="user_id")
+    entry = LedgerEntry(user_id=uid, kind="topup", amount=q(amount), settled=True, detail=f"top-up by {actor}",
+                        created_at=utcnow())
+    session.add(entry)
+    user.balance = q(user.balance + amount)
+    session.flush()
+    from marketplace.audit import service as audit
+
+    audit.append(session, actor=actor, action="billing.topup", subject=f"user:{uid}",
+                 data={"amount": str(q(amount)), "balance": str(user.balance), "ledger_id": entry.id})
+    return entry

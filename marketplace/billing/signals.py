@@ -1,9 +1,14 @@
-"""Charge every finished subtask from Celery's task_success signal.
+"""Charge every finished subtask from Celery's task_success (and task_failure) signals.
 
 `workers.run_subtask` never raises out of a chord header; it returns
 `{ok, subtask_id, task_id, user_id, model, device, items, seconds, ...}` for success
 and failure alike, so `task_success` sees every final outcome. Retries are not final
-and are not charged; the unique ledger constraint absorbs redeliveries.
+and are not charged; the unique ledger constraint absorbs redeliveries. Should the
+task ever raise, `task_failure` charges from the subtask's row if it is final.
+
+`MARKETPLACE_BILLING_SIGNAL_CHARGES=false` turns the handlers off; charges are then
+recorded by finalize (`service.backfill_charges`) from the subtask rows — same
+amounts, later (used by bench/billing_audit.py to price the handlers).
 """
 from __future__ import annotations
 
@@ -11,44 +16,84 @@ import logging
 import uuid
 from typing import Any
 
-from celery.signals import task_success
+from celery.signals import task_failure, task_success
 
 from marketplace.billing import service
 from marketplace.catalog import get_catalog
 from marketplace.db import session_scope
+from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
 SUBTASK_TASK = "workers.run_subtask"
 
 
-def charge_outcome(result: dict[str, Any]) -> bool:
-    """Record the ledger row for one subtask outcome; True if it was new."""
-    if not isinstance(result, dict) or result.get("skipped") or not result.get("subtask_id"):
+def _settle_late(late: set[uuid.UUID]) -> None:
+    for task_id in late:
+        with session_scope() as session:
+            service.settle_late(session, task_id=task_id)
+
+
+def charge_outcome(result: dict[str, Any], *, audit_hostname: str | None = None) -> bool:
+    """Record the ledger row for one subtask outcome; True if it was new.
+
+    With `audit_hostname`, the outcome's audit record is written in the same
+    transaction: one commit per subtask outcome instead of two.
+    """
+    if not isinstance(result, dict):
         return False
-    spec = get_catalog().get(result["model"])
-    if spec is None:
-        return False
-    price = service.price_for(spec, result["device"])
-    amount = service.subtask_cost(
-        price, seconds=float(result.get("seconds") or 0), items=int(result.get("items") or 0), ok=bool(result["ok"])
-    )
+    chargeable = not result.get("skipped") and bool(result.get("subtask_id"))
+    spec = get_catalog().get(result.get("model") or "") if chargeable else None
+    inserted = False
     with session_scope() as session:
-        return service.record_subtask_charge(
-            session,
-            user_id=uuid.UUID(result["user_id"]),
-            task_id=uuid.UUID(result["task_id"]),
-            subtask_id=uuid.UUID(result["subtask_id"]),
-            amount=amount,
-            ok=bool(result["ok"]),
-            detail=f"{result['model']}/{result['device']} {result.get('items')} items {result.get('seconds', 0):.3f}s",
-        )
+        if spec is not None:
+            price = service.price_for(spec, result["device"])
+            amount = service.subtask_cost(
+                price, seconds=float(result.get("seconds") or 0), items=int(result.get("items") or 0),
+                ok=bool(result["ok"]),
+            )
+            inserted = service.record_subtask_charge(
+                session,
+                user_id=uuid.UUID(result["user_id"]),
+                task_id=uuid.UUID(result["task_id"]),
+                subtask_id=uuid.UUID(result["subtask_id"]),
+                amount=amount,
+                ok=bool(result["ok"]),
+                detail=f"{result['model']}/{result['device']} {result.get('items')} items "
+                       f"{result.get('seconds') or 0:.3f}s",
+            )
+        if audit_hostname is not None and result.get("subtask_id"):
+            from marketplace.audit.signals import outcome_event
+
+            outcome_event(session, hostname=audit_hostname, result=result)
+        late = session.info.pop(service.LATE_KEY, set())
+    _settle_late(late)
+    return inserted
+
+
+def charge_from_row(subtask_id: str) -> bool:
+    with session_scope() as session:
+        inserted = service.charge_from_row(session, subtask_id=uuid.UUID(subtask_id))
+        late = session.info.pop(service.LATE_KEY, set())
+    _settle_late(late)
+    return inserted
 
 
 @task_success.connect
 def _on_subtask_success(sender: Any = None, result: Any = None, **_: Any) -> None:
-    if getattr(sender, "name", None) != SUBTASK_TASK:
+    if getattr(sender, "name", None) != SUBTASK_TASK or not get_settings().billing_signal_charges:
         return
     try:
-        charge_outcome(result)
-    except Exception:  # a lost charge must be visible, never silent
+        hostname = getattr(getattr(sender, "request", None), "hostname", None) or "unknown"
+        charge_outcome(result, audit_hostname=hostname)
+    except Exception:  # a lost charge must be visible, never silent (finalize backfills it)
         logger.exception("billing: could not record the charge for %s", (result or {}).get("subtask_id"))
+
+
+@task_failure.connect
+def _on_subtask_failure(sender: Any = None, args: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != SUBTASK_TASK or not get_settings().billing_signal_charges or not args:
+        return
+    try:
+        charge_from_row(str(args[0]))
+    except Exception:
+        logger.exception("billing: could not record the charge for failed subtask %s", args[0])

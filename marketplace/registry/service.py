@@ -1,18 +1,31 @@
-"""Worker Manager: nodes announce themselves and heartbeat into Redis; a missed TTL = offline."""
+"""Worker Manager: nodes announce themselves and heartbeat into Redis; a missed TTL = offline.
+
+Liveness is the Redis key `marketplace:worker:<hostname>` (it expires unless the
+node refreshes it); the `workers` table is the durable history (registered,
+last seen, deregistered) so `GET /v1/workers` can also show nodes that left.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
+from marketplace.catalog import Catalog, get_catalog
+from marketplace.db import utcnow
+from marketplace.registry.models import Worker
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
 KEY_PREFIX = "marketplace:worker:"
+OFFLINE_VISIBLE = timedelta(hours=24)  # how long a departed node stays listed
 
 
 def _key(hostname: str) -> str:
@@ -44,10 +57,140 @@ def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
     return out
 
 
-def live_capacity(r: redis.Redis) -> dict[str, int]:
-    """Queue -> total concurrency of live nodes consuming it."""
+def serves(worker: dict[str, Any], queue: str, model: str | None = None) -> bool:
+    """Whether a live record consumes `queue` and (if given) can run `model` there.
+
+    A node lists models it refuses in `unavailable` (e.g. `generic` with no
+    sandbox) while still consuming the shared queue for the others (`echo`).
+    """
+    if queue not in (worker.get("queues") or []):
+        return False
+    return model is None or model not in (worker.get("unavailable") or {})
+
+
+def live_capacity(r: redis.Redis, *, model: str | None = None,
+                  workers: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    """Queue -> total concurrency of live nodes consuming it (and able to run `model`)."""
     capacity: dict[str, int] = defaultdict(int)
-    for worker in live_workers(r):
+    for worker in live_workers(r) if workers is None else workers:
         for queue in worker.get("queues", []):
-            capacity[queue] += int(worker.get("concurrency") or 1)
+            if serves(worker, queue, model):
+                capacity[queue] += int(worker.get("concurrency") or 1)
     return dict(capacity)
+
+
+def _ts(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, tz=UTC) if value else None
+
+
+def record_online(session: Session, *, info: dict[str, Any]) -> None:
+    """Upsert the durable row of a node that (re)started."""
+    now = utcnow()
+    facts = {**(info.get("facts") or {}), "unavailable": info.get("unavailable") or {}}
+    values = {
+        "hostname": info["hostname"], "queues": list(info.get("queues") or []),
+        "models": list(info.get("models") or []), "facts": facts,
+        "concurrency": int(info.get("concurrency") or 1), "status": "online",
+        "registered_at": now, "last_heartbeat": now, "deregistered_at": None,
+    }
+    stmt = pg_insert(Worker).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Worker.hostname],
+        set_={k: stmt.excluded[k] for k in values if k != "hostname"},
+    )
+    session.execute(stmt)
+
+
+def record_offline(session: Session, *, hostname: str, at: datetime | None = None) -> bool:
+    """Mark a node offline (clean shutdown or missed TTL); False if it was not online."""
+    row = session.get(Worker, hostname, with_for_update=True)
+    if row is None or row.status == "offline":
+        return False
+    row.status = "offline"
+    row.deregistered_at = at or utcnow()
+    return True
+
+
+def sweep(session: Session, *, r: redis.Redis) -> dict[str, list[str]]:
+    """Reconcile the table with Redis: refresh live rows, mark expired ones offline."""
+    live = {w["hostname"]: w for w in live_workers(r)}
+    report: dict[str, list[str]] = {"offline": [], "refreshed": []}
+    for row in session.scalars(select(Worker).where(Worker.status == "online").with_for_update(skip_locked=True)):
+        doc = live.get(row.hostname)
+        if doc is None:
+            row.status = "offline"
+            row.deregistered_at = utcnow()
+            report["offline"].append(row.hostname)
+        else:
+            row.last_heartbeat = _ts(doc.get("last_heartbeat")) or row.last_heartbeat
+            report["refreshed"].append(row.hostname)
+    known = set(session.scalars(select(Worker.hostname).where(Worker.hostname.in_(list(live)))))
+    for hostname, doc in live.items():
+        if hostname not in known:  # registered while the database was unreachable
+            record_online(session, info=doc)
+            report["refreshed"].append(hostname)
+    if report["offline"]:
+        logger.warning("registry: nodes missed their heartbeat, now offline: %s", ", ".join(report["offline"]))
+    return report
+
+
+def _live_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    concurrency = int(doc.get("concurrency") or 1)
+    running = int(doc.get("running") or 0)
+    return {
+        "hostname": doc["hostname"], "queues": doc.get("queues") or [], "models": doc.get("models") or [],
+        "status": "online", "capacity": concurrency, "running": running,
+        "free": max(0, concurrency - running),
+        "last_heartbeat": _ts(doc.get("last_heartbeat")).isoformat() if doc.get("last_heartbeat") else None,
+        "unavailable": doc.get("unavailable") or {},
+        "facts": doc.get("facts") or {},
+    }
+
+
+def list_workers(session: Session, *, r: redis.Redis, include_offline: bool = True) -> list[dict[str, Any]]:
+    """Live nodes from Redis, plus nodes that left within the last day from the table.
+
+    Status is derived from the heartbeat key, not the row: a node whose key
+    expired is offline even before the sweep job has written that down.
+    """
+    live = {w["hostname"]: _live_doc(w) for w in live_workers(r) if w.get("hostname")}
+    out = list(live.values())
+    if include_offline:
+        since = utcnow() - OFFLINE_VISIBLE
+        rows = session.scalars(
+            select(Worker).where(Worker.last_heartbeat >= since).order_by(Worker.hostname)
+        )
+        for row in rows:
+            if row.hostname in live:
+                continue
+            facts = dict(row.facts or {})
+            unavailable = facts.pop("unavailable", {})
+            out.append({
+                "hostname": row.hostname, "queues": row.queues, "models": row.models, "status": "offline",
+                "capacity": 0, "running": 0, "free": 0,
+                "last_heartbeat": row.last_heartbeat.isoformat() if row.last_heartbeat else None,
+                "deregistered_at": row.deregistered_at.isoformat() if row.deregistered_at else None,
+                "unavailable": unavailable, "facts": facts,
+            })
+    return sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))
+
+
+def catalog_entries(*, r: redis.Redis, catalog: Catalog | None = None) -> list[dict[str, Any]]:
+    """The public catalog, each model with its live workers per queue."""
+    catalog = catalog or get_catalog()
+    workers = live_workers(r)
+    out = []
+    for spec in catalog.models.values():
+        live = {q: sum(1 for w in workers if serves(w, q, spec.name)) for q in spec.queues}
+        out.append({
+            "name": spec.name, "description": spec.description, "input": spec.input,
+            "devices": list(spec.devices), "queues": spec.queues, "batch_size": spec.batch_size,
+            "max_batch_size": spec.max_batch_size, "params": spec.params,
+            "price": {
+                device: {"start_fee": str(p.start_fee), "per_second": str(p.per_second),
+                         "per_item": str(p.per_item), "failed": p.failed}
+                for device, p in spec.price.items()
+            },
+            "live_workers": live,
+        })
+    return out

@@ -1,9 +1,20 @@
-"""Node lifecycle: register on worker_ready, heartbeat from a thread, deregister on shutdown."""
+"""Node lifecycle: register on worker_ready, heartbeat from a thread, deregister on shutdown.
+
+All of this runs in the worker's main process. The number of running subtasks
+is read there from `celery.worker.state.active_requests`: the main process
+adds a request when a pool child accepts it and drops it when the child
+reports the result *or dies*, so the count heals itself after a SIGKILLed
+child. A Redis counter bumped by `task_prerun`/`task_postrun` in the children
+would leak one on every killed child (postrun never fires) and costs two
+writes per subtask.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
@@ -12,24 +23,66 @@ from marketplace.catalog import get_catalog
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
+RUN_SUBTASK = "workers.run_subtask"
+WAKE_TASK = "marketplace.scheduling.wake"
 _stop = threading.Event()
 _info: dict[str, Any] = {}
 
+# Probes say which served models this node cannot run, and why: {model: reason}.
+# `workers` adds the sandbox probe; `marketplace` never imports `workers`.
+Probe = Callable[[list[str]], dict[str, str]]
+_probes: list[Probe] = []
+
+
+def add_probe(probe: Probe) -> None:
+    if probe not in _probes:
+        _probes.append(probe)
+
+
+def unavailable_models(queues: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for probe in _probes:
+        try:
+            out.update(probe(queues))
+        except Exception as exc:  # a broken probe must not stop the node registering
+            logger.exception("registry: capability probe %r failed", probe)
+            out.setdefault("?", f"probe failed: {exc}")
+    return out
+
+
+def running_subtasks() -> int:
+    """Subtasks this node's pool is executing now (main process only)."""
+    from celery.worker import state
+
+    for _ in range(3):
+        try:  # the consumer thread mutates the set while we read it
+            return sum(1 for req in list(state.active_requests) if req.name == RUN_SUBTASK)
+        except RuntimeError:
+            time.sleep(0.01)
+    return 0
+
 
 def node_info(consumer: Any) -> dict[str, Any]:
+    from marketplace.registry.facts import node_facts
+
     queues = sorted(consumer.app.amqp.queues.consume_from.keys())
     catalog = get_catalog()
     models = sorted({m for q in queues for m in catalog.models_for_queue(q)})
     concurrency = getattr(getattr(consumer, "pool", None), "limit", None) or getattr(
         consumer.controller, "concurrency", 1
     )
+    unavailable = unavailable_models(queues)
+    for model, reason in unavailable.items():
+        logger.warning("registry: this node will NOT run %r: %s", model, reason)
     return {
         "hostname": consumer.hostname,
         "queues": queues,
         "models": models,
+        "unavailable": unavailable,
         "concurrency": int(concurrency or 1),
         "pid": os.getpid(),
-        "facts": {"cpu_count": os.cpu_count()},
+        "started_at": time.time(),
+        "facts": node_facts(),
     }
 
 
@@ -40,17 +93,47 @@ def _beat_forever() -> None:
     interval = get_settings().heartbeat_interval
     while not _stop.is_set():
         try:
-            heartbeat(get_redis(), info=_info)
+            heartbeat(get_redis(), info={**_info, "running": running_subtasks()})
         except Exception as exc:  # Redis blips must not kill the heartbeat thread
             logger.warning("registry: heartbeat failed: %s", exc)
         _stop.wait(interval)
 
 
+def _record_online(info: dict[str, Any]) -> None:
+    from marketplace.db import session_scope
+    from marketplace.registry.service import record_online
+
+    try:
+        with session_scope() as session:
+            record_online(session, info=info)
+    except Exception as exc:  # the heartbeat is what matters; the sweep writes the row later
+        logger.warning("registry: could not record %s in the database: %s", info["hostname"], exc)
+
+
+def _wake_waiting(info: dict[str, Any]) -> None:
+    """Tasks waiting for what this node serves need not sit out their backoff."""
+    runnable = [m for m in info["models"] if m not in info["unavailable"]]
+    compute = [q for q in info["queues"] if q not in ("marketplace.scheduler", "marketplace.results",
+                                                      "marketplace.maintenance")]
+    if not runnable or not compute:
+        return
+    try:
+        from marketplace.celery_app import app
+
+        app.send_task(WAKE_TASK, args=[compute, runnable], queue="marketplace.scheduler", ignore_result=True)
+    except Exception as exc:
+        logger.warning("registry: could not wake waiting tasks: %s", exc)
+
+
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
+    _info.clear()
     _info.update(node_info(sender))
+    # The row first: once the heartbeat key is visible the durable record exists too.
+    _record_online(_info)
     _stop.clear()
     threading.Thread(target=_beat_forever, name="marketplace-heartbeat", daemon=True).start()
+    _wake_waiting(_info)
     logger.info("registry: node %s online for %s", _info["hostname"], ",".join(_info["queues"]))
 
 
@@ -59,10 +142,18 @@ def _on_shutdown(**_: Any) -> None:
     _stop.set()
     if not _info:
         return
+    from marketplace.db import session_scope
     from marketplace.redis_client import get_redis
-    from marketplace.registry.service import deregister
+    from marketplace.registry.service import deregister, record_offline
 
+    hostname = _info["hostname"]
     try:
-        deregister(get_redis(), hostname=_info["hostname"])
+        deregister(get_redis(), hostname=hostname)
     except Exception as exc:
-        logger.warning("registry: could not deregister %s: %s", _info.get("hostname"), exc)
+        logger.warning("registry: could not deregister %s: %s", hostname, exc)
+    try:
+        with session_scope() as session:
+            record_offline(session, hostname=hostname)
+    except Exception as exc:
+        logger.warning("registry: could not mark %s offline in the database: %s", hostname, exc)
+    logger.info("registry: node %s deregistered", hostname)

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from marketplace import observability
+from marketplace.audit import service as audit
 from marketplace.billing import service as billing
 from marketplace.catalog import get_catalog
 from marketplace.db import session_scope, utcnow
@@ -37,6 +39,8 @@ def _finish(session: Session, *, task: Task, status: TaskStatus, error: str | No
     task.finished_at = utcnow()
     billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model))
     billing.settle_task(session, task=task)
+    audit.append(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system", action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id, data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
+    observability.task_finished(model=task.model, status=task.status, cost=task.cost)
     event = {TaskStatus.DONE: "TaskCompleted", TaskStatus.FAILED: "TaskFailed"}.get(status, "TaskCancelled")
     emit(session, type=event, key=str(task.id), payload={
         "task_id": str(task.id), "user_id": str(task.user_id), "model": task.model, "status": task.status,
@@ -63,7 +67,7 @@ def run_after_commit(actions: list[tuple[str, str]]) -> None:
 
     for kind, task_id in actions:
         if kind == "webhook":
-            app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance")
+            app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True)
 
 
 def finalize_task(task_id: str) -> str:

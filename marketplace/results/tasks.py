@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import OperationalError
+
 from marketplace.celery_app import app
 from marketplace.results import service
 from marketplace.storage import StorageError
@@ -10,9 +12,11 @@ from marketplace.storage import StorageError
 logger = logging.getLogger(__name__)
 
 
+# A down store or database delays the finish; ~30 min of capped backoff, then recovery takes over.
 @app.task(
     name="marketplace.results.finalize", bind=True, acks_late=True,
-    autoretry_for=(StorageError,), retry_backoff=True, retry_backoff_max=60, max_retries=20,
+    autoretry_for=(StorageError, OperationalError), retry_backoff=0.5, retry_backoff_max=30,
+    retry_jitter=False, max_retries=60,
 )
 def finalize(self, task_id: str) -> str:  # type: ignore[no-untyped-def]
     outcome = service.finalize_task(task_id)

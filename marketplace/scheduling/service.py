@@ -30,29 +30,61 @@ class Outcome:
 
 def candidate_queues(spec: ModelSpec, device: str) -> list[str]:
     """Queues the task may use, best first: `any` prefers GPU, then CPU."""
-    devices = [d for d in ("gpu", "cpu") if d in spec.devices] if device == "any" else [device]
+    if device == "any":
+        devices = [d for d in ("gpu", "cpu") if d in spec.devices]
+    elif device in spec.devices:
+        devices = [device]
+    else:
+        devices = []  # the API refuses this; a stale row must not invent a queue
     return [spec.queue(d) for d in devices]  # type: ignore[arg-type]
 
 
 def choose_queue(candidates: list[str], capacity: dict[str, int] | None) -> str | None:
-    if capacity is None:  # capability check disabled
-        return candidates[0] if candidates else None
+    """The first candidate with live capacity; None means wait.
+
+    With the capability check off (`capacity is None`) nothing is known about
+    the nodes, so `any` falls back to the last candidate (CPU), which every
+    deployment is expected to run, rather than a GPU queue that may have none.
+    """
+    if not candidates:
+        return None
+    if capacity is None:
+        return candidates[-1]
     return next((q for q in candidates if capacity.get(q, 0) > 0), None)
 
 
-def _live_capacity() -> dict[str, int] | None:
+def _live_capacity(model: str) -> dict[str, int] | None:
     if not get_settings().worker_capacity_check:
         return None
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_capacity
 
-    return live_capacity(get_redis())
+    return live_capacity(get_redis(), model=model)
+
+
+def _model_of(task_id: str) -> str | None:
+    with session_scope() as session:
+        return session.scalar(select(Task.model).where(Task.id == uuid.UUID(task_id)))
+
+
+def _wait_reason(model: str, device: str, spec: ModelSpec | None, candidates: list[str]) -> str:
+    if spec is None:
+        return f"model {model!r} is no longer in the catalog"
+    if not candidates:
+        return f"model {model!r} does not run on device {device!r} (devices: {', '.join(spec.devices)})"
+    return f"no live worker serves {' or '.join(candidates)} for model {model!r}"
 
 
 def schedule_task(task_id: str) -> Outcome:
     """Move a Created task to Scheduled on a live queue, wait, or fail after the timeout."""
     settings = get_settings()
-    capacity = _live_capacity()
+    model = _model_of(task_id)
+    if model is None:
+        return Outcome("noop")
+    # Read Redis before taking the row lock: the lock is held only for the decision.
+    capacity = _live_capacity(model)
+    failed: Outcome | None = None
+    actions: list[tuple[str, str]] = []
     with session_scope() as session:
         task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update())
         if task is None or task.status != TaskStatus.CREATED.value:
@@ -63,29 +95,52 @@ def schedule_task(task_id: str) -> Outcome:
         now = utcnow()
         if queue is None:
             waited = (now - task.created_at).total_seconds()
-            reason = f"no live worker serves {' or '.join(candidates) or task.model}"
-            if waited >= settings.schedule_timeout:
-                from marketplace.results.service import fail_task
+            reason = _wait_reason(task.model, task.device, spec, candidates)
+            if candidates and waited < settings.schedule_timeout:
+                task.status_reason = f"waiting: {reason}"
+                # Waiting is progress: recovery must not re-publish a task that is being retried.
+                task.progress_at = now
+                return Outcome("waiting", reason=reason)
+            from marketplace.results.service import fail_task
 
-                fail_task(session, task=task, error=f"{reason} after waiting {int(waited)}s (schedule timeout)")
-                return Outcome("failed", reason=reason)
-            task.status_reason = f"waiting: {reason}"
-            return Outcome("waiting", reason=reason)
-        task.queue = queue
-        task.status = TaskStatus.SCHEDULED.value
-        task.scheduled_at = now
-        task.progress_at = now
-        task.status_reason = None
-        task.dispatch_count += 1
-        ids = [str(i) for i in session.scalars(
-            select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index)
-        )]
-        emit(session, type="TaskAssigned", key=task_id,
-             payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids)})
-        priority, attempt = task.priority, task.dispatch_count
+            error = reason
+            if candidates:
+                error = (f"{reason}: gave up after waiting {int(waited)}s "
+                         f"(schedule timeout {settings.schedule_timeout:g}s)")
+            task.status_reason = None
+            fail_task(session, task=task, error=error)
+            actions = session.info.pop("after_commit", [])
+            failed = Outcome("failed", reason=error)
+        else:
+            task.queue = queue
+            task.status = TaskStatus.SCHEDULED.value
+            task.scheduled_at = now
+            task.progress_at = now
+            task.status_reason = None
+            task.dispatch_count += 1
+            ids = [str(i) for i in session.scalars(
+                select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index)
+            )]
+            emit(session, type="TaskAssigned", key=task_id,
+                 payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids)})
+            priority, attempt = task.priority, task.dispatch_count
+    if failed is not None:
+        from marketplace.results.service import run_after_commit
+
+        run_after_commit(actions)
+        return failed
     dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
              attempt=attempt)
     return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+def waiting_tasks(*, models: list[str], limit: int = 500) -> list[str]:
+    """Ids of Created tasks for these models, oldest first (woken when a node appears)."""
+    with session_scope() as session:
+        return [str(i) for i in session.scalars(
+            select(Task.id).where(Task.status == TaskStatus.CREATED.value, Task.model.in_(models))
+            .order_by(Task.created_at).limit(limit)
+        )]
 
 
 def callback_id(task_id: str, attempt: int, chunk: int) -> str:

@@ -1,21 +1,49 @@
-"""Celery entry point of the scheduler (queue `marketplace.scheduler`)."""
+"""Celery entry points of the scheduler (queue `marketplace.scheduler`)."""
 from __future__ import annotations
 
 import logging
+
+from sqlalchemy.exc import OperationalError
 
 from marketplace.celery_app import app
 from marketplace.scheduling import service
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
+MAX_SCHEDULE_DELAY = 10.0  # a waiting task notices a new node within this many seconds
+
+
+def retry_delay(retries: int, base: float) -> float:
+    """Exponential backoff from `base`, capped at MAX_SCHEDULE_DELAY."""
+    return min(MAX_SCHEDULE_DELAY, base * (2 ** min(retries, 6)))
 
 
 @app.task(name="marketplace.scheduling.schedule", bind=True, max_retries=None, acks_late=True)
 def schedule(self, task_id: str) -> dict:  # type: ignore[no-untyped-def]
-    outcome = service.schedule_task(task_id)
+    try:
+        outcome = service.schedule_task(task_id)
+    except OperationalError as exc:
+        # Database down: keep the task's scheduling alive; it is bounded by the schedule timeout.
+        logger.warning("schedule %s: database unavailable, retrying: %s", task_id, exc.orig)
+        raise self.retry(countdown=MAX_SCHEDULE_DELAY) from None
     if outcome.status == "waiting":
-        # Back off up to 10 s; a new node is noticed within one delay.
-        delay = min(10.0, get_settings().schedule_retry_delay * (2 ** min(self.request.retries, 4)))
-        raise self.retry(countdown=delay)
+        raise self.retry(countdown=retry_delay(self.request.retries, get_settings().schedule_retry_delay))
     logger.info("schedule %s: %s %s", task_id, outcome.status, outcome.queue or outcome.reason or "")
     return {"status": outcome.status, "queue": outcome.queue, "subtasks": len(outcome.subtask_ids)}
+
+
+@app.task(name="marketplace.scheduling.wake", acks_late=True, ignore_result=True)
+def wake(queues: list[str], models: list[str]) -> dict:
+    """A node for `queues` came online: try its waiting tasks now, once each.
+
+    One attempt, no retry chain of its own: each waiting task already has its
+    `schedule` retry pending, so this only shortens the wait.
+    """
+    scheduled = []
+    for task_id in service.waiting_tasks(models=models):
+        outcome = service.schedule_task(task_id)
+        if outcome.status == "scheduled":
+            scheduled.append(task_id)
+    if scheduled:
+        logger.info("wake for %s: scheduled %d waiting task(s)", ",".join(queues), len(scheduled))
+    return {"scheduled": scheduled}

@@ -78,3 +78,8 @@ class TaskResult(BaseModel):
     task_id: str
     model: str
     outputs: list[Any]
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskOut]
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page; null at the end.")

@@ -4,14 +4,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from marketplace import observability
+from marketplace.audit import service as audit
 from marketplace.billing import service as billing
 from marketplace.catalog import ModelSpec, get_catalog
 from marketplace.errors import Conflict, InvalidInput, NotFound
@@ -25,6 +29,7 @@ from marketplace.users.models import User
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
 SCHEDULE_TASK = "marketplace.scheduling.schedule"
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def canonical_json(value: Any) -> str:
@@ -110,6 +115,8 @@ def create_task(
     settings = get_settings()
     spec, devices = resolve_model(request)
     request_hash = _request_hash(request)
+    if idempotency_key is not None and not _KEY_RE.match(idempotency_key):
+        raise InvalidInput.field("Idempotency-Key", "1 to 255 printable ASCII characters without spaces")
     if idempotency_key:
         existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
         if existing is not None:
@@ -149,8 +156,22 @@ def create_task(
         request_hash=request_hash,
         trace_id=trace_id,
     )
-    session.add(task)
-    session.flush()
+    try:
+        # A savepoint: a concurrent duplicate (same user and key) loses on the unique
+        # constraint and gets the winner's task, without spoiling the outer transaction.
+        with session.begin_nested():
+            session.add(task)
+            session.flush()
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        if existing.request_hash != request_hash:
+            raise Conflict("Idempotency-Key was already used with a different request body",
+                           field="Idempotency-Key") from None
+        return existing, False
     session.execute(
         insert(SubTask),
         [
@@ -167,6 +188,8 @@ def create_task(
         payload={"task_id": str(task.id), "user_id": str(user_id), "model": spec.name, "device": request.device,
                  "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)},
     )
+    observability.task_submitted(model=spec.name, task_id=task.id, user_id=user_id)
+    audit.append(session, actor=f"user:{user_id}", action="task.created", subject=f"task:{task.id}", task_id=task.id, data={"model": spec.name, "device": request.device, "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)})
     return task, True
 
 
@@ -174,7 +197,8 @@ def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None
     """Publish the scheduling step; call only after the task's transaction committed."""
     from marketplace.celery_app import app
 
-    app.send_task(SCHEDULE_TASK, args=[str(task_id)], queue="marketplace.scheduler", countdown=countdown)
+    app.send_task(SCHEDULE_TASK, args=[str(task_id)], queue="marketplace.scheduler", countdown=countdown,
+                  ignore_result=True)
 
 
 def get_task(session: Session, *, task_id: uuid.UUID | str, user: User | None = None, lock: bool = False) -> Task:
@@ -262,4 +286,5 @@ def read_result(session: Session, *, task: Task) -> bytes:
 
     if task.status != TaskStatus.DONE.value or not task.result_key:
         raise Conflict(f"task {task.id} is {task.status}; results exist only for Done tasks", task_status=task.status)
+    audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}", task_id=task.id, data={"result_key": task.result_key}, pending=True)
     return get_store().get_bytes(task.result_key)

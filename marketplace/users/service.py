@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from marketplace.audit import service as audit
 from marketplace.errors import Conflict, NotFound, Unauthenticated
 from marketplace.users.models import User
 from marketplace.users.passwords import hash_password, verify_password
@@ -39,6 +40,7 @@ def create_user(session: Session, *, email: str, password: str, role: str = "use
     except IntegrityError as exc:
         raise Conflict(f"email {email} is already registered", field="email") from exc
     billing.grant_signup_credits(session, user=user)
+    audit.append(session, actor=f"user:{user.id}", action="user.registered", subject=f"user:{user.id}", data={"email": email, "role": role, "signup_credits": str(user.balance)})
     return user
 
 
@@ -48,7 +50,9 @@ def authenticate(session: Session, *, email: str, password: str) -> User:
         verify_password(_DUMMY_HASH, password)
         raise Unauthenticated("invalid email or password")
     if not verify_password(user.password_hash, password):
+        audit.record(actor=f"user:{user.id}", action="user.login_failed", subject=f"user:{user.id}", pending=True)
         raise Unauthenticated("invalid email or password")
+    audit.record(actor=f"user:{user.id}", action="user.login", subject=f"user:{user.id}")
     return user
 
 
@@ -65,3 +69,20 @@ def get_user(session: Session, *, user_id: uuid.UUID | str) -> User:
 
 def count_users(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(User)) or 0
+
+
+def profile(session: Session, *, user: User) -> dict[str, object]:
+    """The caller's own view of their account (`GET /v1/me`)."""
+    from marketplace.billing import quotas
+    from marketplace.billing.service import available_balance
+
+    return {
+        "id": str(user.id),
+        "email": user.email,
+        "role": user.role,
+        "balance": str(user.balance),
+        "available_balance": str(available_balance(session, user=user)),
+        "quotas": quotas.effective_quotas(user),
+        "usage": {"active_tasks": quotas.active_tasks(session, user_id=user.id)},
+        "webhook_secret": user.webhook_secret,
+    }

@@ -94,8 +94,9 @@ def _option(argv: list[str], short: str, long: str | None = None) -> str | None:
 
 
 def _catalog_queues() -> set[str]:
+    """Queues as the app declares them (a model may ride on another's queue, e.g. echo on cpu.generic)."""
     models = yaml.safe_load(MODELS.read_text())["models"]
-    return {f"{device}.{name}" for name, spec in models.items() for device in spec["devices"]}
+    return {f"{device}.{spec.get('queue_model') or name}" for name, spec in models.items() for device in spec["devices"]}
 
 
 _PROMQL_KEYWORDS = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Any
 
 from workers.executors.base import ExecContext, ExecutionError, Executor
@@ -13,18 +14,24 @@ _REGISTRY = {
     "generic": "workers.executors.generic:GenericExecutor",
 }
 _instances: dict[tuple[str, str], Any] = {}
+_lock = threading.Lock()  # warm-up threads and subtasks may ask at once
 
 
 def get_executor(model: str, device: str = "cpu") -> Executor:
     """The process-wide executor for a model on a device (built on first use)."""
     key = (model, device)
-    if key not in _instances:
-        target = _REGISTRY.get(model)
-        if target is None:
-            raise ExecutionError(f"no executor for model {model!r}")
-        module_name, _, cls_name = target.partition(":")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        _instances[key] = cls(device=device)
+    with _lock:
+        return _instances[key] if key in _instances else _build(key)
+
+
+def _build(key: tuple[str, str]) -> Executor:
+    model, device = key
+    target = _REGISTRY.get(model)
+    if target is None:
+        raise ExecutionError(f"no executor for model {model!r}")
+    module_name, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    _instances[key] = cls(device=device)
     return _instances[key]
 
 

@@ -1,6 +1,7 @@
 """`echo`: every item comes back unchanged."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from workers.executors.base import ExecContext
@@ -23,4 +24,6 @@ class EchoExecutor:
                 from workers.executors.base import ExecutionError
 
                 raise ExecutionError(f"echo: item {item!r} is listed in params.fail_items", retryable=True)
+        # `sleep_s` (per item, capped at 5 s) keeps a subtask running, e.g. to kill its worker mid-run.
+        time.sleep(min(5.0, max(0.0, float(params.get("sleep_s") or 0))) * len(items))
         return list(items)

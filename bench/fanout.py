@@ -1,0 +1,76 @@
+"""Fan-out: a marketplace `echo` job of N single-item subtasks vs a plain Celery chord of N no-ops.
+
+Both run on the same private Redis, with prefork workers of the same concurrency and the
+same Celery settings (celeryconfig.py). Prints wall time from submit to Done and the ratio.
+
+    .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from harness import CONTROL, api_client, new_user, stack, start_worker, wait_marketplace_ready, wait_task_done
+
+
+def plain_chord(n: int) -> float:
+    from celery import chord
+    from plain_app import app, callback, noop
+
+    start = time.monotonic()
+    res = chord(noop.s(i) for i in range(n))(callback.si())
+    # Poll only the callback's own id: waiting on the chord handle is O(N²) client work.
+    from celery.result import AsyncResult
+
+    r = AsyncResult(res.id, app=app)
+    while not r.ready():
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def marketplace_job(client, headers, n: int) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(n)), "batch_size": 1}, headers=headers)
+    assert resp.status_code == 202, resp.get_json()
+    status, seen = wait_task_done(resp.get_json()["id"])
+    assert status == "Done", status
+    return seen - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    with stack() as ctx:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(__file__))
+        plain = start_worker(["bench.noop", "celery"], concurrency=args.concurrency, name="plain", app="plain_app",
+                             env={"PYTHONPATH": os.path.dirname(__file__)})
+        time.sleep(3)
+        plain_times = {n: [plain_chord(n) for _ in range(args.repeat)] for n in args.n}
+        plain.stop()
+
+        node = start_worker(CONTROL + ["cpu.generic"], concurrency=args.concurrency, name="mp")
+        wait_marketplace_ready(node)
+        client = api_client()
+        headers = new_user(client)
+        marketplace_job(client, headers, 5)  # warm the pool children
+        mp_times = {n: [marketplace_job(client, headers, n) for _ in range(args.repeat)] for n in args.n}
+        node.stop()
+        for n in args.n:
+            p, m = statistics.median(plain_times[n]), statistics.median(mp_times[n])
+            rows.append((n, p, m, m / p))
+    print(f"{'N':>6} {'plain chord s':>14} {'marketplace s':>14} {'ratio':>7}   (median of {args.repeat}, "
+          f"prefork -c {args.concurrency})")
+    for n, p, m, ratio in rows:
+        print(f"{n:>6} {p:>14.3f} {m:>14.3f} {ratio:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

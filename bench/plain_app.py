@@ -1,0 +1,22 @@
+"""The baseline: a plain Celery app with a no-op task, same broker and worker settings."""
+from celery import Celery
+
+import celeryconfig
+
+app = Celery("plain")
+app.config_from_object(celeryconfig)
+app.conf.task_queues = None
+app.conf.task_default_queue = "bench.noop"
+app.conf.task_routes = {}
+app.conf.beat_schedule = {}
+app.conf.task_create_missing_queues = True
+
+
+@app.task(name="bench.noop")
+def noop(*_args: object) -> None:
+    return None
+
+
+@app.task(name="bench.callback")
+def callback(*_args: object) -> str:
+    return "done"

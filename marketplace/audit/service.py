@@ -1,0 +1,287 @@
+"""Audit log: one hash chain of signed records, appended under a Postgres advisory lock.
+
+Two ways in, one chain:
+
+- `append(session, ...)` (API and service actions): the record joins the caller's
+  transaction and is chained in a `before_commit` hook, so the advisory lock is held
+  only from just before COMMIT to COMMIT, after the caller's own writes are flushed
+  (the lock holder then only inserts, so it can never deadlock with row locks).
+- `enqueue(session, ...)` (high-rate subtask signals): a plain INSERT into
+  `audit_pending`, no lock at all; `chain_pending` moves those rows into the chain in
+  short batches (beat every few seconds, after each finalize, before reads).
+
+hash = sha256(prev_hash ‖ canonical record), the canonical record being compact,
+key-sorted UTF-8 JSON of {seq, ts, actor, action, subject, task_id, data} where
+`data` is the stored canonical JSON text itself; signature = Ed25519 over the hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import String, cast, delete, event, func, insert, or_, select, text
+from sqlalchemy.orm import Session
+
+from marketplace.audit import signing
+from marketplace.audit.models import AuditPending, AuditRecord
+from marketplace.db import session_scope, utcnow
+from marketplace.events.outbox import emit
+
+logger = logging.getLogger(__name__)
+GENESIS = "0" * 64
+# pg_advisory_xact_lock key for the chain head: int.from_bytes(b"mp-audit") & 0x7fff...
+CHAIN_LOCK_KEY = 0x6D702D6175646974
+_INFO_KEY = "marketplace.audit.records"
+CHAIN_BATCH = 1000
+
+
+def _uuid(value: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def canonical_ts(ts: datetime) -> str:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record_hash(
+    *, prev_hash: str, seq: int, ts: datetime, actor: str, action: str, subject: str, task_id: str | None, data: str
+) -> str:
+    body = canonical_json({
+        "seq": seq, "ts": canonical_ts(ts), "actor": actor, "action": action, "subject": subject,
+        "task_id": task_id, "data": data,
+    })
+    return hashlib.sha256(prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class _Entry:
+    ts: datetime
+    actor: str
+    action: str
+    subject: str
+    task_id: str | None
+    data: str  # canonical JSON text
+
+
+def _entry(actor: str, action: str, subject: str, data: dict[str, Any] | None, task_id: Any) -> _Entry:
+    return _Entry(ts=utcnow(), actor=str(actor)[:255], action=str(action)[:64], subject=str(subject)[:255],
+                  task_id=str(task_id) if task_id else None, data=canonical_json(data or {}))
+
+
+def append(
+    session: Session, *, actor: str, action: str, subject: str, data: dict[str, Any] | None = None,
+    task_id: Any = None,
+) -> None:
+    """Add a record to the chain when `session` commits (nothing is written if it rolls back)."""
+    session.info.setdefault(_INFO_KEY, []).append(_entry(actor, action, subject, data, task_id))
+
+
+def enqueue(
+    session: Session, *, actor: str, action: str, subject: str, data: dict[str, Any] | None = None,
+    task_id: Any = None, subtask_id: str | None = None,
+) -> None:
+    """Buffer a record in `audit_pending` (no lock); with `subtask_id` and no task_id, the task is looked up."""
+    e = _entry(actor, action, subject, data, task_id)
+    values: dict[str, Any] = {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject,
+                              "task_id": e.task_id, "data": e.data}
+    if e.task_id is None and subtask_id:
+        from marketplace.tasks.models import SubTask
+
+        values["task_id"] = (
+            select(cast(SubTask.task_id, String)).where(SubTask.id == _uuid(subtask_id)).scalar_subquery()
+        )
+    session.execute(insert(AuditPending).values(**values))
+
+
+def record(
+    *, actor: str, action: str, subject: str, data: dict[str, Any] | None = None, task_id: Any = None,
+    pending: bool = False, subtask_id: str | None = None,
+) -> None:
+    """Write one record in its own short transaction (kept even if the caller's work rolls back)."""
+    with session_scope() as session:
+        if pending:
+            enqueue(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id,
+                    subtask_id=subtask_id)
+        else:
+            if task_id is None and subtask_id:
+                from marketplace.tasks.models import SubTask
+
+                tid = session.scalar(select(SubTask.task_id).where(SubTask.id == _uuid(subtask_id)))
+                task_id = str(tid) if tid else None
+            append(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id)
+
+
+def _chain(session: Session, entries: Iterable[_Entry]) -> int:
+    """Insert entries after the current head; the caller's transaction must commit right after."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+    head = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
+    seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
+    rows = []
+    for e in entries:
+        seq += 1
+        digest = record_hash(prev_hash=prev, seq=seq, ts=e.ts, actor=e.actor, action=e.action,
+                             subject=e.subject, task_id=e.task_id, data=e.data)
+        row = {"seq": seq, "ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject,
+               "task_id": e.task_id, "data": e.data, "prev_hash": prev, "hash": digest,
+               "signature": signing.sign(digest)}
+        rows.append(row)
+        emit(session, type="AuditEvent", key=e.task_id or e.subject, payload=_document(row))
+        prev = digest
+    if rows:
+        session.execute(insert(AuditRecord), rows)
+    return len(rows)
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_on_commit(session: Session) -> None:
+    entries = session.info.pop(_INFO_KEY, None)
+    if entries:
+        # Flush the caller's own writes first: while we hold the chain lock we only insert.
+        session.flush()
+        _chain(session, entries)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_on_rollback(session: Session) -> None:
+    session.info.pop(_INFO_KEY, None)
+
+
+def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:
+    """Move buffered records into the chain in id order, one short transaction per batch."""
+    with session_scope() as session:
+        if session.scalar(select(AuditPending.id).limit(1)) is None:
+            return 0  # the common case for readers: nothing buffered, no lock taken
+    total = 0
+    for _ in range(max_batches):
+        with session_scope() as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+            rows = session.scalars(select(AuditPending).order_by(AuditPending.id).limit(batch)).all()
+            if not rows:
+                break
+            _chain(session, [_Entry(ts=r.ts, actor=r.actor, action=r.action, subject=r.subject,
+                                    task_id=r.task_id, data=r.data) for r in rows])
+            session.execute(delete(AuditPending).where(AuditPending.id.in_([r.id for r in rows])))
+            total += len(rows)
+        if len(rows) < batch:
+            break
+    return total
+
+
+def pending_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(AuditPending)) or 0
+
+
+def _document(row: Any) -> dict[str, Any]:
+    get = row.get if isinstance(row, dict) else (lambda k: getattr(row, k))
+    try:
+        data = json.loads(get("data"))
+    except ValueError:
+        data = get("data")
+    return {
+        "seq": get("seq"), "ts": canonical_ts(get("ts")), "actor": get("actor"), "action": get("action"),
+        "subject": get("subject"), "task_id": get("task_id"), "data": data, "prev_hash": get("prev_hash"),
+        "hash": get("hash"), "signature": get("signature"),
+    }
+
+
+def list_records(
+    session: Session, *, task_id: str | None = None, about: str | None = None, after_seq: int | None = None,
+    limit: int = 100,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """A page of records in seq order: for one task, about one actor/subject, or all; returns (docs, next cursor)."""
+    stmt = select(AuditRecord).order_by(AuditRecord.seq).limit(limit + 1)
+    if task_id is not None:
+        stmt = stmt.where(AuditRecord.task_id == task_id)
+    if about is not None:
+        stmt = stmt.where(or_(AuditRecord.actor == about, AuditRecord.subject == about))
+    if after_seq is not None:
+        stmt = stmt.where(AuditRecord.seq > after_seq)
+    rows = list(session.scalars(stmt))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [_document(r) for r in rows], (rows[-1].seq if more and rows else None)
+
+
+def verify_chain(session: Session) -> dict[str, Any]:
+    """Walk the chain in seq order; report the first record that is edited, missing, out of place or unsigned.
+
+    `first_bad_seq` is the sequence number where the chain first breaks: an edited
+    record's own seq, a deleted record's (now missing) seq, the first of two swapped.
+    Removing records from the *end* leaves a valid shorter chain; compare `head` and
+    `length` with an external copy (the AuditEvent stream) to catch truncation.
+    """
+    key = signing.public_key()
+    expected, prev, length, head = 1, GENESIS, 0, GENESIS
+
+    def bad(seq: int, reason: str) -> dict[str, Any]:
+        return {"valid": False, "length": length, "head": head, "first_bad_seq": seq, "reason": reason}
+
+    stmt = select(AuditRecord).order_by(AuditRecord.seq).execution_options(yield_per=2000)
+    for r in session.scalars(stmt):
+        if r.seq != expected:
+            if r.seq > expected:
+                return bad(expected, f"record {expected} is missing (next is {r.seq}): deleted")
+            return bad(r.seq, f"unexpected seq {r.seq} after {expected - 1}")
+        digest = record_hash(prev_hash=r.prev_hash, seq=r.seq, ts=r.ts, actor=r.actor, action=r.action,
+                             subject=r.subject, task_id=r.task_id, data=r.data)
+        if digest != r.hash:
+            return bad(r.seq, "hash mismatch: the record was edited or moved")
+        if r.prev_hash != prev:
+            return bad(r.seq, "prev_hash does not match the previous record's hash: a record was removed or reordered")
+        if not signing.verify(r.hash, r.signature, key):
+            return bad(r.seq, "bad signature")
+        prev = head = r.hash
+        length += 1
+        expected += 1
+    return {"valid": True, "length": length, "head": head, "first_bad_seq": None, "reason": None}
+
+
+def subtask_event(
+    session: Session, *, actor: str, action: str, subject: str, data: dict[str, Any] | None = None,
+    task_id: Any = None, subtask_id: str | None = None,
+) -> None:
+    """A high-rate (per subtask) record, routed by `MARKETPLACE_AUDIT_SUBTASK_EVENTS`.
+
+    pending (default): buffered without a lock, chained in batches; direct: chained
+    at this transaction's commit under the advisory lock; off: not recorded.
+    """
+    from marketplace.settings import get_settings
+
+    mode = get_settings().audit_subtask_events
+    if mode == "off":
+        return
+    if mode == "direct":
+        if task_id is None and subtask_id:
+            from marketplace.tasks.models import SubTask
+
+            tid = session.scalar(select(SubTask.task_id).where(SubTask.id == _uuid(subtask_id)))
+            task_id = str(tid) if tid else None
+        append(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id)
+    else:
+        enqueue(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id,
+                subtask_id=subtask_id)
+
+
+def subtask_record(**kwargs: Any) -> None:
+    """`subtask_event` in its own short transaction (signal handlers)."""
+    from marketplace.settings import get_settings
+
+    if get_settings().audit_subtask_events == "off":
+        return
+    with session_scope() as session:
+        subtask_event(session, **kwargs)

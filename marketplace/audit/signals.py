@@ -1,0 +1,225 @@
+"""Audit records from Celery signals: publishes, subtask lifecycle, worker online/offline.
+
+Per-subtask records go through `service.subtask_record` (by default a lock-free
+INSERT into `audit_pending`, chained in batches), so subtasks never wait on each
+other or on the chain head. Rare events (a worker starting) are chained directly.
+A handler never raises: a failed audit write is logged loudly, the task goes on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+from celery.signals import (
+    before_task_publish,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+    worker_ready,
+    worker_shutdown,
+)
+
+from marketplace.audit import service
+
+logger = logging.getLogger(__name__)
+SUBTASK = "workers.run_subtask"
+SCHEDULE = "marketplace.scheduling.schedule"
+FINALIZE = "marketplace.results.finalize"
+CHAIN_TASK = "marketplace.audit.chain_pending"
+FLUSH_AT = 1000
+_published = threading.local()
+
+
+def _safe(fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # an audit failure must be visible but must not fail the task
+        logger.exception("audit: could not record %s", kwargs.get("action") or getattr(fn, "__name__", fn))
+
+
+def _arg0(args: Any) -> str | None:
+    try:
+        return str(args[0]) if args else None
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
+# --- publishing ------------------------------------------------------------------------
+
+def _buffer() -> list[tuple[str, str]]:
+    if not hasattr(_published, "items"):
+        _published.items = []
+    return _published.items  # type: ignore[no-any-return]
+
+
+def flush_published() -> None:
+    """One `task.dispatched` record per task for the subtasks published since the last flush."""
+    items = _buffer()
+    if not items:
+        return
+    batch, items[:] = list(items), []
+    import uuid
+
+    from sqlalchemy import select
+
+    from marketplace.db import session_scope
+    from marketplace.tasks.models import SubTask
+
+    ids = [uuid.UUID(sid) for sid, _ in batch]
+    with session_scope() as session:
+        owners = dict(session.execute(select(SubTask.id, SubTask.task_id).where(SubTask.id.in_(ids))).all())
+        per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {"subtasks": 0, "queues": set()})
+        for (_sid, queue), uid in zip(batch, ids, strict=True):
+            tid = str(owners.get(uid) or "unknown")
+            per_task[tid]["subtasks"] += 1
+            per_task[tid]["queues"].add(queue)
+        for tid, info in per_task.items():
+            service.subtask_event(
+                session, actor="scheduler", action="task.dispatched", subject=f"task:{tid}",
+                task_id=None if tid == "unknown" else tid,
+                data={"subtasks": info["subtasks"], "queues": sorted(info["queues"])},
+            )
+
+
+@before_task_publish.connect
+def _on_publish(sender: Any = None, headers: Any = None, body: Any = None, routing_key: Any = None, **_: Any) -> None:
+    name = sender if isinstance(sender, str) else (headers or {}).get("task")
+    args = body[0] if isinstance(body, (list, tuple)) and body else (headers or {}).get("argsrepr")
+    if name == SUBTASK:
+        sid = _arg0(args)
+        if sid:
+            # Batched: a chord of N subtasks becomes one record, written after the publishing task.
+            _buffer().append((sid, str(routing_key or "")))
+            if len(_buffer()) >= FLUSH_AT:
+                _safe(flush_published)
+    elif name == SCHEDULE:
+        tid = _arg0(args)
+        _safe(service.subtask_record, actor="api", action="task.schedule_requested", subject=f"task:{tid}",
+              task_id=tid, data={"celery_id": (headers or {}).get("id")})
+
+
+# --- execution -------------------------------------------------------------------------
+
+def _hostname(task: Any) -> str:
+    return str(getattr(getattr(task, "request", None), "hostname", None) or "unknown")
+
+
+@task_prerun.connect
+def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: Any = None, **_: Any) -> None:
+    if getattr(task or sender, "name", None) != SUBTASK:
+        return
+    sid = _arg0(args)
+    t = task or sender
+    _safe(service.subtask_record, actor=f"worker:{_hostname(t)}", action="subtask.started", subject=f"subtask:{sid}",
+          subtask_id=sid, data={"celery_id": task_id, "retries": getattr(t.request, "retries", 0)})
+
+
+@task_postrun.connect
+def _on_postrun(**_: Any) -> None:
+    _safe(flush_published)
+
+
+@task_success.connect
+def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    name = getattr(sender, "name", None)
+    if name == FINALIZE and result in ("done", "failed"):
+        # The task just ended: chain its buffered subtask records soon, on the maintenance queue.
+        _safe(_request_chaining)
+        return
+    if name != SUBTASK or not isinstance(result, dict):
+        return
+    from marketplace.settings import get_settings
+
+    settings = get_settings()
+    if settings.billing_signal_charges or settings.audit_subtask_events == "off":
+        return  # billing's handler writes this record in its charge transaction (one commit per outcome)
+
+    def write() -> None:
+        from marketplace.db import session_scope
+
+        with session_scope() as session:
+            outcome_event(session, hostname=_hostname(sender), result=result)
+
+    _safe(write)
+
+
+def outcome_event(session: Any, *, hostname: str, result: dict[str, Any]) -> None:
+    """`subtask.finished|failed|skipped` for one `workers.run_subtask` result, in the caller's transaction."""
+    sid = result.get("subtask_id")
+    if result.get("skipped"):
+        action = "subtask.skipped"
+    else:
+        action = "subtask.finished" if result.get("ok") else "subtask.failed"
+    data = {k: result.get(k) for k in ("index", "items", "seconds", "ok", "error", "duplicate", "key", "sha256")
+            if result.get(k) is not None}
+    service.subtask_event(session, actor=f"worker:{hostname}", action=action, subject=f"subtask:{sid}",
+                          task_id=result.get("task_id"), subtask_id=sid, data=data)
+
+
+def _request_chaining() -> None:
+    from marketplace.celery_app import app
+
+    # A second later: the last subtask's own success handlers run after the chord counter moved.
+    app.send_task(CHAIN_TASK, queue="marketplace.maintenance", countdown=1.0, ignore_result=True)
+
+
+@task_failure.connect
+def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, args: Any = None, **_: Any) -> None:
+    name = getattr(sender, "name", None)
+    error = f"{type(exception).__name__}: {exception}"[:2000]
+    if name == SUBTASK:
+        sid = _arg0(args)
+        _safe(service.subtask_record, actor=f"worker:{_hostname(sender)}", action="subtask.crashed",
+              subject=f"subtask:{sid}", subtask_id=sid, data={"celery_id": task_id, "error": error})
+    elif name:
+        _safe(service.record, actor=f"worker:{_hostname(sender)}", action="celery.task_failed",
+              subject=f"celery:{name}", data={"celery_id": task_id, "args": repr(args)[:500], "error": error},
+              pending=True)
+
+
+@task_retry.connect
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != SUBTASK:
+        return
+    sid = _arg0(getattr(request, "args", None))
+    _safe(service.subtask_record, actor=f"worker:{getattr(request, 'hostname', None) or 'unknown'}",
+          action="subtask.retried", subject=f"subtask:{sid}", subtask_id=sid,
+          data={"reason": str(reason)[:2000], "retries": getattr(request, "retries", None)})
+
+
+@task_revoked.connect
+def _on_revoked(sender: Any = None, request: Any = None, terminated: Any = None, signum: Any = None,
+                expired: Any = None, **_: Any) -> None:
+    name = getattr(sender, "name", None) or getattr(request, "task", None) or getattr(request, "name", None)
+    args = getattr(request, "args", None)
+    data = {"celery_id": getattr(request, "id", None), "terminated": bool(terminated),
+            "signum": str(signum) if signum is not None else None, "expired": bool(expired), "task": str(name)}
+    if name == SUBTASK:
+        sid = _arg0(args)
+        _safe(service.subtask_record, actor="celery", action="subtask.revoked", subject=f"subtask:{sid}",
+              subtask_id=sid, data=data)
+    else:
+        _safe(service.record, actor="celery", action="celery.task_revoked", subject=f"celery:{name}", data=data,
+              pending=True)
+
+
+# --- worker lifecycle ------------------------------------------------------------------
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    hostname = str(getattr(sender, "hostname", "unknown"))
+    queues = sorted(getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", {}).consume_from.keys()) \
+        if sender is not None and hasattr(sender, "app") else []
+    _safe(service.record, actor=f"worker:{hostname}", action="worker.online", subject=f"worker:{hostname}",
+          data={"queues": queues})
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    hostname = str(getattr(sender, "hostname", "unknown"))
+    _safe(service.record, actor=f"worker:{hostname}", action="worker.offline", subject=f"worker:{hostname}", data={})

@@ -1,0 +1,202 @@
+"""Client commands of the `marketplace` CLI: login, submit, status, result, cancel; `users create` for operators."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from marketplace.client import ApiError, Client
+
+CONFIG_ENV = "MARKETPLACE_CONFIG_DIR"
+config_dir_option = click.option(
+    "--config-dir", envvar=CONFIG_ENV, default=lambda: str(Path.home() / ".config" / "marketplace"),
+    show_default="~/.config/marketplace", type=click.Path(file_okay=False), help="where credentials.json lives",
+)
+
+
+def credentials_path(config_dir: str) -> Path:
+    return Path(config_dir).expanduser() / "credentials.json"
+
+
+def save_credentials(config_dir: str, creds: dict[str, Any]) -> Path:
+    """Write the tokens readable by the owner only (0600, directory 0700)."""
+    path = credentials_path(config_dir)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(creds, fh, indent=2)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+    return path
+
+
+def load_client(config_dir: str) -> tuple[Client, dict[str, Any]]:
+    path = credentials_path(config_dir)
+    try:
+        creds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.ClickException(f"not logged in (no {path}); run `marketplace login`") from None
+    client = Client(creds["url"], creds.get("access_token"), refresh_token=creds.get("refresh_token"))
+    return client, creds
+
+
+def _persist_refresh(config_dir: str, client: Client, creds: dict[str, Any]) -> None:
+    if client.token != creds.get("access_token"):
+        save_credentials(config_dir, {**creds, "access_token": client.token})
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _api_call(config_dir: str, fn):  # type: ignore[no-untyped-def]
+    client, creds = load_client(config_dir)
+    try:
+        return fn(client)
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        _persist_refresh(config_dir, client, creds)
+
+
+@click.command()
+@click.option("--url", envvar="MARKETPLACE_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--email", prompt=True)
+@click.option("--password", prompt=True, hide_input=True)
+@config_dir_option
+def login(url: str, email: str, password: str, config_dir: str) -> None:
+    """Log in and keep the tokens in the user config directory (mode 0600)."""
+    client = Client(url)
+    try:
+        tokens = client.login(email, password)
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    path = save_credentials(config_dir, {"url": url, "email": email, "access_token": tokens["access_token"],
+                                         "refresh_token": tokens["refresh_token"]})
+    click.echo(f"logged in as {email}; credentials saved to {path}")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+@click.command()
+@click.option("--model", "-m", required=True)
+@click.option("--input", "-i", "inputs", multiple=True, help="an input item (a string; JSON with --json)")
+@click.option("--json", "as_json", is_flag=True, help="parse each --input as JSON")
+@click.option("--file", "-f", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="upload a file and use it as an input item")
+@click.option("--param", "-p", "params", multiple=True, help="model parameter k=v (v parsed as JSON if it can be)")
+@click.option("--device", type=click.Choice(["any", "cpu", "gpu"]), default="any", show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--priority", type=click.IntRange(0, 9), default=None)
+@click.option("--webhook-url", default=None)
+@click.option("--idempotency-key", default=None)
+@click.option("--wait", is_flag=True, help="wait with a progress bar, then print the result")
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="seconds --wait waits")
+@config_dir_option
+def submit(model: str, inputs: tuple[str, ...], as_json: bool, files: tuple[str, ...], params: tuple[str, ...],
+           device: str, batch_size: int | None, priority: int | None, webhook_url: str | None,
+           idempotency_key: str | None, wait: bool, timeout: float, config_dir: str) -> None:
+    """Submit a task; with --wait, follow it to the end and print its result."""
+    parsed: dict[str, Any] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not k=v", param_hint="--param")
+        parsed[key] = _parse_value(value)
+    items: list[Any] = [_parse_value(x) if as_json else x for x in inputs]
+
+    def run(client: Client) -> None:
+        for path in files:
+            items.append({"file": client.upload(path)["id"]})
+        if not items:
+            raise click.UsageError("give at least one --input or --file")
+        task = client.submit(model, items, params=parsed, device=device, batch_size=batch_size, priority=priority,
+                             webhook_url=webhook_url, idempotency_key=idempotency_key)
+        if not wait:
+            _echo_json(task)
+            return
+        doc = _wait_with_progress(client, task["id"], total=task["subtasks"], timeout=timeout)
+        if doc["status"] != "Done":
+            _echo_json(doc)
+            raise click.ClickException(f"task {doc['id']} ended {doc['status']}: {doc.get('error')}")
+        _echo_json(client.result(task["id"]))
+
+    _api_call(config_dir, run)
+
+
+def _wait_with_progress(client: Client, task_id: str, *, total: int, timeout: float) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # The bar goes to stderr so that stdout stays the result JSON.
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        bar = progress.add_task(f"task {task_id[:8]}", total=total or 1)
+
+        def update(doc: dict[str, Any]) -> None:
+            p = doc["progress"]
+            progress.update(bar, completed=p["done"] + p["failed"], total=p["total"] or 1,
+                            description=f"task {task_id[:8]} {doc['status']}")
+
+        return client.wait(task_id, timeout=timeout, on_progress=update)
+
+
+@click.command()
+@click.argument("task_id")
+@config_dir_option
+def status(task_id: str, config_dir: str) -> None:
+    """Print a task's status document."""
+    _echo_json(_api_call(config_dir, lambda c: c.get(task_id)))
+
+
+@click.command()
+@click.argument("task_id")
+@config_dir_option
+def result(task_id: str, config_dir: str) -> None:
+    """Print a Done task's result."""
+    _echo_json(_api_call(config_dir, lambda c: c.result(task_id)))
+
+
+@click.command()
+@click.argument("task_id")
+@config_dir_option
+def cancel(task_id: str, config_dir: str) -> None:
+    """Cancel an active task."""
+    _echo_json(_api_call(config_dir, lambda c: c.cancel(task_id)))
+
+
+@click.group()
+def users() -> None:
+    """User accounts (operators; talks to the database directly)."""
+
+
+@users.command("create")
+@click.option("--email", required=True)
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--admin", is_flag=True, help="give the account the admin role")
+def users_create(email: str, password: str, admin: bool) -> None:
+    """Create an account (prompts for the password when --password is absent)."""
+    from marketplace.db import session_scope
+    from marketplace.errors import MarketplaceError
+    from marketplace.users.service import create_user
+
+    if len(password) < 8:
+        raise click.BadParameter("at least 8 characters", param_hint="--password")
+    try:
+        with session_scope() as session:
+            user = create_user(session, email=email, password=password, role="admin" if admin else "user")
+            uid, role = str(user.id), user.role
+    except MarketplaceError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(f"created {role} {email} ({uid})")
+
+
+COMMANDS = [login, submit, status, result, cancel, users]

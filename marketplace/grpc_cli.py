@@ -1,0 +1,20 @@
+"""`marketplace grpc`: serve every gRPC service on one port."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command("grpc")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=50051, show_default=True, type=int)
+@click.option("--workers", "max_workers", default=16, show_default=True, type=int, help="handler threads")
+def grpc_command(host: str, port: int, max_workers: int) -> None:
+    """Serve the gRPC API (tasks, scheduler, workers, results, billing, audit, users) with health and reflection."""
+    from marketplace.grpc_server import serve
+    from marketplace.settings import get_settings
+
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    click.echo(f"gRPC serving on {host}:{port}")
+    serve(host=host, port=port, max_workers=max_workers)

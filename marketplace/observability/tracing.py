@@ -1,0 +1,165 @@
+"""OpenTelemetry tracing: one trace per job, REST request -> scheduler -> subtasks -> chord callback.
+
+Every process installs an SDK tracer provider, so trace and span ids exist (in
+logs, in `GET /v1/tasks/<id>`'s `trace_id`) and travel in Celery message
+headers (W3C traceparent, injected by the Celery instrumentation) even when
+nothing is exported. Spans leave the process only when
+`OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set: OTLP over
+HTTP/protobuf. The other standard `OTEL_*` variables (sampler, batch delays,
+resource attributes) are read by the SDK itself. `OTEL_SDK_DISABLED=true`
+turns all of it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+EXCLUDED_URLS = "metrics,healthz,readyz"
+
+_provider: Any = None
+_pid: int | None = None
+_stub_tasks: dict[str, Any] = {}
+
+
+def get_tracer_provider() -> Any:
+    """This process's SDK TracerProvider (None before `init_tracing` or when disabled)."""
+    return _provider
+
+
+def init_tracing(service_name: str | None = None) -> Any:
+    """Install the tracer provider and the library instrumentations once per process tree."""
+    global _provider, _pid
+    from marketplace.settings import get_settings
+
+    settings = get_settings()
+    if settings.otel_sdk_disabled:
+        return None
+    if _provider is not None:
+        return _provider
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    attributes = {} if settings.otel_service_name else {SERVICE_NAME: service_name or "marketplace"}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    endpoint = settings.otel_exporter_otlp_traces_endpoint or (
+        settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces" if settings.otel_exporter_otlp_endpoint else None
+    )
+    if endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    _provider, _pid = provider, os.getpid()
+    _instrument_libraries(provider)
+    logger.debug("tracing: provider installed (export to %s)", endpoint or "nowhere")
+    return provider
+
+
+def _instrument_libraries(provider: Any) -> None:
+    from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    _patch_celery_publish()
+    for instrumentor in (CeleryInstrumentor(), RedisInstrumentor(), BotocoreInstrumentor()):
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=provider)
+    _trace_sqlalchemy(provider)
+    try:
+        from opentelemetry.instrumentation.grpc import GrpcInstrumentorClient, GrpcInstrumentorServer
+    except ImportError:  # grpc is an optional part of a node
+        return
+    for grpc_instrumentor in (GrpcInstrumentorServer(), GrpcInstrumentorClient()):
+        if not grpc_instrumentor.is_instrumented_by_opentelemetry:
+            grpc_instrumentor.instrument(tracer_provider=provider)
+
+
+def _trace_sqlalchemy(provider: Any) -> None:
+    """Trace the engines `marketplace.db` builds (each process builds its own after fork).
+
+    `SQLAlchemyInstrumentor().instrument()` is not used: its declared range ends
+    below SQLAlchemy 2.1 and it imports sqlalchemy.ext.asyncio (greenlet).
+    The engine events its `EngineTracer` listens to are unchanged in 2.1.
+    """
+    import sqlalchemy
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+    from opentelemetry.metrics import get_meter
+
+    from marketplace import db
+
+    if getattr(db.create_engine, "_marketplace", False):
+        return
+    scope = "opentelemetry.instrumentation.sqlalchemy"
+    tracer = provider.get_tracer(scope)
+    usage = get_meter(scope).create_up_down_counter(
+        name="db.client.connections.usage", unit="connections", description="Connections by state."
+    )
+
+    def create_engine(*args: Any, **kwargs: Any) -> Any:
+        engine = sqlalchemy.create_engine(*args, **kwargs)
+        EngineTracer(tracer, engine, usage)
+        return engine
+
+    create_engine._marketplace = True  # type: ignore[attr-defined]
+    db.create_engine = create_engine  # type: ignore[attr-defined]
+    if db._engine is not None:  # built before tracing started (e.g. by an earlier import-time user)
+        EngineTracer(tracer, db._engine, usage)
+
+
+class _PublishedTask:
+    """Stands in for a task this process publishes by name but does not register (`send_task`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _patch_celery_publish() -> None:
+    """Let the Celery instrumentation finish the publish span of a task sent by name.
+
+    It looks the sender up in this process's task registry; the API publishes
+    `marketplace.scheduling.schedule` with `send_task` and has no such task, so
+    the span would stay open and its context attached to the request thread.
+    """
+    from opentelemetry.instrumentation.celery import utils
+
+    if getattr(utils.retrieve_task_from_sender, "_marketplace", False):
+        return
+    original = utils.retrieve_task_from_sender
+
+    def retrieve(kwargs: Any) -> Any:
+        task = original(kwargs)
+        sender = kwargs.get("sender")
+        if task is None and isinstance(sender, str):
+            task = _stub_tasks.setdefault(sender, _PublishedTask(sender))
+        return task
+
+    retrieve._marketplace = True  # type: ignore[attr-defined]
+    utils.retrieve_task_from_sender = retrieve
+
+
+def instrument_flask(app: Any) -> None:
+    if _provider is None:
+        return
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    FlaskInstrumentor().instrument_app(app, tracer_provider=_provider, excluded_urls=EXCLUDED_URLS)
+
+
+def flush(timeout_ms: int = 5000) -> None:
+    """Export what is buffered (a pool child may exit without running atexit handlers)."""
+    if _provider is not None:
+        try:
+            _provider.force_flush(timeout_ms)
+        except Exception as exc:
+            logger.warning("tracing: flush failed: %s", exc)
+
+
+def current_trace_id() -> str | None:
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None

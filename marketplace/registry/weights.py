@@ -1,0 +1,55 @@
+"""Model weights in the object store: `models/<name>/<version>/{weights.pt,manifest.json}`.
+
+The manifest is written after the weights, so a node that can read a manifest
+can trust that its weights are complete; nodes check the sha256 it records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from marketplace.db import utcnow
+from marketplace.errors import InvalidInput
+from marketplace.storage import ObjectStore
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def weights_key(name: str, version: str) -> str:
+    return f"models/{name}/{version}/weights.pt"
+
+
+def manifest_key(name: str, version: str) -> str:
+    return f"models/{name}/{version}/manifest.json"
+
+
+def push_weights(
+    store: ObjectStore, *, name: str, path: Path, version: str = "v1", labels: list[str] | None = None,
+) -> dict[str, Any]:
+    """Upload a weights file and its manifest `{name, version, sha256, size, labels?}`."""
+    from marketplace.catalog import get_catalog
+
+    if get_catalog().get(name) is None:
+        raise InvalidInput.field("name", f"unknown model {name!r}")
+    if not _VERSION.match(version):
+        raise InvalidInput.field("version", "letters, digits, '.', '_' or '-' (at most 64)")
+    data = Path(path).read_bytes()
+    if not data:
+        raise InvalidInput.field("path", f"{path} is empty")
+    sha = hashlib.sha256(data).hexdigest()
+    store.put_bytes(weights_key(name, version), data, "application/octet-stream")
+    manifest: dict[str, Any] = {
+        "name": name, "version": version, "sha256": sha, "size": len(data),
+        "pushed_at": utcnow().isoformat(),
+    }
+    if labels:
+        manifest["labels"] = labels
+    store.put_bytes(manifest_key(name, version), json.dumps(manifest, indent=1).encode(), "application/json")
+    return manifest
+
+
+def read_manifest(store: ObjectStore, *, name: str, version: str) -> dict[str, Any]:
+    return json.loads(store.get_bytes(manifest_key(name, version)))

@@ -1,0 +1,118 @@
+"""Subtask progress on the hot path, in lean Core SQL.
+
+Every subtask makes these calls, so each is one or two round trips on a plain
+connection (no ORM unit of work): a fan-out of thousands of subtasks spends its
+time running models, not in the ORM.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+
+from marketplace.db import get_engine, session_scope, utcnow
+from marketplace.events.outbox import topic_for
+
+_LOAD = text("""
+    SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
+           t.status AS task_status, t.user_id, t.model, t.queue, t.params
+    FROM subtasks s JOIN tasks t ON t.id = s.task_id
+    WHERE s.id = :id
+""")
+
+# Running, and the task InProgress; the WHERE on the task makes the second part a no-op after the first.
+_CLAIM = text("""
+    WITH s AS (
+        UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker,
+               started_at = COALESCE(started_at, :now), error = NULL
+        WHERE id = :id AND status IN ('Pending', 'Running')
+        RETURNING task_id, attempts
+    ), t AS (
+        UPDATE tasks SET status = 'InProgress', started_at = :now
+        FROM s WHERE tasks.id = s.task_id AND tasks.status = 'Scheduled'
+        RETURNING tasks.id
+    )
+    SELECT attempts FROM s
+""")
+
+_COMPLETE = text("""
+    WITH s AS (
+        UPDATE subtasks SET status = 'Done', result_key = :key, result_sha256 = :sha, seconds = :seconds,
+               finished_at = :now, error = NULL
+        WHERE id = :id
+        RETURNING task_id, index, items, worker, attempts
+    )
+    INSERT INTO outbox_events (topic, key, type, payload, created_at)
+    SELECT :topic, s.task_id::text, 'SubTaskCompleted',
+           jsonb_build_object('task_id', s.task_id::text, 'subtask_id', :sid, 'index', s.index, 'status', 'Done',
+                              'items', s.items, 'seconds', :seconds, 'worker', s.worker, 'attempts', s.attempts,
+                              'result_key', :key, 'result_sha256', :sha),
+           :now
+    FROM s
+""")
+
+_RELEASE = text("""
+    UPDATE subtasks SET status = 'Pending', error = :error WHERE id = :id AND status = 'Running'
+""")
+
+
+def _outcome(subtask_id: str, row: Any, **extra: Any) -> dict[str, Any]:
+    return {
+        "subtask_id": subtask_id, "task_id": str(row.task_id), "user_id": str(row.user_id), "model": row.model,
+        "device": (row.queue or "cpu.").split(".", 1)[0], "index": row.index, "items": row.items, **extra,
+    }
+
+
+def claim_subtask(subtask_id: str, *, hostname: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
+    sid = uuid.UUID(subtask_id)
+    with get_engine().begin() as conn:
+        row = conn.execute(_LOAD, {"id": sid}).first()
+        if row is None:
+            return {"ok": False, "skipped": True, "subtask_id": None, "error": f"unknown subtask {subtask_id}"}, {}
+        if row.task_status in ("Done", "Failed", "Cancelled"):
+            return _outcome(subtask_id, row, ok=False, skipped=True, error=f"task is {row.task_status}"), {}
+        if row.status == "Done":  # a redelivery of finished work: report, never re-run
+            return _outcome(subtask_id, row, ok=True, duplicate=True, key=row.result_key, sha256=row.result_sha256,
+                            seconds=row.seconds), {}
+        if row.status == "Failed":
+            return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
+        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "now": utcnow()}).scalar()
+    return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
+                  "attempts": attempts}
+
+
+def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) -> None:
+    """Record success and emit SubTaskCompleted in one statement."""
+    with get_engine().begin() as conn:
+        conn.execute(_COMPLETE, {
+            "id": uuid.UUID(subtask_id), "sid": subtask_id, "key": key, "sha": sha256, "seconds": seconds,
+            "now": utcnow(), "topic": topic_for("SubTaskCompleted"),
+        })
+
+
+def release_subtask(subtask_id: str, *, error: str) -> None:
+    """Back to Pending before a retry, keeping the last error visible."""
+    with get_engine().begin() as conn:
+        conn.execute(_RELEASE, {"id": uuid.UUID(subtask_id), "error": error})
+
+
+def fail_subtask(subtask_id: str, *, error: str, seconds: float, index: int) -> list[tuple[str, str]]:
+    """Record the failure and fail the task now (siblings then skip); returns after-commit actions."""
+    from sqlalchemy import select
+
+    from marketplace.results.service import fail_task
+    from marketplace.tasks.models import SubTask, Task
+
+    with session_scope() as session:
+        sub = session.get(SubTask, uuid.UUID(subtask_id))
+        if sub is None:
+            return []
+        sub.status, sub.error, sub.seconds, sub.finished_at = "Failed", error, seconds, utcnow()
+        task = session.scalar(select(Task).where(Task.id == sub.task_id).with_for_update())
+        if task is not None:
+            fail_task(session, task=task, error=f"subtask {index} failed: {error}")
+        return session.info.pop("after_commit", [])
+
+

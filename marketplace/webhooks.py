@@ -1,0 +1,90 @@
+"""Webhooks: POST the task document to the task's `webhook_url` on a final status, signed.
+
+`X-Marketplace-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed by the user's
+webhook_secret>` (shown in `GET /v1/me`). Delivery is a Celery task on
+`marketplace.maintenance`, sent after the final status commits, retried with
+exponential backoff a bounded number of times.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import uuid
+from typing import Any
+
+from marketplace.celery_app import app
+
+logger = logging.getLogger(__name__)
+EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, header: str) -> bool:
+    """What a receiver does: recompute the signature and compare in constant time."""
+    return hmac.compare_digest(sign(secret, body), header or "")
+
+
+def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str]] | None:
+    """(url, body, headers) for a finished task with a webhook, else None."""
+    from marketplace.db import session_scope
+    from marketplace.tasks.models import Task, TaskStatus
+    from marketplace.tasks.service import describe_task
+    from marketplace.users.models import User
+
+    with session_scope() as session:
+        task = session.get(Task, uuid.UUID(task_id))
+        if task is None or not task.webhook_url or not TaskStatus(task.status).final:
+            return None
+        user = session.get(User, task.user_id)
+        if user is None:
+            return None
+        doc = describe_task(session, task=task).model_dump(mode="json")
+        body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "marketplace-webhooks/1",
+            "X-Marketplace-Event": EVENTS.get(task.status, "task.finished"),
+            "X-Marketplace-Delivery": task_id,
+            "X-Marketplace-Signature": sign(user.webhook_secret, body),
+        }
+        return task.webhook_url, body, headers
+
+
+def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> tuple[bool, bool, str]:
+    """POST once: (delivered, worth retrying, what happened)."""
+    import requests
+
+    try:
+        resp = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        return False, True, f"{type(exc).__name__}: {exc}"
+    if 200 <= resp.status_code < 300:
+        return True, False, f"HTTP {resp.status_code}"
+    retry = resp.status_code >= 500 or resp.status_code in (408, 429)
+    return False, retry, f"HTTP {resp.status_code}"
+
+
+@app.task(name="marketplace.webhooks.deliver", bind=True, acks_late=True, max_retries=None)
+def deliver(self: Any, task_id: str) -> dict[str, Any]:
+    from marketplace.settings import get_settings
+
+    settings = get_settings()
+    delivery = build_delivery(task_id)
+    if delivery is None:
+        return {"ok": False, "skipped": True}
+    url, body, headers = delivery
+    ok, retry, note = post(url, body, headers, timeout=settings.webhook_timeout)
+    attempt = self.request.retries + 1
+    if ok:
+        return {"ok": True, "attempts": attempt, "status": note}
+    if retry and self.request.retries < settings.webhook_max_retries:
+        countdown = settings.webhook_retry_backoff * (2 ** self.request.retries)
+        logger.warning("webhook for task %s failed (%s); retry %d in %.1fs", task_id, note, attempt, countdown)
+        raise self.retry(countdown=countdown)
+    logger.error("webhook for task %s not delivered after %d attempt(s): %s", task_id, attempt, note)
+    return {"ok": False, "attempts": attempt, "error": note}

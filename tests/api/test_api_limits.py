@@ -1,0 +1,66 @@
+"""Rate limits (per user, per IP, on Redis) and the active-task quota, from the API side."""
+from __future__ import annotations
+
+import uuid
+
+from tests.support.api import register
+
+
+def test_user_limit_answers_429_problem_with_retry_after(make_app):  # type: ignore[no-untyped-def]
+    app = make_app(rate_limit="3/minute", anonymous_rate_limit="1000/minute")
+    c = app.test_client()
+    u = register(c)
+    codes = [c.get("/v1/me", headers=u["headers"]).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+    resp = c.get("/v1/me", headers=u["headers"])
+    assert resp.status_code == 429
+    assert resp.content_type == "application/problem+json"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert resp.get_json()["status"] == 429
+    # the limit is per user: somebody else is not throttled
+    other = register(c)
+    assert c.get("/v1/me", headers=other["headers"]).status_code == 200
+    # health and readiness are exempt
+    assert all(c.get("/healthz").status_code == 200 for _ in range(5))
+
+
+def test_limit_is_shared_across_app_instances_through_redis(make_app):  # type: ignore[no-untyped-def]
+    a = make_app(rate_limit="4/minute").test_client()
+    b = make_app(rate_limit="4/minute").test_client()
+    u = register(a)
+    assert [a.get("/v1/me", headers=u["headers"]).status_code for _ in range(2)] == [200, 200]
+    assert [b.get("/v1/me", headers=u["headers"]).status_code for _ in range(2)] == [200, 200]
+    assert b.get("/v1/me", headers=u["headers"]).status_code == 429
+    assert a.get("/v1/me", headers=u["headers"]).status_code == 429
+
+
+def test_anonymous_limit_is_per_ip(make_app):  # type: ignore[no-untyped-def]
+    app = make_app(anonymous_rate_limit="2/minute")
+    c = app.test_client()
+    ip = {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}.7"}
+    body = {"email": "nobody@example.com", "password": "x"}
+    codes = [c.post("/v1/auth/login", json=body, environ_base=ip).status_code for _ in range(3)]
+    assert codes == [401, 401, 429]
+    assert "Retry-After" in c.post("/v1/auth/login", json=body, environ_base=ip).headers
+    other_ip = {"REMOTE_ADDR": "10.251.0.9"}
+    assert c.post("/v1/auth/login", json=body, environ_base=other_ip).status_code == 401
+
+
+def test_active_task_quota_is_429_problem(client, stack):  # type: ignore[no-untyped-def]
+    from marketplace.db import session_scope
+    from marketplace.users.models import User
+
+    u = register(client)
+    with session_scope() as session:
+        session.get(User, uuid.UUID(u["id"])).max_active_tasks = 2
+    # gpu.embedding has no worker in tests: these tasks stay active
+    body = {"model": "embedding", "inputs": ["hello"], "device": "gpu"}
+    assert [client.post("/v1/tasks", json=body, headers=u["headers"]).status_code for _ in range(2)] == [202, 202]
+    resp = client.post("/v1/tasks", json=body, headers=u["headers"])
+    assert resp.status_code == 429 and resp.content_type == "application/problem+json"
+    assert resp.get_json()["quota"] == "max_active_tasks" and int(resp.headers["Retry-After"]) > 0
+    assert client.get("/v1/me", headers=u["headers"]).get_json()["usage"]["active_tasks"] == 2
+    # cancelling one frees a slot
+    first = client.get("/v1/tasks", headers=u["headers"]).get_json()["tasks"][0]["id"]
+    assert client.post(f"/v1/tasks/{first}/cancel", headers=u["headers"]).status_code == 202
+    assert client.post("/v1/tasks", json=body, headers=u["headers"]).status_code == 202

@@ -1,0 +1,149 @@
+"""Idempotency, listing with keyset pagination, cancel, and isolation between users."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+from tests.support.api import register, wait_for_task
+
+WAITING = {"model": "embedding", "inputs": ["stays waiting"], "device": "gpu"}  # no gpu.embedding worker in tests
+
+
+def test_idempotency_key_same_body_same_task_other_body_409(client, user):  # type: ignore[no-untyped-def]
+    key = {**user["headers"], "Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    first = client.post("/v1/tasks", json=WAITING, headers=key)
+    assert first.status_code == 202
+    again = client.post("/v1/tasks", json=WAITING, headers=key)
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+    other = client.post("/v1/tasks", json={**WAITING, "inputs": ["something else"]}, headers=key)
+    assert other.status_code == 409 and other.content_type == "application/problem+json"
+    assert other.get_json()["field"] == "Idempotency-Key"
+    # keys are per user: another user's identical key makes their own task
+    u2 = register(client)
+    theirs = client.post("/v1/tasks", json=WAITING, headers={**u2["headers"], "Idempotency-Key": key["Idempotency-Key"]})
+    assert theirs.status_code == 202 and theirs.get_json()["id"] != first.get_json()["id"]
+    assert len(client.get("/v1/tasks", headers=user["headers"]).get_json()["tasks"]) == 1
+
+
+def test_concurrent_duplicates_get_one_task(stack, client):  # type: ignore[no-untyped-def]
+    """The loser of a race on the unique key gets the winner's task, not a 500."""
+    from marketplace.db import new_session
+    from marketplace.tasks.models import Task
+    from marketplace.tasks.schemas import TaskRequest
+    from marketplace.tasks.service import create_task
+
+    u = register(client)
+    uid = uuid.UUID(u["id"])
+    req = TaskRequest.model_validate(WAITING)
+    key = f"race-{uuid.uuid4().hex}"
+    first = new_session()
+    task_a, created_a = create_task(first, user_id=uid, request=req, idempotency_key=key)
+    assert created_a
+    out: dict[str, object] = {}
+
+    def loser() -> None:
+        second = new_session()
+        try:
+            # blocks on the unique index until the first transaction commits
+            task_b, created_b = create_task(second, user_id=uid, request=req, idempotency_key=key)
+            out["result"] = (task_b.id, created_b)
+            second.commit()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+        finally:
+            second.close()
+
+    t = threading.Thread(target=loser)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), "the second insert should wait for the first transaction"
+    first.commit()
+    first.close()
+    t.join(30)
+    assert "error" not in out, out
+    assert out["result"] == (task_a.id, False)
+    s = new_session()
+    try:
+        from sqlalchemy import func, select
+
+        assert s.scalar(select(func.count()).select_from(Task).where(Task.idempotency_key == key)) == 1
+    finally:
+        s.close()
+
+
+def test_list_pages_with_an_opaque_cursor_and_filters_by_status(client, user):  # type: ignore[no-untyped-def]
+    ids = [client.post("/v1/tasks", json={**WAITING, "inputs": [f"t{i}"]}, headers=user["headers"]).get_json()["id"]
+           for i in range(5)]
+    cancelled = ids[1]
+    assert client.post(f"/v1/tasks/{cancelled}/cancel", headers=user["headers"]).status_code == 202
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        q = "/v1/tasks?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(q, headers=user["headers"]).get_json()
+        pages += 1
+        seen += [t["id"] for t in page["tasks"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))  # newest first, nothing twice, nothing missed
+    only = client.get("/v1/tasks?status=Cancelled", headers=user["headers"]).get_json()
+    assert [t["id"] for t in only["tasks"]] == [cancelled] and only["next_cursor"] is None
+    assert only["tasks"][0]["status"] == "Cancelled" and "progress" in only["tasks"][0]
+    created = client.get("/v1/tasks?status=Created&limit=100", headers=user["headers"]).get_json()["tasks"]
+    assert {t["id"] for t in created} == set(ids) - {cancelled}
+
+
+def test_cancel_active_task_is_202_idempotent_and_releases_the_hold(client, user):  # type: ignore[no-untyped-def]
+    before = client.get("/v1/me", headers=user["headers"]).get_json()
+    task = client.post("/v1/tasks", json=WAITING, headers=user["headers"]).get_json()
+    held = client.get("/v1/me", headers=user["headers"]).get_json()
+    assert float(held["available_balance"]) < float(before["available_balance"])
+    resp = client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+    assert resp.status_code == 202
+    doc = resp.get_json()
+    assert doc["status"] == "Cancelled" and doc["finished_at"] and doc["error"]
+    again = client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+    assert again.status_code == 202 and again.get_json()["status"] == "Cancelled"
+    after = client.get("/v1/me", headers=user["headers"]).get_json()
+    assert after["available_balance"] == before["available_balance"]  # nothing ran, nothing charged
+    assert client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).status_code == 409
+
+
+def test_cancel_of_a_running_task_stops_its_remaining_subtasks(client, user, worker):  # type: ignore[no-untyped-def]
+    import time
+
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(400)), "batch_size": 1},
+                       headers=user["headers"]).get_json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/tasks/{task['id']}", headers=user["headers"]).get_json()["status"] == "Created":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"]).status_code == 202
+    doc = wait_for_task(client, user["headers"], task["id"])
+    assert doc["status"] == "Cancelled"
+    time.sleep(3)  # let the queued subtasks drain: each sees the final task and skips
+    subs = client.get(f"/v1/tasks/{task['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    assert sum(s["status"] == "Done" for s in subs) < 400
+    assert client.get(f"/v1/tasks/{task['id']}", headers=user["headers"]).get_json()["status"] == "Cancelled"
+
+
+def test_cancel_of_a_finished_task_is_409(client, user, worker):  # type: ignore[no-untyped-def]
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2]}, headers=user["headers"]).get_json()
+    assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
+    resp = client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+    assert resp.status_code == 409 and resp.get_json()["task_status"] == "Done"
+
+
+def test_another_users_task_is_404_everywhere(client, user, other, worker):  # type: ignore[no-untyped-def]
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": ["mine"]}, headers=user["headers"]).get_json()
+    assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
+    for method, path in (("get", ""), ("get", "/subtasks"), ("get", "/result"), ("post", "/cancel")):
+        resp = getattr(client, method)(f"/v1/tasks/{task['id']}{path}", headers=other["headers"])
+        assert resp.status_code == 404, (path, resp.get_json())
+        assert resp.content_type == "application/problem+json"
+    assert client.get("/v1/tasks", headers=other["headers"]).get_json()["tasks"] == []
+    # the owner still sees it, still Done
+    assert client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()["outputs"] == ["mine"]

@@ -1,0 +1,100 @@
+"""Request validation: every failure is problem+json naming the field; 400/404/405/413 are JSON too."""
+from __future__ import annotations
+
+import pytest
+
+PROBLEM = "application/problem+json"
+
+
+def _fields(resp) -> set[str]:  # type: ignore[no-untyped-def]
+    assert resp.content_type == PROBLEM, resp.data
+    return {e["field"] for e in resp.get_json()["errors"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "no-such-model", "inputs": [1]}, "model"),
+        ({"model": "echo", "inputs": []}, "inputs"),
+        ({"model": "echo"}, "inputs"),
+        ({"model": "echo", "inputs": "abc"}, "inputs"),
+        ({"model": "embedding", "inputs": ["ok", 42, ""]}, "inputs[1]"),
+        ({"model": "resnet50", "inputs": ["not-a-file-ref"]}, "inputs[0]"),
+        ({"model": "echo", "inputs": [1], "device": "tpu"}, "device"),
+        ({"model": "echo", "inputs": [1], "device": "gpu"}, "device"),  # echo runs on cpu only
+        ({"model": "echo", "inputs": [1], "priority": 10}, "priority"),
+        ({"model": "echo", "inputs": [1], "priority": -1}, "priority"),
+        ({"model": "echo", "inputs": [1], "batch_size": 0}, "batch_size"),
+        ({"model": "echo", "inputs": [1], "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
+        ({"model": "echo", "inputs": [1], "webhook_url": "file:///etc/passwd"}, "webhook_url"),
+        ({"model": "echo", "inputs": [1], "surprise": True}, "surprise"),
+        ({"model": "echo", "inputs": ["a\u0000b"]}, "inputs[0]"),
+    ],
+)
+def test_bad_task_bodies_are_422_naming_the_field(client, user, body, field):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json=body, headers=user["headers"])
+    assert resp.status_code == 422, resp.get_json()
+    assert field in _fields(resp)
+    assert resp.get_json()["status"] == 422 and resp.get_json()["title"] == "Validation failed"
+
+
+def test_every_invalid_field_is_named(client, user):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json={"model": "", "inputs": [], "priority": 42, "device": "x"},
+                       headers=user["headers"])
+    assert resp.status_code == 422
+    assert {"model", "inputs", "priority", "device"} <= _fields(resp)
+
+
+def test_too_many_inputs_is_422(client, user, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_inputs", 5)
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(6))}, headers=user["headers"])
+    assert resp.status_code == 422 and "inputs" in _fields(resp)
+
+
+def test_bad_idempotency_key_is_422(client, user):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]},
+                       headers={**user["headers"], "Idempotency-Key": "k" * 300})
+    assert resp.status_code == 422 and "Idempotency-Key" in _fields(resp)
+
+
+def test_malformed_json_is_400_and_non_json_is_400(client, user):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", data='{"model": "echo", "inputs": [1', content_type="application/json",
+                       headers=user["headers"])
+    assert resp.status_code == 400 and resp.content_type == PROBLEM
+    assert "not valid JSON" in resp.get_json()["detail"]
+    resp = client.post("/v1/tasks", data="model=echo", content_type="text/plain", headers=user["headers"])
+    assert resp.status_code == 400 and resp.content_type == PROBLEM
+    resp = client.post("/v1/tasks", json=[1, 2], headers=user["headers"])
+    assert resp.status_code == 422 and "body" in _fields(resp)
+
+
+def test_oversize_body_is_413_problem(make_app, stack):  # type: ignore[no-untyped-def]
+    from tests.support.api import register
+
+    small = make_app(max_body_bytes=2048)
+    c = small.test_client()
+    u = register(c)
+    resp = c.post("/v1/tasks", json={"model": "echo", "inputs": ["x" * 4096]}, headers=u["headers"])
+    assert resp.status_code == 413 and resp.content_type == PROBLEM
+    assert resp.get_json()["status"] == 413
+    ok = c.post("/v1/tasks", json={"model": "echo", "inputs": ["x" * 100]}, headers=u["headers"])
+    assert ok.status_code == 202
+
+
+def test_unknown_route_is_404_json_and_wrong_method_is_405_json(client, user):  # type: ignore[no-untyped-def]
+    resp = client.get("/v1/nothing-here")
+    assert resp.status_code == 404 and resp.content_type == PROBLEM and resp.get_json()["status"] == 404
+    assert b"<html" not in resp.data.lower()
+    resp = client.delete("/v1/tasks", headers=user["headers"])
+    assert resp.status_code == 405 and resp.content_type == PROBLEM
+    assert "GET" in resp.headers["Allow"] and "POST" in resp.headers["Allow"]
+
+
+def test_bad_list_query_is_422(client, user):  # type: ignore[no-untyped-def]
+    for query, field in (("status=Sleeping", "status"), ("limit=0", "limit"), ("limit=1000", "limit"),
+                         ("cursor=%21%21", "cursor"), ("colour=red", "colour")):
+        resp = client.get(f"/v1/tasks?{query}", headers=user["headers"])
+        assert resp.status_code == 422, (query, resp.get_json())
+        assert field in _fields(resp), query

@@ -1,0 +1,126 @@
+"""Webhooks: a real local HTTP server receives the signed task document; failures are retried."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.support.api import wait_for_task
+
+
+class Receiver:
+    def __init__(self, fail_first: int = 0) -> None:
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.attempts = 0
+        self.fail_first = fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts += 1
+                if receiver.attempts <= receiver.fail_first:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                receiver.deliveries.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait(self, n: int = 1, timeout: float = 60.0) -> list[tuple[dict[str, str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while len(self.deliveries) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(self.deliveries) >= n, f"{len(self.deliveries)} deliveries after {self.attempts} attempts"
+        return self.deliveries
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+def test_done_task_is_posted_signed_to_the_webhook(client, user, worker, receiver):  # type: ignore[no-untyped-def]
+    from marketplace.webhooks import verify
+
+    secret = client.get("/v1/me", headers=user["headers"]).get_json()["webhook_secret"]
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2, 3], "webhook_url": receiver.url},
+                       headers=user["headers"]).get_json()
+    assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
+    headers, body = receiver.wait(1)[0]
+    assert headers["X-Marketplace-Event"] == "task.completed"
+    signature = headers["X-Marketplace-Signature"]
+    assert signature.startswith("sha256=") and verify(secret, body, signature)
+    assert not verify("another secret", body, signature)
+    assert not verify(secret, body + b" ", signature)
+    doc = json.loads(body)
+    assert doc["id"] == task["id"] and doc["status"] == "Done" and doc["progress"]["done"] == 1
+    time.sleep(1)
+    assert len(receiver.deliveries) == 1  # delivered once
+
+
+def test_cancelled_task_fires_the_webhook(client, user, worker, receiver):  # type: ignore[no-untyped-def]
+    task = client.post("/v1/tasks", json={"model": "embedding", "inputs": ["x"], "device": "gpu",
+                                          "webhook_url": receiver.url}, headers=user["headers"]).get_json()
+    assert client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"]).status_code == 202
+    headers, body = receiver.wait(1)[0]
+    assert headers["X-Marketplace-Event"] == "task.cancelled" and json.loads(body)["status"] == "Cancelled"
+
+
+def test_failing_receiver_is_retried_with_backoff(client, user, worker):  # type: ignore[no-untyped-def]
+    flaky = Receiver(fail_first=2)
+    try:
+        task = client.post("/v1/tasks", json={"model": "echo", "inputs": ["a"], "webhook_url": flaky.url},
+                           headers=user["headers"]).get_json()
+        wait_for_task(client, user["headers"], task["id"])
+        started = time.monotonic()
+        flaky.wait(1, timeout=60)
+        assert flaky.attempts == 3  # two 503s, then delivered
+        assert time.monotonic() - started >= 1.0  # backoff: 1 s then 2 s between tries
+    finally:
+        flaky.stop()
+
+
+def test_unreachable_receiver_gives_up_after_bounded_retries(client, user, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace import webhooks
+    from marketplace.settings import get_settings
+    from tests.support.servers import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/hook"
+    ok, retry, note = webhooks.post(closed, b"{}", {}, timeout=2)
+    assert (ok, retry) == (False, True) and "ConnectionError" in note
+
+    task = client.post("/v1/tasks", json={"model": "embedding", "inputs": ["x"], "device": "gpu",
+                                          "webhook_url": closed}, headers=user["headers"]).get_json()
+    client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+    attempts: list[str] = []
+    real_post = webhooks.post
+
+    def counting_post(url, body, headers, *, timeout):  # type: ignore[no-untyped-def]
+        attempts.append(url)
+        return real_post(url, body, headers, timeout=timeout)
+
+    monkeypatch.setattr(webhooks, "post", counting_post)
+    monkeypatch.setattr(get_settings(), "webhook_max_retries", 2)
+    monkeypatch.setattr(get_settings(), "webhook_retry_backoff", 0.01)
+    result = webhooks.deliver.apply(args=[task["id"]])  # eager: retries run inline
+    assert attempts == [closed] * 3  # the first try and two retries, then it gives up
+    print("STATE", result.state, result.get(propagate=False))

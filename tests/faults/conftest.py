@@ -1,0 +1,36 @@
+"""Fault tests get a broker of their own, so killing or flushing it never touches other tests."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.env import reset_clients
+from tests.support.servers import RedisServer
+
+
+@pytest.fixture()
+def own_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
+    """A private Redis for this test; the in-process API and the workers it starts use it."""
+    server = RedisServer()
+    saved = os.environ["MARKETPLACE_REDIS_URL"]
+    os.environ["MARKETPLACE_REDIS_URL"] = server.url
+    reset_clients()
+    try:
+        yield server
+    finally:
+        os.environ["MARKETPLACE_REDIS_URL"] = saved
+        reset_clients()
+        server.stop()
+
+
+@pytest.fixture()
+def app(own_broker: RedisServer):  # type: ignore[no-untyped-def]
+    """The API app, built after the switch to this test's broker (limits and tokens live there)."""
+    from api import create_app
+    from marketplace.settings import get_settings
+
+    application = create_app(get_settings())
+    application.config["TESTING"] = True
+    return application

@@ -1,0 +1,198 @@
+"""Real processes die mid-job; the job still ends Done, every output once, one charge per subtask."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import psutil
+import pytest
+from sqlalchemy import text
+
+from tests.support.api import register, wait_for_task
+from tests.support.servers import CeleryWorker
+
+CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+pytestmark = pytest.mark.slow
+
+
+def _db(sql: str, **params):  # type: ignore[no-untyped-def]
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        return conn.execute(text(sql), params).all()
+
+
+def _running(task_id: str) -> list[tuple[int, str]]:
+    return [(r.index, r.worker) for r in _db(
+        "SELECT index, worker FROM subtasks WHERE task_id = :t AND status = 'Running'", t=task_id)]
+
+
+def _wait(predicate, timeout: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _assert_exactly_once(client, user, task_id: str, inputs: list) -> None:  # type: ignore[no-untyped-def]
+    result = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()
+    assert result["outputs"] == inputs
+    subtasks = _db("SELECT id, status FROM subtasks WHERE task_id = :t", t=task_id)
+    assert {s.status for s in subtasks} == {"Done"}
+    charges = _db("SELECT subtask_id FROM ledger_entries WHERE task_id = :t AND kind = 'charge'", t=task_id)
+    assert sorted(str(c.subtask_id) for c in charges) == sorted(str(s.id) for s in subtasks), "one charge per subtask"
+    cost = _db("SELECT cost FROM tasks WHERE id = :t", t=task_id)[0].cost
+    total = _db("SELECT -SUM(amount) AS s FROM ledger_entries WHERE task_id = :t", t=task_id)[0].s
+    assert cost == total
+    holds = _db("SELECT status FROM holds WHERE task_id = :t", t=task_id)
+    assert [h.status for h in holds] == ["released"]
+
+
+def _submit(client, user, body: dict) -> str:  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json=body, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def _start(queues: list[str], name: str, redis_client) -> CeleryWorker:  # type: ignore[no-untyped-def]
+    node = CeleryWorker(queues, name=f"{name}-{uuid.uuid4().hex[:4]}", concurrency=2)
+    node.wait_ready(redis_client)
+    return node
+
+
+def test_sigkill_of_a_pool_child_mid_subtask_is_redelivered_and_charged_once(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.redis_client import get_redis
+
+    node = _start(CONTROL + ["cpu.generic"], "child-kill", get_redis())
+    try:
+        user = register(client)
+        inputs = list(range(8))
+        task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
+                                                 "params": {"sleep_s": 0.8}})
+        _wait(lambda: _running(task_id), what="a running subtask")
+        children = psutil.Process(node.proc.pid).children()
+        assert children, "prefork pool children"
+        os.kill(children[0].pid, signal.SIGKILL)
+        doc = wait_for_task(client, user["headers"], task_id, timeout=120)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+    finally:
+        node.stop()
+
+
+def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 2.0)
+    r = get_redis()
+    control = _start(CONTROL, "control", r)
+    doomed = _start(["cpu.generic"], "doomed", r)
+    survivor = None
+    try:
+        user = register(client)
+        inputs = [f"x{i}" for i in range(6)]
+        task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
+                                                 "params": {"sleep_s": 1.5}})
+        _wait(lambda: _running(task_id), what="a running subtask on the doomed node")
+        doomed.stop(signal.SIGKILL)  # the whole process group: main process and pool
+        survivor = _start(["cpu.generic"], "survivor", r)
+        # The beat job runs this every 30 s; here we drive it until the task is final.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
+            if doc["status"] in ("Done", "Failed"):
+                break
+            recover_stalled()
+            time.sleep(1)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+        assert any(w and w.startswith("survivor") for _, w in
+                   [(r_.index, r_.worker) for r_ in _db("SELECT index, worker FROM subtasks WHERE task_id = :t", t=task_id)])
+    finally:
+        for node in (control, doomed, survivor):
+            if node is not None:
+                node.stop()
+
+
+def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 2.0)
+    r = get_redis()
+    node = _start(CONTROL + ["cpu.generic"], "flush", r)
+    try:
+        user = register(client)
+        inputs = list(range(10))
+        task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
+                                                 "params": {"sleep_s": 0.5}})
+        _wait(lambda: _db("SELECT 1 FROM subtasks WHERE task_id = :t AND status = 'Done'", t=task_id),
+              what="a finished subtask")
+        r.flushall()  # queues, unacked messages, chord counters, heartbeats, bindings: all gone
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
+            if doc["status"] in ("Done", "Failed"):
+                break
+            recover_stalled()
+            time.sleep(1)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+    finally:
+        node.stop()
+
+
+def test_a_failing_subtask_ends_the_task_without_waiting_for_its_siblings(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.redis_client import get_redis
+
+    node = _start(CONTROL + ["cpu.generic"], "shortcut", get_redis())
+    try:
+        user = register(client)
+        inputs = ["boom"] + [f"slow{i}" for i in range(23)]
+        started = time.monotonic()
+        task_id = _submit(client, user, {
+            "model": "echo", "inputs": inputs, "batch_size": 1,
+            "params": {"sleep_s": 1.0, "fail_items": ["boom"]},
+        })
+        doc = wait_for_task(client, user["headers"], task_id, timeout=60)
+        elapsed = time.monotonic() - started
+        assert doc["status"] == "Failed" and "boom" in doc["error"]
+        # 23 one-second siblings on 2 processes would need ~12 s; the task ended well before
+        # (its retries queue behind running siblings), and the siblings not yet started never ran.
+        assert elapsed < 10, elapsed
+        time.sleep(2)
+        never_ran = _db("SELECT index FROM subtasks WHERE task_id = :t AND attempts = 0", t=task_id)
+        assert len(never_ran) >= 5, never_ran
+    finally:
+        node.stop()
+
+
+def test_object_store_unreachable_retries_then_fails_with_the_reason(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+    from tests.support.servers import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"nostore-{uuid.uuid4().hex[:4]}", concurrency=2,
+                        env={"MARKETPLACE_S3_ENDPOINT_URL": closed})
+    node.wait_ready(get_redis())
+    try:
+        user = register(client)
+        task_id = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
+                              headers=user["headers"]).get_json()["id"]
+        doc = wait_for_task(client, user["headers"], task_id, timeout=90)
+        assert doc["status"] == "Failed"
+        assert "object store" in doc["error"] and "unreachable" in doc["error"], doc["error"]
+        attempts = {r.attempts for r in _db("SELECT attempts FROM subtasks WHERE task_id = :t AND status = 'Failed'",
+                                            t=task_id)}
+        assert attempts == {get_settings().subtask_max_retries + 1}
+    finally:
+        node.stop()

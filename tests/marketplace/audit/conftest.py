@@ -1,0 +1,50 @@
+"""Billing test helpers: admin accounts and direct quota/balance overrides (real Postgres)."""
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tests.support.api import register
+
+
+def make_admin(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from marketplace.db import session_scope
+    from marketplace.users.service import create_user
+
+    email, password = f"admin-{uuid.uuid4().hex[:10]}@example.com", "admin password 123"
+    with session_scope() as session:
+        user = create_user(session, email=email, password=password, role="admin")
+        uid = str(user.id)
+    tokens = client.post("/v1/auth/login", json={"email": email, "password": password}).get_json()
+    return {"id": uid, "headers": {"Authorization": f"Bearer {tokens['access_token']}"}}
+
+
+def set_user(user_id: str, **fields: Any) -> None:
+    from marketplace.db import session_scope
+    from marketplace.users.models import User
+
+    with session_scope() as session:
+        user = session.get(User, uuid.UUID(user_id))
+        for name, value in fields.items():
+            setattr(user, name, value)
+
+
+def balance_of(user_id: str) -> Decimal:
+    from marketplace.db import session_scope
+    from marketplace.users.models import User
+
+    with session_scope() as session:
+        return session.get(User, uuid.UUID(user_id)).balance
+
+
+@pytest.fixture()
+def user(client, worker):  # type: ignore[no-untyped-def]
+    return register(client)
+
+
+@pytest.fixture()
+def admin(client, worker):  # type: ignore[no-untyped-def]
+    return make_admin(client)

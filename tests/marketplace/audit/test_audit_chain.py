@@ -1,0 +1,201 @@
+"""The audit chain with real workers: it verifies after a busy run; tampering is found at the right seq."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select, text, update
+
+from tests.support.api import register, wait_for_task
+
+
+def _busy_run(client, n_users: int = 3, tasks_each: int = 3) -> list[tuple[dict, str]]:  # type: ignore[no-untyped-def,type-arg]
+    users = [register(client) for _ in range(n_users)]
+    started = []
+    for _ in range(tasks_each):
+        for u in users:
+            resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(8)), "batch_size": 2},
+                               headers=u["headers"])
+            assert resp.status_code == 202, resp.get_json()
+            started.append((u, resp.get_json()["id"]))
+    for u, task_id in started:
+        assert wait_for_task(client, u["headers"], task_id, timeout=180)["status"] == "Done"
+    return started
+
+
+def test_chain_verifies_after_a_busy_run_and_tasks_show_their_records(client, admin):  # type: ignore[no-untyped-def]
+    started = _busy_run(client)
+    owner, task_id = started[0]
+    client.get(f"/v1/tasks/{task_id}/result", headers=owner["headers"])
+
+    report = client.get("/v1/audit/verify", headers=admin["headers"]).get_json()
+    assert report["valid"] is True, report
+    assert report["first_bad_seq"] is None and report["length"] >= 9 * 4 and len(report["head"]) == 64
+
+    docs = client.get(f"/v1/audit?task_id={task_id}&limit=1000", headers=owner["headers"]).get_json()["records"]
+    actions = [d["action"] for d in docs]
+    assert actions.count("task.created") == 1 and actions.count("task.done") == 1
+    assert actions.count("subtask.started") == 4 and actions.count("subtask.finished") == 4, actions
+    assert actions.count("billing.charge") == 4 and "task.dispatched" in actions
+    assert "task.result_downloaded" in actions
+    assert all(d["task_id"] == task_id for d in docs)
+    seqs = [d["seq"] for d in docs]
+    assert seqs == sorted(seqs)
+
+    other = register(client)
+    assert client.get(f"/v1/audit?task_id={task_id}", headers=other["headers"]).status_code == 404
+    assert client.get(f"/v1/audit?task_id={task_id}", headers=admin["headers"]).status_code == 200
+    assert client.get("/v1/audit/verify", headers=owner["headers"]).status_code == 403
+    assert client.post("/v1/auth/logout", headers=other["headers"]).status_code == 204
+    other["headers"] = {"Authorization": f"Bearer {client.post('/v1/auth/login', json={'email': other['email'], 'password': other['password']}).get_json()['access_token']}"}
+    assert client.post("/v1/auth/login", json={"email": other["email"], "password": "wrong!"}).status_code == 401
+    mine = client.get("/v1/audit", headers=other["headers"]).get_json()["records"]
+    assert {d["action"] for d in mine} >= {"user.registered", "user.login", "user.logout", "user.login_failed"}
+    assert all(f"user:{other['id']}" in (d["actor"], d["subject"]) for d in mine)
+
+    # Signatures check out with the published key; worker lifecycle is recorded.
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    pem = client.get("/v1/audit/public-key")
+    assert pem.status_code == 200
+    key = load_pem_public_key(pem.data)
+    key.verify(bytes.fromhex(docs[0]["signature"]), bytes.fromhex(docs[0]["hash"]))
+    all_docs = client.get("/v1/audit?limit=1000", headers=admin["headers"]).get_json()["records"]
+    assert "worker.online" in {d["action"] for d in all_docs}
+
+
+def _middle_seq(session) -> int:  # type: ignore[no-untyped-def]
+    from marketplace.audit.models import AuditRecord
+
+    top = session.scalar(select(AuditRecord.seq).order_by(AuditRecord.seq.desc()).limit(1))
+    assert top and top >= 10
+    return top // 2
+
+
+@pytest.fixture()
+def chain(client, admin):  # type: ignore[no-untyped-def]
+    """A chain with some history; tampering happens in a transaction that is rolled back."""
+    _busy_run(client, n_users=1, tasks_each=2)
+    from marketplace.audit import service
+
+    service.chain_pending()
+    from marketplace.db import new_session
+
+    session = new_session()
+    assert service.verify_chain(session)["valid"]
+    yield session
+    session.rollback()
+    session.close()
+
+
+def test_an_edited_record_is_found_at_its_seq(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit.models import AuditRecord
+    from marketplace.audit.service import verify_chain
+
+    seq = _middle_seq(chain)
+    chain.execute(update(AuditRecord).where(AuditRecord.seq == seq).values(data='{"forged":true}'))
+    report = verify_chain(chain)
+    assert report["valid"] is False and report["first_bad_seq"] == seq and report["length"] == seq - 1, report
+    assert "hash" in report["reason"]
+
+
+def test_a_rehashed_edit_is_caught_by_the_signature(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit.models import AuditRecord
+    from marketplace.audit.service import record_hash, verify_chain
+
+    seq = _middle_seq(chain)
+    r = chain.scalar(select(AuditRecord).where(AuditRecord.seq == seq))
+    forged = record_hash(prev_hash=r.prev_hash, seq=r.seq, ts=r.ts, actor="user:evil", action=r.action,
+                         subject=r.subject, task_id=r.task_id, data=r.data)
+    chain.execute(update(AuditRecord).where(AuditRecord.seq == seq).values(actor="user:evil", hash=forged))
+    report = verify_chain(chain)
+    assert report["first_bad_seq"] == seq and "signature" in report["reason"], report
+
+
+def test_a_deleted_record_is_found_at_its_seq(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit.service import verify_chain
+
+    seq = _middle_seq(chain)
+    chain.execute(text("DELETE FROM audit_records WHERE seq = :s"), {"s": seq})
+    report = verify_chain(chain)
+    assert report["valid"] is False and report["first_bad_seq"] == seq and "deleted" in report["reason"], report
+
+
+def test_two_swapped_records_are_found_at_the_first(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit.service import verify_chain
+
+    seq = _middle_seq(chain)
+    chain.execute(text("UPDATE audit_records SET seq = -1 WHERE seq = :a"), {"a": seq})
+    chain.execute(text("UPDATE audit_records SET seq = :a WHERE seq = :b"), {"a": seq, "b": seq + 1})
+    chain.execute(text("UPDATE audit_records SET seq = :b WHERE seq = -1"), {"b": seq + 1})
+    report = verify_chain(chain)
+    assert report["valid"] is False and report["first_bad_seq"] == seq, report
+
+
+def test_cli_verify_exits_1_naming_the_first_bad_seq(client, admin):  # type: ignore[no-untyped-def]
+    _busy_run(client, n_users=1, tasks_each=1)
+    from marketplace.audit.models import AuditRecord
+    from marketplace.cli import main
+    from marketplace.db import session_scope
+
+    ok = CliRunner().invoke(main, ["audit", "verify"])
+    assert ok.exit_code == 0 and "valid" in ok.output, ok.output
+    with session_scope() as session:
+        seq = _middle_seq(session)
+        original = session.scalar(select(AuditRecord.data).where(AuditRecord.seq == seq))
+        session.execute(update(AuditRecord).where(AuditRecord.seq == seq).values(data='{"x":1}'))
+    try:
+        bad = CliRunner().invoke(main, ["audit", "verify"])
+        assert bad.exit_code == 1 and f"first bad seq {seq}" in bad.output, bad.output
+        api = client.get("/v1/audit/verify", headers=admin["headers"]).get_json()
+        assert api["valid"] is False and api["first_bad_seq"] == seq
+    finally:
+        with session_scope() as session:
+            session.execute(update(AuditRecord).where(AuditRecord.seq == seq).values(data=original))
+    assert CliRunner().invoke(main, ["audit", "verify"]).exit_code == 0
+
+
+def test_signing_key_comes_from_the_setting(monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.audit import signing
+    from marketplace.settings import reset_settings
+
+    seed = bytes(range(32))
+    monkeypatch.setenv("MARKETPLACE_AUDIT_SIGNING_KEY", base64.b64encode(seed).decode())
+    reset_settings()
+    try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        expected = Ed25519PrivateKey.from_private_bytes(seed).public_key()
+        digest = "ab" * 32
+        assert signing.verify(digest, signing.sign(digest), expected)
+        monkeypatch.setenv("MARKETPLACE_AUDIT_SIGNING_KEY", base64.b64encode(b"short").decode())
+        reset_settings()
+        with pytest.raises(ValueError, match="32"):
+            signing.sign(digest)
+    finally:
+        monkeypatch.delenv("MARKETPLACE_AUDIT_SIGNING_KEY")
+        reset_settings()
+
+
+def test_buffered_subtask_records_are_chained_after_the_task_ends_without_a_reader(client, admin):  # type: ignore[no-untyped-def]
+    import time
+
+    from marketplace.audit.models import AuditPending, AuditRecord
+    from marketplace.db import session_scope
+
+    u = register(client)
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(6)), "batch_size": 1},
+                       headers=u["headers"])
+    task_id = resp.get_json()["id"]
+    assert wait_for_task(client, u["headers"], task_id)["status"] == "Done"
+    deadline = time.monotonic() + 30
+    while True:
+        with session_scope() as session:
+            chained = session.scalars(select(AuditRecord.action).where(AuditRecord.task_id == task_id)).all()
+            pending = session.scalars(select(AuditPending.id).where(AuditPending.task_id == task_id)).all()
+        if chained.count("subtask.finished") == 6 and not pending:
+            break
+        assert time.monotonic() < deadline, (chained, pending)
+        time.sleep(0.2)
+    assert chained.count("subtask.started") == 6 and chained.count("billing.charge") == 6

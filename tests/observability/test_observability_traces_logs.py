@@ -1,0 +1,143 @@
+"""One trace per job across the API and the worker processes; JSON log lines that carry the ids."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from tests.observability.conftest import wait_until
+from tests.support.api import register, wait_for_task
+
+
+@pytest.fixture()
+def user(client, obs_worker):  # type: ignore[no-untyped-def]
+    return register(client)
+
+
+def test_a_job_is_one_trace_from_the_request_to_the_chord_callback(client, user, obs_worker, otlp_receiver,  # type: ignore[no-untyped-def]
+                                                                    memory_spans):
+    from opentelemetry.trace import SpanKind
+
+    memory_spans.clear()
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(6)), "batch_size": 2},
+                       headers=user["headers"])
+    assert resp.status_code == 202
+    task_id = resp.get_json()["id"]
+    doc = wait_for_task(client, user["headers"], task_id, timeout=90)
+    assert doc["status"] == "Done"
+    trace_id = doc["trace_id"]
+    assert trace_id and len(trace_id) == 32 and trace_id != "0" * 32
+
+    # The API process: the request span and the publish of the scheduling step.
+    api_spans = [s for s in memory_spans.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
+    request_span = next(s for s in api_spans if s.kind == SpanKind.SERVER)
+    assert request_span.name == "POST /v1/tasks" and request_span.parent is None
+    assert any(s.name == "apply_async/marketplace.scheduling.schedule" for s in api_spans)
+    assert any(s.attributes.get("db.system") == "postgresql" or s.attributes.get("db.system.name") == "postgresql"
+               for s in api_spans), [s.name for s in api_spans]
+
+    # The worker process (pool children), exported over OTLP/HTTP: same trace id.
+    def worker_spans():  # type: ignore[no-untyped-def]
+        spans = otlp_receiver.spans_of(trace_id)
+        names = [s["name"] for s in spans]
+        if ("run/marketplace.scheduling.schedule" in names and names.count("run/workers.run_subtask") >= 3
+                and "run/marketplace.results.finalize" in names):
+            return spans
+        return None
+
+    spans = wait_until(worker_spans, timeout=30)
+    assert {s["service"] for s in spans} == {"marketplace-worker-test"}
+    scopes = {s["scope"] for s in spans}
+    assert "opentelemetry.instrumentation.sqlalchemy" in scopes, scopes
+    assert "opentelemetry.instrumentation.botocore" in scopes, scopes  # parts written to S3
+    assert "opentelemetry.instrumentation.redis" in scopes, scopes
+    # Subtasks hang under the scheduler's publish, which hangs under the scheduler run.
+    by_id = {s["span_id"]: s for s in spans}
+    schedule_run = next(s for s in spans if s["name"] == "run/marketplace.scheduling.schedule")
+    api_publish = next(s for s in api_spans if s.name == "apply_async/marketplace.scheduling.schedule")
+    assert schedule_run["parent_span_id"] == format(api_publish.context.span_id, "016x")
+    for run in (s for s in spans if s["name"] == "run/workers.run_subtask"):
+        parent = by_id[run["parent_span_id"]]
+        assert parent["name"] == "apply_async/workers.run_subtask"
+        assert by_id[parent["parent_span_id"]]["span_id"] == schedule_run["span_id"]
+
+
+def test_worker_log_lines_are_json_and_carry_our_ids(client, user, obs_worker):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": ["ok", "bad"], "batch_size": 1,
+                                          "params": {"fail_items": ["bad"]}}, headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    doc = wait_for_task(client, user["headers"], task_id, timeout=90)
+    assert doc["status"] == "Failed"
+    subtasks = client.get(f"/v1/tasks/{task_id}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    failed_subtask = next(s["id"] for s in subtasks if s["status"] == "Failed")
+
+    def finalize_logged():  # type: ignore[no-untyped-def]
+        lines = obs_worker.log_lines()
+        return lines if any(task_id in line and "finalize" in line for line in lines) else None
+
+    lines = wait_until(finalize_logged, timeout=30)
+    records = []
+    for line in lines:  # every line on the worker's stdout/stderr is one JSON object
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON log line: {line!r}")
+    for rec in records:
+        assert {"ts", "level", "logger", "message"} <= set(rec), rec
+
+    ours = [r for r in records if r.get("task_id") == task_id]
+    retry_lines = [r for r in ours if r["level"] == "warning" and "will retry" in r["message"]]
+    assert retry_lines, [r["message"] for r in ours]
+    for rec in retry_lines:
+        assert rec["subtask_id"] == failed_subtask
+        assert rec["user_id"] == user["id"]
+        assert rec["trace_id"] == doc["trace_id"] and len(rec["span_id"]) == 16
+    finalize = [r for r in ours if r["logger"] == "marketplace.results.tasks"]
+    assert finalize and all(r["trace_id"] == doc["trace_id"] and "subtask_id" not in r for r in finalize)
+    schedule = [r for r in ours if r["logger"] == "marketplace.scheduling.tasks"]
+    assert schedule and schedule[0]["user_id"] == user["id"]
+    # The node announced itself as a JSON line instead of Celery's ASCII banner.
+    assert any(r["logger"] == "marketplace.observability.celery" and "queues" in r for r in records)
+
+
+def test_api_log_lines_carry_the_request_ids_and_scrub_secrets(app, client, memory_spans):  # type: ignore[no-untyped-def]
+    from flask_jwt_extended import verify_jwt_in_request
+    from pydantic import SecretStr
+
+    from marketplace.observability.logs import JsonFormatter
+
+    u = register(client)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("tests.observability.api")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    token = u["tokens"]["access_token"]
+    try:
+        with app.test_request_context("/v1/me", headers=u["headers"]):
+            verify_jwt_in_request()
+            from opentelemetry import trace
+
+            with trace.get_tracer("tests").start_as_current_span("request") as span:
+                log.info("login for %s with password=%s", u["email"], u["password"])
+                log.info("headers: Authorization: Bearer %s", token)
+                log.info("secret %s token %s", SecretStr("hunter2-secret"), token, extra={"api_key": "k-123"})
+                log.warning("broker redis://:s3cr3t-pass@redis:6379/0 down")
+    finally:
+        log.removeHandler(handler)
+    out = stream.getvalue()
+    for secret in (u["password"], token, "hunter2-secret", "k-123", "s3cr3t-pass"):
+        assert secret not in out
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 4
+    for rec in records:
+        assert rec["user_id"] == u["id"]
+        assert rec["trace_id"] == format(span.get_span_context().trace_id, "032x")
+        assert rec["span_id"] == format(span.get_span_context().span_id, "016x")
+        assert rec["logger"] == "tests.observability.api"
+    assert records[0]["message"].startswith(f"login for {u['email']} with password=***")
+    assert records[2]["api_key"] == "***"
+    assert records[3]["level"] == "warning" and "redis://:***@redis:6379/0" in records[3]["message"]

@@ -1,0 +1,23 @@
+"""Re-point this process's clients after the environment changed."""
+from __future__ import annotations
+
+
+def reset_clients() -> None:
+    from marketplace import db, redis_client, storage
+    from marketplace.celery_app import app
+    from marketplace.settings import get_settings, reset_settings
+
+    reset_settings()
+    db.dispose_engine()
+    storage.reset_store()
+    redis_client.reset_redis()
+    # The Celery app read its config at first use; point it at the current broker.
+    s = get_settings()
+    app.conf.broker_url = s.celery_broker_url
+    app.conf.result_backend = s.celery_result_backend
+    app._backend_cache = None  # the result backend is cached per app (or per thread)
+    app._local.__dict__.pop("backend", None)
+    # Pools are bound to the broker they were made for: drop them (not closed: kombu's
+    # global pool registry would hand a closed one back).
+    app._pool = None
+    app.amqp._producer_pool = None

@@ -1,0 +1,318 @@
+"""gVisor and bubblewrap run user code correctly, isolated, and within every limit.
+
+Each limit test checks three things: the run ends with a clear SandboxError, it
+ends fast (the limits are 1-3 s), and nothing it started is still alive.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from workers.sandbox import ItemResult, Limits, SandboxError, SandboxUnavailable, get_sandbox
+from workers.sandbox.base import scan_processes
+from workers.sandbox.bwrap import BwrapSandbox
+from workers.sandbox.gvisor import GVisorSandbox
+
+PY = "/usr/bin/python3"  # Debian's interpreter; /usr is what both sandboxes show of the host
+
+ECHO = """
+import json, sys
+for line in sys.stdin:
+    item = json.loads(line)
+    print(json.dumps(ITEM_EXPR), flush=True)
+"""
+
+
+def py(code: str, marker: str, expr: str = "item") -> list[str]:
+    """A python3 command; `marker` rides in argv so leftovers are recognisable on the host."""
+    return [PY, "-c", textwrap.dedent(code).replace("ITEM_EXPR", expr), marker]
+
+
+@pytest.fixture(params=["gvisor", "bwrap"])
+def sandbox(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    box = get_sandbox(request.param)
+    box.check()  # fails (not skips) when the sandbox does not work here
+    return box
+
+
+@pytest.fixture()
+def marker(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A unique tag; after the test no live process may carry it, descend from us, or be a gVisor
+    stub, and no child of ours may be left unreaped."""
+    # runsc bundles go under tmp_path, so its host processes carry the tag in argv too.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tag = f"mp-test-{uuid.uuid4().hex[:12]}"
+    before = {(p.pid, p.start) for p in scan_processes().values()}
+    yield tag
+    deadline = time.monotonic() + 1.0
+    while True:
+        left = _leftovers(tag, str(tmp_path), before)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == [], f"sandboxed processes outlived the run: {left}"
+
+
+def _leftovers(tag: str, tmp: str, before: set[tuple[int, int]]) -> list[str]:
+    procs = scan_processes()
+    mine = {os.getpid()}
+    changed = True
+    while changed:  # our descendants
+        new = {p.pid for p in procs.values() if p.ppid in mine} - mine
+        changed = bool(new)
+        mine |= new
+    found = []
+    for info in procs.values():
+        if info.pid == os.getpid() or (info.pid, info.start) in before:
+            continue
+        if _state(info.pid) in ("Z", "X", "gone") and info.ppid != os.getpid():
+            continue  # dead; only a zombie we failed to reap counts
+        cmdline = _cmdline(info.pid)
+        stub = info.comm == "exe" and _uid(info.pid) == 65534  # gVisor ptrace stub
+        if info.pid in mine or tag in cmdline or tmp in cmdline or stub:
+            found.append(f"{info.pid} {info.comm} {cmdline[:120]}")
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except OSError:
+        return "gone"
+
+
+def _uid(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
+def expect_error(sandbox, command: list[str], limits: Limits, message: str) -> str:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    with pytest.raises(SandboxError) as caught:
+        sandbox.run(command, [1], limits)
+    elapsed = time.monotonic() - started
+    assert message in str(caught.value)
+    # Other limits than the wall clock get a generous one, and must beat it.
+    bound = limits.timeout_s + 3 if "wall time" in message else limits.timeout_s
+    assert elapsed < bound, f"took {elapsed:.1f}s to stop"
+    return str(caught.value)
+
+
+# --- the protocol ---------------------------------------------------------------------------
+
+
+def test_transforms_json_lines_in_order(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    items = [1, "a", {"b": [1, 2]}, None, "ünï"]
+    results = sandbox.run(py(ECHO, marker, '{"in": item}'), items, Limits(timeout_s=5))
+    assert results == [ItemResult(ok=True, value={"in": item}) for item in items]
+
+
+def test_big_batch_streams_without_deadlock(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    # Several MB each way: far more than a pipe holds, so stdin and stdout must interleave.
+    items = [{"i": i, "pad": "x" * 2000} for i in range(2000)]
+    results = sandbox.run(py(ECHO, marker, 'item["i"]'), items, Limits(timeout_s=10, max_output_bytes=10_000_000))
+    assert [r.value for r in results] == list(range(2000))
+
+
+def test_non_json_line_is_an_item_error(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    results = sandbox.run(py(ECHO, marker, 'item if item != 2 else float("nan")'), [1, 2, 3], Limits(timeout_s=5))
+    assert results[0] == ItemResult(ok=True, value=1)
+    assert not results[1].ok and "not valid JSON" in results[1].error
+    assert results[2] == ItemResult(ok=True, value=3)
+
+    results = sandbox.run([PY, "-c", "print('hello'); print(2)", marker], [1, 2], Limits(timeout_s=5))
+    assert not results[0].ok and "'hello'" in results[0].error
+    assert results[1] == ItemResult(ok=True, value=2)
+
+
+def test_early_exit_names_code_and_stderr(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    code = """
+    import sys
+    print(sys.stdin.readline().strip(), flush=True)
+    print("giving up on the rest", file=sys.stderr)
+    sys.exit(3)
+    """
+    results = sandbox.run(py(code, marker), [7, 8, 9], Limits(timeout_s=5))
+    assert results[0] == ItemResult(ok=True, value=7)
+    for result in results[1:]:
+        assert not result.ok
+        assert "exited with code 3" in result.error and "giving up on the rest" in result.error
+
+
+def test_more_lines_than_items_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SandboxError, match="printed 2 lines for 1 items"):
+        sandbox.run([PY, "-c", "print(1); print(2)", marker], [1], Limits(timeout_s=5))
+
+
+# --- isolation ------------------------------------------------------------------------------
+
+
+def test_no_network(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    code = """
+    import json, socket, sys
+    for line in sys.stdin:
+        host, port = json.loads(line)
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            print(json.dumps("connected"), flush=True)
+        except OSError as err:
+            print(json.dumps(f"failed: {err}"), flush=True)
+    """
+    try:
+        # The host's loopback (a port listening right now), a public DNS server, and a host service port.
+        targets = [["127.0.0.1", port], ["1.1.1.1", 53], ["127.0.0.1", 5432]]
+        results = sandbox.run(py(code, marker), targets, Limits(timeout_s=10))
+    finally:
+        listener.close()
+    assert [r.ok for r in results] == [True, True, True]
+    assert all(r.value.startswith("failed") for r in results), results
+
+
+def test_only_private_tmp_is_writable(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    name = f"{marker}.txt"
+    paths = [f"/usr/{name}", f"/etc/{name}", f"/root/{name}", f"/{name}", f"/bin/{name}", f"/tmp/{name}"]
+    code = """
+    import json, sys
+    for line in sys.stdin:
+        path = json.loads(line)
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            print(json.dumps("written"), flush=True)
+        except OSError as err:
+            print(json.dumps(f"refused: {err.strerror}"), flush=True)
+    """
+    results = sandbox.run(py(code, marker), paths, Limits(timeout_s=5))
+    outcome = dict(zip(paths, (r.value for r in results), strict=True))
+    assert outcome.pop(f"/tmp/{name}") == "written"
+    assert all(v.startswith("refused") for v in outcome.values()), outcome
+    assert not any(os.path.exists(p) for p in paths), "a sandboxed write reached the host"
+
+
+def test_sees_no_host_private_dirs(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    code = """
+    import json, os, sys
+    for line in sys.stdin:
+        print(json.dumps([os.path.exists(json.loads(line)), os.getuid()]), flush=True)
+    """
+    paths = ["/root", "/work", "/home", "/var", "/usr/bin/python3", "/etc/passwd"]
+    results = sandbox.run(py(code, marker), paths, Limits(timeout_s=5))
+    seen = {p: r.value for p, r in zip(paths, results, strict=True)}
+    assert seen == {
+        "/root": [False, 65534],
+        "/work": [False, 65534],
+        "/home": [False, 65534],
+        "/var": [False, 65534],
+        "/usr/bin/python3": [True, 65534],
+        "/etc/passwd": [True, 65534],
+    }
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+def test_wall_time_limit(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    expect_error(
+        sandbox,
+        [PY, "-c", "import time; time.sleep(60)", marker],
+        Limits(timeout_s=1.5),
+        "sandbox: wall time limit of 1.5s exceeded",
+    )
+
+
+def test_cpu_limit_stops_an_infinite_loop(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    expect_error(
+        sandbox,
+        [PY, "-c", "while True: pass", marker],
+        Limits(timeout_s=10, cpu_s=1),
+        "sandbox: CPU time limit of 1s exceeded",
+    )
+
+
+def test_cpu_limit_counts_every_process(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    # The parent only waits; four children spin. Each one's RLIMIT_CPU (2 s) is far off
+    # when their sum passes 1 s, so only whole-sandbox accounting ends this early.
+    code = "import os\nfor _ in range(4):\n    if os.fork() == 0:\n        while True: pass\nos.wait()"
+    expect_error(
+        sandbox, [PY, "-c", code, marker], Limits(timeout_s=10, cpu_s=1), "sandbox: CPU time limit of 1s exceeded"
+    )
+
+
+def test_memory_limit(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    message = expect_error(
+        sandbox,
+        [PY, "-c", "chunks = []\nwhile True: chunks.append(bytearray(8 << 20))", marker],
+        Limits(timeout_s=10, memory_mb=64),
+        "sandbox: memory limit of 64 MB exceeded",
+    )
+    assert "MemoryError" in message  # the stderr tail
+
+
+def test_process_limit_stops_a_fork_bomb(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    expect_error(
+        sandbox,
+        [PY, "-c", "import os\nwhile True: os.fork()", marker],
+        Limits(timeout_s=10, max_procs=16),
+        "sandbox: process limit of 16 reached",
+    )
+
+
+def test_process_limit_stops_a_quiet_fork_bomb(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    # Swallows EAGAIN and keeps trying, so only counting the sandbox's tasks can tell.
+    code = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)"
+    expect_error(
+        sandbox, [PY, "-c", code, marker], Limits(timeout_s=10, max_procs=16), "sandbox: process limit of 16 reached"
+    )
+
+
+def test_threads_under_the_process_limit_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    code = """
+    import threading, time
+    threads = [threading.Thread(target=time.sleep, args=(0.3,)) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print(len(threads))
+    """
+    assert sandbox.run(py(code, marker), [1], Limits(timeout_s=5, max_procs=16)) == [ItemResult(ok=True, value=8)]
+
+
+def test_output_limit(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    code = "import sys\nwhile True: sys.stdout.write('x' * 65536)"
+    expect_error(
+        sandbox,
+        [PY, "-c", code, marker],
+        Limits(timeout_s=10, max_output_bytes=100_000),
+        "sandbox: output exceeded 100000 bytes",
+    )
+
+
+# --- availability ---------------------------------------------------------------------------
+
+
+def test_missing_binary_is_unavailable() -> None:
+    with pytest.raises(SandboxUnavailable, match="/nonexistent/bwrap not found"):
+        BwrapSandbox("/nonexistent/bwrap").check()
+    with pytest.raises(SandboxUnavailable, match="/nonexistent/runsc not found"):
+        GVisorSandbox("/nonexistent/runsc").check()

@@ -1,0 +1,135 @@
+"""resnet50 end to end on CPU: weights pushed by the test, images uploaded over REST,
+a real node started from `.venv-vision` (torchvision does not import beside the
+torch of `.venv`; see scripts/setup-vision-venv.sh)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.api import register, wait_for_task
+from tests.support.servers import ROOT
+from tests.workers.workers_support import VISION_VENV, NodeFromVenv, vision_python
+
+pytestmark = [pytest.mark.slow, pytest.mark.vision]
+LABELS = (ROOT / "workers" / "executors" / "imagenet_classes.txt").read_text().splitlines()
+
+_MAKE_ASSETS = """
+import sys, torch
+from PIL import Image
+from torchvision.models import resnet50
+out = sys.argv[1]
+torch.manual_seed(0)
+torch.save(resnet50(weights=None).state_dict(), f"{out}/weights.pt")
+Image.new("RGB", (320, 240), (200, 30, 30)).save(f"{out}/red.png")
+img = Image.new("RGB", (64, 96))
+img.putdata([((x * 7) % 256, (y * 5) % 256, (x * y) % 256) for y in range(96) for x in range(64)])
+img.save(f"{out}/pattern.png")
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    python = vision_python()
+    out = tmp_path_factory.mktemp("resnet50")
+    subprocess.run([str(python), "-c", _MAKE_ASSETS, str(out)], check=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vision_node(stack, redis_client, assets, tmp_path_factory):  # type: ignore[no-untyped-def]
+    cache = tmp_path_factory.mktemp("model-cache")
+    node = NodeFromVenv(["cpu.resnet50"], celery_bin=VISION_VENV / "bin" / "celery", concurrency=1,
+                        env={"MARKETPLACE_MODEL_CACHE_DIR": str(cache)})
+    try:
+        node.wait_ready(redis_client, timeout=180)
+        node.cache_dir = cache  # type: ignore[attr-defined]
+        yield node
+    finally:
+        node.stop()
+        redis_client.delete(f"marketplace:worker:{node.hostname}")
+
+
+def _push(stack, weights: Path, version: str) -> str:  # type: ignore[no-untyped-def]
+    """`marketplace models push` as an operator runs it (from the vision venv's entry point)."""
+    import os
+
+    proc = subprocess.run(
+        [str(VISION_VENV / "bin" / "marketplace"), "models", "push", "resnet50", str(weights), "--version", version],
+        cwd=ROOT, env={**os.environ, **stack}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _upload(client, user, path: Path) -> str:  # type: ignore[no-untyped-def]
+    with open(path, "rb") as fh:
+        resp = client.post("/v1/files", data={"file": (fh, path.name)}, headers=user["headers"],
+                           content_type="multipart/form-data")
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def test_resnet50_classifies_uploaded_images_on_cpu_with_pushed_weights(  # type: ignore[no-untyped-def]
+    stack, client, worker, vision_node, assets,
+):
+    from marketplace.registry.weights import manifest_key
+    from marketplace.storage import get_store
+
+    version = f"test-{uuid.uuid4().hex[:8]}"
+    printed = _push(stack, assets / "weights.pt", version)
+    data = (assets / "weights.pt").read_bytes()
+    manifest = json.loads(get_store().get_bytes(manifest_key("resnet50", version)))
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["size"] == len(data)
+    assert manifest["sha256"] in printed
+
+    user = register(client)
+    files = [_upload(client, user, assets / name) for name in ("red.png", "pattern.png")]
+    resp = client.post("/v1/tasks", json={
+        "model": "resnet50", "device": "cpu", "inputs": [{"file": f} for f in files],
+        "params": {"version": version, "top_k": 3},
+    }, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    task_id = resp.get_json()["id"]
+    doc = wait_for_task(client, user["headers"], task_id, timeout=300)
+    assert doc["status"] == "Done", (doc, vision_node.tail(80))
+    assert doc["queue"] == "cpu.resnet50"
+
+    outputs = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"]
+    assert len(outputs) == 2
+    for top in outputs:
+        assert len(top) == 3
+        assert [set(p) for p in top] == [{"label", "index", "score"}] * 3
+        assert all(0 <= p["index"] < 1000 and p["label"] == LABELS[p["index"]] for p in top)
+        scores = [p["score"] for p in top]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert outputs[0] != outputs[1]  # different images, different answers
+
+    cached = list((vision_node.cache_dir / "models" / "resnet50" / version).glob("weights-*.pt"))
+    assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == manifest["sha256"]
+
+
+def test_resnet50_refuses_weights_whose_sha256_does_not_match(  # type: ignore[no-untyped-def]
+    stack, client, worker, vision_node, assets,
+):
+    from marketplace.registry.weights import manifest_key
+    from marketplace.storage import get_store
+
+    version = f"bad-{uuid.uuid4().hex[:8]}"
+    _push(stack, assets / "weights.pt", version)
+    key = manifest_key("resnet50", version)
+    manifest = json.loads(get_store().get_bytes(key))
+    manifest["sha256"] = "0" * 64  # the object store now holds something else than was pushed
+    get_store().put_bytes(key, json.dumps(manifest).encode(), "application/json")
+
+    user = register(client)
+    file_id = _upload(client, user, assets / "red.png")
+    resp = client.post("/v1/tasks", json={"model": "resnet50", "device": "cpu", "inputs": [{"file": file_id}],
+                                          "params": {"version": version}}, headers=user["headers"])
+    doc = wait_for_task(client, user["headers"], resp.get_json()["id"], timeout=300)
+    assert doc["status"] == "Failed"
+    assert "sha256" in doc["error"] and "0" * 64 in doc["error"], doc

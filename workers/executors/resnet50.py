@@ -1,0 +1,186 @@
+"""`resnet50`: torchvision ResNet-50 over uploaded images, top-k ImageNet labels.
+
+Weights come from the object store (`marketplace models push resnet50 PATH`),
+are checked against the manifest's sha256 and cached under
+`model_cache_dir`; the model is loaded once per process and runs on CUDA when
+the queue is `gpu.resnet50`, else on CPU. Items are file ids from
+`POST /v1/files` (`{"file": id}` or the bare id) owned by the task's user.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from workers.executors.base import ExecContext, ExecutionError
+
+logger = logging.getLogger(__name__)
+LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
+MAX_TOP_K = 20
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def file_id_of(item: Any) -> str:
+    raw = item.get("file") if isinstance(item, dict) else item
+    try:
+        return str(uuid.UUID(str(raw)))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ExecutionError(f"resnet50: item {item!r} is not a file id (send {{\"file\": \"<id>\"}})") from exc
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ResNet50Executor:
+    name = "resnet50"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[Any, list[str]]] = {}  # version -> (model, labels)
+
+    # Weights ---------------------------------------------------------------
+
+    def cache_dir(self) -> Path:
+        from marketplace.settings import get_settings
+
+        return Path(os.path.expanduser(str(get_settings().model_cache_dir))) / "models" / "resnet50"
+
+    def fetch_weights(self, store: Any, version: str) -> tuple[Path, dict[str, Any]]:
+        """Path of verified weights in the node cache (downloaded when missing or stale)."""
+        from marketplace.registry.weights import read_manifest, weights_key
+        from marketplace.storage import ObjectNotFound
+
+        try:
+            manifest = read_manifest(store, name="resnet50", version=version)
+        except ObjectNotFound as exc:
+            raise ExecutionError(
+                f"resnet50: no weights for version {version!r} in the object store "
+                f"(push them with `marketplace models push resnet50 PATH --version {version}`)"
+            ) from exc
+        expected = manifest["sha256"]
+        path = self.cache_dir() / version / f"weights-{expected[:16]}.pt"
+        if path.is_file() and _sha256_file(path) == expected:
+            return path, manifest
+        data = store.get_bytes(weights_key("resnet50", version))
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            # Not retryable: the store holds something else than what was pushed.
+            raise ExecutionError(f"resnet50: weights {version} sha256 {actual} != manifest {expected}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        logger.info("resnet50: cached weights %s (%d bytes) at %s", version, len(data), path)
+        return path, manifest
+
+    def _torch_device(self) -> str:
+        import torch
+
+        if self.device == "gpu":
+            if not torch.cuda.is_available():
+                raise ExecutionError("gpu.resnet50: this node has no CUDA device", retryable=True)
+            return "cuda"
+        return "cpu"
+
+    def model(self, store: Any, version: str) -> tuple[Any, list[str]]:
+        with self._lock:
+            if version not in self._loaded:
+                import torch
+                from torchvision.models import resnet50
+
+                path, manifest = self.fetch_weights(store, version)
+                net = resnet50(weights=None)
+                try:
+                    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                except (RuntimeError, ValueError, OSError) as exc:
+                    raise ExecutionError(f"resnet50: weights {version} do not fit ResNet-50: {exc}") from exc
+                net.eval().to(self._torch_device())
+                labels = manifest.get("labels") or LABELS_FILE.read_text().splitlines()
+                self._loaded[version] = (net, labels)
+                logger.info("resnet50: loaded %s on %s", version, self._torch_device())
+        return self._loaded[version]
+
+    def warmup(self) -> None:
+        from marketplace.catalog import get_catalog
+        from marketplace.storage import get_store
+
+        spec = get_catalog().get("resnet50")
+        version = str((spec.params if spec else {}).get("version", "v1"))
+        try:
+            self.model(get_store(), version)
+        except ExecutionError as exc:  # no weights pushed yet is not a broken node
+            logger.warning("resnet50: warm-up skipped: %s", exc)
+
+    # Inputs ----------------------------------------------------------------
+
+    def load_images(self, items: list[Any], ctx: ExecContext) -> list[Any]:
+        from PIL import Image, UnidentifiedImageError
+        from sqlalchemy import select
+
+        from marketplace.db import session_scope
+        from marketplace.files.models import File
+
+        ids = [file_id_of(item) for item in items]
+        with session_scope() as session:
+            rows = {str(f.id): (f.key, str(f.user_id)) for f in session.scalars(
+                select(File).where(File.id.in_([uuid.UUID(i) for i in set(ids)]))
+            )}
+        images = []
+        for position, file_id in enumerate(ids):
+            row = rows.get(file_id)
+            if row is None or row[1] != str(ctx.user_id):
+                raise ExecutionError(f"resnet50: item {position}: file {file_id} not found")
+            try:
+                with Image.open(io.BytesIO(ctx.store.get_bytes(row[0]))) as img:
+                    images.append(img.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ExecutionError(f"resnet50: item {position}: file {file_id} is not an image: {exc}") from exc
+        return images
+
+    def preprocess(self, images: list[Any]) -> Any:
+        import torch
+        from torchvision import transforms
+
+        tf = transforms.Compose([
+            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+            transforms.Normalize(_MEAN, _STD),
+        ])
+        return torch.stack([tf(img) for img in images])
+
+    # Run -------------------------------------------------------------------
+
+    def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
+        import torch
+
+        version = str(params.get("version") or "v1")
+        top_k = max(1, min(MAX_TOP_K, int(params.get("top_k") or 5)))
+        batch = max(1, int(params.get("inference_batch_size") or 16))
+        net, labels = self.model(ctx.store, version)
+        images = self.load_images(items, ctx)
+        device = next(net.parameters()).device
+        out: list[Any] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch):
+                x = self.preprocess(images[start : start + batch]).to(device)
+                probs = torch.softmax(net(x), dim=1)
+                scores, indices = probs.topk(top_k, dim=1)
+                for row_scores, row_idx in zip(scores.tolist(), indices.tolist(), strict=True):
+                    out.append([
+                        {"label": labels[i] if i < len(labels) else str(i), "index": i, "score": round(s, 6)}
+                        for s, i in zip(row_scores, row_idx, strict=True)
+                    ])
+        return out

@@ -1,0 +1,500 @@
+"""What every sandbox shares: the types, the JSON-lines protocol and the supervisor loop.
+
+A run starts the command once; each item goes in as one JSON line on stdin,
+and the command answers one JSON line per item on stdout, in order. The
+supervisor feeds stdin, reads stdout (bounded) and stderr (its tail only),
+enforces the wall clock, and asks the backend for a usage sample (tasks,
+CPU seconds) a few times a second, so limits the kernel cannot report to us
+(a fork bomb at its cap, CPU spread over many processes) still end the run
+with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+STDERR_TAIL_BYTES = 2048
+ITEM_ERROR_TAIL_CHARS = 500
+SAMPLE_INTERVAL_S = 0.1
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Seen on stderr when an allocation hits RLIMIT_AS (Python, glibc, C++, Go, Node).
+_MEMORY_MARKERS = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "out of memory",
+    "std::bad_alloc",
+    "memory allocation failed",
+    "failed to reserve",
+)
+# Seen on stderr when fork hits RLIMIT_NPROC. A thread that cannot start is left out:
+# under RLIMIT_AS that is more often its stack than the task count.
+_PROCESS_MARKERS = (
+    "fork: Resource temporarily unavailable",
+    "fork: retry",
+    "BlockingIOError: [Errno 11]",
+    "Cannot fork",
+)
+
+
+class SandboxUnavailable(Exception):
+    """No usable sandbox here (binary missing, no privileges, no engine); the message says why."""
+
+
+class SandboxError(Exception):
+    """The whole run failed (a limit was hit or the sandbox crashed); the message includes the stderr tail."""
+
+
+@dataclass
+class Limits:
+    """Per-run limits.
+
+    `memory_mb` is RLIMIT_AS of each process under gvisor and bwrap (so the sandbox
+    as a whole is bounded by memory_mb * max_procs) and the cgroup limit of the
+    whole container under docker. `max_procs` counts tasks (processes and
+    threads), as RLIMIT_NPROC does; reaching it stops the run. `cpu_s` is summed
+    over every process of the sandbox.
+    """
+
+    timeout_s: float = 10.0
+    memory_mb: int = 256
+    max_procs: int = 64
+    max_output_bytes: int = 1_000_000
+    cpu_s: float | None = None  # defaults to timeout_s
+
+    @property
+    def cpu_limit_s(self) -> float:
+        return self.timeout_s if self.cpu_s is None else self.cpu_s
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * 1024 * 1024
+
+
+@dataclass
+class ItemResult:
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+class Sandbox(Protocol):
+    name: str
+
+    def check(self) -> None:
+        """Raise SandboxUnavailable unless a trivial command really runs here (cached)."""
+
+    def run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
+        """Run `command` once over `items`; one ItemResult per item, in order."""
+
+
+@dataclass
+class Usage:
+    """One sample of what a running sandbox uses; None where the backend cannot tell."""
+
+    tasks: int | None = None
+    cpu_s: float | None = None
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: bytes
+    stderr_tail: str
+
+
+def encode_items(items: list[Any]) -> bytes:
+    """Items as JSON lines, the command's stdin."""
+    return b"".join(json.dumps(item, ensure_ascii=False).encode() + b"\n" for item in items)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_outputs(outcome: Outcome, n_items: int) -> list[ItemResult]:
+    """One ItemResult per item from the command's stdout (see the module docstring)."""
+    lines = outcome.stdout.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if len(lines) > n_items:
+        raise SandboxError(
+            with_tail(f"sandbox: command printed {len(lines)} lines for {n_items} items", outcome.stderr_tail)
+        )
+    results = []
+    for index, line in enumerate(lines):
+        try:
+            value = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as err:
+            preview = line[:80].decode("utf-8", "replace")
+            results.append(
+                ItemResult(ok=False, error=f"output line {index + 1} is not valid JSON ({err}): {preview!r}")
+            )
+        else:
+            results.append(ItemResult(ok=True, value=value))
+    if len(results) < n_items:
+        reason = f"no output for this item: the command {describe_exit(outcome.returncode)}"
+        tail = outcome.stderr_tail[-ITEM_ERROR_TAIL_CHARS:]
+        error = f"{reason}; stderr: {tail}" if tail else reason
+        results.extend(ItemResult(ok=False, error=error) for _ in range(n_items - len(results)))
+    return results
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {_signal_name(-returncode)}"
+    if 128 < returncode <= 128 + 64:
+        # bwrap and runsc report a child killed by a signal as 128 + signo.
+        return f"exited with code {returncode} ({_signal_name(returncode - 128)})"
+    return f"exited with code {returncode}"
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
+
+
+def _exit_signal(returncode: int) -> int | None:
+    if returncode < 0:
+        return -returncode
+    if 128 < returncode <= 128 + 64:
+        return returncode - 128
+    return None
+
+
+def with_tail(message: str, stderr_tail: str) -> str:
+    tail = stderr_tail.strip()
+    return f"{message}; stderr (last {STDERR_TAIL_BYTES} bytes):\n{tail}" if tail else message
+
+
+def classify_failure(outcome: Outcome, limits: Limits, n_items: int) -> str | None:
+    """The limit that ended an incomplete run early, judged by its exit and stderr, if any."""
+    if outcome.returncode == 0 or outcome.stdout.count(b"\n") >= n_items:
+        return None
+    sig = _exit_signal(outcome.returncode)
+    if sig == signal.SIGXCPU:
+        return f"sandbox: CPU time limit of {limits.cpu_limit_s:g}s exceeded"
+    if sig == signal.SIGXFSZ:
+        return f"sandbox: file size limit of {limits.memory_mb} MB exceeded"
+    if any(marker in outcome.stderr_tail for marker in _MEMORY_MARKERS):
+        return f"sandbox: memory limit of {limits.memory_mb} MB exceeded"
+    if any(marker in outcome.stderr_tail for marker in _PROCESS_MARKERS):
+        return f"sandbox: process limit of {limits.max_procs} reached"
+    return None
+
+
+# --- what the sandboxed command sees of the host --------------------------------------
+
+# Read-only, and only what programs need to start: no /root, /home, /work, /var, /run.
+_ROOT_ENTRIES = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_ETC_ENTRIES = (
+    "alternatives",
+    "ca-certificates",
+    "group",
+    "hosts",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "passwd",
+    "ssl",
+)
+SANDBOX_UID = 65534  # nobody
+SANDBOX_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    # glibc reserves 64 MB of address space per malloc arena; under RLIMIT_AS a
+    # few threads would otherwise exhaust the limit without using any memory.
+    "MALLOC_ARENA_MAX": "2",
+}
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    path: str  # absolute path, the same inside and outside
+    kind: str  # "symlink" | "dir" | "file"
+    target: str = ""  # for symlinks
+
+
+def host_entries() -> list[HostEntry]:
+    """The host paths a sandbox exposes read-only, in mount order."""
+    names = [f"/{name}" for name in _ROOT_ENTRIES]
+    names += [f"/etc/{name}" for name in _ETC_ENTRIES]
+    names += sorted(entry.path for entry in os.scandir("/etc") if entry.name.startswith("python3"))
+    entries = []
+    for path in names:
+        if os.path.islink(path) and path.count("/") == 1:
+            entries.append(HostEntry(path, "symlink", os.readlink(path)))
+        elif os.path.isdir(path):
+            entries.append(HostEntry(path, "dir"))
+        elif os.path.isfile(path):
+            entries.append(HostEntry(path, "file"))
+    return entries
+
+
+# --- host process tree -------------------------------------------------------------------
+
+
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int
+    start: int  # start time in clock ticks; tells a reused pid apart
+    threads: int
+    cpu_s: float  # own and reaped children's user + system time
+    comm: str
+
+
+def scan_processes() -> dict[int, ProcInfo]:
+    """Every process on the host (about a millisecond per hundred processes)."""
+    procs = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        head, _, rest = raw.rpartition(b")")
+        fields = rest.split()
+        pid = int(entry.name)
+        procs[pid] = ProcInfo(
+            pid=pid,
+            ppid=int(fields[1]),
+            start=int(fields[19]),
+            threads=int(fields[17]),
+            cpu_s=sum(int(x) for x in fields[11:15]) / _CLK_TCK,
+            comm=head.partition(b"(")[2].decode("utf-8", "replace"),
+        )
+    return procs
+
+
+def descendants(root: int, procs: dict[int, ProcInfo] | None = None) -> list[ProcInfo]:
+    """`root` and everything below it, parents before children."""
+    procs = scan_processes() if procs is None else procs
+    children: dict[int, list[int]] = {}
+    for info in procs.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in procs:
+            found.append(procs[pid])
+            queue.extend(children.get(pid, []))
+    return found
+
+
+def kill_tree(root: int, *, timeout_s: float = 3.0) -> list[int]:
+    """SIGKILL `root`'s whole tree; return the pids still alive after `timeout_s` (should be none).
+
+    The tree is frozen with SIGSTOP until a rescan finds nothing new, so a fork bomb
+    cannot outrun the kill and no child is orphaned out of sight before it dies.
+    """
+    stopped: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fresh = [p for p in descendants(root) if stopped.get(p.pid) != p.start]
+        if not fresh:
+            break
+        for info in fresh:
+            _signal(info.pid, signal.SIGSTOP)
+            stopped[info.pid] = info.start
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procs = scan_processes()
+        alive = [
+            pid
+            for pid, start in stopped.items()
+            if pid != root and pid in procs and procs[pid].start == start and _state(pid) != "Z"
+        ]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except OSError:
+        return "gone"
+
+
+# --- the supervisor loop -----------------------------------------------------------------
+
+
+def supervise(
+    proc: subprocess.Popen,
+    payload: bytes,
+    limits: Limits,
+    *,
+    sample: Callable[[], Usage],
+    terminate: Callable[[], None],
+) -> Outcome:
+    """Feed `proc`, collect its output, enforce `limits`; raise SandboxError when one is hit.
+
+    `terminate` must stop the whole sandbox; the tree is SIGKILLed afterwards anyway.
+    """
+    started = time.monotonic()
+    deadline = started + limits.timeout_s
+    stdout = bytearray()
+    stderr = bytearray()
+    selector = selectors.DefaultSelector()
+    assert proc.stdin and proc.stdout and proc.stderr
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        os.set_blocking(stream.fileno(), False)
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    view = memoryview(payload)
+    if view:
+        selector.register(proc.stdin, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    next_sample = started
+    failure: str | None = None
+    try:
+        while failure is None:
+            now = time.monotonic()
+            if now >= deadline:
+                failure = f"sandbox: wall time limit of {limits.timeout_s:g}s exceeded"
+                break
+            if now >= next_sample:
+                failure = _check_usage(sample(), limits)
+                next_sample = now + SAMPLE_INTERVAL_S
+                if failure:
+                    break
+            if not selector.get_map():
+                if proc.poll() is not None:
+                    break
+                time.sleep(min(SAMPLE_INTERVAL_S, max(0.0, deadline - now)))
+                continue
+            for key, _ in selector.select(timeout=min(SAMPLE_INTERVAL_S, max(0.0, deadline - now))):
+                if key.fileobj is proc.stdin:
+                    view = _feed(proc, selector, view)
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is proc.stdout:
+                    stdout += chunk
+                    if len(stdout) > limits.max_output_bytes:
+                        failure = f"sandbox: output exceeded {limits.max_output_bytes} bytes"
+                        break
+                else:
+                    stderr += chunk
+                    del stderr[:-STDERR_TAIL_BYTES]
+        if failure is not None:
+            _stop(proc, terminate)
+            _drain(proc, stderr)
+            raise SandboxError(with_tail(failure, _tail(stderr)))
+        return Outcome(returncode=proc.wait(), stdout=bytes(stdout), stderr_tail=_tail(stderr))
+    finally:
+        selector.close()
+        if proc.poll() is None:
+            _stop(proc, terminate)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream and not stream.closed:
+                stream.close()
+
+
+def _feed(proc: subprocess.Popen, selector: selectors.BaseSelector, view: memoryview) -> memoryview:
+    assert proc.stdin
+    try:
+        written = os.write(proc.stdin.fileno(), view[:65536])
+    except BlockingIOError:
+        return view
+    except BrokenPipeError:
+        # The command stopped reading; its exit status and output tell the rest.
+        written = len(view)
+    view = view[written:]
+    if not view:
+        selector.unregister(proc.stdin)
+        proc.stdin.close()
+    return view
+
+
+def _check_usage(usage: Usage, limits: Limits) -> str | None:
+    if usage.tasks is not None and usage.tasks >= limits.max_procs:
+        return f"sandbox: process limit of {limits.max_procs} reached"
+    if usage.cpu_s is not None and usage.cpu_s > limits.cpu_limit_s:
+        return f"sandbox: CPU time limit of {limits.cpu_limit_s:g}s exceeded"
+    return None
+
+
+def _stop(proc: subprocess.Popen, terminate: Callable[[], None]) -> None:
+    try:
+        terminate()
+    except Exception:  # the tree kill below still runs
+        logger.exception("sandbox: backend terminate failed for pid %s", proc.pid)
+    # Give the sandbox's own pid 1 / runsc the chance to reap its children, so
+    # nothing is orphaned to the host's init; SIGKILL the tree only if it lingers.
+    if not _exited(proc.pid, timeout_s=2.0):
+        left = kill_tree(proc.pid)
+        if left:
+            logger.error("sandbox: processes %s survived SIGKILL", left)
+    proc.kill()
+    proc.wait()
+
+
+def _exited(pid: int, *, timeout_s: float) -> bool:
+    """Whether our child `pid` has exited, without reaping it (so its pid cannot be reused)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        if info is not None or time.monotonic() > deadline:
+            return info is not None
+        time.sleep(0.01)
+
+
+def _drain(proc: subprocess.Popen, stderr: bytearray) -> None:
+    """Keep what the dead command last wrote to stderr (its pipe is at EOF or near it)."""
+    assert proc.stderr
+    if proc.stderr.closed:
+        return
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        except OSError:
+            return
+        if not chunk:
+            return
+        stderr += chunk
+        del stderr[:-STDERR_TAIL_BYTES]
+
+
+def _tail(stderr: bytearray) -> str:
+    return bytes(stderr[-STDERR_TAIL_BYTES:]).decode("utf-8", "replace")
