@@ -43,8 +43,14 @@ proto: install
 proto-check: install
 	./scripts/generate.sh --check
 
+# Each prints its numbers next to a plain-Celery (or direct-call) baseline measured in the same run.
 bench: install
-	$(PY) bench/fanout.py
+	cd bench && ../$(PY) fanout.py
+	cd bench && ../$(PY) batching.py
+	cd bench && ../$(PY) latency.py
+	cd bench && ../$(PY) api.py
+	cd bench && ../$(PY) inference.py
+	cd bench && ../$(PY) billing_audit.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

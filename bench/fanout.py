@@ -40,12 +40,12 @@ def marketplace_job(client, headers, n: int) -> float:  # type: ignore[no-untype
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000, 5000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
     rows = []
-    with stack() as ctx:
+    with stack():
         import os
         import sys
 

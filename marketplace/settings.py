@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = 15.0
     worker_capacity_check: bool = True  # scheduler refuses queues with no live worker
 
+    # PyTorch threads per pool process; 0 = the node's cores divided by its pool size.
+    torch_threads: int = 0
+
     # Sandboxes for `generic`.
     sandbox: Literal["gvisor", "bwrap", "docker", "none"] | None = None
     docker_runtime: str | None = None

@@ -16,7 +16,7 @@ import threading
 from functools import lru_cache
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
 from marketplace.registry.signals import add_probe
@@ -86,6 +86,14 @@ def warm_up(pairs: list[tuple[str, str]]) -> None:
             logger.info("warm-up: %s on %s ready", model, device)
         except Exception as exc:  # the subtask will report the same error with its retry
             logger.warning("warm-up: %s on %s failed: %s", model, device, exc)
+
+
+@worker_init.connect
+def _record_pool_size(sender: Any = None, **_: Any) -> None:
+    """Runs in the main process before the pool forks: children inherit the number."""
+    from workers.executors import base
+
+    base.POOL_SIZE = int(getattr(sender, "concurrency", None) or 1)
 
 
 @worker_process_init.connect

@@ -189,7 +189,13 @@ def create_task(
                  "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)},
     )
     observability.task_submitted(model=spec.name, task_id=task.id, user_id=user_id)
-    audit.append(session, actor=f"user:{user_id}", action="task.created", subject=f"task:{task.id}", task_id=task.id, data={"model": spec.name, "device": request.device, "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)})
+    # Buffered (audit_pending, chained within seconds) in the same transaction: chaining here
+    # would take the chain's global lock and serialize every submit of every user.
+    audit.enqueue(
+        session, actor=f"user:{user_id}", action="task.created", subject=f"task:{task.id}", task_id=task.id,
+        data={"model": spec.name, "device": request.device, "items": len(items), "subtasks": len(batches),
+              "estimated_cost": str(estimate)},
+    )
     return task, True
 
 
@@ -232,9 +238,14 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def task_links(task_id: uuid.UUID | str) -> dict[str, str]:
+    base = f"/v1/tasks/{task_id}"
+    return {"self": base, "subtasks": f"{base}/subtasks", "result": f"{base}/result", "cancel": f"{base}/cancel"}
+
+
 def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal | None = None) -> TaskOut:
     cost = task.cost if task.cost is not None else running_cost
-    base = f"/v1/tasks/{task.id}"
+    links = task_links(task.id)
     return TaskOut(
         id=str(task.id),
         status=task.status,  # type: ignore[arg-type]
@@ -258,7 +269,7 @@ def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal |
         error=task.error,
         status_reason=task.status_reason,
         trace_id=task.trace_id,
-        links={"self": base, "subtasks": f"{base}/subtasks", "result": f"{base}/result", "cancel": f"{base}/cancel"},
+        links=links,
     )
 
 

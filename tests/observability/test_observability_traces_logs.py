@@ -35,8 +35,9 @@ def test_a_job_is_one_trace_from_the_request_to_the_chord_callback(client, user,
     request_span = next(s for s in api_spans if s.kind == SpanKind.SERVER)
     assert request_span.name == "POST /v1/tasks" and request_span.parent is None
     assert any(s.name == "apply_async/marketplace.scheduling.schedule" for s in api_spans)
-    assert any(s.attributes.get("db.system") == "postgresql" or s.attributes.get("db.system.name") == "postgresql"
-               for s in api_spans), [s.name for s in api_spans]
+    # No OTLP endpoint in this process: per-call SQL/Redis spans are not built here (see tracing.py);
+    # the worker below exports, and there they must be present.
+    assert not any(s.attributes.get("db.system") for s in api_spans), [s.name for s in api_spans]
 
     # The worker process (pool children), exported over OTLP/HTTP: same trace id.
     def worker_spans():  # type: ignore[no-untyped-def]

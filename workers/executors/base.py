@@ -37,3 +37,22 @@ class Executor(Protocol):
 
     def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
         """Return exactly one output per item, in order; raise ExecutionError to fail the subtask."""
+
+
+# Pool processes on this node, recorded by `workers.node` at worker_init (before the fork).
+POOL_SIZE = 1
+
+
+def configure_torch_threads() -> int:
+    """Split the cores between the pool processes: each PyTorch defaulting to every core
+    makes N processes fight over them (measured: half the throughput at -c 2 on 2 cores)."""
+    import os
+
+    import torch
+
+    from marketplace.settings import get_settings
+
+    threads = get_settings().torch_threads or max(1, (os.cpu_count() or 1) // max(1, POOL_SIZE))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads

