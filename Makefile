@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 EXTRAS ?= dev,standalone,ml
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps standalone test lint proto proto-check fuzz bench clean
+.PHONY: install system-deps vision standalone test lint proto proto-check fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -28,10 +28,14 @@ system-deps:
 	  else echo "run as root or: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 
+# torchvision cannot live beside .venv's CPU torch: resnet50 nodes (and its e2e test) use .venv-vision.
+vision: $(VENV)/.installed
+	./scripts/setup-vision-venv.sh
+
 standalone: install
 	$(VENV)/bin/marketplace standalone
 
-test: install system-deps
+test: install system-deps vision
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install

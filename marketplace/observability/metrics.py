@@ -94,25 +94,25 @@ def broker_lists(queue: str, transport_options: dict[str, Any]) -> list[str]:
     return [queue if not step else f"{queue}{sep}{step}" for step in steps]
 
 
-_broker: tuple[int, Any] | None = None
+_broker: tuple[int, str, Any] | None = None
 
 
 def _broker_redis() -> Any | None:
-    """A Redis client for the broker (may differ from our own Redis), one per process."""
+    """A Redis client for the broker (may differ from our own Redis), one per process and URL."""
     global _broker
-    if _broker is not None and _broker[0] == os.getpid():
-        return _broker[1]
-    import redis
-
     from marketplace.settings import get_settings
 
-    url = get_settings().celery_broker_url
+    configured = url = get_settings().celery_broker_url
+    if _broker is not None and _broker[:2] == (os.getpid(), configured):
+        return _broker[2]
+    import redis
+
     if url.startswith("redis+socket://"):
         url = "unix://" + url[len("redis+socket://"):]
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
-    _broker = (os.getpid(), client)
+    _broker = (os.getpid(), configured, client)
     return client
 
 

@@ -148,6 +148,11 @@ def callback_id(task_id: str, attempt: int, chunk: int) -> str:
     return f"{task_id}:finalize:{attempt}:{chunk}"
 
 
+def celery_subtask_id(subtask_id: str, attempt: int) -> str:
+    """The broker message id of a subtask's `attempt`-th dispatch (cancel revokes these)."""
+    return f"{subtask_id}:{attempt}"
+
+
 def dispatch(
     task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float, attempt: int = 1
 ) -> None:
@@ -166,7 +171,7 @@ def dispatch(
     for chunk, start in enumerate(range(0, len(subtask_ids), size)):
         header = group(
             signature(RUN_SUBTASK, args=[sid], queue=queue, priority=broker_priority,
-                      soft_time_limit=time_limit, time_limit=time_limit + 30)
+                      soft_time_limit=time_limit, time_limit=time_limit + 30).set(task_id=celery_subtask_id(sid, attempt))
             for sid in subtask_ids[start : start + size]
         )
         callback = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).set(

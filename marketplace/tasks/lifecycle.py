@@ -74,12 +74,15 @@ def cancel_task(session: Session, *, task_id: uuid.UUID | str, user: User) -> Ta
     if TaskStatus(task.status).final:
         raise Conflict(f"task {task.id} is already {task.status}; only active tasks can be cancelled",
                        task_status=task.status)
-    celery_ids = [cid for cid in session.scalars(
-        select(SubTask.celery_id).where(
-            SubTask.task_id == task.id, SubTask.status == SubTaskStatus.PENDING.value, SubTask.celery_id.is_not(None)
-        )
-    ) if cid]
-    audit.append(session, actor=f"user:{user.id}", action="task.cancel_requested", subject=f"task:{task.id}", task_id=task.id, data={"pending_subtasks": len(celery_ids)})
+    from marketplace.scheduling.service import celery_subtask_id
+
+    # Message ids are deterministic per dispatch (see scheduling.dispatch): revoke every
+    # dispatch's copy of each pending subtask, recovery re-dispatches included.
+    pending = session.scalars(
+        select(SubTask.id).where(SubTask.task_id == task.id, SubTask.status == SubTaskStatus.PENDING.value)
+    ).all()
+    celery_ids = [celery_subtask_id(str(sid), k) for sid in pending for k in range(1, task.dispatch_count + 1)]
+    audit.append(session, actor=f"user:{user.id}", action="task.cancel_requested", subject=f"task:{task.id}", task_id=task.id, data={"pending_subtasks": len(pending)})
     finish_cancelled(session, task=task)
     session.info.setdefault("after_commit", []).extend(("revoke", cid) for cid in celery_ids)
     return task

@@ -1,0 +1,101 @@
+"""PostgreSQL goes away mid-job (a throwaway pgserver instance, never the machine's server):
+the API answers 503 problems, /readyz 503, workers retry; once it is back every job finishes."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.api import register, wait_for_task
+from tests.support.env import reset_clients
+from tests.support.servers import CeleryWorker
+
+CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+pytestmark = pytest.mark.slow
+
+
+class Throwaway:
+    def __init__(self) -> None:
+        from marketplace.embedded import EmbeddedPostgres
+
+        self.dir = Path(tempfile.mkdtemp(prefix="mp-pg-fault-")) / "pg"
+        self.embedded = EmbeddedPostgres(self.dir)
+        self.url = self.embedded.url("marketplace")
+
+    def stop(self) -> None:
+        from pgserver._commands import pg_ctl
+
+        server = self.embedded.server
+        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=server.pgdata, user=server.system_user)
+
+    def start(self) -> None:
+        server = self.embedded.server
+        with server._lock:
+            server.ensure_postgres_running()
+
+    def drop(self) -> None:
+        self.embedded.stop()
+
+
+@pytest.fixture()
+def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-def]
+    from marketplace import migrate
+
+    pg = Throwaway()
+    migrate.upgrade(pg.url)
+    saved = os.environ["MARKETPLACE_DATABASE_URL"]
+    os.environ["MARKETPLACE_DATABASE_URL"] = pg.url
+    reset_clients()
+    try:
+        yield pg
+    finally:
+        os.environ["MARKETPLACE_DATABASE_URL"] = saved
+        reset_clients()
+        pg.drop()
+
+
+def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # type: ignore[no-untyped-def]
+    from api import create_app
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    app = create_app(get_settings())
+    client = app.test_client()
+    node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"pgdown-{uuid.uuid4().hex[:4]}", concurrency=2)
+    node.wait_ready(get_redis())
+    try:
+        user = register(client)
+        inputs = list(range(8))
+        resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
+                                             "params": {"sleep_s": 0.5}}, headers=user["headers"])
+        assert resp.status_code == 202
+        task_id = resp.get_json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["progress"]["done"] < 1:
+            assert time.monotonic() < deadline, "no subtask finished"
+            time.sleep(0.1)
+
+        throwaway_pg.stop()
+        down = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
+        assert down.status_code == 503, down.get_data(as_text=True)
+        assert down.content_type == "application/problem+json" and "database" in down.get_json()["detail"]
+        assert down.headers.get("Retry-After")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["checks"]["database"] != "ok"
+        assert client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).status_code == 503
+        time.sleep(4)  # subtasks finishing now cannot record their outcome: they retry
+        throwaway_pg.start()
+
+        assert client.get("/readyz").status_code == 200
+        doc = wait_for_task(client, user["headers"], task_id, timeout=120)
+        assert doc["status"] == "Done", doc
+        assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"] == inputs
+        later = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2]}, headers=user["headers"])
+        assert wait_for_task(client, user["headers"], later.get_json()["id"], timeout=60)["status"] == "Done"
+    finally:
+        node.stop()
