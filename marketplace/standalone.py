@@ -96,8 +96,13 @@ class Standalone:
 
     def _start_children(self) -> None:
         from marketplace.catalog import get_catalog
+        from marketplace.registry.facts import gpus
 
-        queues = ",".join(list(CONTROL_QUEUES) + get_catalog().queues)
+        # Every queue this machine can serve: GPU queues only with a GPU, or `device: any`
+        # would prefer a GPU queue that this node then fails on.
+        has_gpu = bool(gpus())
+        compute = [q for q in get_catalog().queues if has_gpu or not q.startswith("gpu.")]
+        queues = ",".join(list(CONTROL_QUEUES) + compute)
         marketplace = self._bin("marketplace")
         celery = self._bin("celery")
         self._spawn("api", [marketplace, "api", "--host", "127.0.0.1", "--port", str(self.port)])
