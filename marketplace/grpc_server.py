@@ -72,18 +72,9 @@ class AlreadyExists(errors.Conflict):
     """A Conflict that means "the thing exists" (duplicate email): ALREADY_EXISTS, not FAILED_PRECONDITION."""
 
 
-class Unimplemented(errors.MarketplaceError):
-    """The service function behind this RPC does not exist yet."""
-
-    status = 501
-    title = "Not implemented"
-
-
 def status_code_for(exc: errors.MarketplaceError) -> grpc.StatusCode:
     if isinstance(exc, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, Unimplemented):
-        return grpc.StatusCode.UNIMPLEMENTED
     for cls, code in ERROR_CODES:
         if isinstance(exc, cls):
             return code
@@ -297,10 +288,6 @@ def rpc_stream(*, auth: bool = True) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return deco
-
-
-def unimplemented(what: str) -> Unimplemented:
-    return Unimplemented(f"{what} is not available yet: the service function behind it does not exist")
 
 
 # -- conversions shared by the servicers -------------------------------------------------------

@@ -8,7 +8,7 @@ from marketplace import errors
 from marketplace.billing import quotas
 from marketplace.billing import service as billing
 from marketplace.billing.models import LedgerEntry
-from marketplace.grpc_server import Call, message, rpc, timestamp, unimplemented
+from marketplace.grpc_server import Call, message, rpc, timestamp
 from marketplace.pb.billing import billing_pb2, billing_pb2_grpc
 from marketplace.users import service as users
 
@@ -56,8 +56,18 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     @rpc()
     def Charge(self, request: billing_pb2.ChargeRequest, call: Call) -> billing_pb2.ChargeResponse:
         call.admin()
-        raise unimplemented("Charge (a marketplace.billing.service function that records a charge and returns "
-                            "its ledger entry)")
+        amount = billing.parse_amount(request.amount)
+        entry, created = billing.charge(call.session, task_id=request.task_id, subtask_id=request.subtask_id or None,
+                                        amount=amount, kind=request.kind or "charge", detail=request.detail or None)
+        late = call.session.info.pop(billing.LATE_KEY, set())
+        call.session.commit()
+        for task_id in late:
+            billing.settle_late(call.session, task_id=task_id)
+            call.session.commit()
+        return billing_pb2.ChargeResponse(
+            entry=entry_message(billing.entry_document(entry), user_id=str(entry.user_id), settled=entry.settled),
+            created=created,
+        )
 
     @rpc()
     def GetQuota(self, request: billing_pb2.GetQuotaRequest, call: Call) -> billing_pb2.GetQuotaResponse:

@@ -325,3 +325,41 @@ def topup(session: Session, *, user_id: uuid.UUID | str, amount: Decimal, actor:
     audit.append(session, actor=actor, action="billing.topup", subject=f"user:{uid}",
                  data={"amount": str(q(amount)), "balance": str(user.balance), "ledger_id": entry.id})
     return entry
+
+
+def charge(
+    session: Session, *, task_id: uuid.UUID | str, subtask_id: uuid.UUID | str | None, amount: Decimal,
+    kind: str = "charge", detail: str | None = None,
+) -> tuple[LedgerEntry, bool]:
+    """An operator's charge (gRPC `Charge`): (entry, created). `charge`/`charge_failed` are
+    per subtask and idempotent like the signal's; an `adjustment` is a task-level entry,
+    settled with the task (or at once, via settle_late, when the task is already settled)."""
+    from marketplace.tasks.models import SubTask, Task
+
+    if kind not in ("charge", "charge_failed", "adjustment"):
+        raise InvalidInput.field("kind", "one of charge, charge_failed, adjustment")
+    try:
+        tid = uuid.UUID(str(task_id))
+        sid = uuid.UUID(str(subtask_id)) if subtask_id else None
+    except ValueError:
+        raise InvalidInput.field("task_id" if subtask_id is None else "subtask_id", "not a valid id") from None
+    task = session.get(Task, tid)
+    if task is None:
+        raise NotFound(f"task {task_id} not found")
+    if sid is not None and session.scalar(select(SubTask.id).where(SubTask.id == sid, SubTask.task_id == tid)) is None:
+        raise NotFound(f"subtask {subtask_id} of task {task_id} not found")
+    if kind == "adjustment":
+        entry = LedgerEntry(user_id=task.user_id, task_id=tid, subtask_id=sid, kind=kind, amount=-q(amount),
+                            detail=detail, settled=False)
+        session.add(entry)
+        session.flush()
+        if task.cost is not None:  # already settled: this entry is late
+            session.info.setdefault(LATE_KEY, set()).add(tid)
+        return entry, True
+    if sid is None:
+        raise InvalidInput.field("subtask_id", f"a {kind} belongs to one subtask")
+    created = record_subtask_charge(session, user_id=task.user_id, task_id=tid, subtask_id=sid, amount=amount,
+                                    ok=kind == "charge", detail=detail)
+    entry = session.scalar(select(LedgerEntry).where(LedgerEntry.subtask_id == sid, LedgerEntry.kind == kind))
+    assert entry is not None
+    return entry, created

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from marketplace import errors
-from marketplace.grpc_server import Call, money, rpc, unimplemented
+from marketplace.grpc_server import Call, money, rpc
 from marketplace.pb.result import result_pb2, result_pb2_grpc
 from marketplace.results import service as results
 from marketplace.tasks import service as tasks
@@ -14,7 +14,15 @@ class ResultServicer(result_pb2_grpc.ResultServiceServicer):
     @rpc()
     def SavePartial(self, request: result_pb2.SavePartialRequest, call: Call) -> result_pb2.SavePartialResponse:
         call.admin()
-        raise unimplemented("SavePartial (a marketplace.results.service function that stores one part)")
+        task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
+        try:
+            outputs = [json.loads(item) for item in request.outputs]
+        except ValueError as exc:
+            raise errors.InvalidInput.field("outputs", f"each output must be one JSON value: {exc}") from None
+        call.session.rollback()  # the part is recorded in its own transactions
+        saved = results.save_partial(task_id=str(task.id), index=request.index, outputs=outputs,
+                                     error=request.error or None, seconds=request.seconds, worker=request.worker)
+        return result_pb2.SavePartialResponse(**saved)
 
     @rpc()
     def Finalize(self, request: result_pb2.FinalizeRequest, call: Call) -> result_pb2.FinalizeResponse:

@@ -119,3 +119,36 @@ def finalize_task(task_id: str) -> str:
         actions = session.info.pop("after_commit", [])
     run_after_commit(actions)
     return outcome
+
+
+def save_partial(
+    *, task_id: str, index: int, outputs: list[Any], error: str | None, seconds: float, worker: str
+) -> dict[str, Any]:
+    """Store one subtask's outputs from outside Celery (gRPC `SavePartial`), exactly as
+    `workers.run_subtask` would: deterministic part key, the row's outcome, SubTaskCompleted.
+    The charge is recorded from the row when the task is finalized (`backfill_charges`)."""
+    import uuid as _uuid
+
+    from marketplace.errors import Conflict, InvalidInput, NotFound
+    from marketplace.storage import get_store
+    from marketplace.tasks import progress
+
+    with session_scope() as session:
+        sub = session.scalar(select(SubTask).where(SubTask.task_id == _uuid.UUID(task_id), SubTask.index == index))
+        if sub is None:
+            raise NotFound(f"subtask {index} of task {task_id} not found")
+        subtask_id, items = str(sub.id), sub.items
+    early, _work = progress.claim_subtask(subtask_id, hostname=worker or "grpc")
+    if early is not None:
+        raise Conflict(f"subtask {index} of task {task_id} is already final ({early.get('error') or 'Done'})")
+    seconds = round(max(0.0, float(seconds)), 6)
+    if error:
+        run_after_commit(progress.fail_subtask(subtask_id, error=error, seconds=seconds, index=index))
+        return {"key": "", "sha256": "", "items": items}
+    if len(outputs) != items:
+        progress.release_subtask(subtask_id, error=f"SavePartial sent {len(outputs)} outputs for {items} items")
+        raise InvalidInput.field("outputs", f"expected {items} outputs for subtask {index}, got {len(outputs)}")
+    key = part_key(task_id, index)
+    sha = get_store().put_bytes(key, json.dumps(outputs, separators=(",", ":")).encode(), "application/json")
+    progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=seconds)
+    return {"key": key, "sha256": sha, "items": items}

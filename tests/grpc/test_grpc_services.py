@@ -443,13 +443,52 @@ def test_backing_service_outages_are_unavailable_and_surprises_internal():  # ty
     assert surprise.code == C.INTERNAL and "secret" not in surprise.detail
 
 
-def test_rpcs_without_a_service_function_say_unimplemented(stubs, admin, rpc_error):  # type: ignore[no-untyped-def]
-    for call, req in [
-        (stubs.results.SavePartial, result_pb2.SavePartialRequest(task_id=str(uuid.uuid4()), outputs=["1"])),
-        (stubs.billing.Charge, billing_pb2.ChargeRequest(task_id=str(uuid.uuid4()), amount="1")),
+def test_save_partial_records_parts_that_finalize_joins(stubs, user, admin, rpc_error):  # type: ignore[no-untyped-def]
+    """A node outside Celery reports its parts over gRPC; finalize joins them like any other."""
+    waiting = _waiting_task(stubs, user)  # one subtask, nobody serves gpu.embedding
+    bad = result_pb2.SavePartialRequest(task_id=waiting, index=0, outputs=["[1]", "[2]"], worker="ext")
+    code, detail, _ = rpc_error(stubs.results.SavePartial, bad, metadata=admin["md"])
+    assert code == C.INVALID_ARGUMENT and "outputs" in detail
+    code, _, _ = rpc_error(stubs.results.SavePartial, result_pb2.SavePartialRequest(task_id=waiting, index=7,
+                                                                                    outputs=["1"]),
+                           metadata=admin["md"])
+    assert code == C.NOT_FOUND
+    saved = stubs.results.SavePartial(
+        result_pb2.SavePartialRequest(task_id=waiting, index=0, outputs=["[0.5, 0.25]"], seconds=0.2, worker="ext"),
+        metadata=admin["md"])
+    assert saved.key == f"results/{waiting}/parts/0.json" and saved.items == 1 and len(saved.sha256) == 64
+    again = result_pb2.SavePartialRequest(task_id=waiting, index=0, outputs=["[1]"], worker="ext")
+    assert rpc_error(stubs.results.SavePartial, again, metadata=admin["md"])[0] == C.FAILED_PRECONDITION
+    fin = stubs.results.Finalize(result_pb2.FinalizeRequest(task_id=waiting), metadata=admin["md"])
+    assert fin.status == "Done"
+    got = stubs.results.GetResult(result_pb2.GetResultRequest(task_id=waiting), metadata=user["md"])
+    assert [json.loads(o) for o in got.outputs] == [[0.5, 0.25]]
+
+
+def test_charge_is_idempotent_per_subtask_and_adjustments_settle(stubs, user, admin, worker, rpc_error):  # type: ignore[no-untyped-def]
+    from decimal import Decimal
+
+    done_id = _create(stubs, user, ["a"]).task.id
+    assert _watch_to_end(stubs, user, done_id)[-1].status == "Done"
+    sub = stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=done_id), metadata=user["md"]).subtasks[0]
+    dup = stubs.billing.Charge(billing_pb2.ChargeRequest(task_id=done_id, subtask_id=sub.id, amount="5"),
+                               metadata=admin["md"])
+    assert not dup.created and dup.entry.kind == "charge" and Decimal(dup.entry.amount) < 0  # the signal's charge
+    before = Decimal(stubs.billing.GetBalance(billing_pb2.GetBalanceRequest(), metadata=user["md"]).balance)
+    adj = stubs.billing.Charge(billing_pb2.ChargeRequest(task_id=done_id, amount="0.5", kind="adjustment",
+                                                         detail="manual"), metadata=admin["md"])
+    assert adj.created and adj.entry.kind == "adjustment" and Decimal(adj.entry.amount) == Decimal("-0.5")
+    after = Decimal(stubs.billing.GetBalance(billing_pb2.GetBalanceRequest(), metadata=user["md"]).balance)
+    assert after == before - Decimal("0.5")  # the task was settled already: settled at once
+    for req, expected in [
+        (billing_pb2.ChargeRequest(task_id=done_id, amount="1", kind="bogus"), C.INVALID_ARGUMENT),
+        (billing_pb2.ChargeRequest(task_id=done_id, amount="-1"), C.INVALID_ARGUMENT),
+        (billing_pb2.ChargeRequest(task_id=done_id, amount="1"), C.INVALID_ARGUMENT),  # a charge needs its subtask
+        (billing_pb2.ChargeRequest(task_id=str(uuid.uuid4()), amount="1", kind="adjustment"), C.NOT_FOUND),
     ]:
-        code, detail, _ = rpc_error(call, req, metadata=admin["md"])
-        assert code == C.UNIMPLEMENTED and "service function" in detail
+        assert rpc_error(stubs.billing.Charge, req, metadata=admin["md"])[0] == expected, req
+    user_try = billing_pb2.ChargeRequest(task_id=done_id, amount="1", kind="adjustment")
+    assert rpc_error(stubs.billing.Charge, user_try, metadata=user["md"])[0] == C.PERMISSION_DENIED
 
 
 def test_marketplace_grpc_command_serves_health_and_calls(stack):  # type: ignore[no-untyped-def]
