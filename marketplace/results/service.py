@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from marketplace import observability
@@ -42,9 +42,13 @@ def _finish(session: Session, *, task: Task, status: TaskStatus, error: str | No
     audit.append(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system", action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id, data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
     observability.task_finished(model=task.model, status=task.status, cost=task.cost)
     event = {TaskStatus.DONE: "TaskCompleted", TaskStatus.FAILED: "TaskFailed"}.get(status, "TaskCancelled")
+    failed = session.scalar(select(func.count()).select_from(SubTask).where(
+        SubTask.task_id == task.id, SubTask.status == SubTaskStatus.FAILED.value))
     emit(session, type=event, key=str(task.id), payload={
         "task_id": str(task.id), "user_id": str(task.user_id), "model": task.model, "status": task.status,
-        "cost": str(task.cost), "error": error, "result_key": task.result_key,
+        "cost": str(task.cost), "error": error, "result_key": task.result_key, "items": task.total_items,
+        "subtasks": task.subtask_count, "failed_subtasks": failed,
+        "seconds": round((task.finished_at - (task.started_at or task.created_at)).total_seconds(), 6),
     })
     if task.webhook_url:
         session.info.setdefault("after_commit", []).append(("webhook", str(task.id)))

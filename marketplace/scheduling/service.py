@@ -122,7 +122,8 @@ def schedule_task(task_id: str) -> Outcome:
                 select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index)
             )]
             emit(session, type="TaskAssigned", key=task_id,
-                 payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids)})
+                 payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids),
+                          "priority": task.priority, "dispatch_count": task.dispatch_count})
             priority, attempt = task.priority, task.dispatch_count
     if failed is not None:
         from marketplace.results.service import run_after_commit

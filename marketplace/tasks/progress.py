@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 
 from marketplace.db import get_engine, session_scope, utcnow
-from marketplace.events.outbox import topic_for
+from marketplace.events.outbox import emit, topic_for
 
 _LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
@@ -110,6 +110,10 @@ def fail_subtask(subtask_id: str, *, error: str, seconds: float, index: int) -> 
         if sub is None:
             return []
         sub.status, sub.error, sub.seconds, sub.finished_at = "Failed", error, seconds, utcnow()
+        emit(session, type="SubTaskCompleted", key=str(sub.task_id), payload={
+            "task_id": str(sub.task_id), "subtask_id": subtask_id, "index": sub.index, "status": "Failed",
+            "items": sub.items, "seconds": seconds, "worker": sub.worker, "attempts": sub.attempts, "error": error,
+        })
         task = session.scalar(select(Task).where(Task.id == sub.task_id).with_for_update())
         if task is not None:
             fail_task(session, task=task, error=f"subtask {index} failed: {error}")

@@ -186,7 +186,9 @@ def create_task(
         type="TaskCreated",
         key=str(task.id),
         payload={"task_id": str(task.id), "user_id": str(user_id), "model": spec.name, "device": request.device,
-                 "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate)},
+                 "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate),
+                 "batch_size": batch_size, "priority": request.priority, "idempotency_key": idempotency_key,
+                 "trace_id": trace_id},
     )
     observability.task_submitted(model=spec.name, task_id=task.id, user_id=user_id)
     # Buffered (audit_pending, chained within seconds) in the same transaction: chaining here
