@@ -70,6 +70,8 @@ task_routes = {
     "marketplace.maintenance.*": {"queue": "marketplace.maintenance"},
     "marketplace.webhooks.*": {"queue": "marketplace.maintenance"},
     "marketplace.registry.*": {"queue": "marketplace.maintenance"},
+    "marketplace.audit.*": {"queue": "marketplace.maintenance"},
+    "marketplace.events.*": {"queue": "marketplace.maintenance"},
 }
 # Subtask time limits per queue come from the catalog; see workers.tasks.
 task_soft_time_limit = None
@@ -80,6 +82,8 @@ beat_schedule = {
     "audit-chain-pending": {"task": "marketplace.audit.chain_pending", "schedule": 2.0,
                             "options": {"queue": "marketplace.maintenance"}},
     "sweep-workers": {"task": "marketplace.registry.sweep", "schedule": 15.0},
+    "audit-verify": {"task": "marketplace.audit.verify", "schedule": 300.0,
+                     "options": {"queue": "marketplace.maintenance"}},
     "prune-outbox": {"task": "marketplace.events.prune", "schedule": 3600.0,
                      "options": {"queue": "marketplace.maintenance"}},
 }

@@ -15,3 +15,18 @@ def chain_pending() -> int:
     if moved:
         logger.info("audit: chained %s buffered records", moved)
     return moved
+
+
+@app.task(name="marketplace.audit.verify", acks_late=True, ignore_result=True)
+def verify() -> dict:
+    """Walk the whole chain and publish the verdict as `marketplace_audit_chain_valid` (alerted on)."""
+    from marketplace.db import session_scope
+    from marketplace.observability.metrics import record_audit_verification
+
+    with session_scope() as session:
+        report = service.verify_chain(session)
+    record_audit_verification(valid=report["valid"], length=report.get("length"), head=report.get("head"))
+    if not report["valid"]:
+        logger.error("audit: chain verification FAILED at seq %s: %s", report.get("first_bad_seq"),
+                     report.get("reason"))
+    return report
