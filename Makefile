@@ -52,7 +52,7 @@ bench: install
 	cd bench && ../$(PY) fanout.py
 	cd bench && ../$(PY) batching.py
 	cd bench && ../$(PY) latency.py
-	cd bench && ../$(PY) api.py
+	cd bench && ../$(PY) api_load.py
 	cd bench && ../$(PY) inference.py
 	cd bench && ../$(PY) billing_audit.py
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from marketplace.errors import InvalidInput, MarketplaceError
+from marketplace.errors import InvalidInput, MarketplaceError, unavailable_dependency
 
 logger = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -19,25 +19,6 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
             **{k: v for k, v in extra.items() if k not in reserved}}
     resp = Response(json.dumps(body), status=status, mimetype=PROBLEM)
     return resp
-
-
-def _is_unavailable(exc: BaseException) -> str | None:
-    """Name the dependency when `exc` means a backing service is down."""
-    import redis
-    from kombu.exceptions import OperationalError as KombuOperationalError
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    from marketplace.storage import StorageError
-
-    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        return "database"
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return "redis"
-    if isinstance(exc, KombuOperationalError):
-        return "broker"
-    if isinstance(exc, StorageError):
-        return "object store"
-    return None
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -74,7 +55,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        dependency = _is_unavailable(exc)
+        dependency = unavailable_dependency(exc)
         if dependency:
             logger.warning("%s unavailable: %s", dependency, exc)
             resp = problem(503, "Service unavailable", f"the {dependency} is unavailable; try again shortly")

@@ -1,4 +1,4 @@
-"""The API app plus one authenticated no-op JSON route: the baseline for bench/api.py."""
+"""The API app plus one authenticated no-op JSON route: the baseline for bench/api_load.py."""
 from flask_jwt_extended import get_jwt_identity, jwt_required
 
 from api import create_app

@@ -64,3 +64,22 @@ class QuotaExceeded(MarketplaceError):
 class Unavailable(MarketplaceError):
     status = 503
     title = "Service unavailable"
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """Name the backing service when `exc` means it is down (REST answers 503, gRPC UNAVAILABLE)."""
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from marketplace.storage import StorageError
+
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "database"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "redis"
+    if isinstance(exc, KombuOperationalError):
+        return "broker"
+    if isinstance(exc, StorageError):
+        return "object store"
+    return None

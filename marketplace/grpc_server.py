@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 
 from marketplace import errors
 from marketplace.db import new_session
+from marketplace.errors import unavailable_dependency
 from marketplace.settings import get_settings
 from marketplace.users.models import User
 
@@ -79,25 +80,6 @@ def status_code_for(exc: errors.MarketplaceError) -> grpc.StatusCode:
         if isinstance(exc, cls):
             return code
     return grpc.StatusCode.INVALID_ARGUMENT  # a bare MarketplaceError is a 400
-
-
-def unavailable_dependency(exc: BaseException) -> str | None:
-    """Name the backing service when `exc` means it is down (same rule as REST's 503)."""
-    import redis
-    from kombu.exceptions import OperationalError as KombuOperationalError
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    from marketplace.storage import StorageError
-
-    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        return "database"
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return "redis"
-    if isinstance(exc, KombuOperationalError):
-        return "broker"
-    if isinstance(exc, StorageError):
-        return "object store"
-    return None
 
 
 @dataclass

@@ -146,7 +146,7 @@ class SubmissionConsumer:
                 return self._retry(msg, TopicPartition)
             result = "dead-lettered"
         except Exception as exc:  # an outage: keep the record and try it again
-            from marketplace.grpc_server import unavailable_dependency
+            from marketplace.errors import unavailable_dependency
 
             if not (isinstance(exc, errors.Unavailable) or unavailable_dependency(exc)):
                 logger.exception("submissions: unexpected error at offset %d; retrying", msg.offset())

@@ -1,12 +1,11 @@
 """Fault tests get a broker of their own, so killing or flushing it never touches other tests."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.env import reset_clients
+from tests.support.env import switched_env
 from tests.support.servers import RedisServer
 
 
@@ -14,14 +13,10 @@ from tests.support.servers import RedisServer
 def own_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
     """A private Redis for this test; the in-process API and the workers it starts use it."""
     server = RedisServer()
-    saved = os.environ["MARKETPLACE_REDIS_URL"]
-    os.environ["MARKETPLACE_REDIS_URL"] = server.url
-    reset_clients()
     try:
-        yield server
+        with switched_env(MARKETPLACE_REDIS_URL=server.url):
+            yield server
     finally:
-        os.environ["MARKETPLACE_REDIS_URL"] = saved
-        reset_clients()
         server.stop()
 
 

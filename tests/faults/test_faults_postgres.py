@@ -2,7 +2,6 @@
 the API answers 503 problems, /readyz 503, workers retry; once it is back every job finishes."""
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import uuid
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.api import register, wait_for_task
-from tests.support.env import reset_clients
+from tests.support.env import switched_env
 from tests.support.servers import CeleryWorker
 
 CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
@@ -48,14 +47,10 @@ def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-
 
     pg = Throwaway()
     migrate.upgrade(pg.url)
-    saved = os.environ["MARKETPLACE_DATABASE_URL"]
-    os.environ["MARKETPLACE_DATABASE_URL"] = pg.url
-    reset_clients()
     try:
-        yield pg
+        with switched_env(MARKETPLACE_DATABASE_URL=pg.url):
+            yield pg
     finally:
-        os.environ["MARKETPLACE_DATABASE_URL"] = saved
-        reset_clients()
         pg.drop()
 
 

@@ -53,6 +53,19 @@ def _assert_exactly_once(client, user, task_id: str, inputs: list) -> None:  # t
     assert [h.status for h in holds] == ["released"]
 
 
+def _drive_recovery(client, user, task_id: str, timeout: float = 120.0) -> dict:  # type: ignore[no-untyped-def]
+    """Run the recovery job (beat runs it every 30 s) until the task is final."""
+    from marketplace.maintenance import recover_stalled
+
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
+        if doc["status"] in ("Done", "Failed") or time.monotonic() > deadline:
+            return doc
+        recover_stalled()
+        time.sleep(1)
+
+
 def _submit(client, user, body: dict) -> str:  # type: ignore[no-untyped-def]
     resp = client.post("/v1/tasks", json=body, headers=user["headers"])
     assert resp.status_code == 202, resp.get_json()
@@ -86,7 +99,6 @@ def test_sigkill_of_a_pool_child_mid_subtask_is_redelivered_and_charged_once(cli
 
 
 def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled
     from marketplace.redis_client import get_redis
     from marketplace.settings import get_settings
 
@@ -103,14 +115,7 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
         _wait(lambda: _running(task_id), what="a running subtask on the doomed node")
         doomed.stop(signal.SIGKILL)  # the whole process group: main process and pool
         survivor = _start(["cpu.generic"], "survivor", r)
-        # The beat job runs this every 30 s; here we drive it until the task is final.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
-            if doc["status"] in ("Done", "Failed"):
-                break
-            recover_stalled()
-            time.sleep(1)
+        doc = _drive_recovery(client, user, task_id)
         assert doc["status"] == "Done", doc
         _assert_exactly_once(client, user, task_id, inputs)
         assert any(w and w.startswith("survivor") for _, w in
@@ -122,7 +127,6 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
 
 
 def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled
     from marketplace.redis_client import get_redis
     from marketplace.settings import get_settings
 
@@ -137,13 +141,7 @@ def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):
         _wait(lambda: _db("SELECT 1 FROM subtasks WHERE task_id = :t AND status = 'Done'", t=task_id),
               what="a finished subtask")
         r.flushall()  # queues, unacked messages, chord counters, heartbeats, bindings: all gone
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
-            if doc["status"] in ("Done", "Failed"):
-                break
-            recover_stalled()
-            time.sleep(1)
+        doc = _drive_recovery(client, user, task_id)
         assert doc["status"] == "Done", doc
         _assert_exactly_once(client, user, task_id, inputs)
     finally:

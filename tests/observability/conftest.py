@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import reset_clients
+from tests.support.env import switched_env
 from tests.support.servers import CeleryWorker, RedisServer, free_port
 
 OBS_QUEUES = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance", "cpu.generic"]
@@ -100,14 +99,10 @@ class ObservedWorker:
 def obs_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
     """A broker of this module's own: no other test's worker can take (and count) these jobs."""
     server = RedisServer()
-    saved = os.environ["MARKETPLACE_REDIS_URL"]
-    os.environ["MARKETPLACE_REDIS_URL"] = server.url
-    reset_clients()
     try:
-        yield server
+        with switched_env(MARKETPLACE_REDIS_URL=server.url):
+            yield server
     finally:
-        os.environ["MARKETPLACE_REDIS_URL"] = saved
-        reset_clients()
         server.stop()
 
 

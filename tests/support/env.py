@@ -1,6 +1,10 @@
 """Re-point this process's clients after the environment changed."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def reset_clients() -> None:
     from marketplace import db, redis_client, storage
@@ -21,3 +25,20 @@ def reset_clients() -> None:
     # global pool registry would hand a closed one back).
     app._pool = None
     app.amqp._producer_pool = None
+
+
+@contextmanager
+def switched_env(**variables: str) -> Iterator[None]:
+    """Point this process at other servers (e.g. a private broker) for a while, then back."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    reset_clients()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_clients()

@@ -10,26 +10,9 @@ from decimal import Decimal
 import psutil
 from sqlalchemy import select
 
+from tests.support.accounts import balance_of, set_user
 from tests.support.api import wait_for_task
 from tests.support.servers import CeleryWorker
-
-
-def set_user(user_id: str, **fields) -> None:  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
-    from marketplace.users.models import User
-
-    with session_scope() as session:
-        user = session.get(User, uuid.UUID(user_id))
-        for name, value in fields.items():
-            setattr(user, name, value)
-
-
-def balance_of(user_id: str) -> Decimal:
-    from marketplace.db import session_scope
-    from marketplace.users.models import User
-
-    with session_scope() as session:
-        return session.get(User, uuid.UUID(user_id)).balance
 
 
 def ledger_state(task_id: str) -> dict:  # type: ignore[type-arg]

@@ -1,13 +1,9 @@
-"""Billing test helpers: admin accounts and direct quota/balance overrides (real Postgres)."""
+"""Accounts made and adjusted directly in the database (real Postgres), for billing and audit tests."""
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
 from typing import Any
-
-import pytest
-
-from tests.support.api import register
 
 
 def make_admin(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -38,13 +34,3 @@ def balance_of(user_id: str) -> Decimal:
 
     with session_scope() as session:
         return session.get(User, uuid.UUID(user_id)).balance
-
-
-@pytest.fixture()
-def user(client, worker):  # type: ignore[no-untyped-def]
-    return register(client)
-
-
-@pytest.fixture()
-def admin(client, worker):  # type: ignore[no-untyped-def]
-    return make_admin(client)

@@ -1,7 +1,7 @@
 """API: submissions/s and p50/p99 latency under 16 concurrent clients vs an authenticated no-op
 JSON endpoint served by the same gunicorn configuration (`marketplace api`: gthread 2×4).
 
-    .venv/bin/python bench/api.py [--clients 16] [--requests 1600]
+    .venv/bin/python bench/api_load.py [--clients 16] [--requests 1600]
 """
 from __future__ import annotations
 
