@@ -98,6 +98,38 @@ class Sandbox(Protocol):
         """Run `command` once over `items`; one ItemResult per item, in order."""
 
 
+class ProbedSandbox:
+    """`check()` runs the backend's `_probe()` once per process (a failed probe is retried
+    after 30 s, so installing the tool heals a running node); `run()` checks first."""
+
+    RECHECK_AFTER_S = 30.0
+
+    def __init__(self) -> None:
+        import threading
+
+        self._checked: tuple[float, str | None] | None = None
+        self._lock = threading.Lock()
+
+    def _probe(self) -> str | None:
+        raise NotImplementedError
+
+    def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        with self._lock:
+            stale = self._checked is not None and self._checked[1] is not None and (
+                time.monotonic() - self._checked[0] > self.RECHECK_AFTER_S)
+            if self._checked is None or stale:
+                self._checked = (time.monotonic(), self._probe())
+        if self._checked[1]:
+            raise SandboxUnavailable(self._checked[1])
+
+    def run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
+        self.check()
+        return self._run(command, items, limits)
+
+
 @dataclass
 class Usage:
     """One sample of what a running sandbox uses; None where the backend cannot tell."""

@@ -21,8 +21,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
-import time
 from typing import Any
 
 from workers.sandbox.base import (
@@ -30,8 +28,8 @@ from workers.sandbox.base import (
     SANDBOX_UID,
     ItemResult,
     Limits,
+    ProbedSandbox,
     SandboxError,
-    SandboxUnavailable,
     Usage,
     classify_failure,
     decode_outputs,
@@ -45,20 +43,12 @@ from workers.sandbox.base import (
 PRLIMIT = "/usr/bin/prlimit"
 
 
-class BwrapSandbox:
+class BwrapSandbox(ProbedSandbox):
     name = "bwrap"
 
     def __init__(self, bwrap: str | None = None) -> None:
+        super().__init__()
         self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
-        self._checked: tuple[float, str | None] | None = None
-        self._lock = threading.Lock()
-
-    def check(self) -> None:
-        with self._lock:
-            if self._checked is None or (self._checked[1] and time.monotonic() - self._checked[0] > 30):
-                self._checked = (time.monotonic(), self._probe())
-        if self._checked[1]:
-            raise SandboxUnavailable(self._checked[1])
 
     def _probe(self) -> str | None:
         if not os.access(self.bwrap, os.X_OK):
@@ -72,10 +62,6 @@ class BwrapSandbox:
         if results != [ItemResult(ok=True, value="ping")]:
             return f"bwrap: a trivial command answered {results!r}"
         return None
-
-    def run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
-        self.check()
-        return self._run(command, items, limits)
 
     def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
         drop = {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []} if os.geteuid() == 0 else {}

@@ -23,8 +23,8 @@ from workers.sandbox.base import (
     ItemResult,
     Limits,
     Outcome,
+    ProbedSandbox,
     SandboxError,
-    SandboxUnavailable,
     classify_failure,
     decode_outputs,
     encode_items,
@@ -37,22 +37,14 @@ DEFAULT_IMAGE = "python:3.11-slim"
 _HEADER = struct.Struct(">BxxxL")  # the engine's stdout/stderr multiplexing frame
 
 
-class DockerSandbox:
+class DockerSandbox(ProbedSandbox):
     name = "docker"
 
     def __init__(self, image: str | None = None, runtime: str | None = None) -> None:
+        super().__init__()
         self.image = image or DEFAULT_IMAGE
         self.runtime = runtime
         self._client: Any = None
-        self._checked: tuple[float, str | None] | None = None
-        self._lock = threading.Lock()
-
-    def check(self) -> None:
-        with self._lock:
-            if self._checked is None or (self._checked[1] and time.monotonic() - self._checked[0] > 30):
-                self._checked = (time.monotonic(), self._probe())
-        if self._checked[1]:
-            raise SandboxUnavailable(self._checked[1])
 
     def _probe(self) -> str | None:
         import docker
@@ -77,10 +69,6 @@ class DockerSandbox:
         if results != [ItemResult(ok=True, value="ping")]:
             return f"docker: a trivial command answered {results!r}"
         return None
-
-    def run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
-        self.check()
-        return self._run(command, items, limits)
 
     def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
         import docker

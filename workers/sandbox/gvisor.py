@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
@@ -43,8 +42,8 @@ from workers.sandbox.base import (
     SANDBOX_UID,
     ItemResult,
     Limits,
+    ProbedSandbox,
     SandboxError,
-    SandboxUnavailable,
     Usage,
     classify_failure,
     decode_outputs,
@@ -62,20 +61,12 @@ SETPRIV = "/usr/bin/setpriv"
 _PS_INTERVAL_S = 0.3
 
 
-class GVisorSandbox:
+class GVisorSandbox(ProbedSandbox):
     name = "gvisor"
 
     def __init__(self, runsc: str | None = None) -> None:
+        super().__init__()
         self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
-        self._checked: tuple[float, str | None] | None = None
-        self._lock = threading.Lock()
-
-    def check(self) -> None:
-        with self._lock:
-            if self._checked is None or (self._checked[1] and time.monotonic() - self._checked[0] > 30):
-                self._checked = (time.monotonic(), self._probe())
-        if self._checked[1]:
-            raise SandboxUnavailable(self._checked[1])
 
     def _probe(self) -> str | None:
         if not os.access(self.runsc, os.X_OK):
@@ -91,10 +82,6 @@ class GVisorSandbox:
         if results != [ItemResult(ok=True, value="ping")]:
             return f"gvisor: a trivial command answered {results!r}"
         return None
-
-    def run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
-        self.check()
-        return self._run(command, items, limits)
 
     def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
         bundle = tempfile.mkdtemp(prefix="mp-gvisor-")
