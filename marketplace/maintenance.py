@@ -5,7 +5,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 
 from marketplace.catalog import get_catalog
 from marketplace.celery_app import app
@@ -35,6 +35,7 @@ def recover_stalled() -> dict[str, list[str]]:
       heartbeat) or that outlived their time limit; a merely slow subtask on a live
       node is left alone — or, when all are final, run the callback again.
     """
+    from marketplace.broker import queue_depths
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task
@@ -70,15 +71,20 @@ def recover_stalled() -> dict[str, list[str]]:
             ).with_for_update(of=Task, skip_locked=True).limit(200)
         ).scalars().all()
         plans: list[tuple[str, list[str], str, int, float, int]] = []
+        depths = queue_depths(sorted({t.queue for t in rows if t.queue}))
         to_finalize: list[str] = []
         for task in rows:
             spec = get_catalog().get(task.model)
             limit = spec.time_limit if spec else 600.0
             running_cutoff = now - timedelta(seconds=limit + 60)
+            # Pending subtasks whose queue still holds messages are waiting their turn behind
+            # other work, not lost: re-sending them would only queue duplicates.
+            waiting_in_queue = depths.get(task.queue or "", 0) > 0
+            pending_lost = false() if waiting_in_queue else SubTask.status == SubTaskStatus.PENDING.value
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(
                     SubTask.task_id == task.id,
-                    (SubTask.status == SubTaskStatus.PENDING.value)
+                    pending_lost
                     | (
                         (SubTask.status == SubTaskStatus.RUNNING.value)
                         & ((SubTask.started_at < running_cutoff) | SubTask.worker.not_in(live_nodes or [""]))

@@ -30,10 +30,12 @@ class Retry:
     infrastructure: bool = False
 
 
-def execute(subtask_id: str, *, hostname: str, retries_left: bool) -> dict[str, Any] | Retry:
+def execute(
+    subtask_id: str, *, hostname: str, retries_left: bool, message_id: str | None = None
+) -> dict[str, Any] | Retry:
     """Run a subtask to a final outcome dict, or return Retry."""
     try:
-        early, work = progress.claim_subtask(subtask_id, hostname=hostname)
+        early, work = progress.claim_subtask(subtask_id, hostname=hostname, message_id=message_id)
     except OperationalError as exc:
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if early is not None:

@@ -22,7 +22,7 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
     try:
         outcome = runner.execute(
             subtask_id, hostname=self.request.hostname or "unknown",
-            retries_left=retries < settings.subtask_max_retries,
+            retries_left=retries < settings.subtask_max_retries, message_id=self.request.id,
         )
     except SoftTimeLimitExceeded:
         outcome = runner.Retry("time limit exceeded")

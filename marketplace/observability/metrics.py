@@ -87,35 +87,6 @@ def known_queues() -> list[str]:
     return list(dict.fromkeys([*CONTROL_QUEUES, *get_catalog().queues]))
 
 
-def broker_lists(queue: str, transport_options: dict[str, Any]) -> list[str]:
-    """The Redis lists kombu keeps one queue in: `<queue>` and `<queue><sep><step>` for steps > 0."""
-    sep = transport_options.get("sep", "\x06\x16")
-    steps = transport_options.get("priority_steps") or [0]
-    return [queue if not step else f"{queue}{sep}{step}" for step in steps]
-
-
-_broker: tuple[int, str, Any] | None = None
-
-
-def _broker_redis() -> Any | None:
-    """A Redis client for the broker (may differ from our own Redis), one per process and URL."""
-    global _broker
-    from marketplace.settings import get_settings
-
-    configured = url = get_settings().celery_broker_url
-    if _broker is not None and _broker[:2] == (os.getpid(), configured):
-        return _broker[2]
-    import redis
-
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url[len("redis+socket://"):]
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
-    _broker = (os.getpid(), configured, client)
-    return client
-
-
 class StateCollector(Collector):
     """Gauges read at scrape time: queue depth, live workers, audit chain length and validity."""
 
@@ -126,22 +97,13 @@ class StateCollector(Collector):
         yield from self._audit()
 
     def _queue_depth(self, queues: list[str]) -> Iterable[Metric]:
-        from marketplace.celery_app import app
+        from marketplace.broker import queue_depths
 
         family = GaugeMetricFamily("marketplace_queue_depth", "Messages waiting in the broker, by queue.",
                                    labels=["queue"])
         try:
-            client = _broker_redis()
-            if client is None:
-                return []
-            options = dict(app.conf.broker_transport_options or {})
-            pipe = client.pipeline(transaction=False)
-            for queue in queues:
-                for name in broker_lists(queue, options):
-                    pipe.llen(name)
-            lengths = iter(pipe.execute())
-            for queue in queues:
-                family.add_metric([queue], sum(next(lengths) for _ in broker_lists(queue, options)))
+            for queue, depth in queue_depths(queues).items():
+                family.add_metric([queue], depth)
         except Exception as exc:  # a scrape must answer even when the broker is down
             logger.warning("metrics: queue depth unavailable: %s", exc)
             return []

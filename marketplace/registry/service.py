@@ -43,6 +43,11 @@ def deregister(r: redis.Redis, *, hostname: str) -> None:
     r.delete(_key(hostname))
 
 
+def is_live(r: redis.Redis, *, hostname: str) -> bool:
+    """Whether the node's heartbeat is current."""
+    return bool(r.exists(_key(hostname)))
+
+
 def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
     keys = list(r.scan_iter(match=f"{KEY_PREFIX}*", count=500))
     if not keys:

@@ -4,45 +4,16 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-import redis
 from sqlalchemy import select
 
 from marketplace import errors
+from marketplace.broker import queue_depths
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
 from marketplace.grpc_server import Call, rpc
 from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
 from marketplace.scheduling import service as scheduling
-from marketplace.settings import get_settings
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTask, TaskStatus
-
-_broker: redis.Redis | None = None
-
-
-def broker_redis() -> redis.Redis:
-    """The Celery broker's Redis (it may differ from the state Redis)."""
-    global _broker
-    if _broker is None:
-        _broker = redis.Redis.from_url(get_settings().celery_broker_url, socket_connect_timeout=3, socket_timeout=5)
-    return _broker
-
-
-def queue_depth(r: redis.Redis, queue: str) -> int:
-    """Messages waiting in `queue`, summed over kombu's priority lists.
-
-    With `queue_order_strategy=priority` kombu keeps one list per priority
-    step: `<queue>` for step 0 and `<queue><sep><step>` for the others.
-    """
-    from marketplace.celery_app import app
-
-    opts = app.conf.broker_transport_options or {}
-    sep = opts.get("sep", "\x06\x16")
-    steps = opts.get("priority_steps") or [0, 3, 6, 9]
-    names = [queue if not step else f"{queue}{sep}{step}" for step in sorted(set(steps))]
-    pipe = r.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(name)
-    return int(sum(pipe.execute()))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -86,7 +57,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if unknown:
             raise errors.InvalidInput.field("queues", f"unknown queue(s): {', '.join(unknown)}")
         live = Counter(q for w in live_workers(get_redis()) for q in set(w.get("queues", [])))
-        r = broker_redis()
+        depths = queue_depths(names)
         return scheduler_pb2.QueueStatsResponse(queues=[
-            scheduler_pb2.QueueStat(name=q, depth=queue_depth(r, q), live_workers=live.get(q, 0)) for q in names
+            scheduler_pb2.QueueStat(name=q, depth=depths.get(q, 0), live_workers=live.get(q, 0)) for q in names
         ])

@@ -15,7 +15,8 @@ from marketplace.db import get_engine, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
 
 _LOAD = text("""
-    SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
+    SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error, s.worker,
+           s.celery_id,
            t.status AS task_status, t.user_id, t.model, t.queue, t.params
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
@@ -24,7 +25,7 @@ _LOAD = text("""
 # Running, and the task InProgress; the WHERE on the task makes the second part a no-op after the first.
 _CLAIM = text("""
     WITH s AS (
-        UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker,
+        UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker, celery_id = :mid,
                started_at = COALESCE(started_at, :now), error = NULL
         WHERE id = :id AND status IN ('Pending', 'Running')
         RETURNING task_id, attempts
@@ -64,7 +65,19 @@ def _outcome(subtask_id: str, row: Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def claim_subtask(subtask_id: str, *, hostname: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _alive(hostname: str) -> bool:
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import is_live
+
+    try:
+        return is_live(get_redis(), hostname=hostname)
+    except Exception:  # registry unreachable: assume the other node is gone, like recovery does
+        return False
+
+
+def claim_subtask(
+    subtask_id: str, *, hostname: str, message_id: str | None = None
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
     sid = uuid.UUID(subtask_id)
     with get_engine().begin() as conn:
@@ -78,7 +91,13 @@ def claim_subtask(subtask_id: str, *, hostname: str) -> tuple[dict[str, Any] | N
                             seconds=row.seconds), {}
         if row.status == "Failed":
             return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
-        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "now": utcnow()}).scalar()
+        if (row.status == "Running" and row.celery_id and row.celery_id != message_id
+                and row.worker and _alive(row.worker)):
+            # Another message (recovery re-sent the subtask) while a live node still runs the first:
+            # let that one finish rather than run the subtask twice at once. The same message coming
+            # back is a redelivery after its process died, and runs.
+            return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
+        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": utcnow()}).scalar()
     return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
                   "attempts": attempts}
 

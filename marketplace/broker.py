@@ -1,0 +1,50 @@
+"""Read-only views of the Celery broker (Redis): how many messages wait in a queue."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+
+_client: tuple[int, str, redis.Redis] | None = None
+
+
+def broker_redis() -> redis.Redis | None:
+    """A client for the broker's Redis (it may differ from our state Redis), per process and URL;
+    None when the broker is not Redis."""
+    global _client
+    from marketplace.settings import get_settings
+
+    configured = url = get_settings().celery_broker_url
+    if _client is not None and _client[:2] == (os.getpid(), configured):
+        return _client[2]
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url[len("redis+socket://"):]
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+    _client = (os.getpid(), configured, client)
+    return client
+
+
+def broker_lists(queue: str, transport_options: dict[str, Any]) -> list[str]:
+    """The Redis lists kombu keeps one queue in: `<queue>` and `<queue><sep><step>` for steps > 0."""
+    sep = transport_options.get("sep", "\x06\x16")
+    steps = transport_options.get("priority_steps") or [0, 3, 6, 9]
+    return [queue if not step else f"{queue}{sep}{step}" for step in sorted(set(steps))]
+
+
+def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[str, int]:
+    """Messages waiting in each queue, summed over its priority lists (one pipelined round trip)."""
+    from marketplace.celery_app import app
+
+    client = client or broker_redis()
+    if client is None or not queues:
+        return {}
+    options = dict(app.conf.broker_transport_options or {})
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for name in broker_lists(queue, options):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {queue: int(sum(next(lengths) for _ in broker_lists(queue, options))) for queue in queues}

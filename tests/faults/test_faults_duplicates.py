@@ -1,0 +1,72 @@
+"""Recovery must not make a subtask run twice at once, nor flood a busy queue with copies."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from sqlalchemy import text
+
+from tests.support.api import register
+
+
+def _task_with_subtasks(client, n: int) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    """A task no worker consumes yet (own broker, no node): rows only."""
+    from marketplace.db import get_engine
+
+    user = register(client)
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(n)), "batch_size": 1},
+                       headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', "
+                          "progress_at = now() - interval '1 hour' WHERE id = :t"), {"t": task_id})
+        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
+                                               {"t": task_id})]
+    return task_id, ids
+
+
+def _heartbeat(hostname: str) -> None:
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import heartbeat
+
+    heartbeat(get_redis(), info={"hostname": hostname, "queues": ["cpu.generic"], "concurrency": 1})
+
+
+def test_a_second_message_for_a_subtask_running_on_a_live_node_is_skipped(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.tasks.progress import claim_subtask
+
+    _task, (sid,) = _task_with_subtasks(client, 1)
+    _heartbeat("node-a@test")
+    early, work = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    assert early is None and work["attempts"] == 1
+    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")  # recovery's copy
+    assert early is not None and early["skipped"] and "node-a@test" in early["error"]
+    early, work = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")  # redelivery: runs
+    assert early is None and work["attempts"] == 2
+
+
+def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.tasks.progress import claim_subtask
+
+    _task, (sid,) = _task_with_subtasks(client, 1)
+    early, _ = claim_subtask(sid, hostname="dead-node@test", message_id=f"{sid}:1")  # no heartbeat: gone
+    assert early is None
+    early, work = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
+    assert early is None and work["attempts"] == 2
+
+
+def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    task_id, _ids = _task_with_subtasks(client, 3)
+    r = get_redis()
+    r.delete("cpu.generic")
+    r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))  # someone else's work ahead of ours
+    assert task_id not in recover_stalled()["redispatched"]
+    r.delete("cpu.generic")
+    time.sleep(1.2)  # the first pass counted as a look at the task: it must stall again
+    assert task_id in recover_stalled()["redispatched"]  # queue empty and no progress: the messages were lost
