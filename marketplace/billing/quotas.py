@@ -47,11 +47,21 @@ def check_submit(session: Session, *, user_id: uuid.UUID, items: int) -> None:
             f"quota max_items_per_task: {items} items exceeds {quotas['max_items_per_task']}",
             quota="max_items_per_task", limit=quotas["max_items_per_task"],
         )
-    active = active_tasks(session, user_id=user_id)
-    if active >= int(quotas["max_active_tasks"]):  # type: ignore[arg-type]
+    check_active_tasks(user, active=active_tasks(session, user_id=user_id))
+
+
+def check_active_tasks(user: User, *, active: int) -> None:
+    """QuotaExceeded (max_active_tasks) when `active` other tasks already use up the quota.
+
+    Checked twice at submit: early and cheap before anything is stored, and again
+    under the user's row lock in `place_hold`, where concurrent submits are serialized
+    and the count is exact.
+    """
+    limit = int(effective_quotas(user)["max_active_tasks"])  # type: ignore[arg-type]
+    if active >= limit:
         raise QuotaExceeded(
-            f"quota max_active_tasks: {active} tasks are still active (limit {quotas['max_active_tasks']})",
-            quota="max_active_tasks", limit=quotas["max_active_tasks"],
+            f"quota max_active_tasks: {active} tasks are still active (limit {limit})",
+            quota="max_active_tasks", limit=limit,
         )
 
 

@@ -89,6 +89,8 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
             estimate=str(amount),
         )
     quotas.check_daily_spend(session, user=user, amount=amount)
+    # The new task is already in this transaction and counts itself: the others are active - 1.
+    quotas.check_active_tasks(user, active=quotas.active_tasks(session, user_id=user_id) - 1)
     hold = Hold(user_id=user_id, task_id=task_id, amount=q(amount))
     session.add(hold)
     return hold
