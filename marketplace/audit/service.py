@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -285,3 +286,31 @@ def subtask_record(**kwargs: Any) -> None:
         return
     with session_scope() as session:
         subtask_event(session, **kwargs)
+
+
+# -- records carried into the subtask's own first transaction ------------------------------
+# `subtask.started` comes from task_prerun, moments before the subtask's claim transaction
+# in the same thread. Writing it there instead of in a transaction of its own saves a
+# commit per subtask (measured: ~1 ms of ~5). Pool processes run one task at a time.
+_carried = threading.local()
+
+
+def carry_subtask_record(*, actor: str, action: str, subject: str, data: dict[str, Any] | None = None) -> None:
+    """Buffer a per-subtask record until `write_carried` runs in the subtask's transaction."""
+    from marketplace.settings import get_settings
+
+    if get_settings().audit_subtask_events != "pending":
+        raise RuntimeError("carried records are for the pending mode")
+    e = _entry(actor, action, subject, data, None)
+    _carried.__dict__.setdefault("rows", []).append(
+        {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, "data": e.data}
+    )
+
+
+def write_carried(connection: Any, *, task_id: Any) -> int:
+    """Insert this thread's carried records through `connection` (the caller's transaction)."""
+    rows = _carried.__dict__.pop("rows", None)
+    if not rows:
+        return 0
+    connection.execute(insert(AuditPending), [{**row, "task_id": str(task_id) if task_id else None} for row in rows])
+    return len(rows)

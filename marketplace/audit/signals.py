@@ -25,6 +25,7 @@ from celery.signals import (
 )
 
 from marketplace.audit import service
+from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
 SUBTASK = "workers.run_subtask"
@@ -115,8 +116,13 @@ def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: 
         return
     sid = _arg0(args)
     t = task or sender
-    _safe(service.subtask_record, actor=f"worker:{_hostname(t)}", action="subtask.started", subject=f"subtask:{sid}",
-          subtask_id=sid, data={"celery_id": task_id, "retries": getattr(t.request, "retries", 0)})
+    record = {"actor": f"worker:{_hostname(t)}", "action": "subtask.started", "subject": f"subtask:{sid}",
+              "data": {"celery_id": task_id, "retries": getattr(t.request, "retries", 0)}}
+    if get_settings().audit_subtask_events == "pending":
+        # Written by the subtask's claim transaction (marketplace.tasks.progress), not a commit of its own.
+        _safe(service.carry_subtask_record, **record)
+    else:
+        _safe(service.subtask_record, subtask_id=sid, **record)
 
 
 @task_postrun.connect

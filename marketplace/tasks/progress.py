@@ -79,9 +79,12 @@ def claim_subtask(
     subtask_id: str, *, hostname: str, message_id: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
+    from marketplace.audit.service import write_carried
+
     sid = uuid.UUID(subtask_id)
     with get_engine().begin() as conn:
         row = conn.execute(_LOAD, {"id": sid}).first()
+        write_carried(conn, task_id=row.task_id if row else None)  # task_prerun's `subtask.started`
         if row is None:
             return {"ok": False, "skipped": True, "subtask_id": None, "error": f"unknown subtask {subtask_id}"}, {}
         if row.task_status in ("Done", "Failed", "Cancelled"):
