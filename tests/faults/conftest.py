@@ -5,19 +5,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.env import switched_env
+from tests.support.env import private_broker
 from tests.support.servers import RedisServer
 
 
 @pytest.fixture()
 def own_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
     """A private Redis for this test; the in-process API and the workers it starts use it."""
-    server = RedisServer()
-    try:
-        with switched_env(MARKETPLACE_REDIS_URL=server.url):
-            yield server
-    finally:
-        server.stop()
+    with private_broker() as server:
+        yield server
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import switched_env
+from tests.support.env import private_broker
 from tests.support.servers import CeleryWorker, RedisServer, free_port
 
 OBS_QUEUES = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance", "cpu.generic"]
@@ -98,12 +98,8 @@ class ObservedWorker:
 @pytest.fixture(scope="module")
 def obs_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
     """A broker of this module's own: no other test's worker can take (and count) these jobs."""
-    server = RedisServer()
-    try:
-        with switched_env(MARKETPLACE_REDIS_URL=server.url):
-            yield server
-    finally:
-        server.stop()
+    with private_broker() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -42,3 +42,16 @@ def switched_env(**variables: str) -> Iterator[None]:
             else:
                 os.environ[name] = value
         reset_clients()
+
+
+@contextmanager
+def private_broker() -> Iterator[object]:
+    """A fresh redis-server that this process and every worker it starts use as broker and state store."""
+    from tests.support.servers import RedisServer
+
+    server = RedisServer()
+    try:
+        with switched_env(MARKETPLACE_REDIS_URL=server.url):
+            yield server
+    finally:
+        server.stop()
