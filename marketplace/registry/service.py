@@ -28,6 +28,9 @@ KEY_PREFIX = "marketplace:worker:"
 OFFLINE_VISIBLE = timedelta(hours=24)  # how long a departed node stays listed
 
 
+INDEX_KEY = "marketplace:workers"  # set of hostnames that have heartbeated; stale ones pruned on read
+
+
 def _key(hostname: str) -> str:
     return f"{KEY_PREFIX}{hostname}"
 
@@ -36,11 +39,17 @@ def heartbeat(r: redis.Redis, *, info: dict[str, Any]) -> None:
     """Write the node's live record; it expires unless refreshed within the TTL."""
     settings = get_settings()
     doc = {**info, "last_heartbeat": time.time()}
-    r.set(_key(info["hostname"]), json.dumps(doc), px=int(settings.heartbeat_ttl * 1000))
+    pipe = r.pipeline(transaction=False)
+    pipe.set(_key(info["hostname"]), json.dumps(doc), px=int(settings.heartbeat_ttl * 1000))
+    pipe.sadd(INDEX_KEY, info["hostname"])
+    pipe.execute()
 
 
 def deregister(r: redis.Redis, *, hostname: str) -> None:
-    r.delete(_key(hostname))
+    pipe = r.pipeline(transaction=False)
+    pipe.delete(_key(hostname))
+    pipe.srem(INDEX_KEY, hostname)
+    pipe.execute()
 
 
 def is_live(r: redis.Redis, *, hostname: str) -> bool:
@@ -49,16 +58,24 @@ def is_live(r: redis.Redis, *, hostname: str) -> bool:
 
 
 def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
-    keys = list(r.scan_iter(match=f"{KEY_PREFIX}*", count=500))
-    if not keys:
+    """The nodes whose heartbeat is current: an index set, then one MGET.
+
+    Never a SCAN: every scheduling step asks, and the broker's Redis also holds a key
+    per task result, so walking the keyspace grew with the traffic."""
+    names = sorted(n.decode() if isinstance(n, bytes) else n for n in r.smembers(INDEX_KEY))
+    if not names:
         return []
-    out = []
-    for raw in r.mget(keys):
-        if raw:
-            try:
-                out.append(json.loads(raw))
-            except ValueError:
-                logger.warning("registry: unreadable worker record")
+    out, expired = [], []
+    for name, raw in zip(names, r.mget([_key(n) for n in names]), strict=True):
+        if raw is None:
+            expired.append(name)
+            continue
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            logger.warning("registry: unreadable worker record for %s", name)
+    if expired:  # missed its TTL: offline; the sweep job records it in the database
+        r.srem(INDEX_KEY, *expired)
     return out
 
 

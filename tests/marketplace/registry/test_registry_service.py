@@ -109,3 +109,25 @@ def test_catalog_counts_live_workers_per_queue_and_skips_refusals(stack, redis_c
     assert entry["price"]["gpu"] == {"start_fee": "0.002", "per_second": "0.01", "per_item": "0.00002",
                                      "failed": "start_fee"}
     assert entry["input"] == "text" and entry["batch_size"] == 64
+
+
+def test_live_workers_come_from_the_index_and_expired_nodes_leave_it(stack, redis_client, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.registry import service
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "heartbeat_ttl", 0.3)
+    short, steady = f"short-{uuid.uuid4().hex[:6]}@test", f"steady-{uuid.uuid4().hex[:6]}@test"
+    service.heartbeat(redis_client, info={"hostname": short, "queues": ["cpu.generic"], "concurrency": 1})
+    monkeypatch.setattr(get_settings(), "heartbeat_ttl", 30.0)
+    service.heartbeat(redis_client, info={"hostname": steady, "queues": ["cpu.generic"], "concurrency": 1})
+    # Unrelated keys (task results, queues) do not matter: the index is read, never the keyspace.
+    redis_client.mset({f"celery-task-meta-{uuid.uuid4()}": "{}" for _ in range(200)})
+    names = {w["hostname"] for w in service.live_workers(redis_client)}
+    assert {short, steady} <= names
+    time.sleep(0.5)
+    names = {w["hostname"] for w in service.live_workers(redis_client)}
+    assert steady in names and short not in names
+    members = {m.decode() for m in redis_client.smembers(service.INDEX_KEY)}
+    assert short not in members and steady in members
+    service.deregister(redis_client, hostname=steady)
+    assert steady not in {w["hostname"] for w in service.live_workers(redis_client)}
