@@ -89,7 +89,7 @@ def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     return q(_charges_today(session, user_id=user_id, settled_only=False))
 
 
-def committed_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
+def committed_today(session: Session, *, user_id: uuid.UUID, held: Decimal | None = None) -> Decimal:
     """What counts against the daily quota: today's settled charges plus active holds.
 
     A running task's charges are covered by its hold, so only settled charges are
@@ -97,13 +97,15 @@ def committed_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     """
     from marketplace.billing.service import held_amount, q
 
-    return q(_charges_today(session, user_id=user_id, settled_only=True) + held_amount(session, user_id=user_id))
+    if held is None:
+        held = held_amount(session, user_id=user_id)
+    return q(_charges_today(session, user_id=user_id, settled_only=True) + held)
 
 
-def check_daily_spend(session: Session, *, user: User, amount: Decimal) -> None:
+def check_daily_spend(session: Session, *, user: User, amount: Decimal, held: Decimal | None = None) -> None:
     """Raise QuotaExceeded (daily_spend_limit) when a new hold of `amount` would pass the limit."""
     limit = Decimal(str(effective_quotas(user)["daily_spend_limit"]))
-    committed = committed_today(session, user_id=user.id)
+    committed = committed_today(session, user_id=user.id, held=held)
     if committed + amount > limit:
         raise QuotaExceeded(
             f"quota daily_spend_limit: {committed} spent or held today + estimate {amount} exceeds {limit}",
