@@ -40,6 +40,7 @@ class AccessToken(BaseModel):
 
 class Usage(BaseModel):
     active_tasks: int
+    spent_today: str  # credits charged today (UTC), a decimal string
 
 
 class MeOut(BaseModel):

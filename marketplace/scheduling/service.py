@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from celery import chord, group, signature
 from sqlalchemy import select
@@ -201,7 +200,3 @@ def redispatch_missing(task_id: str) -> list[str]:
         dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
                  attempt=attempt)
     return ids
-
-
-def stalled_cutoff() -> timedelta:
-    return timedelta(seconds=get_settings().recovery_stall_seconds)

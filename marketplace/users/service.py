@@ -4,7 +4,7 @@ from __future__ import annotations
 import secrets
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,10 +67,6 @@ def get_user(session: Session, *, user_id: uuid.UUID | str) -> User:
     return user
 
 
-def count_users(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(User)) or 0
-
-
 def profile(session: Session, *, user: User) -> dict[str, object]:
     """The caller's own view of their account (`GET /v1/me`)."""
     from marketplace.billing import quotas
@@ -83,6 +79,6 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
         "balance": str(user.balance),
         "available_balance": str(available_balance(session, user=user)),
         "quotas": quotas.effective_quotas(user),
-        "usage": {"active_tasks": quotas.active_tasks(session, user_id=user.id)},
+        "usage": quotas.usage(session, user_id=user.id),
         "webhook_secret": user.webhook_secret,
     }

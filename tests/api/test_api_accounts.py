@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 import jwt as pyjwt
 from click.testing import CliRunner
@@ -28,7 +29,8 @@ def test_register_login_and_me(client):  # type: ignore[no-untyped-def]
     body = me.get_json()
     assert body["id"] == u["id"] and body["email"] == u["email"] and body["role"] == "user"
     assert body["balance"] == body["available_balance"] and float(body["balance"]) > 0
-    assert body["quotas"]["max_active_tasks"] > 0 and body["usage"] == {"active_tasks": 0}
+    assert body["quotas"]["max_active_tasks"] > 0
+    assert body["usage"]["active_tasks"] == 0 and Decimal(body["usage"]["spent_today"]) == 0
     assert len(body["webhook_secret"]) >= 32
     tokens = u["tokens"]
     assert tokens["token_type"] == "Bearer" and tokens["expires_in"] > 0 and tokens["refresh_token"]
