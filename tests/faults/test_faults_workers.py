@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from tests.support.api import register, wait_for_task
 from tests.support.servers import CeleryWorker
+from tests.support.wait import wait_until
 
 CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
 pytestmark = pytest.mark.slow
@@ -27,16 +28,6 @@ def _db(sql: str, **params):  # type: ignore[no-untyped-def]
 def _running(task_id: str) -> list[tuple[int, str]]:
     return [(r.index, r.worker) for r in _db(
         "SELECT index, worker FROM subtasks WHERE task_id = :t AND status = 'Running'", t=task_id)]
-
-
-def _wait(predicate, timeout: float = 60.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _assert_exactly_once(client, user, task_id: str, inputs: list) -> None:  # type: ignore[no-untyped-def]
@@ -87,7 +78,7 @@ def test_sigkill_of_a_pool_child_mid_subtask_is_redelivered_and_charged_once(cli
         inputs = list(range(8))
         task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
                                                  "params": {"sleep_s": 0.8}})
-        _wait(lambda: _running(task_id), what="a running subtask")
+        wait_until(lambda: _running(task_id), what="a running subtask")
         children = psutil.Process(node.proc.pid).children()
         assert children, "prefork pool children"
         os.kill(children[0].pid, signal.SIGKILL)
@@ -112,7 +103,7 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
         inputs = [f"x{i}" for i in range(6)]
         task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
                                                  "params": {"sleep_s": 1.5}})
-        _wait(lambda: _running(task_id), what="a running subtask on the doomed node")
+        wait_until(lambda: _running(task_id), what="a running subtask on the doomed node")
         doomed.stop(signal.SIGKILL)  # the whole process group: main process and pool
         survivor = _start(["cpu.generic"], "survivor", r)
         doc = _drive_recovery(client, user, task_id)
@@ -138,7 +129,7 @@ def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):
         inputs = list(range(10))
         task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1,
                                                  "params": {"sleep_s": 0.5}})
-        _wait(lambda: _db("SELECT 1 FROM subtasks WHERE task_id = :t AND status = 'Done'", t=task_id),
+        wait_until(lambda: _db("SELECT 1 FROM subtasks WHERE task_id = :t AND status = 'Done'", t=task_id),
               what="a finished subtask")
         r.flushall()  # queues, unacked messages, chord counters, heartbeats, bindings: all gone
         doc = _drive_recovery(client, user, task_id)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.observability.conftest import wait_until
 from tests.support.api import register, wait_for_task
+from tests.support.wait import wait_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

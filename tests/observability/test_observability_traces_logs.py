@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from tests.observability.conftest import wait_until
 from tests.support.api import register, wait_for_task
+from tests.support.wait import wait_until
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from tests.support.api import register, wait_for_task
+from tests.support.wait import wait_until
 
 NO_WARMUP = {"MARKETPLACE_WARMUP_MODELS": "false"}
 
@@ -17,16 +18,6 @@ NO_WARMUP = {"MARKETPLACE_WARMUP_MODELS": "false"}
 @pytest.fixture()
 def user(client):  # type: ignore[no-untyped-def]
     return register(client)
-
-
-def _until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _listed(client, user, hostname: str) -> dict | None:  # type: ignore[no-untyped-def]
@@ -90,7 +81,7 @@ def test_killed_node_goes_offline_after_the_heartbeat_ttl(client, user, nodes, r
     assert _listed(client, user, node.hostname)["status"] == "online"  # until the TTL runs out
 
     ttl = get_settings().heartbeat_ttl
-    _until(lambda: _listed(client, user, node.hostname)["status"] == "offline", ttl + 30, "the TTL to expire")
+    wait_until(lambda: _listed(client, user, node.hostname)["status"] == "offline", ttl + 30, "the TTL to expire")
     assert time.monotonic() - killed >= ttl - get_settings().heartbeat_interval - 0.5
     assert _row(node.hostname)[0] == "online"  # the table learns it from the sweep job
     with session_scope() as session:
@@ -111,7 +102,7 @@ def test_task_waits_for_a_missing_capability_then_starts_when_a_node_for_it_appe
     assert resp.status_code == 202, resp.get_json()
     task_id = resp.get_json()["id"]
 
-    doc = _until(lambda: (d := client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json())
+    doc = wait_until(lambda: (d := client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json())
                  .get("status_reason") and d, 60, "the scheduler to record why the task waits")
     assert doc["status"] == "Created"
     assert doc["status_reason"] == "waiting: no live worker serves gpu.embedding for model 'embedding'"
@@ -126,7 +117,7 @@ def test_task_waits_for_a_missing_capability_then_starts_when_a_node_for_it_appe
     assert time.monotonic() - appeared < 15  # woken by the node's registration or the <=10 s backoff
     assert doc["queue"] == "gpu.embedding" and doc["status_reason"] is None
     # The first attempt imports sentence-transformers for seconds: the node reports it running.
-    busy = _until(lambda: (w := _listed(client, user, node.hostname)) and w["running"] >= 1 and w, 30,
+    busy = wait_until(lambda: (w := _listed(client, user, node.hostname)) and w["running"] >= 1 and w, 30,
                   "the node to report a running subtask")
     assert busy["running"] == 1 and busy["free"] == 0
 

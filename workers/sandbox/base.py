@@ -357,7 +357,7 @@ def kill_tree(root: int, *, timeout_s: float = 3.0) -> list[int]:
         alive = [
             pid
             for pid, start in stopped.items()
-            if pid != root and pid in procs and procs[pid].start == start and _state(pid) != "Z"
+            if pid != root and pid in procs and procs[pid].start == start and process_state(pid) != "Z"
         ]
         if not alive or time.monotonic() > deadline:
             return alive
@@ -371,7 +371,8 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _state(pid: int) -> str:
+def process_state(pid: int) -> str:
+    """The one-letter /proc state of `pid` (R, S, Z, ...), or "gone"."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rpartition(b")")[2].split()[0].decode()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from workers.sandbox import ItemResult, Limits, SandboxError, SandboxUnavailable, get_sandbox
-from workers.sandbox.base import scan_processes
+from workers.sandbox.base import process_state, scan_processes
 from workers.sandbox.bwrap import BwrapSandbox
 from workers.sandbox.gvisor import GVisorSandbox
 
@@ -72,7 +72,7 @@ def _leftovers(tag: str, tmp: str, before: set[tuple[int, int]]) -> list[str]:
     for info in procs.values():
         if info.pid == os.getpid() or (info.pid, info.start) in before:
             continue
-        if _state(info.pid) in ("Z", "X", "gone") and info.ppid != os.getpid():
+        if process_state(info.pid) in ("Z", "X", "gone") and info.ppid != os.getpid():
             continue  # dead; only a zombie we failed to reap counts
         cmdline = _cmdline(info.pid)
         stub = info.comm == "exe" and _uid(info.pid) == 65534  # gVisor ptrace stub
@@ -87,14 +87,6 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0].decode()
-    except OSError:
-        return "gone"
 
 
 def _uid(pid: int) -> int:
