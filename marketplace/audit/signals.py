@@ -154,17 +154,22 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     _safe(write)
 
 
-def outcome_event(session: Any, *, hostname: str, result: dict[str, Any]) -> None:
-    """`subtask.finished|failed|skipped` for one `workers.run_subtask` result, in the caller's transaction."""
-    sid = result.get("subtask_id")
+def outcome_record(*, hostname: str, result: dict[str, Any]) -> dict[str, Any]:
+    """`{actor, action, subject, data}` of `subtask.finished|failed|skipped` for one `workers.run_subtask` result."""
     if result.get("skipped"):
         action = "subtask.skipped"
     else:
         action = "subtask.finished" if result.get("ok") else "subtask.failed"
     data = {k: result.get(k) for k in ("index", "items", "seconds", "ok", "error", "duplicate", "key", "sha256")
             if result.get(k) is not None}
-    service.subtask_event(session, actor=f"worker:{hostname}", action=action, subject=f"subtask:{sid}",
-                          task_id=result.get("task_id"), subtask_id=sid, data=data)
+    return {"actor": f"worker:{hostname}", "action": action, "subject": f"subtask:{result.get('subtask_id')}",
+            "data": data}
+
+
+def outcome_event(session: Any, *, hostname: str, result: dict[str, Any]) -> None:
+    """The outcome record, in the caller's transaction."""
+    service.subtask_event(session, **outcome_record(hostname=hostname, result=result),
+                          task_id=result.get("task_id"), subtask_id=result.get("subtask_id"))
 
 
 def _request_chaining() -> None:

@@ -28,16 +28,23 @@ def effective_quotas(user: User) -> dict[str, object]:
     }
 
 
+def active_tasks_count(user_id: uuid.UUID) -> Any:
+    """The number of the user's active tasks, as a SELECT (for a scalar subquery)."""
+    return select(func.count()).select_from(Task).where(
+        Task.user_id == user_id, Task.status.in_([s.value for s in ACTIVE_TASK_STATUSES])
+    )
+
+
 def active_tasks(session: Session, *, user_id: uuid.UUID) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Task).where(
-            Task.user_id == user_id, Task.status.in_([s.value for s in ACTIVE_TASK_STATUSES])
-        )
-    ) or 0
+    return session.scalar(active_tasks_count(user_id)) or 0
 
 
 def check_submit(session: Session, *, user_id: uuid.UUID, items: int) -> None:
-    """Raise QuotaExceeded naming the quota a new task of `items` items would break."""
+    """Raise QuotaExceeded when a new task of `items` items is over the per-task limit.
+
+    The active-task and daily-spend quotas are checked once, exactly, under the
+    user's row lock in `billing.service.place_hold`; the transaction rolls back on refusal.
+    """
     user = session.get(User, user_id)
     if user is None:
         return
@@ -47,16 +54,10 @@ def check_submit(session: Session, *, user_id: uuid.UUID, items: int) -> None:
             f"quota max_items_per_task: {items} items exceeds {quotas['max_items_per_task']}",
             quota="max_items_per_task", limit=quotas["max_items_per_task"],
         )
-    check_active_tasks(user, active=active_tasks(session, user_id=user_id))
 
 
 def check_active_tasks(user: User, *, active: int) -> None:
-    """QuotaExceeded (max_active_tasks) when `active` other tasks already use up the quota.
-
-    Checked twice at submit: early and cheap before anything is stored, and again
-    under the user's row lock in `place_hold`, where concurrent submits are serialized
-    and the count is exact.
-    """
+    """QuotaExceeded (max_active_tasks) when `active` other tasks already use up the quota."""
     limit = int(effective_quotas(user)["max_active_tasks"])  # type: ignore[arg-type]
     if active >= limit:
         raise QuotaExceeded(
@@ -69,7 +70,8 @@ def _today_start() -> datetime:
     return datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
 
 
-def _charges_today(session: Session, *, user_id: uuid.UUID, settled_only: bool) -> Decimal:
+def charges_today_sum(user_id: uuid.UUID, *, settled_only: bool) -> Any:
+    """The (negative) sum of today's charges, as a SELECT (for a scalar subquery)."""
     from marketplace.billing.models import LedgerEntry
 
     stmt = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
@@ -79,7 +81,11 @@ def _charges_today(session: Session, *, user_id: uuid.UUID, settled_only: bool) 
     )
     if settled_only:
         stmt = stmt.where(LedgerEntry.settled.is_(True))
-    return -Decimal(session.scalar(stmt) or 0)
+    return stmt
+
+
+def _charges_today(session: Session, *, user_id: uuid.UUID, settled_only: bool) -> Decimal:
+    return -Decimal(session.scalar(charges_today_sum(user_id, settled_only=settled_only)) or 0)
 
 
 def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
@@ -89,7 +95,9 @@ def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     return q(_charges_today(session, user_id=user_id, settled_only=False))
 
 
-def committed_today(session: Session, *, user_id: uuid.UUID, held: Decimal | None = None) -> Decimal:
+def committed_today(
+    session: Session, *, user_id: uuid.UUID, held: Decimal | None = None, settled_today: Decimal | None = None
+) -> Decimal:
     """What counts against the daily quota: today's settled charges plus active holds.
 
     A running task's charges are covered by its hold, so only settled charges are
@@ -99,13 +107,18 @@ def committed_today(session: Session, *, user_id: uuid.UUID, held: Decimal | Non
 
     if held is None:
         held = held_amount(session, user_id=user_id)
-    return q(_charges_today(session, user_id=user_id, settled_only=True) + held)
+    if settled_today is None:
+        settled_today = _charges_today(session, user_id=user_id, settled_only=True)
+    return q(settled_today + held)
 
 
-def check_daily_spend(session: Session, *, user: User, amount: Decimal, held: Decimal | None = None) -> None:
+def check_daily_spend(
+    session: Session, *, user: User, amount: Decimal, held: Decimal | None = None,
+    settled_today: Decimal | None = None,
+) -> None:
     """Raise QuotaExceeded (daily_spend_limit) when a new hold of `amount` would pass the limit."""
     limit = Decimal(str(effective_quotas(user)["daily_spend_limit"]))
-    committed = committed_today(session, user_id=user.id, held=held)
+    committed = committed_today(session, user_id=user.id, held=held, settled_today=settled_today)
     if committed + amount > limit:
         raise QuotaExceeded(
             f"quota daily_spend_limit: {committed} spent or held today + estimate {amount} exceeds {limit}",

@@ -58,11 +58,12 @@ def grant_signup_credits(session: Session, *, user: User) -> None:
     user.balance = (user.balance or Decimal("0")) + amount
 
 
+def _held_sum(user_id: uuid.UUID) -> Any:
+    return select(func.coalesce(func.sum(Hold.amount), 0)).where(Hold.user_id == user_id, Hold.status == "active")
+
+
 def held_amount(session: Session, *, user_id: uuid.UUID) -> Decimal:
-    total = session.scalar(
-        select(func.coalesce(func.sum(Hold.amount), 0)).where(Hold.user_id == user_id, Hold.status == "active")
-    )
-    return Decimal(total or 0)
+    return Decimal(session.scalar(_held_sum(user_id)) or 0)
 
 
 def available_balance(session: Session, *, user: User) -> Decimal:
@@ -80,8 +81,20 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     # FOR NO KEY UPDATE (key_share): the task row this transaction already inserted holds a
     # FOR KEY SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with
     # that and two concurrent submits of one user deadlock (measured: 503s under 8 clients).
-    user = session.execute(select(User).where(User.id == user_id).with_for_update(key_share=True)).scalar_one()
-    held = held_amount(session, user_id=user_id)  # once: both checks below need it
+    # populate_existing: the request loaded this user before the lock; the balance must be fresh.
+    user = session.execute(
+        select(User).where(User.id == user_id).with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    # The three sums in one round trip, in a statement after the lock: a statement's snapshot is
+    # taken when it starts, so sums read by the locking statement itself would miss the task a
+    # concurrent submit committed while this one waited (measured: 24 of 32 accepted, quota 20).
+    held, settled_today, active = session.execute(select(
+        _held_sum(user_id).scalar_subquery(),
+        quotas.charges_today_sum(user_id, settled_only=True).scalar_subquery(),
+        quotas.active_tasks_count(user_id).scalar_subquery(),
+    )).one()
+    held, settled_today = Decimal(held or 0), -Decimal(settled_today or 0)
     available = q(user.balance - held)
     if amount > available:
         raise PaymentRequired(
@@ -89,9 +102,9 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
             balance=str(available),
             estimate=str(amount),
         )
-    quotas.check_daily_spend(session, user=user, amount=amount, held=held)
+    quotas.check_daily_spend(session, user=user, amount=amount, held=held, settled_today=settled_today)
     # The new task is already in this transaction and counts itself: the others are active - 1.
-    quotas.check_active_tasks(user, active=quotas.active_tasks(session, user_id=user_id) - 1)
+    quotas.check_active_tasks(user, active=(active or 0) - 1)
     hold = Hold(user_id=user_id, task_id=task_id, amount=q(amount))
     session.add(hold)
     return hold
@@ -161,24 +174,26 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
     return q(-Decimal(total or 0))
 
 
+def lock_hold(session: Session, *, task_id: uuid.UUID) -> None:
+    """Lock the task's hold row FOR UPDATE: settlement's first step (lock order: hold, then user)."""
+    session.execute(select(Hold.id).where(Hold.task_id == task_id).with_for_update())
+
+
 def settle_task(session: Session, *, task: Any) -> Decimal:
     """Apply the task's unsettled charges to the balance and release its hold; idempotent."""
     # Lock order everywhere: hold, then user (see record_subtask_charge).
-    session.execute(select(Hold.id).where(Hold.task_id == task.id).with_for_update())
+    lock_hold(session, task_id=task.id)
     user = session.execute(select(User).where(User.id == task.user_id).with_for_update(key_share=True)).scalar_one()
-    unsettled = session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-            LedgerEntry.task_id == task.id, LedgerEntry.settled.is_(False)
-        )
-    )
-    delta = Decimal(unsettled or 0)
-    # The hold covered the worst case, so this stays >= 0; the max() is the last guard.
-    user.balance = max(Decimal("0"), q(user.balance + delta))
-    session.execute(
+    # Settled and summed in one statement: the rows it marks are exactly the ones applied.
+    delta = sum(session.scalars(
         update(LedgerEntry)
         .where(LedgerEntry.task_id == task.id, LedgerEntry.settled.is_(False))
         .values(settled=True)
-    )
+        .returning(LedgerEntry.amount),
+        execution_options={"synchronize_session": False},
+    ), Decimal("0"))
+    # The hold covered the worst case, so this stays >= 0; the max() is the last guard.
+    user.balance = max(Decimal("0"), q(user.balance + delta))
     session.execute(
         update(Hold)
         .where(Hold.task_id == task.id, Hold.status == "active")
@@ -188,9 +203,9 @@ def settle_task(session: Session, *, task: Any) -> Decimal:
     if delta:
         from marketplace.audit import service as audit
 
-        audit.append(session, actor="billing", action="billing.settled", subject=f"task:{task.id}", task_id=task.id,
-                     data={"user_id": str(task.user_id), "cost": str(task.cost), "applied": str(q(delta)),
-                           "balance": str(user.balance)})
+        audit.enqueue(session, actor="billing", action="billing.settled", subject=f"task:{task.id}", task_id=task.id,
+                      data={"user_id": str(task.user_id), "cost": str(task.cost), "applied": str(q(delta)),
+                            "balance": str(user.balance)})
     return task.cost
 
 
@@ -206,17 +221,19 @@ def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None) -> 
     if spec is None or not task.queue:
         return 0
     price = price_for(spec, task.queue.split(".", 1)[0])
-    charged = set(session.scalars(select(LedgerEntry.subtask_id).where(LedgerEntry.task_id == task.id)))
     added = 0
-    for sub in session.scalars(
-        select(SubTask).where(
+    # Only the final subtasks without a ledger row: usually none, or the last one or two.
+    uncharged = (
+        select(SubTask.id, SubTask.status, SubTask.seconds, SubTask.items)
+        .where(
             SubTask.task_id == task.id,
             SubTask.status.in_((SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value)),
             SubTask.attempts > 0,
+            ~select(LedgerEntry.id).where(LedgerEntry.task_id == task.id, LedgerEntry.subtask_id == SubTask.id)
+            .exists(),
         )
-    ):
-        if sub.id in charged:
-            continue
+    )
+    for sub in session.execute(uncharged).all():
         ok = sub.status == SubTaskStatus.DONE.value
         amount = subtask_cost(price, seconds=sub.seconds or 0.0, items=sub.items, ok=ok)
         added += record_subtask_charge(

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.signals import task_failure, task_success
 
-from marketplace.billing import service
+from marketplace.billing import service, subtask_charges
 from marketplace.catalog import get_catalog
 from marketplace.db import session_scope
 from marketplace.settings import get_settings
@@ -43,14 +43,13 @@ def charge_outcome(result: dict[str, Any], *, audit_hostname: str | None = None)
         return False
     chargeable = not result.get("skipped") and bool(result.get("subtask_id"))
     spec = get_catalog().get(result.get("model") or "") if chargeable else None
+    if (audit_hostname is not None and get_settings().audit_subtask_events == "pending"
+            and all(result.get(k) for k in ("subtask_id", "task_id", "user_id"))):
+        return _charge_in_one_statement(result, spec, audit_hostname)
     inserted = False
     with session_scope() as session:
         if spec is not None:
-            price = service.price_for(spec, result["device"])
-            amount = service.subtask_cost(
-                price, seconds=float(result.get("seconds") or 0), items=int(result.get("items") or 0),
-                ok=bool(result["ok"]),
-            )
+            amount, detail = _amount_and_detail(result, spec)
             inserted = service.record_subtask_charge(
                 session,
                 user_id=uuid.UUID(result["user_id"]),
@@ -58,8 +57,7 @@ def charge_outcome(result: dict[str, Any], *, audit_hostname: str | None = None)
                 subtask_id=uuid.UUID(result["subtask_id"]),
                 amount=amount,
                 ok=bool(result["ok"]),
-                detail=f"{result['model']}/{result['device']} {result.get('items')} items "
-                       f"{result.get('seconds') or 0:.3f}s",
+                detail=detail,
             )
         if audit_hostname is not None and result.get("subtask_id"):
             from marketplace.audit.signals import outcome_event
@@ -67,6 +65,31 @@ def charge_outcome(result: dict[str, Any], *, audit_hostname: str | None = None)
             outcome_event(session, hostname=audit_hostname, result=result)
         late = session.info.pop(service.LATE_KEY, set())
     _settle_late(late)
+    return inserted
+
+
+def _amount_and_detail(result: dict[str, Any], spec: Any) -> tuple[Any, str]:
+    detail = f"{result['model']}/{result['device']} {result.get('items')} items {result.get('seconds') or 0:.3f}s"
+    if spec is None:
+        return None, detail
+    return service.subtask_cost(
+        service.price_for(spec, result["device"]), seconds=float(result.get("seconds") or 0),
+        items=int(result.get("items") or 0), ok=bool(result["ok"]),
+    ), detail
+
+
+def _charge_in_one_statement(result: dict[str, Any], spec: Any, hostname: str) -> bool:
+    """The hot path: ledger row and audit records in one round trip (see subtask_charges)."""
+    from marketplace.audit.signals import outcome_record
+
+    amount, detail = _amount_and_detail(result, spec)
+    inserted, hold_status = subtask_charges.charge_outcome(
+        user_id=str(result["user_id"]), task_id=str(result["task_id"]), subtask_id=str(result["subtask_id"]),
+        amount=amount, ok=bool(result.get("ok")), detail=detail,
+        outcome_record=outcome_record(hostname=hostname, result=result),
+    )
+    if inserted and hold_status == "released":
+        _settle_late({uuid.UUID(str(result["task_id"]))})  # the task settled before this charge landed
     return inserted
 
 

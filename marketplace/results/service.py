@@ -31,19 +31,33 @@ def result_key(task_id: str) -> str:
     return f"results/{task_id}/result.json"
 
 
-def _finish(session: Session, *, task: Task, status: TaskStatus, error: str | None = None) -> None:
-    """Set a final status, settle billing and emit the event, in the caller's transaction."""
+def _finish(
+    session: Session, *, task: Task, status: TaskStatus, error: str | None = None, failed: int | None = None
+) -> None:
+    """Set a final status, settle billing and emit the event, in the caller's transaction.
+
+    `failed` is the number of failed subtasks when the caller already knows it. The
+    records go to `audit_pending` (chained within seconds, and before any audit read):
+    chaining here would take the chain's global lock inside every task's last step.
+    """
     task.status = status.value
     task.error = error
     task.status_reason = None
     task.finished_at = utcnow()
+    # The hold first, FOR UPDATE: a subtask's charge (hold FOR SHARE, then its ledger row) then
+    # either committed before or waits for settlement; taken after backfill's ledger insert, the
+    # two could wait on each other (deadlock, 1 s until Postgres breaks it).
+    billing.lock_hold(session, task_id=task.id)
     billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model))
     billing.settle_task(session, task=task)
-    audit.append(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system", action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id, data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
+    audit.enqueue(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system",
+                  action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id,
+                  data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
     observability.task_finished(model=task.model, status=task.status, cost=task.cost)
     event = {TaskStatus.DONE: "TaskCompleted", TaskStatus.FAILED: "TaskFailed"}.get(status, "TaskCancelled")
-    failed = session.scalar(select(func.count()).select_from(SubTask).where(
-        SubTask.task_id == task.id, SubTask.status == SubTaskStatus.FAILED.value))
+    if failed is None:
+        failed = session.scalar(select(func.count()).select_from(SubTask).where(
+            SubTask.task_id == task.id, SubTask.status == SubTaskStatus.FAILED.value))
     emit(session, type=event, key=str(task.id), payload={
         "task_id": str(task.id), "user_id": str(task.user_id), "model": task.model, "status": task.status,
         "cost": str(task.cost), "error": error, "result_key": task.result_key, "items": task.total_items,
@@ -118,7 +132,7 @@ def finalize_task(task_id: str) -> str:
             store = get_store()
             store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
             task.result_key = key
-            _finish(session, task=task, status=TaskStatus.DONE)
+            _finish(session, task=task, status=TaskStatus.DONE, failed=0)
             outcome = "done"
         actions = session.info.pop("after_commit", [])
     run_after_commit(actions)

@@ -53,6 +53,31 @@ _COMPLETE = text("""
     FROM s
 """)
 
+# The common case in one round trip: a Pending subtask of a live task becomes Running, the task
+# InProgress, and task_prerun's carried `subtask.started` record (:ts/:actor/... NULL when there is
+# none) is written. Anything else (redelivery, a task that ended) takes the checked path below.
+_CLAIM_PENDING = text("""
+    WITH s AS (
+        UPDATE subtasks SET status = 'Running', attempts = subtasks.attempts + 1, worker = :worker, celery_id = :mid,
+               started_at = COALESCE(subtasks.started_at, :now), error = NULL
+        FROM tasks t
+        WHERE subtasks.id = :id AND subtasks.status = 'Pending'
+          AND t.id = subtasks.task_id AND t.status IN ('Scheduled', 'InProgress')
+        RETURNING subtasks.task_id, subtasks.index, subtasks.items, subtasks.inputs, subtasks.attempts,
+                  t.user_id, t.model, t.queue, t.params
+    ), t AS (
+        UPDATE tasks SET status = 'InProgress', started_at = :now
+        FROM s WHERE tasks.id = s.task_id AND tasks.status = 'Scheduled'
+        RETURNING tasks.id
+    ), a AS (
+        INSERT INTO audit_pending (ts, actor, action, subject, task_id, data)
+        SELECT CAST(:ts AS timestamptz), :actor, :action, :subject, s.task_id::text, :data FROM s
+        WHERE CAST(:action AS text) IS NOT NULL
+        RETURNING id
+    )
+    SELECT * FROM s
+""")
+
 _RELEASE = text("""
     UPDATE subtasks SET status = 'Pending', error = :error WHERE id = :id AND status = 'Running'
 """)
@@ -79,12 +104,23 @@ def claim_subtask(
     subtask_id: str, *, hostname: str, message_id: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
-    from marketplace.audit.service import write_carried
+    from marketplace.audit.service import take_carried, write_carried
 
     sid = uuid.UUID(subtask_id)
+    now = utcnow()
     with get_engine().begin() as conn:
+        carried = take_carried()
+        one = carried[0] if len(carried) == 1 else {"ts": None, "actor": None, "action": None, "subject": None,
+                                                    "data": None}
+        row = conn.execute(_CLAIM_PENDING, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
+                                            **one}).first()
+        if row is not None:
+            if len(carried) > 1:
+                write_carried(conn, task_id=row.task_id, rows=carried)
+            return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
+                          "attempts": row.attempts}
         row = conn.execute(_LOAD, {"id": sid}).first()
-        write_carried(conn, task_id=row.task_id if row else None)  # task_prerun's `subtask.started`
+        write_carried(conn, task_id=row.task_id if row else None, rows=carried)  # task_prerun's `subtask.started`
         if row is None:
             return {"ok": False, "skipped": True, "subtask_id": None, "error": f"unknown subtask {subtask_id}"}, {}
         if row.task_status in ("Done", "Failed", "Cancelled"):
@@ -100,7 +136,7 @@ def claim_subtask(
             # let that one finish rather than run the subtask twice at once. The same message coming
             # back is a redelivery after its process died, and runs.
             return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
-        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": utcnow()}).scalar()
+        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
     return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
                   "attempts": attempts}
 

@@ -156,22 +156,13 @@ def create_task(
         request_hash=request_hash,
         trace_id=trace_id,
     )
-    try:
-        # A savepoint: a concurrent duplicate (same user and key) loses on the unique
-        # constraint and gets the winner's task, without spoiling the outer transaction.
-        with session.begin_nested():
-            session.add(task)
-            session.flush()
-    except IntegrityError:
-        if not idempotency_key:
-            raise
-        existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
-        if existing is None:
-            raise
-        if existing.request_hash != request_hash:
-            raise Conflict("Idempotency-Key was already used with a different request body",
-                           field="Idempotency-Key") from None
-        return existing, False
+    if idempotency_key:
+        winner = _insert_keyed(session, task=task, idempotency_key=idempotency_key, request_hash=request_hash)
+        if winner is not None:
+            return winner, False
+    else:  # no key, no race to lose: no savepoint (two round trips fewer)
+        session.add(task)
+        session.flush()
     session.execute(
         insert(SubTask),
         [
@@ -199,6 +190,27 @@ def create_task(
               "estimated_cost": str(estimate)},
     )
     return task, True
+
+
+def _insert_keyed(session: Session, *, task: Task, idempotency_key: str, request_hash: str) -> Task | None:
+    """Insert a keyed task; returns the winner's task when a concurrent request took the key first."""
+    try:
+        # A savepoint: a concurrent duplicate (same user and key) loses on the unique
+        # constraint and gets the winner's task, without spoiling the outer transaction.
+        with session.begin_nested():
+            session.add(task)
+            session.flush()
+    except IntegrityError:
+        existing = session.scalar(
+            select(Task).where(Task.user_id == task.user_id, Task.idempotency_key == idempotency_key)
+        )
+        if existing is None:
+            raise
+        if existing.request_hash != request_hash:
+            raise Conflict("Idempotency-Key was already used with a different request body",
+                           field="Idempotency-Key") from None
+        return existing
+    return None
 
 
 def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None) -> None:

@@ -1,0 +1,99 @@
+"""Billing under concurrency, on real Postgres: a subtask's charge racing its task's settlement."""
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select, text, update
+
+from tests.support.api import register
+from tests.support.wait import wait_until
+
+
+def _ran_uncharged(user_id: str, inputs: list[Any]) -> tuple[str, list[str]]:
+    """A task whose subtasks all ran through the worker's own progress calls, with no charge recorded yet."""
+    from marketplace.db import session_scope
+    from marketplace.results.service import part_key
+    from marketplace.storage import get_store
+    from marketplace.tasks import progress
+    from marketplace.tasks.models import SubTask, Task
+    from marketplace.tasks.schemas import TaskRequest
+    from marketplace.tasks.service import create_task
+
+    with session_scope() as session:  # stored, never published: no worker of the session runs it
+        task, _ = create_task(session, user_id=uuid.UUID(user_id),
+                              request=TaskRequest(model="echo", inputs=inputs, batch_size=1))
+        session.execute(update(Task).where(Task.id == task.id).values(status="Scheduled", queue="cpu.generic"))
+        task_id = str(task.id)
+        sub_ids = [str(i) for i in session.scalars(
+            select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index))]
+    for sid in sub_ids:
+        early, work = progress.claim_subtask(sid, hostname="race@test", message_id=f"{sid}:1")
+        assert early is None, early
+        key = part_key(task_id, work["base"]["index"])
+        sha = get_store().put_bytes(key, json.dumps(work["inputs"]).encode(), "application/json")
+        progress.complete_subtask(sid, key=key, sha256=sha, seconds=0.01)
+    return task_id, sub_ids
+
+
+def _backends_waiting_on_locks() -> int:
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )).scalar_one()
+
+
+def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadlocks(client):  # type: ignore[no-untyped-def]
+    from marketplace.billing import service
+    from marketplace.billing.models import Hold, LedgerEntry
+    from marketplace.db import new_session, session_scope
+    from marketplace.results.service import finalize_task
+    from marketplace.tasks.models import Task
+
+    user = register(client)
+    task_id, sub_ids = _ran_uncharged(user["id"], ["a", "b"])
+    tid = uuid.UUID(task_id)
+
+    # The first subtask's task_success handler, mid-flight: it holds the hold FOR SHARE and has
+    # not inserted its ledger row yet. Finalize starts now and must charge the other subtask.
+    handler = new_session()
+    handler.execute(select(Hold.id).where(Hold.task_id == tid).with_for_update(read=True))
+    outcome: dict[str, Any] = {}
+
+    def run_finalize() -> None:
+        try:
+            outcome["result"] = finalize_task(task_id)
+        except Exception as exc:  # a deadlock victim lands here
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run_finalize)
+    thread.start()
+    try:
+        wait_until(_backends_waiting_on_locks, 15, "finalize waiting on the handler's lock", interval=0.05)
+        # Before the fix, finalize had already inserted this subtask's charge (backfill) and waited to
+        # lock the hold FOR UPDATE, while this insert waited on finalize's row: Postgres killed one.
+        inserted = service.record_subtask_charge(
+            handler, user_id=uuid.UUID(user["id"]), task_id=tid, subtask_id=uuid.UUID(sub_ids[0]),
+            amount=Decimal("0.25"), ok=True, detail="the handler's charge",
+        )
+        handler.commit()
+    finally:
+        handler.close()
+        thread.join(30)
+    assert outcome == {"result": "done"}, outcome
+    assert inserted
+
+    with session_scope() as session:
+        charges = {c.subtask_id: c for c in session.scalars(select(LedgerEntry).where(LedgerEntry.task_id == tid))}
+        task = session.get(Task, tid)
+        hold = session.scalar(select(Hold).where(Hold.task_id == tid))
+        assert set(charges) == {uuid.UUID(s) for s in sub_ids}, "one charge per subtask"
+        assert charges[uuid.UUID(sub_ids[0])].amount == Decimal("-0.25"), "the handler's row, not a second one"
+        assert all(c.settled and c.kind == "charge" for c in charges.values())
+        assert task.cost == -sum(c.amount for c in charges.values())
+        assert hold.status == "released"
