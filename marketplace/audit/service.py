@@ -39,6 +39,7 @@ GENESIS = "0" * 64
 # pg_advisory_xact_lock key for the chain head: int.from_bytes(b"mp-audit") & 0x7fff...
 CHAIN_LOCK_KEY = 0x6D702D6175646974
 _INFO_KEY = "marketplace.audit.records"
+_PENDING_KEY = "marketplace.audit.pending"
 CHAIN_BATCH = 1000
 
 
@@ -107,8 +108,8 @@ def enqueue(
             select(cast(SubTask.task_id, String)).where(SubTask.id == _uuid(subtask_id)).scalar_subquery()
         )
         session.execute(insert(AuditPending).values(**values))
-    else:  # parameters, not .values(): one cached statement (building .values() costs ~0.5 ms a call)
-        session.execute(insert(AuditPending), [values])
+    else:  # written at commit, all of the transaction's records in one INSERT
+        session.info.setdefault(_PENDING_KEY, []).append(values)
 
 
 def record(
@@ -152,6 +153,9 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
 
 @event.listens_for(Session, "before_commit")
 def _chain_on_commit(session: Session) -> None:
+    pending = session.info.pop(_PENDING_KEY, None)
+    if pending:
+        session.execute(insert(AuditPending.__table__), pending)
     entries = session.info.pop(_INFO_KEY, None)
     if entries:
         # Flush the caller's own writes first: while we hold the chain lock we only insert.
@@ -162,6 +166,7 @@ def _chain_on_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget_on_rollback(session: Session) -> None:
     session.info.pop(_INFO_KEY, None)
+    session.info.pop(_PENDING_KEY, None)
 
 
 def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:

@@ -11,7 +11,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -70,7 +70,7 @@ def available_balance(session: Session, *, user: User) -> Decimal:
     return q(user.balance - held_amount(session, user_id=user.id))
 
 
-def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal) -> Hold:
+def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal) -> None:
     """Reserve `amount` for a task: 402 naming balance and estimate, or 429 over the daily spend quota.
 
     The user's row lock serializes one user's submits, so two of them cannot both
@@ -105,9 +105,10 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     quotas.check_daily_spend(session, user=user, amount=amount, held=held, settled_today=settled_today)
     # The new task is already in this transaction and counts itself: the others are active - 1.
     quotas.check_active_tasks(user, active=(active or 0) - 1)
-    hold = Hold(user_id=user_id, task_id=task_id, amount=q(amount))
-    session.add(hold)
-    return hold
+    # A Core insert: the row is never read back in this transaction (no unit-of-work bookkeeping).
+    session.execute(insert(Hold.__table__), [
+        {"user_id": user_id, "task_id": task_id, "amount": q(amount), "status": "active", "created_at": utcnow()}
+    ])
 
 
 def record_subtask_charge(
@@ -179,11 +180,14 @@ def lock_hold(session: Session, *, task_id: uuid.UUID) -> None:
     session.execute(select(Hold.id).where(Hold.task_id == task_id).with_for_update())
 
 
-def settle_task(session: Session, *, task: Any) -> Decimal:
-    """Apply the task's unsettled charges to the balance and release its hold; idempotent."""
+def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> Decimal:
+    """Apply the task's unsettled charges to the balance and release its hold; idempotent.
+
+    `hold_locked`: the caller already ran `lock_hold` in this transaction.
+    """
     # Lock order everywhere: hold, then user (see record_subtask_charge).
-    lock_hold(session, task_id=task.id)
-    user = session.execute(select(User).where(User.id == task.user_id).with_for_update(key_share=True)).scalar_one()
+    if not hold_locked:
+        lock_hold(session, task_id=task.id)
     # Settled and summed in one statement: the rows it marks are exactly the ones applied.
     delta = sum(session.scalars(
         update(LedgerEntry)
@@ -192,8 +196,16 @@ def settle_task(session: Session, *, task: Any) -> Decimal:
         .returning(LedgerEntry.amount),
         execution_options={"synchronize_session": False},
     ), Decimal("0"))
-    # The hold covered the worst case, so this stays >= 0; the max() is the last guard.
-    user.balance = max(Decimal("0"), q(user.balance + delta))
+    balance = None
+    if delta:
+        # Lock and update the user's row in one statement ("fetch" refreshes a loaded User).
+        # The hold covered the worst case, so this stays >= 0; GREATEST is the last guard.
+        balance = session.execute(
+            update(User).where(User.id == task.user_id)
+            .values(balance=func.greatest(Decimal("0"), User.balance + delta))
+            .returning(User.balance),
+            execution_options={"synchronize_session": "fetch"},
+        ).scalar_one()
     session.execute(
         update(Hold)
         .where(Hold.task_id == task.id, Hold.status == "active")
@@ -205,7 +217,7 @@ def settle_task(session: Session, *, task: Any) -> Decimal:
 
         audit.enqueue(session, actor="billing", action="billing.settled", subject=f"task:{task.id}", task_id=task.id,
                       data={"user_id": str(task.user_id), "cost": str(task.cost), "applied": str(q(delta)),
-                            "balance": str(user.balance)})
+                            "balance": str(q(balance))})
     return task.cost
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from marketplace.db import utcnow
 from marketplace.events.models import OutboxEvent
 from marketplace.settings import get_settings
 
@@ -23,4 +25,7 @@ def topic_for(event_type: str) -> str:
 
 def emit(session: Session, *, type: str, key: str, payload: dict[str, Any]) -> None:
     """Add an event; it is relayed to Kafka only if the surrounding transaction commits."""
-    session.add(OutboxEvent(topic=topic_for(type), key=key, type=type, payload=payload))
+    # A Core insert on the table, not session.add(): no unit-of-work bookkeeping for a row nobody reads back.
+    session.execute(insert(OutboxEvent.__table__), [
+        {"topic": topic_for(type), "key": key, "type": type, "payload": payload, "created_at": utcnow()}
+    ])

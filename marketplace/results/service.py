@@ -40,6 +40,13 @@ def _finish(
     records go to `audit_pending` (chained within seconds, and before any audit read):
     chaining here would take the chain's global lock inside every task's last step.
     """
+    with session.no_autoflush:  # the task row is written once, at commit, not once per query below
+        _settle_and_emit(session, task=task, status=status, error=error, failed=failed)
+
+
+def _settle_and_emit(
+    session: Session, *, task: Task, status: TaskStatus, error: str | None, failed: int | None
+) -> None:
     task.status = status.value
     task.error = error
     task.status_reason = None
@@ -49,7 +56,7 @@ def _finish(
     # two could wait on each other (deadlock, 1 s until Postgres breaks it).
     billing.lock_hold(session, task_id=task.id)
     billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model))
-    billing.settle_task(session, task=task)
+    billing.settle_task(session, task=task, hold_locked=True)
     audit.enqueue(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system",
                   action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id,
                   data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
