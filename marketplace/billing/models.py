@@ -5,7 +5,7 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, Uuid
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.db import Base, utcnow
@@ -18,6 +18,7 @@ class LedgerEntry(Base):
         UniqueConstraint("subtask_id", "kind", name="uq_ledger_subtask_kind"),
         Index("ix_ledger_user_id", "user_id", "id"),
         Index("ix_ledger_task", "task_id"),
+        Index("ix_ledger_user_created", "user_id", "created_at"),  # today's spend (migration 0002)
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -33,6 +34,8 @@ class LedgerEntry(Base):
 
 class Hold(Base):
     __tablename__ = "holds"
+    # The held amount at every submit reads only the user's open holds (migration 0003).
+    __table_args__ = (Index("ix_holds_user_active", "user_id", postgresql_where=text("status = 'active'")),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)

@@ -43,6 +43,7 @@ class Task(Base):
         UniqueConstraint("user_id", "idempotency_key", name="uq_tasks_user_idempotency"),
         Index("ix_tasks_user_created", "user_id", "created_at"),
         Index("ix_tasks_status", "status"),
+        Index("ix_tasks_user_status", "user_id", "status"),  # the active-task quota, at every submit
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
