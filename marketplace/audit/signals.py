@@ -98,7 +98,8 @@ def _on_publish(sender: Any = None, headers: Any = None, body: Any = None, routi
             _buffer().append((sid, str(routing_key or "")))
             if len(_buffer()) >= FLUSH_AT:
                 _safe(flush_published)
-    elif name == SCHEDULE:
+    elif name == SCHEDULE and not (headers or {}).get("marketplace_audited"):
+        # A submit's first scheduling message is named by its task.created record (tasks.service).
         tid = _arg0(args)
         _safe(service.subtask_record, actor="api", action="task.schedule_requested", subject=f"task:{tid}",
               task_id=tid, data={"celery_id": (headers or {}).get("id")})

@@ -28,7 +28,7 @@ def effective_quotas(user: User) -> dict[str, object]:
     }
 
 
-def active_tasks_count(user_id: uuid.UUID) -> Any:
+def active_tasks_count(user_id: Any) -> Any:
     """The number of the user's active tasks, as a SELECT (for a scalar subquery)."""
     return select(func.count()).select_from(Task).where(
         Task.user_id == user_id, Task.status.in_([s.value for s in ACTIVE_TASK_STATUSES])
@@ -66,18 +66,18 @@ def check_active_tasks(user: User, *, active: int) -> None:
         )
 
 
-def _today_start() -> datetime:
+def today_start() -> datetime:
     return datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
 
 
-def charges_today_sum(user_id: uuid.UUID, *, settled_only: bool) -> Any:
-    """The (negative) sum of today's charges, as a SELECT (for a scalar subquery)."""
+def charges_today_sum(user_id: Any, *, settled_only: bool, since: Any = None) -> Any:
+    """The (negative) sum of charges since `since` (default: today, UTC), as a SELECT (for a scalar subquery)."""
     from marketplace.billing.models import LedgerEntry
 
     stmt = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
         LedgerEntry.user_id == user_id,
         LedgerEntry.kind.in_(("charge", "charge_failed")),
-        LedgerEntry.created_at >= _today_start(),
+        LedgerEntry.created_at >= (today_start() if since is None else since),
     )
     if settled_only:
         stmt = stmt.where(LedgerEntry.settled.is_(True))

@@ -187,7 +187,7 @@ def create_task(
     audit.enqueue(
         session, actor=f"user:{user_id}", action="task.created", subject=f"task:{task.id}", task_id=task.id,
         data={"model": spec.name, "device": request.device, "items": len(items), "subtasks": len(batches),
-              "estimated_cost": str(estimate)},
+              "estimated_cost": str(estimate), "schedule_id": schedule_message_id(task.id)},
     )
     return task, True
 
@@ -213,12 +213,26 @@ def _insert_keyed(session: Session, *, task: Task, idempotency_key: str, request
     return None
 
 
-def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None) -> None:
-    """Publish the scheduling step; call only after the task's transaction committed."""
+AUDITED_HEADER = "marketplace_audited"
+
+
+def schedule_message_id(task_id: uuid.UUID | str) -> str:
+    """The broker id of a task's first scheduling message (named in its `task.created` record)."""
+    return f"{task_id}:schedule"
+
+
+def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None, first: bool = False) -> None:
+    """Publish the scheduling step; call only after the task's transaction committed.
+
+    `first`: the message that follows `create_task`. Its `task.created` audit record, written
+    in the submit's transaction, already names it, so the publish signal writes no record of
+    its own (that was a second transaction per submit).
+    """
     from marketplace.celery_app import app
 
     app.send_task(SCHEDULE_TASK, args=[str(task_id)], queue="marketplace.scheduler", countdown=countdown,
-                  ignore_result=True)
+                  ignore_result=True, task_id=schedule_message_id(task_id) if first else None,
+                  headers={AUDITED_HEADER: "task.created"} if first else None)
 
 
 def get_task(session: Session, *, task_id: uuid.UUID | str, user: User | None = None, lock: bool = False) -> Task:

@@ -23,3 +23,23 @@ def test_each_subtask_is_audited_from_start_to_finish(client, user):  # type: ig
     started = {r.subject for r in rows if r.action == "subtask.started"}
     finished = {r.subject for r in rows if r.action == "subtask.finished"}
     assert started == subtasks and finished == subtasks, rows
+
+
+def test_a_submit_names_its_scheduling_message_and_a_re_publish_is_recorded(client, user):  # type: ignore[no-untyped-def]
+    import marketplace.audit.signals  # noqa: F401  (connects the publish handler here, as in every worker)
+    from marketplace.audit import service
+    from marketplace.db import get_engine
+    from marketplace.tasks.service import enqueue_schedule, schedule_message_id
+
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+    enqueue_schedule(task_id)  # what recovery does: a message the submit's record does not name
+    service.chain_pending()
+    with get_engine().connect() as conn:
+        rows = conn.execute(text("SELECT action, data FROM audit_records WHERE task_id = :t ORDER BY seq"),
+                            {"t": task_id}).all()
+    created = [r for r in rows if r.action == "task.created"]
+    assert len(created) == 1 and f'"schedule_id":"{schedule_message_id(task_id)}"' in created[0].data, rows
+    # The submit's own message is not recorded twice; the re-publish is recorded by the publish signal.
+    assert [r.action for r in rows].count("task.schedule_requested") == 1, rows
