@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from marketplace.audit import signing
 from marketplace.audit.models import AuditPending, AuditRecord
 from marketplace.db import session_scope, utcnow
-from marketplace.events.outbox import emit
+from marketplace.events.outbox import emit_many
 
 logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
@@ -135,7 +135,7 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
     head = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
     seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
-    rows = []
+    rows, events = [], []
     for e in entries:
         seq += 1
         digest = record_hash(prev_hash=prev, seq=seq, ts=e.ts, actor=e.actor, action=e.action,
@@ -144,10 +144,11 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
                "task_id": e.task_id, "data": e.data, "prev_hash": prev, "hash": digest,
                "signature": signing.sign(digest)}
         rows.append(row)
-        emit(session, type="AuditEvent", key=e.task_id or e.subject, payload=_document(row))
+        events.append((e.task_id or e.subject, _document(row)))
         prev = digest
-    if rows:
-        session.execute(insert(AuditRecord), rows)
+    if rows:  # one INSERT each for the records and their AuditEvents (a batch is up to CHAIN_BATCH)
+        session.execute(insert(AuditRecord.__table__), rows)
+        emit_many(session, type="AuditEvent", events=events)
     return len(rows)
 
 
@@ -178,7 +179,7 @@ def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:
     for _ in range(max_batches):
         with session_scope() as session:
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
-            rows = session.scalars(select(AuditPending).order_by(AuditPending.id).limit(batch)).all()
+            rows = session.execute(select(AuditPending.__table__).order_by(AuditPending.id).limit(batch)).all()
             if not rows:
                 break
             _chain(session, [_Entry(ts=r.ts, actor=r.actor, action=r.action, subject=r.subject,

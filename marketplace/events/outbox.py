@@ -25,7 +25,15 @@ def topic_for(event_type: str) -> str:
 
 def emit(session: Session, *, type: str, key: str, payload: dict[str, Any]) -> None:
     """Add an event; it is relayed to Kafka only if the surrounding transaction commits."""
-    # A Core insert on the table, not session.add(): no unit-of-work bookkeeping for a row nobody reads back.
+    emit_many(session, type=type, events=[(key, payload)])
+
+
+def emit_many(session: Session, *, type: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Add events of one type, `(key, payload)` each, in one INSERT."""
+    if not events:
+        return
+    # A Core insert on the table, not session.add(): no unit-of-work bookkeeping for rows nobody reads back.
+    topic, now = topic_for(type), utcnow()
     session.execute(insert(OutboxEvent.__table__), [
-        {"topic": topic_for(type), "key": key, "type": type, "payload": payload, "created_at": utcnow()}
+        {"topic": topic, "key": key, "type": type, "payload": payload, "created_at": now} for key, payload in events
     ])
