@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from marketplace.billing.models import Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
-from marketplace.db import utcnow
+from marketplace.db import Money, utcnow
 from marketplace.errors import InvalidInput, NotFound, PaymentRequired
 from marketplace.settings import get_settings
 from marketplace.users.models import User
@@ -82,11 +82,17 @@ def _submit_statements() -> tuple[Any, Any]:
     # FOR KEY SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with
     # that and two concurrent submits of one user deadlock (measured: 503s under 8 clients).
     lock_balance = select(User.balance).where(User.id == uid).with_for_update(key_share=True)
+    # The hold is inserted by the same statement: its sums read the snapshot from before it, so
+    # they count the user's *other* holds; if a check below fails the transaction rolls back.
+    new_hold = insert(Hold.__table__).values(
+        user_id=uid, task_id=bindparam("tid", type_=Uuid()), amount=bindparam("amount", type_=Money),
+        status="active", created_at=bindparam("now", type_=DateTime(timezone=True)),
+    ).returning(Hold.__table__.c.id).cte("new_hold")
     sums = select(
         _held_sum(uid).scalar_subquery(),
         quotas.charges_today_sum(uid, settled_only=True, since=today).scalar_subquery(),
         quotas.active_tasks_count(uid).scalar_subquery(),
-    )
+    ).add_cte(new_hold)
     return lock_balance, sums
 
 
@@ -103,10 +109,12 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     balance = session.execute(lock_balance, {"uid": user_id}).scalar_one()
     user = session.get(User, user_id)  # its quota settings (the API's request already loaded it)
     assert user is not None
-    # The three sums in one round trip, in a statement after the lock: a statement's snapshot is
+    # The three sums and the new hold in one round trip, in a statement after the lock: a statement's snapshot is
     # taken when it starts, so sums read by the locking statement itself would miss the task a
     # concurrent submit committed while this one waited (measured: 24 of 32 accepted, quota 20).
-    held, settled_today, active = session.execute(sums, {"uid": user_id, "today": quotas.today_start()}).one()
+    held, settled_today, active = session.execute(sums, {
+        "uid": user_id, "today": quotas.today_start(), "tid": task_id, "amount": q(amount), "now": utcnow(),
+    }).one()
     held, settled_today = Decimal(held or 0), -Decimal(settled_today or 0)
     available = q(balance - held)
     if amount > available:
@@ -118,10 +126,6 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     quotas.check_daily_spend(session, user=user, amount=amount, held=held, settled_today=settled_today)
     # The new task is already in this transaction and counts itself: the others are active - 1.
     quotas.check_active_tasks(user, active=(active or 0) - 1)
-    # A Core insert: the row is never read back in this transaction (no unit-of-work bookkeeping).
-    session.execute(insert(Hold.__table__), [
-        {"user_id": user_id, "task_id": task_id, "amount": q(amount), "status": "active", "created_at": utcnow()}
-    ])
 
 
 def record_subtask_charge(

@@ -164,7 +164,7 @@ def create_task(
         session.add(task)
         session.flush()
     session.execute(
-        insert(SubTask),
+        insert(SubTask.__table__),  # the table: Core executemany, not the ORM bulk-insert path
         [
             {"id": uuid.uuid4(), "task_id": task.id, "index": i, "inputs": batch, "items": len(batch),
              "status": SubTaskStatus.PENDING.value}
