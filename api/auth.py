@@ -12,6 +12,7 @@ from flask_jwt_extended import JWTManager, current_user
 from api.db import db
 from marketplace.errors import PermissionDenied, Unauthenticated
 from marketplace.settings import Settings
+from marketplace.users import tokens
 from marketplace.users.models import User
 
 jwt = JWTManager()
@@ -36,25 +37,18 @@ def _unauthorized(message: str) -> Any:
     return resp
 
 
-BLOCKLIST_PREFIX = "marketplace:jwt:revoked:"
-
-
 def revoke_token(payload: dict[str, Any]) -> None:
     """Refuse this token from now until it would have expired anyway."""
-    from marketplace.redis_client import get_redis
-
-    ttl = int(payload.get("exp", 0) - time.time()) + 1
-    if ttl > 0:
-        get_redis().set(BLOCKLIST_PREFIX + payload["jti"], "1", ex=ttl)
+    tokens.revoke(str(payload["jti"]), ttl_seconds=int(payload.get("exp", 0) - time.time()) + 1)
     from marketplace.audit.service import record as audit_record
-    audit_record(actor=f"user:{payload.get('sub')}", action="user.logout", subject=f"user:{payload.get('sub')}", data={"jti": payload.get("jti"), "token_type": payload.get("type")})
+
+    audit_record(actor=f"user:{payload.get('sub')}", action="user.logout", subject=f"user:{payload.get('sub')}",
+                 data={"jti": payload.get("jti"), "token_type": payload.get("type")})
 
 
 @jwt.token_in_blocklist_loader
 def _is_revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
-    from marketplace.redis_client import get_redis
-
-    return bool(get_redis().exists(BLOCKLIST_PREFIX + str(payload.get("jti", ""))))
+    return tokens.is_revoked(str(payload.get("jti", "")))
 
 
 @jwt.user_lookup_loader

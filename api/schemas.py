@@ -3,14 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
-
-
-class Credentials(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    email: EmailStr
-    password: str = Field(min_length=8, max_length=256)
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoginRequest(BaseModel):

@@ -51,6 +51,7 @@ from marketplace import errors
 from marketplace.db import new_session
 from marketplace.errors import unavailable_dependency
 from marketplace.settings import get_settings
+from marketplace.users import tokens
 from marketplace.users.models import User
 
 logger = logging.getLogger(__name__)
@@ -129,20 +130,9 @@ def decode_token(token: str, *, expected_type: str = "access") -> dict[str, Any]
         raise errors.Unauthenticated(f"invalid token: expected an {expected_type} token")
     if not isinstance(payload.get("sub"), str):
         raise errors.Unauthenticated("invalid token: subject must be a string")
-    if is_token_revoked(payload["jti"]):
+    if tokens.is_revoked(payload["jti"]):
         raise errors.Unauthenticated("the token has been revoked")
     return payload
-
-
-# Same key as REST logout (`api.auth.BLOCKLIST_PREFIX`); marketplace/ may not import api/.
-BLOCKLIST_PREFIX = "marketplace:jwt:revoked:"
-
-
-def is_token_revoked(jti: str) -> bool:
-    """Whether REST logout revoked this token (the Redis blocklist)."""
-    from marketplace.redis_client import get_redis
-
-    return bool(get_redis().exists(BLOCKLIST_PREFIX + jti))
 
 
 def user_from_token(session: Session, token: str) -> User:

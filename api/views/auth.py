@@ -7,9 +7,10 @@ from flask_jwt_extended import get_jwt, jwt_required
 from api.auth import access_token, me, revoke_token, token_pair
 from api.db import db
 from api.openapi import api_doc
-from api.schemas import AccessToken, Credentials, LoginRequest, MeOut, TokenPair, UserOut
+from api.schemas import AccessToken, LoginRequest, MeOut, TokenPair, UserOut
 from api.validation import parse_body
 from marketplace.users import service as users
+from marketplace.users.schemas import Credentials
 
 bp = Blueprint("auth", __name__, url_prefix="/v1/auth")
 me_bp = Blueprint("me", __name__, url_prefix="/v1")

@@ -1,7 +1,7 @@
 """UserService over gRPC: a thin adapter over `marketplace.users.service`."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError
+from pydantic import ValidationError
 
 from marketplace import errors
 from marketplace.billing import quotas
@@ -9,14 +9,7 @@ from marketplace.grpc_server import AlreadyExists, Call, issue_tokens, message, 
 from marketplace.pb.user import user_pb2, user_pb2_grpc
 from marketplace.users import service as users
 from marketplace.users.models import User
-
-
-class _Registration(BaseModel):
-    # Same constraints as REST's `api.schemas.Credentials` (which marketplace/ may not import).
-    model_config = ConfigDict(extra="forbid")
-
-    email: EmailStr
-    password: str = Field(min_length=8, max_length=256)
+from marketplace.users.schemas import Credentials
 
 
 def user_message(user: User) -> user_pb2.User:
@@ -37,7 +30,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
     @rpc(auth=False)
     def CreateUser(self, request: user_pb2.CreateUserRequest, call: Call) -> user_pb2.CreateUserResponse:
         try:
-            body = _Registration(email=request.email, password=request.password)
+            body = Credentials(email=request.email, password=request.password)
         except ValidationError as exc:
             raise validation_error(exc) from None
         try:
