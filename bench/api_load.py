@@ -63,6 +63,13 @@ def account(base: str, i: int) -> str:
                          timeout=30).json()["access_token"]
 
 
+def _combine(rounds: list[tuple[float, list[float]]]) -> tuple[float, list[float]]:
+    """Requests per second over all rounds (total requests / total time) and all latencies, sorted."""
+    requests = sum(len(lat) for _, lat in rounds)
+    seconds = sum(len(lat) / rps for rps, lat in rounds)
+    return requests / seconds, sorted(x for _, lat in rounds for x in lat)
+
+
 def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))] * 1000
 
@@ -71,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=1600)
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of the two sides")
     args = parser.parse_args()
     with stack():
         port = free_port()
@@ -80,16 +88,23 @@ def main() -> None:
             # One account per client, as 16 customers would be (one account's submits serialize on
             # its balance row by design).
             tokens = [account(base, i) for i in range(args.clients)]
-            load(f"{base}/v1/bench/noop", "GET", tokens, None, args.clients, args.clients * 10)  # warm up
-            noop_rps, noop_lat = load(f"{base}/v1/bench/noop", "GET", tokens, None, args.clients, args.requests)
             body = {"model": "echo", "inputs": [1, 2, 3]}
+            load(f"{base}/v1/bench/noop", "GET", tokens, None, args.clients, args.clients * 10)  # warm up
             load(f"{base}/v1/tasks", "POST", tokens, body, args.clients, args.clients * 5)
-            sub_rps, sub_lat = load(f"{base}/v1/tasks", "POST", tokens, body, args.clients, args.requests)
+            # Interleaved in rounds (no-op, submit, no-op, ...): this machine's speed drifts within
+            # minutes, and one block after the other would measure the drift.
+            sides: dict[str, list[tuple[float, list[float]]]] = {"noop": [], "submit": []}
+            per_round = args.requests // args.rounds
+            for _ in range(args.rounds):
+                sides["noop"].append(load(f"{base}/v1/bench/noop", "GET", tokens, None, args.clients, per_round))
+                sides["submit"].append(load(f"{base}/v1/tasks", "POST", tokens, body, args.clients, per_round))
+            noop_rps, noop_lat = _combine(sides["noop"])
+            sub_rps, sub_lat = _combine(sides["submit"])
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-    print(f"{args.clients} clients (one account each), {args.requests} requests each side, gunicorn gthread 2x4, "
-          "client on the same 2 cores")
+    print(f"{args.clients} clients (one account each), {args.requests} requests each side in {args.rounds} "
+          "interleaved rounds, gunicorn gthread 2x4, client on the same 2 cores")
     print(f"  no-op (authenticated): {noop_rps:7.0f} req/s  p50 {pct(noop_lat, .5):6.1f} ms  p99 {pct(noop_lat, .99):6.1f} ms")
     print(f"  POST /v1/tasks:        {sub_rps:7.0f} req/s  p50 {pct(sub_lat, .5):6.1f} ms  p99 {pct(sub_lat, .99):6.1f} ms")
     print(f"  ratio submissions/no-op: {sub_rps / noop_rps:.2f} (target >= 0.5)")

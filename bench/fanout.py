@@ -1,7 +1,8 @@
 """Fan-out: a marketplace `echo` job of N single-item subtasks vs a plain Celery chord of N no-ops.
 
 Both run on the same private Redis, with prefork workers of the same concurrency and the
-same Celery settings (celeryconfig.py). Prints wall time from submit to Done and the ratio.
+same Celery settings (celeryconfig.py), both workers up for the whole run and the runs
+interleaved (plain, marketplace, plain, ...). Prints wall time from submit to Done and the ratio.
 
     .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3]
 """
@@ -11,7 +12,16 @@ import argparse
 import statistics
 import time
 
-from harness import CONTROL, api_client, new_user, stack, start_worker, wait_marketplace_ready, wait_task_done
+from harness import (
+    CONTROL,
+    api_client,
+    new_user,
+    settle,
+    stack,
+    start_worker,
+    wait_marketplace_ready,
+    wait_task_done,
+)
 
 
 def plain_chord(n: int) -> float:
@@ -52,16 +62,26 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(__file__))
         plain = start_worker(["bench.noop", "celery"], concurrency=args.concurrency, name="plain", app="plain_app",
                              env={"PYTHONPATH": os.path.dirname(__file__)})
-        time.sleep(3)
-        plain_times = {n: [plain_chord(n) for _ in range(args.repeat)] for n in args.n}
-        plain.stop()
-
         node = start_worker(CONTROL + ["cpu.generic"], concurrency=args.concurrency, name="mp")
         wait_marketplace_ready(node)
+        time.sleep(3)
         client = api_client()
         headers = new_user(client)
+        plain_chord(5)
         marketplace_job(client, headers, 5)  # warm the pool children
-        mp_times = {n: [marketplace_job(client, headers, n) for _ in range(args.repeat)] for n in args.n}
+        # Interleaved, one run of each side after the other: this machine's speed drifts by 2x
+        # within minutes (a shared VM), and back-to-back blocks would measure the drift. After each
+        # marketplace job the run waits for its audit chaining (off the job's path, ~1 ms per
+        # subtask, printed by billing_audit.py) so that neither side's next run pays for it.
+        plain_times: dict[int, list[float]] = {n: [] for n in args.n}
+        mp_times: dict[int, list[float]] = {n: [] for n in args.n}
+        settle()
+        for _ in range(args.repeat):
+            for n in args.n:
+                plain_times[n].append(plain_chord(n))
+                mp_times[n].append(marketplace_job(client, headers, n))
+                settle()
+        plain.stop()
         node.stop()
         for n in args.n:
             p, m = statistics.median(plain_times[n]), statistics.median(mp_times[n])

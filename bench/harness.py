@@ -109,3 +109,22 @@ def wait_task_done(task_id: str, timeout: float = 600) -> tuple[str, float]:
                 return status, time.monotonic()
             time.sleep(0.002)
     raise TimeoutError(f"task {task_id} not final after {timeout}s")
+
+
+def settle(timeout: float = 60) -> None:
+    """Wait until the marketplace's after-work is done: buffered audit records chained (it runs a
+    second after each finalize) and a moment of quiet, so the next measurement, of either side,
+    does not pay for it."""
+    from sqlalchemy import text
+
+    from marketplace.db import get_engine
+
+    deadline = time.monotonic() + timeout
+    time.sleep(1.2)  # the chaining request is sent with a 1 s countdown
+    with get_engine().connect() as conn:
+        while time.monotonic() < deadline:
+            if not conn.execute(text("SELECT EXISTS (SELECT 1 FROM audit_pending)")).scalar():
+                break
+            time.sleep(0.05)
+            conn.rollback()
+    time.sleep(0.3)
