@@ -12,7 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Uuid, bindparam, func, insert, select, update
+from sqlalchemy import DateTime, Uuid, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -137,6 +137,7 @@ def record_subtask_charge(
     amount: Decimal,
     ok: bool,
     detail: str | None = None,
+    hold_locked: bool = False,
 ) -> bool:
     """Insert the subtask's charge once; False when it was already charged (redelivery).
 
@@ -146,7 +147,9 @@ def record_subtask_charge(
     with `settle_late` after commit (a subtask still running when its task was cancelled).
     """
     kind = "charge" if ok else "charge_failed"
-    hold_status = session.scalar(select(Hold.status).where(Hold.task_id == task_id).with_for_update(read=True))
+    # Under settlement's own FOR UPDATE lock (backfill) the hold is active by construction.
+    hold_status = "active" if hold_locked else session.scalar(
+        select(Hold.status).where(Hold.task_id == task_id).with_for_update(read=True))
     stmt = (
         pg_insert(LedgerEntry)
         .values(
@@ -192,6 +195,18 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
     return q(-Decimal(total or 0))
 
 
+_SETTLE = text("""
+    WITH s AS (
+        UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
+        RETURNING amount, kind
+    )
+    SELECT (SELECT COALESCE(SUM(amount), 0) FROM s) AS delta,
+           (SELECT COALESCE(SUM(amount), 0) FROM s WHERE kind IN ('charge', 'charge_failed'))
+           + (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries
+              WHERE task_id = :task_id AND settled AND kind IN ('charge', 'charge_failed')) AS charges
+""")
+
+
 def lock_hold(session: Session, *, task_id: uuid.UUID) -> None:
     """Lock the task's hold row FOR UPDATE: settlement's first step (lock order: hold, then user)."""
     session.execute(select(Hold.id).where(Hold.task_id == task_id).with_for_update())
@@ -205,14 +220,11 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     # Lock order everywhere: hold, then user (see record_subtask_charge).
     if not hold_locked:
         lock_hold(session, task_id=task.id)
-    # Settled and summed in one statement: the rows it marks are exactly the ones applied.
-    delta = sum(session.scalars(
-        update(LedgerEntry)
-        .where(LedgerEntry.task_id == task.id, LedgerEntry.settled.is_(False))
-        .values(settled=True)
-        .returning(LedgerEntry.amount),
-        execution_options={"synchronize_session": False},
-    ), Decimal("0"))
+    # One statement marks the unsettled rows settled and sums them (the delta applied now), and
+    # sums all the task's charges: the rows settled before, read from the statement's snapshot
+    # (where they are the settled ones), plus the charges among the rows it just marked.
+    row = session.execute(_SETTLE, {"task_id": task.id}).one()
+    delta = Decimal(row.delta)
     balance = None
     if delta:
         # Lock and update the user's row in one statement ("fetch" refreshes a loaded User).
@@ -228,7 +240,7 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
         .where(Hold.task_id == task.id, Hold.status == "active")
         .values(status="released", released_at=utcnow())
     )
-    task.cost = task_charges(session, task_id=task.id)
+    task.cost = q(-Decimal(row.charges))
     if delta:
         from marketplace.audit import service as audit
 
@@ -238,7 +250,7 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     return task.cost
 
 
-def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None) -> int:
+def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None, hold_locked: bool = False) -> int:
     """Record charges for final subtasks that have none yet (the signal may not have run yet).
 
     Celery fires task_success after the chord counter moved, so the callback can
@@ -267,7 +279,7 @@ def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None) -> 
         amount = subtask_cost(price, seconds=sub.seconds or 0.0, items=sub.items, ok=ok)
         added += record_subtask_charge(
             session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
-            detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s",
+            detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s", hold_locked=hold_locked,
         )
     return added
 

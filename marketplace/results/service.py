@@ -55,7 +55,7 @@ def _settle_and_emit(
     # either committed before or waits for settlement; taken after backfill's ledger insert, the
     # two could wait on each other (deadlock, 1 s until Postgres breaks it).
     billing.lock_hold(session, task_id=task.id)
-    billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model))
+    billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model), hold_locked=True)
     billing.settle_task(session, task=task, hold_locked=True)
     audit.enqueue(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system",
                   action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id,
