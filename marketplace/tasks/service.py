@@ -118,10 +118,8 @@ def create_task(
     if idempotency_key is not None and not _KEY_RE.match(idempotency_key):
         raise InvalidInput.field("Idempotency-Key", "1 to 255 printable ASCII characters without spaces")
     if idempotency_key:
-        existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
+        existing = _keyed_task(session, user_id=user_id, idempotency_key=idempotency_key, request_hash=request_hash)
         if existing is not None:
-            if existing.request_hash != request_hash:
-                raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
             return existing, False
 
     batch_size = request.batch_size or spec.batch_size
@@ -201,16 +199,20 @@ def _insert_keyed(session: Session, *, task: Task, idempotency_key: str, request
             session.add(task)
             session.flush()
     except IntegrityError:
-        existing = session.scalar(
-            select(Task).where(Task.user_id == task.user_id, Task.idempotency_key == idempotency_key)
-        )
+        existing = _keyed_task(session, user_id=task.user_id, idempotency_key=idempotency_key,
+                               request_hash=request_hash)
         if existing is None:
             raise
-        if existing.request_hash != request_hash:
-            raise Conflict("Idempotency-Key was already used with a different request body",
-                           field="Idempotency-Key") from None
         return existing
     return None
+
+
+def _keyed_task(session: Session, *, user_id: uuid.UUID, idempotency_key: str, request_hash: str) -> Task | None:
+    """The user's task stored under this key, if any; Conflict when it was stored for another body."""
+    existing = session.scalar(select(Task).where(Task.user_id == user_id, Task.idempotency_key == idempotency_key))
+    if existing is not None and existing.request_hash != request_hash:
+        raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
+    return existing
 
 
 AUDITED_HEADER = "marketplace_audited"
