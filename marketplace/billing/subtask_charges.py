@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from marketplace.audit.service import pending_values
+from marketplace.audit.service import canonical_json, pending_values
 from marketplace.billing.service import q
 from marketplace.db import get_engine, utcnow
 
@@ -51,9 +51,7 @@ def charge_outcome(
     kind = "charge" if ok else "charge_failed"
     now = utcnow()
     signed = -q(amount) if amount is not None else Decimal("0")
-    charge_data = pending_values(actor="billing", action=f"billing.{kind}", subject="", data={
-        "user_id": user_id, "subtask_id": subtask_id, "amount": str(signed), "detail": detail,
-    })["data"]
+    charge_data = canonical_json({"user_id": user_id, "subtask_id": subtask_id, "amount": str(signed), "detail": detail})
     outcome = pending_values(**outcome_record) if outcome_record else {}
     params = {
         "task_id": uuid.UUID(task_id), "user_id": uuid.UUID(user_id), "subtask_id": uuid.UUID(subtask_id),
