@@ -95,30 +95,17 @@ def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     return q(_charges_today(session, user_id=user_id, settled_only=False))
 
 
-def committed_today(
-    session: Session, *, user_id: uuid.UUID, held: Decimal | None = None, settled_today: Decimal | None = None
-) -> Decimal:
-    """What counts against the daily quota: today's settled charges plus active holds.
+def check_daily_spend(*, user: User, amount: Decimal, held: Decimal, settled_today: Decimal) -> None:
+    """Raise QuotaExceeded (daily_spend_limit) when a new hold of `amount` would pass the limit.
 
-    A running task's charges are covered by its hold, so only settled charges are
-    added to the holds (no double counting).
+    What counts against the limit is today's settled charges plus the active holds: a
+    running task's charges are covered by its hold, so only settled charges are added
+    (no double counting). `place_hold` reads both under the user's row lock.
     """
-    from marketplace.billing.service import held_amount, q
+    from marketplace.billing.service import q
 
-    if held is None:
-        held = held_amount(session, user_id=user_id)
-    if settled_today is None:
-        settled_today = _charges_today(session, user_id=user_id, settled_only=True)
-    return q(settled_today + held)
-
-
-def check_daily_spend(
-    session: Session, *, user: User, amount: Decimal, held: Decimal | None = None,
-    settled_today: Decimal | None = None,
-) -> None:
-    """Raise QuotaExceeded (daily_spend_limit) when a new hold of `amount` would pass the limit."""
     limit = Decimal(str(effective_quotas(user)["daily_spend_limit"]))
-    committed = committed_today(session, user_id=user.id, held=held, settled_today=settled_today)
+    committed = q(settled_today + held)
     if committed + amount > limit:
         raise QuotaExceeded(
             f"quota daily_spend_limit: {committed} spent or held today + estimate {amount} exceeds {limit}",

@@ -123,7 +123,7 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
             balance=str(available),
             estimate=str(amount),
         )
-    quotas.check_daily_spend(session, user=user, amount=amount, held=held, settled_today=settled_today)
+    quotas.check_daily_spend(user=user, amount=amount, held=held, settled_today=settled_today)
     # The new task is already in this transaction and counts itself: the others are active - 1.
     quotas.check_active_tasks(user, active=(active or 0) - 1)
 
