@@ -1,4 +1,4 @@
-"""Billing under concurrency, on real Postgres: a subtask's charge racing its task's settlement."""
+"""Billing under concurrency, on real Postgres: a charge racing settlement, a balance changing under a submit."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text, update
 
 from tests.support.api import register
@@ -97,3 +98,25 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
         assert all(c.settled and c.kind == "charge" for c in charges.values())
         assert task.cost == -sum(c.amount for c in charges.values())
         assert hold.status == "released"
+
+
+def test_the_hold_checks_the_balance_read_under_the_lock_not_the_one_loaded_before(client):  # type: ignore[no-untyped-def]
+    from marketplace.db import new_session, session_scope
+    from marketplace.errors import PaymentRequired
+    from marketplace.tasks.schemas import TaskRequest
+    from marketplace.tasks.service import create_task
+    from marketplace.users.models import User
+
+    user = register(client)
+    uid = uuid.UUID(user["id"])
+    session = new_session()  # the request's session: it loads the user first (the JWT lookup does)
+    try:
+        loaded = session.get(User, uid)  # held, as flask-jwt-extended's current_user holds it for the request
+        assert loaded is not None and loaded.balance > Decimal("1")
+        with session_scope() as other:  # meanwhile a settlement spends almost everything
+            other.execute(update(User).where(User.id == uid).values(balance=Decimal("0.000001")))
+        with pytest.raises(PaymentRequired):
+            create_task(session, user_id=uid, request=TaskRequest(model="echo", inputs=["a"]))
+    finally:
+        session.rollback()
+        session.close()
