@@ -6,14 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", *,
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str | Callable[[], str] = "condition", *,
                interval: float = 0.2) -> Any:
-    """The first truthy value of `predicate()`; AssertionError naming `what` after `timeout` seconds."""
+    """The first truthy value of `predicate()`; AssertionError naming `what` after `timeout` seconds
+    (a callable `what` is asked at that moment, to say what was seen instead)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
