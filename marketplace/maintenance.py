@@ -70,7 +70,7 @@ def recover_stalled() -> dict[str, list[str]]:
                 func.coalesce(last_move.c.moved, Task.progress_at) < cutoff,
             ).with_for_update(of=Task, skip_locked=True).limit(200)
         ).scalars().all()
-        plans: list[tuple[str, list[str], str, int, float, int]] = []
+        plans: list[tuple[str, list[str], str, int, float, int, str | None]] = []
         depths = queue_depths(sorted({t.queue for t in rows if t.queue}))
         to_finalize: list[str] = []
         for task in rows:
@@ -97,12 +97,13 @@ def recover_stalled() -> dict[str, list[str]]:
             task.progress_at = now
             if missing:
                 task.dispatch_count += 1
-                plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count))
+                plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count,
+                              task.trace_id))
             elif not unfinished:
                 to_finalize.append(str(task.id))
-    for task_id, ids, queue, priority, limit, attempt in plans:
+    for task_id, ids, queue, priority, limit, attempt, trace_id in plans:
         logger.warning("recovery: re-dispatching %d subtask(s) of task %s", len(ids), task_id)
-        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt)
+        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt, trace_id=trace_id)
         report["redispatched"].append(task_id)
     for task_id in to_finalize:
         finalize_task(task_id)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -162,6 +165,36 @@ def flush(timeout_ms: int = 5000) -> None:
             _provider.force_flush(timeout_ms)
         except Exception as exc:
             logger.warning("tracing: flush failed: %s", exc)
+
+
+@contextmanager
+def job_trace(trace_id: str | None, name: str) -> Iterator[None]:
+    """Run a block inside the job's own trace when it runs on another one's behalf.
+
+    A waiting task woken by a new node, or a stalled one re-dispatched by recovery,
+    is published from that node's or sweep's trace; without this its subtasks and
+    callback would land there, not under the trace id `GET /v1/tasks/<id>` shows.
+    The block gets a span in the job's trace (its parent is a stand-in: only the
+    trace id is stored), linked to the span that asked for it.
+    """
+    from opentelemetry import trace
+
+    current = trace.get_current_span().get_span_context()
+    try:
+        wanted = int(trace_id or "", 16)
+    except ValueError:
+        wanted = 0
+    if _provider is None or not wanted or current.trace_id == wanted:
+        yield
+        return
+    parent = trace.NonRecordingSpan(trace.SpanContext(
+        trace_id=wanted, span_id=random.getrandbits(64) or 1, is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    ))
+    links = [trace.Link(current)] if current.is_valid else []
+    tracer = _provider.get_tracer(__name__)
+    with tracer.start_as_current_span(name, context=trace.set_span_in_context(parent), links=links):
+        yield
 
 
 def current_trace_id() -> str | None:

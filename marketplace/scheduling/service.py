@@ -123,22 +123,28 @@ def schedule_task(task_id: str) -> Outcome:
             emit(session, type="TaskAssigned", key=task_id,
                  payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids),
                           "priority": task.priority, "dispatch_count": task.dispatch_count})
-            priority, attempt = task.priority, task.dispatch_count
+            priority, attempt, trace_id = task.priority, task.dispatch_count, task.trace_id
     if failed is not None:
         from marketplace.results.service import run_after_commit
 
         run_after_commit(actions)
         return failed
     dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
-             attempt=attempt)
+             attempt=attempt, trace_id=trace_id)
     return Outcome("scheduled", queue=queue, subtask_ids=ids)
 
 
 def waiting_tasks(*, models: list[str], limit: int = 500) -> list[str]:
-    """Ids of Created tasks for these models, oldest first (woken when a node appears)."""
+    """Ids of Created tasks for these models that have waited, oldest first (woken when a node appears).
+
+    Only those a scheduling step has already sent waiting (they carry a `status_reason`):
+    a task just submitted has its own `schedule` message on the way, and taking it here
+    would schedule it twice over and from the node's trace instead of the request's.
+    """
     with session_scope() as session:
         return [str(i) for i in session.scalars(
-            select(Task.id).where(Task.status == TaskStatus.CREATED.value, Task.model.in_(models))
+            select(Task.id).where(Task.status == TaskStatus.CREATED.value, Task.model.in_(models),
+                                  Task.status_reason.is_not(None))
             .order_by(Task.created_at).limit(limit)
         )]
 
@@ -154,13 +160,23 @@ def celery_subtask_id(subtask_id: str, attempt: int) -> str:
 
 
 def dispatch(
-    task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float, attempt: int = 1
+    task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float, attempt: int = 1,
+    trace_id: str | None = None,
 ) -> None:
     """Publish chords of at most `max_subtasks_per_chord` subtasks, each ending in finalize.
 
     Every chord's callback calls finalize; it finishes the task only once all
-    subtasks in the database are final, so splitting big jobs is safe.
+    subtasks in the database are final, so splitting big jobs is safe. With the
+    task's `trace_id`, the messages join the job's trace whoever publishes them.
     """
+    from marketplace.observability.tracing import job_trace
+
+    with job_trace(trace_id, "dispatch"):
+        _publish(task_id, subtask_ids, queue=queue, priority=priority, time_limit=time_limit, attempt=attempt)
+
+
+def _publish(task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float,
+             attempt: int) -> None:
     if not subtask_ids:
         signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).apply_async(
             task_id=callback_id(task_id, attempt, 0)
@@ -195,8 +211,8 @@ def redispatch_missing(task_id: str) -> list[str]:
         )]
         task.progress_at = utcnow()
         task.dispatch_count += 1
-        queue, priority, attempt = task.queue, task.priority, task.dispatch_count
+        queue, priority, attempt, trace_id = task.queue, task.priority, task.dispatch_count, task.trace_id
     if queue:
         dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
-                 attempt=attempt)
+                 attempt=attempt, trace_id=trace_id)
     return ids

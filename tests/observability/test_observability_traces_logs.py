@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 
 import pytest
 
@@ -48,7 +49,12 @@ def test_a_job_is_one_trace_from_the_request_to_the_chord_callback(client, user,
             return spans
         return None
 
-    spans = wait_until(worker_spans, timeout=30)
+    def seen() -> str:
+        names = sorted(s["name"] for s in otlp_receiver.spans_of(trace_id) if "/" in s["name"])
+        problems = [line for line in obs_worker.log_lines() if any(f'"{level}"' in line for level in ("warning", "error"))]
+        return f"the worker's spans; seen {names}; worker warnings: {problems[-20:]}"
+
+    spans = wait_until(worker_spans, timeout=30, what=seen)
     assert {s["service"] for s in spans} == {"marketplace-worker-test"}
     scopes = {s["scope"] for s in spans}
     assert "opentelemetry.instrumentation.sqlalchemy" in scopes, scopes
@@ -63,6 +69,44 @@ def test_a_job_is_one_trace_from_the_request_to_the_chord_callback(client, user,
         parent = by_id[run["parent_span_id"]]
         assert parent["name"] == "apply_async/workers.run_subtask"
         assert by_id[parent["parent_span_id"]]["span_id"] == schedule_run["span_id"]
+
+
+def test_a_waiting_task_woken_by_a_new_node_stays_in_its_own_trace(client, user, redis_client, memory_spans):  # type: ignore[no-untyped-def]
+    """`wake` runs in the node's trace; the chord it publishes belongs to the job's."""
+    from opentelemetry import trace
+
+    from marketplace.db import session_scope
+    from marketplace.registry.service import deregister, heartbeat
+    from marketplace.scheduling.service import schedule_task
+    from marketplace.scheduling.tasks import wake
+    from marketplace.tasks.schemas import TaskRequest
+    from marketplace.tasks.service import create_task
+
+    job_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    file_id = client.post("/v1/files", data={"file": (io.BytesIO(b"pixels"), "x.png")}, headers=user["headers"],
+                          content_type="multipart/form-data").get_json()["id"]
+    with session_scope() as session:  # no `schedule` message: nothing else schedules it meanwhile
+        task, _ = create_task(session, user_id=uuid.UUID(user["id"]), trace_id=job_trace,
+                              request=TaskRequest(model="resnet50", inputs=[{"file": file_id}], device="gpu"))
+        task_id = str(task.id)
+    assert schedule_task(task_id).status == "waiting"
+    node = f"fake-{uuid.uuid4().hex[:8]}@test"
+    heartbeat(redis_client, info={"hostname": node, "queues": ["gpu.resnet50"], "models": ["resnet50"],
+                                  "concurrency": 1, "unavailable": {}})
+    memory_spans.clear()
+    try:
+        with trace.get_tracer(__name__).start_as_current_span("node online") as node_span:
+            assert wake.run(["gpu.resnet50"], ["resnet50"]) == {"scheduled": [task_id]}
+    finally:
+        deregister(redis_client, hostname=node)
+        client.post(f"/v1/tasks/{task_id}/cancel", headers=user["headers"])
+        for key in redis_client.scan_iter(match="gpu.resnet50*"):
+            redis_client.delete(key)
+    published = [s for s in memory_spans.get_finished_spans() if s.name == "apply_async/workers.run_subtask"]
+    assert published and all(format(s.context.trace_id, "032x") == job_trace for s in published)
+    dispatch_span = next(s for s in memory_spans.get_finished_spans() if s.name == "dispatch")
+    assert format(dispatch_span.context.trace_id, "032x") == job_trace
+    assert [link.context.span_id for link in dispatch_span.links] == [node_span.get_span_context().span_id]
 
 
 def test_worker_log_lines_are_json_and_carry_our_ids(client, user, obs_worker):  # type: ignore[no-untyped-def]

@@ -115,17 +115,17 @@ def test_any_falls_back_to_cpu_without_a_gpu_node(stack, user, file_item, fake_n
 
 
 def test_waiting_task_shows_why_then_fails_after_the_schedule_timeout(stack, client, user, file_item, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.scheduling.service import schedule_task
+    from marketplace.scheduling.service import schedule_task, waiting_tasks
     from marketplace.settings import get_settings
 
     task_id = _create(user, model="resnet50", inputs=[file_item], device="gpu")
+    # Not yet through its own scheduling step (its `schedule` message is on the way): not waiting.
+    assert task_id not in waiting_tasks(models=["resnet50"])
     outcome = schedule_task(task_id)
     assert outcome.status == "waiting"
     doc = client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
     assert doc["status"] == "Created"
     assert doc["status_reason"] == "waiting: no live worker serves gpu.resnet50 for model 'resnet50'"
-    from marketplace.scheduling.service import waiting_tasks
-
     assert task_id in waiting_tasks(models=["resnet50"])  # what a new node's `wake` retries at once
     assert task_id not in waiting_tasks(models=["echo"])
 
