@@ -136,7 +136,7 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     name = getattr(sender, "name", None)
     if name == FINALIZE and result in ("done", "failed"):
         # The task just ended: chain its buffered subtask records soon, on the maintenance queue.
-        _safe(_request_chaining)
+        _safe(request_chaining)
         return
     if name != SUBTASK or not isinstance(result, dict):
         return
@@ -173,7 +173,8 @@ def outcome_event(session: Any, *, hostname: str, result: dict[str, Any]) -> Non
                           task_id=result.get("task_id"), subtask_id=result.get("subtask_id"))
 
 
-def _request_chaining() -> None:
+def request_chaining() -> None:
+    """Chain the buffered records soon (a task just ended), on the maintenance queue."""
     from marketplace.celery_app import app
 
     # A second later: the last subtask's own success handlers run after the chord counter moved.

@@ -37,20 +37,31 @@ _CLAIM = text("""
     SELECT attempts FROM s
 """)
 
+# Also answers whether this was the task's last open subtask, as far as this statement can see
+# (two finishing at once may each see the other open: then neither is "last", and the chord
+# callback finishes the task as always).
 _COMPLETE = text("""
     WITH s AS (
         UPDATE subtasks SET status = 'Done', result_key = :key, result_sha256 = :sha, seconds = :seconds,
                finished_at = :now, error = NULL
         WHERE id = :id
         RETURNING task_id, index, items, worker, attempts
+    ), o AS (
+        INSERT INTO outbox_events (topic, key, type, payload, created_at)
+        SELECT :topic, s.task_id::text, 'SubTaskCompleted',
+               jsonb_build_object('task_id', s.task_id::text, 'subtask_id', :sid, 'index', s.index, 'status', 'Done',
+                                  'items', s.items, 'seconds', :seconds, 'worker', s.worker, 'attempts', s.attempts,
+                                  'result_key', :key, 'result_sha256', :sha),
+               :now
+        FROM s
+        RETURNING id
     )
-    INSERT INTO outbox_events (topic, key, type, payload, created_at)
-    SELECT :topic, s.task_id::text, 'SubTaskCompleted',
-           jsonb_build_object('task_id', s.task_id::text, 'subtask_id', :sid, 'index', s.index, 'status', 'Done',
-                              'items', s.items, 'seconds', :seconds, 'worker', s.worker, 'attempts', s.attempts,
-                              'result_key', :key, 'result_sha256', :sha),
-           :now
-    FROM s
+    SELECT NOT EXISTS (
+               SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.id <> :id
+               AND x.status IN ('Pending', 'Running')
+           ) AS last,
+           t.subtask_count
+    FROM s JOIN tasks t ON t.id = s.task_id
 """)
 
 # The common case in one round trip: a Pending subtask of a live task becomes Running, the task
@@ -141,13 +152,17 @@ def claim_subtask(
                   "attempts": attempts}
 
 
-def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) -> None:
-    """Record success and emit SubTaskCompleted in one statement."""
+def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) -> tuple[bool, int]:
+    """Record success and emit SubTaskCompleted in one statement.
+
+    Returns (no other subtask of the task is still Pending or Running, the task's subtask count).
+    """
     with get_engine().begin() as conn:
-        conn.execute(_COMPLETE, {
+        row = conn.execute(_COMPLETE, {
             "id": uuid.UUID(subtask_id), "sid": subtask_id, "key": key, "sha": sha256, "seconds": seconds,
             "now": utcnow(), "topic": topic_for("SubTaskCompleted"),
-        })
+        }).first()
+    return (bool(row.last), int(row.subtask_count)) if row is not None else (False, 0)
 
 
 def release_subtask(subtask_id: str, *, error: str) -> None:

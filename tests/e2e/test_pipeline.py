@@ -74,6 +74,27 @@ def test_failing_subtask_is_retried_then_fails_the_task_and_the_callback_still_r
     assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).status_code == 409
 
 
+def test_a_small_task_is_finished_by_its_last_subtask_and_a_big_one_by_the_chord_callback(client, user):  # type: ignore[no-untyped-def]
+    from celery.result import AsyncResult
+
+    from marketplace.celery_app import app
+    from marketplace.scheduling.service import callback_id
+    from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
+
+    outcomes = {}
+    for subtasks in (1, INLINE_FINALIZE_MAX_SUBTASKS + 4):
+        inputs = list(range(subtasks))
+        resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1},
+                           headers=user["headers"])
+        task_id = resp.get_json()["id"]
+        assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+        result = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()
+        assert result["outputs"] == inputs
+        outcomes[subtasks] = AsyncResult(callback_id(task_id, 1, 0), app=app).get(timeout=30)
+    # The one-subtask task was already Done when its callback ran; the big one was finished by it.
+    assert outcomes == {1: "noop", INLINE_FINALIZE_MAX_SUBTASKS + 4: "done"}, outcomes
+
+
 def test_large_job_is_split_into_several_chords(client, user, monkeypatch):  # type: ignore[no-untyped-def]
     """Chords are capped; each chord's callback finalizes only when every subtask is final."""
     from marketplace.settings import get_settings
