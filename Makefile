@@ -55,6 +55,7 @@ bench: install
 	cd bench && ../$(PY) api_load.py
 	cd bench && ../$(PY) inference.py
 	cd bench && ../$(PY) billing_audit.py
+	cd bench && ../$(PY) daily_spend.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, Uuid, text
+from sqlalchemy import BigInteger, Date, ForeignKey, Index, String, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.db import Base, utcnow
@@ -44,3 +44,18 @@ class Hold(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | released
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column()
+
+
+class DailySpend(Base):
+    """Settled charges per user and UTC day of the charge (migration 0004).
+
+    The daily spend quota reads one row at every submit; summing the day's ledger
+    rows grew with the user's traffic (a thousand-subtask job is a thousand rows).
+    Settlement adds the charges it settles, by the day each charge was recorded.
+    """
+
+    __tablename__ = "daily_spend"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    charged: Mapped[Decimal] = mapped_column()  # positive: credits spent

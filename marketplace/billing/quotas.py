@@ -70,29 +70,33 @@ def today_start() -> datetime:
     return datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
 
 
-def charges_today_sum(user_id: Any, *, settled_only: bool, since: Any = None) -> Any:
-    """The (negative) sum of charges since `since` (default: today, UTC), as a SELECT (for a scalar subquery)."""
+def charges_today_sum(user_id: Any) -> Any:
+    """The (negative) sum of the user's charges recorded today (UTC), settled or not, as a SELECT.
+
+    For `GET /v1/me`; the submit's quota check reads `settled_spend_on` instead."""
     from marketplace.billing.models import LedgerEntry
 
-    stmt = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+    return select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
         LedgerEntry.user_id == user_id,
         LedgerEntry.kind.in_(("charge", "charge_failed")),
-        LedgerEntry.created_at >= (today_start() if since is None else since),
+        LedgerEntry.created_at >= today_start(),
     )
-    if settled_only:
-        stmt = stmt.where(LedgerEntry.settled.is_(True))
-    return stmt
 
 
-def _charges_today(session: Session, *, user_id: uuid.UUID, settled_only: bool) -> Decimal:
-    return -Decimal(session.scalar(charges_today_sum(user_id, settled_only=settled_only)) or 0)
+def settled_spend_on(user_id: Any, *, day: Any) -> Any:
+    """The user's settled charges recorded on `day` (UTC), a positive amount, as a SELECT (for a
+    scalar subquery): one `daily_spend` row, kept by settlement."""
+    from marketplace.billing.models import DailySpend
+
+    return select(func.coalesce(func.max(DailySpend.charged), 0)).where(
+        DailySpend.user_id == user_id, DailySpend.day == day)
 
 
 def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     """Charges recorded today (UTC), running tasks included."""
     from marketplace.billing.service import q
 
-    return q(_charges_today(session, user_id=user_id, settled_only=False))
+    return q(-Decimal(session.scalar(charges_today_sum(user_id)) or 0))
 
 
 def check_daily_spend(*, user: User, amount: Decimal, held: Decimal, settled_today: Decimal) -> None:

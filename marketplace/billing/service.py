@@ -12,7 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Uuid, bindparam, func, insert, select, text, update
+from sqlalchemy import Date, DateTime, Uuid, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -77,7 +77,7 @@ def _submit_statements() -> tuple[Any, Any]:
     from marketplace.billing import quotas
 
     uid = bindparam("uid", type_=Uuid())
-    today = bindparam("today", type_=DateTime(timezone=True))
+    today = bindparam("today", type_=Date())
     # FOR NO KEY UPDATE (key_share): the task row this transaction already inserted holds a
     # FOR KEY SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with
     # that and two concurrent submits of one user deadlock (measured: 503s under 8 clients).
@@ -90,7 +90,7 @@ def _submit_statements() -> tuple[Any, Any]:
     ).returning(Hold.__table__.c.id).cte("new_hold")
     sums = select(
         _held_sum(uid).scalar_subquery(),
-        quotas.charges_today_sum(uid, settled_only=True, since=today).scalar_subquery(),
+        quotas.settled_spend_on(uid, day=today).scalar_subquery(),
         quotas.active_tasks_count(uid).scalar_subquery(),
     ).add_cte(new_hold)
     return lock_balance, sums
@@ -113,9 +113,9 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     # taken when it starts, so sums read by the locking statement itself would miss the task a
     # concurrent submit committed while this one waited (measured: 24 of 32 accepted, quota 20).
     held, settled_today, active = session.execute(sums, {
-        "uid": user_id, "today": quotas.today_start(), "tid": task_id, "amount": q(amount), "now": utcnow(),
+        "uid": user_id, "today": quotas.today_start().date(), "tid": task_id, "amount": q(amount), "now": utcnow(),
     }).one()
-    held, settled_today = Decimal(held or 0), -Decimal(settled_today or 0)
+    held, settled_today = Decimal(held or 0), Decimal(settled_today or 0)
     available = q(balance - held)
     if amount > available:
         raise PaymentRequired(
@@ -195,10 +195,18 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
     return q(-Decimal(total or 0))
 
 
+# The charges it settles also go to `daily_spend`, by the UTC day each was recorded: what the
+# daily spend quota reads at submit (`quotas.settled_today_sum`).
 _SETTLE = text("""
     WITH s AS (
         UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
-        RETURNING amount, kind
+        RETURNING amount, kind, user_id, created_at
+    ), d AS (
+        INSERT INTO daily_spend (user_id, day, charged)
+        SELECT user_id, CAST(created_at AT TIME ZONE 'UTC' AS date), -SUM(amount)
+        FROM s WHERE kind IN ('charge', 'charge_failed')
+        GROUP BY 1, 2
+        ON CONFLICT (user_id, day) DO UPDATE SET charged = daily_spend.charged + EXCLUDED.charged
     )
     SELECT (SELECT COALESCE(SUM(amount), 0) FROM s) AS delta,
            (SELECT COALESCE(SUM(amount), 0) FROM s WHERE kind IN ('charge', 'charge_failed'))

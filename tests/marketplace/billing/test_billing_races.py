@@ -1,7 +1,6 @@
 """Billing under concurrency, on real Postgres: a charge racing settlement, a balance changing under a submit."""
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from decimal import Decimal
@@ -11,33 +10,8 @@ import pytest
 from sqlalchemy import select, text, update
 
 from tests.support.api import register
+from tests.support.progress import ran_uncharged
 from tests.support.wait import wait_until
-
-
-def _ran_uncharged(user_id: str, inputs: list[Any]) -> tuple[str, list[str]]:
-    """A task whose subtasks all ran through the worker's own progress calls, with no charge recorded yet."""
-    from marketplace.db import session_scope
-    from marketplace.results.service import part_key
-    from marketplace.storage import get_store
-    from marketplace.tasks import progress
-    from marketplace.tasks.models import SubTask, Task
-    from marketplace.tasks.schemas import TaskRequest
-    from marketplace.tasks.service import create_task
-
-    with session_scope() as session:  # stored, never published: no worker of the session runs it
-        task, _ = create_task(session, user_id=uuid.UUID(user_id),
-                              request=TaskRequest(model="echo", inputs=inputs, batch_size=1))
-        session.execute(update(Task).where(Task.id == task.id).values(status="Scheduled", queue="cpu.generic"))
-        task_id = str(task.id)
-        sub_ids = [str(i) for i in session.scalars(
-            select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index))]
-    for sid in sub_ids:
-        early, work = progress.claim_subtask(sid, hostname="race@test", message_id=f"{sid}:1")
-        assert early is None, early
-        key = part_key(task_id, work["base"]["index"])
-        sha = get_store().put_bytes(key, json.dumps(work["inputs"]).encode(), "application/json")
-        progress.complete_subtask(sid, key=key, sha256=sha, seconds=0.01)
-    return task_id, sub_ids
 
 
 def _backends_waiting_on_locks() -> int:
@@ -57,7 +31,7 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
     from marketplace.tasks.models import Task
 
     user = register(client)
-    task_id, sub_ids = _ran_uncharged(user["id"], ["a", "b"])
+    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
     tid = uuid.UUID(task_id)
 
     # The first subtask's task_success handler, mid-flight: it holds the hold FOR SHARE and has
