@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -19,12 +18,7 @@ jwt = JWTManager()
 
 
 def init_auth(app: Flask, settings: Settings) -> None:
-    app.config["JWT_SECRET_KEY"] = settings.jwt_secret.get_secret_value()
-    app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(minutes=settings.access_token_minutes)
-    app.config["JWT_REFRESH_TOKEN_EXPIRES"] = timedelta(days=settings.refresh_token_days)
-    app.config["JWT_ALGORITHM"] = "HS256"
-    app.config["JWT_DECODE_ALGORITHMS"] = ["HS256"]
-    app.config["JWT_TOKEN_LOCATION"] = ["headers"]
+    tokens.configure(app, settings)
     jwt.init_app(app)
 
 
@@ -104,26 +98,8 @@ def require_admin() -> User:
 
 
 def access_token(user_id: str, role: str) -> dict[str, Any]:
-    from flask import current_app
-    from flask_jwt_extended import create_access_token
-
-    expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-    return {
-        "access_token": create_access_token(identity=user_id, additional_claims={"role": role}),
-        "token_type": "Bearer",
-        "expires_in": int(expires.total_seconds()),
-    }
+    return tokens.access_token(user_id, role)
 
 
 def token_pair(user: User) -> dict[str, Any]:
-    from flask import current_app
-    from flask_jwt_extended import create_access_token, create_refresh_token
-
-    claims = {"role": user.role}
-    expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-    return {
-        "access_token": create_access_token(identity=str(user.id), additional_claims=claims),
-        "refresh_token": create_refresh_token(identity=str(user.id), additional_claims=claims),
-        "token_type": "Bearer",
-        "expires_in": int(expires.total_seconds()),
-    }
+    return tokens.token_pair(str(user.id), user.role)

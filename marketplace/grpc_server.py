@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -112,27 +112,9 @@ def _abort(context: grpc.ServicerContext, failure: Failure) -> None:
 
 # -- authentication ---------------------------------------------------------------------------
 
-def _secret() -> str:
-    return get_settings().jwt_secret.get_secret_value()
-
-
 def decode_token(token: str, *, expected_type: str = "access") -> dict[str, Any]:
-    """Verify a flask-jwt-extended token (signature, expiry, type, revocation)."""
-    import jwt
-
-    try:
-        payload = jwt.decode(token, _secret(), algorithms=["HS256"], options={"require": ["exp", "sub", "jti"]})
-    except jwt.ExpiredSignatureError:
-        raise errors.Unauthenticated("the token has expired") from None
-    except jwt.InvalidTokenError as exc:
-        raise errors.Unauthenticated(f"invalid token: {exc}") from None
-    if payload.get("type") != expected_type:
-        raise errors.Unauthenticated(f"invalid token: expected an {expected_type} token")
-    if not isinstance(payload.get("sub"), str):
-        raise errors.Unauthenticated("invalid token: subject must be a string")
-    if tokens.is_revoked(payload["jti"]):
-        raise errors.Unauthenticated("the token has been revoked")
-    return payload
+    """Verify a token as REST does (signature, expiry, type, revocation)."""
+    return tokens.decode(token, expected_type=expected_type)
 
 
 def user_from_token(session: Session, token: str) -> User:
@@ -156,24 +138,8 @@ def bearer_token(context: grpc.ServicerContext) -> str:
 
 
 def issue_tokens(user: User) -> dict[str, Any]:
-    """An access/refresh pair exactly as REST's login issues them (flask-jwt-extended claims)."""
-    import jwt
-
-    settings = get_settings()
-    now = datetime.now(UTC)
-    access = timedelta(minutes=settings.access_token_minutes)
-
-    def _token(kind: str, lifetime: timedelta) -> str:
-        claims = {"fresh": False, "iat": now, "jti": str(uuid.uuid4()), "type": kind, "sub": str(user.id),
-                  "nbf": now, "exp": now + lifetime, "role": user.role}
-        return jwt.encode(claims, _secret(), algorithm="HS256")
-
-    return {
-        "access_token": _token("access", access),
-        "refresh_token": _token("refresh", timedelta(days=settings.refresh_token_days)),
-        "token_type": "Bearer",
-        "expires_in": int(access.total_seconds()),
-    }
+    """An access/refresh pair exactly as REST's login issues them."""
+    return tokens.token_pair(str(user.id), user.role)
 
 
 # -- per-call plumbing --------------------------------------------------------------------------

@@ -1,5 +1,14 @@
-"""The access-token blocklist in Redis, shared by REST logout and every transport that checks tokens."""
+"""JWTs for every transport: flask-jwt-extended's configuration, issuing and checking, and the blocklist.
+
+REST configures its app with `configure` and issues with `token_pair` inside its request.
+Transports without a Flask app of their own (gRPC) issue and check tokens through a small
+Flask app configured the same way (`_issuer`), so both speak exactly the same claims.
+"""
 from __future__ import annotations
+
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any
 
 BLOCKLIST_PREFIX = "marketplace:jwt:revoked:"
 
@@ -16,3 +25,95 @@ def is_revoked(jti: str) -> bool:
     from marketplace.redis_client import get_redis
 
     return bool(get_redis().exists(BLOCKLIST_PREFIX + jti))
+
+
+def configure(app: Any, settings: Any) -> None:
+    """flask-jwt-extended's settings from ours (the caller registers its JWTManager)."""
+    app.config["JWT_SECRET_KEY"] = settings.jwt_secret.get_secret_value()
+    app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(minutes=settings.access_token_minutes)
+    app.config["JWT_REFRESH_TOKEN_EXPIRES"] = timedelta(days=settings.refresh_token_days)
+    app.config["JWT_ALGORITHM"] = "HS256"
+    app.config["JWT_DECODE_ALGORITHMS"] = ["HS256"]
+    app.config["JWT_TOKEN_LOCATION"] = ["headers"]
+
+
+@lru_cache(maxsize=4)
+def _issuer(secret: str, access_minutes: float, refresh_days: float) -> Any:
+    from flask import Flask
+    from flask_jwt_extended import JWTManager
+
+    from marketplace.settings import get_settings
+
+    app = Flask("marketplace.tokens")
+    configure(app, get_settings())
+    JWTManager(app)
+    return app
+
+
+def _app_context() -> Any:
+    from contextlib import nullcontext
+
+    from flask import has_app_context
+
+    from marketplace.settings import get_settings
+
+    if has_app_context():
+        return nullcontext()
+    settings = get_settings()  # keyed by what the app is configured from: settings may change (tests)
+    return _issuer(settings.jwt_secret.get_secret_value(), settings.access_token_minutes,
+                   settings.refresh_token_days).app_context()
+
+
+def token_pair(user_id: str, role: str) -> dict[str, Any]:
+    """An access/refresh pair, as `POST /v1/auth/login` answers it."""
+    from flask import current_app
+    from flask_jwt_extended import create_access_token, create_refresh_token
+
+    claims = {"role": role}
+    with _app_context():
+        expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+        return {
+            "access_token": create_access_token(identity=user_id, additional_claims=claims),
+            "refresh_token": create_refresh_token(identity=user_id, additional_claims=claims),
+            "token_type": "Bearer",
+            "expires_in": int(expires.total_seconds()),
+        }
+
+
+def access_token(user_id: str, role: str) -> dict[str, Any]:
+    """A new access token (`POST /v1/auth/refresh`)."""
+    from flask import current_app
+    from flask_jwt_extended import create_access_token
+
+    with _app_context():
+        expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+        return {
+            "access_token": create_access_token(identity=user_id, additional_claims={"role": role}),
+            "token_type": "Bearer",
+            "expires_in": int(expires.total_seconds()),
+        }
+
+
+def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
+    """The claims of a valid token of `expected_type`; Unauthenticated naming what is wrong
+    (bad signature or algorithm, expired, wrong type, revoked)."""
+    import jwt
+    from flask_jwt_extended import decode_token
+    from flask_jwt_extended.exceptions import JWTExtendedException
+
+    from marketplace.errors import Unauthenticated
+
+    try:
+        with _app_context():
+            payload = decode_token(token)
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("the token has expired") from None
+    except (jwt.InvalidTokenError, JWTExtendedException) as exc:
+        raise Unauthenticated(f"invalid token: {exc}") from None
+    if payload.get("type") != expected_type:
+        raise Unauthenticated(f"invalid token: expected an {expected_type} token")
+    if not isinstance(payload.get("sub"), str) or not payload.get("jti"):
+        raise Unauthenticated("invalid token: subject and id must be strings")
+    if is_revoked(str(payload["jti"])):
+        raise Unauthenticated("the token has been revoked")
+    return payload
