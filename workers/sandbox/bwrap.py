@@ -33,12 +33,11 @@ from workers.sandbox.base import (
     Usage,
     classify_failure,
     decode_outputs,
-    descendants,
     encode_items,
     host_entries,
-    supervise,
     with_tail,
 )
+from workers.sandbox.supervise import descendants, supervise
 
 PRLIMIT = "/usr/bin/prlimit"
 

@@ -47,12 +47,11 @@ from workers.sandbox.base import (
     Usage,
     classify_failure,
     decode_outputs,
-    descendants,
     encode_items,
     host_entries,
-    supervise,
     with_tail,
 )
+from workers.sandbox.supervise import descendants, supervise
 
 RUNSC_FLAGS = ("--network=none", "--platform=ptrace", "--ignore-cgroups")
 # `runsc run` outlives a worker that is SIGKILLed (hard time limit, OOM) unless the

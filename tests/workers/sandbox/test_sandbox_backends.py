@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from workers.sandbox import ItemResult, Limits, SandboxError, SandboxUnavailable, get_sandbox
-from workers.sandbox.base import process_state, scan_processes
 from workers.sandbox.bwrap import BwrapSandbox
 from workers.sandbox.gvisor import GVisorSandbox
+from workers.sandbox.supervise import process_state, scan_processes
 
 PY = "/usr/bin/python3"  # Debian's interpreter; /usr is what both sandboxes show of the host
 
