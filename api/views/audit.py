@@ -50,6 +50,7 @@ class VerifyOut(BaseModel):
     head: str
     first_bad_seq: int | None
     reason: str | None
+    anchored_seq: int | None  # the head anchored outside PostgreSQL that was found intact
     pending: int
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import String, cast, delete, event, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
-from marketplace.audit import signing
+from marketplace.audit import anchor, signing
 from marketplace.audit.models import AuditPending, AuditRecord
 from marketplace.db import session_scope, utcnow
 from marketplace.events.outbox import emit_many
@@ -149,6 +149,10 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
     if rows:  # one INSERT each for the records and their AuditEvents (a batch is up to CHAIN_BATCH)
         session.execute(insert(AuditRecord.__table__), rows)
         emit_many(session, type="AuditEvent", events=events)
+        root = rows[0]["hash"] if rows[0]["seq"] == 1 else session.scalar(
+            select(AuditRecord.hash).where(AuditRecord.seq == 1))
+        if root:
+            anchor.remember(session, root=root, seq=seq, head=prev)
     return len(rows)
 
 
@@ -231,14 +235,17 @@ def verify_chain(session: Session) -> dict[str, Any]:
 
     `first_bad_seq` is the sequence number where the chain first breaks: an edited
     record's own seq, a deleted record's (now missing) seq, the first of two swapped.
-    Removing records from the *end* leaves a valid shorter chain; compare `head` and
-    `length` with an external copy (the AuditEvent stream) to catch truncation.
+    Removing records from the *end* leaves a valid shorter chain: the head anchored in
+    Redis after each append (`anchor`) must still be there, unchanged (`anchored_seq`
+    says which record was checked; None when Redis keeps no anchor for this chain).
     """
     key = signing.public_key()
     expected, prev, length, head = 1, GENESIS, 0, GENESIS
+    root, anchored, anchored_hash_here = None, None, None
 
     def bad(seq: int, reason: str) -> dict[str, Any]:
-        return {"valid": False, "length": length, "head": head, "first_bad_seq": seq, "reason": reason}
+        return {"valid": False, "length": length, "head": head, "first_bad_seq": seq, "reason": reason,
+                "anchored_seq": anchored[0] if anchored else None}
 
     stmt = select(AuditRecord).order_by(AuditRecord.seq).execution_options(yield_per=2000)
     for r in session.scalars(stmt):
@@ -254,10 +261,29 @@ def verify_chain(session: Session) -> dict[str, Any]:
             return bad(r.seq, "prev_hash does not match the previous record's hash: a record was removed or reordered")
         if not signing.verify(r.hash, r.signature, key):
             return bad(r.seq, "bad signature")
+        if r.seq == 1:
+            root = r.hash
+            anchored = _anchored(root)
+        if anchored and r.seq == anchored[0]:
+            anchored_hash_here = r.hash
         prev = head = r.hash
         length += 1
         expected += 1
-    return {"valid": True, "length": length, "head": head, "first_bad_seq": None, "reason": None}
+    if anchored and length < anchored[0]:
+        return bad(length + 1, f"records {length + 1} to {anchored[0]} are missing from the end of the chain "
+                               f"(its head was anchored at seq {anchored[0]}): truncated")
+    if anchored and anchored_hash_here != anchored[1]:
+        return bad(anchored[0], f"record {anchored[0]} differs from the anchored head: the chain was rewritten")
+    return {"valid": True, "length": length, "head": head, "first_bad_seq": None, "reason": None,
+            "anchored_seq": anchored[0] if anchored else None}
+
+
+def _anchored(root: str) -> tuple[int, str] | None:
+    try:
+        return anchor.read(root)
+    except Exception as exc:  # Redis down: the chain itself is still checked
+        logger.warning("audit: chain anchor unavailable, truncation at the end not checked: %s", exc)
+        return None
 
 
 def subtask_event(

@@ -133,6 +133,50 @@ def test_two_swapped_records_are_found_at_the_first(chain):  # type: ignore[no-u
     assert report["valid"] is False and report["first_bad_seq"] == seq, report
 
 
+def _top(session) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    from marketplace.audit.models import AuditRecord
+
+    top = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).one()
+    root = session.scalar(select(AuditRecord.hash).where(AuditRecord.seq == 1))
+    return top.seq, top.hash, root
+
+
+def test_the_head_is_anchored_outside_postgres_and_only_moves_forward(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit import anchor
+    from marketplace.audit.service import verify_chain
+
+    seq, head, root = _top(chain)
+    assert anchor.read(root) == (seq, head)
+    anchor.write(root=root, seq=seq - 5, head="0" * 64)  # a late writer with an older head
+    assert anchor.read(root) == (seq, head)
+    assert verify_chain(chain)["anchored_seq"] == seq
+
+
+def test_records_cut_from_the_end_are_found_by_the_anchor(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit.service import verify_chain
+
+    seq, _, _ = _top(chain)
+    chain.execute(text("DELETE FROM audit_records WHERE seq > :s"), {"s": seq - 3})
+    report = verify_chain(chain)  # the shorter chain is intact in itself
+    assert report["valid"] is False and report["first_bad_seq"] == seq - 2 and report["length"] == seq - 3, report
+    assert "truncated" in report["reason"] and report["anchored_seq"] == seq
+
+
+def test_a_chain_rewritten_up_to_its_head_differs_from_the_anchor(chain):  # type: ignore[no-untyped-def]
+    from marketplace.audit import anchor
+    from marketplace.audit.service import verify_chain
+    from marketplace.redis_client import get_redis
+
+    seq, _, root = _top(chain)
+    get_redis().hset(anchor.KEY_PREFIX + root[:32], "hash", "f" * 64)  # what the head was before a re-signing
+    try:
+        report = verify_chain(chain)
+        assert report["valid"] is False and report["first_bad_seq"] == seq and "rewritten" in report["reason"], report
+    finally:
+        get_redis().delete(anchor.KEY_PREFIX + root[:32])
+    assert verify_chain(chain)["valid"] is True  # no anchor kept (Redis flushed): the chain alone is checked
+
+
 def test_cli_verify_exits_1_naming_the_first_bad_seq(client, admin):  # type: ignore[no-untyped-def]
     _busy_run(client, n_users=1, tasks_each=1)
     from marketplace.audit.models import AuditRecord
