@@ -196,7 +196,7 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 
 
 # The charges it settles also go to `daily_spend`, by the UTC day each was recorded: what the
-# daily spend quota reads at submit (`quotas.settled_today_sum`).
+# daily spend quota reads at submit (`quotas.settled_spend_on`).
 _SETTLE = text("""
     WITH s AS (
         UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
