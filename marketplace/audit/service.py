@@ -241,7 +241,10 @@ def verify_chain(session: Session) -> dict[str, Any]:
     """
     key = signing.public_key()
     expected, prev, length, head = 1, GENESIS, 0, GENESIS
-    anchored, anchored_hash_here = None, None
+    # The anchor first, the walk after: the walk's snapshot then holds every record the anchor
+    # names (an append committing in between would otherwise look like a truncation).
+    root = session.scalar(select(AuditRecord.hash).where(AuditRecord.seq == 1))
+    anchored, anchored_hash_here = (_anchored(root) if root else None), None
 
     def bad(seq: int, reason: str) -> dict[str, Any]:
         return {"valid": False, "length": length, "head": head, "first_bad_seq": seq, "reason": reason,
@@ -261,8 +264,6 @@ def verify_chain(session: Session) -> dict[str, Any]:
             return bad(r.seq, "prev_hash does not match the previous record's hash: a record was removed or reordered")
         if not signing.verify(r.hash, r.signature, key):
             return bad(r.seq, "bad signature")
-        if r.seq == 1:  # the chain's root names its anchor
-            anchored = _anchored(r.hash)
         if anchored and r.seq == anchored[0]:
             anchored_hash_here = r.hash
         prev = head = r.hash

@@ -152,6 +152,22 @@ def test_the_head_is_anchored_outside_postgres_and_only_moves_forward(chain):  #
     assert verify_chain(chain)["anchored_seq"] == seq
 
 
+def test_a_record_appended_while_verify_runs_is_no_truncation(chain, monkeypatch):  # type: ignore[no-untyped-def]
+    """The anchor is read before the walk's snapshot: an append committed in between is in both."""
+    from marketplace.audit import anchor, service
+
+    real_read = anchor.read
+
+    def read_after_an_append(root: str):  # type: ignore[no-untyped-def]
+        service.record(actor="system", action="test.appended", subject="test:verify")  # commits, moves the anchor
+        return real_read(root)
+
+    monkeypatch.setattr(anchor, "read", read_after_an_append)
+    seq, _, _ = _top(chain)
+    report = service.verify_chain(chain)
+    assert report["valid"] is True and report["anchored_seq"] == seq + 1, report
+
+
 def test_records_cut_from_the_end_are_found_by_the_anchor(chain):  # type: ignore[no-untyped-def]
     from marketplace.audit.service import verify_chain
 
