@@ -36,6 +36,7 @@ def recover_stalled() -> dict[str, list[str]]:
       node is left alone — or, when all are final, run the callback again.
     """
     from marketplace.broker import queue_depths
+    from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task
@@ -48,14 +49,16 @@ def recover_stalled() -> dict[str, list[str]]:
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
     report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": []}
     with session_scope() as session:
-        created = list(session.scalars(
-            select(Task.id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff).limit(500)
-        ))
-        for task_id in created:
+        created = session.execute(
+            select(Task.id, Task.trace_id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff)
+            .limit(500)
+        ).all()
+        for task_id, _ in created:
             session.execute(Task.__table__.update().where(Task.id == task_id).values(progress_at=now))
     redeclare_queues()
-    for task_id in created:
-        enqueue_schedule(task_id)
+    for task_id, trace_id in created:
+        with job_trace(trace_id, "reschedule"):  # the job's trace, not this sweep's
+            enqueue_schedule(task_id)
         report["rescheduled"].append(str(task_id))
 
     with session_scope() as session:

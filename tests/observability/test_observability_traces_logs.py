@@ -109,6 +109,44 @@ def test_a_waiting_task_woken_by_a_new_node_stays_in_its_own_trace(client, user,
     assert [link.context.span_id for link in dispatch_span.links] == [node_span.get_span_context().span_id]
 
 
+def test_a_task_rescheduled_by_recovery_runs_in_its_own_trace(client, user, obs_worker, otlp_receiver,  # type: ignore[no-untyped-def]
+                                                               memory_spans, monkeypatch):
+    """Recovery's sweep re-publishes a lost scheduling message from its own trace; the job
+    (scheduler, subtasks, callback on the worker) still lands in the job's."""
+    from datetime import timedelta
+
+    from opentelemetry import trace
+    from sqlalchemy import update
+
+    from marketplace.db import session_scope, utcnow
+    from marketplace.maintenance import recover_stalled
+    from marketplace.settings import get_settings
+    from marketplace.tasks.models import Task
+    from marketplace.tasks.schemas import TaskRequest
+    from marketplace.tasks.service import create_task
+
+    job_trace = uuid.uuid4().hex
+    with session_scope() as session:  # stored, its scheduling message "lost" (never published), long ago
+        task, _ = create_task(session, user_id=uuid.UUID(user["id"]), trace_id=job_trace,
+                              request=TaskRequest(model="echo", inputs=[1, 2], batch_size=1))
+        task_id = str(task.id)
+        session.execute(update(Task).where(Task.id == task.id).values(progress_at=utcnow() - timedelta(days=10)))
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 9 * 86400.0)  # only this task is that old
+    memory_spans.clear()
+    with trace.get_tracer(__name__).start_as_current_span("recovery sweep"):
+        assert recover_stalled()["rescheduled"] == [task_id]
+    published = [s for s in memory_spans.get_finished_spans() if s.name == "apply_async/marketplace.scheduling.schedule"]
+    assert [format(s.context.trace_id, "032x") for s in published] == [job_trace]
+    assert wait_for_task(client, user["headers"], task_id, timeout=90)["status"] == "Done"
+
+    def worker_spans():  # type: ignore[no-untyped-def]
+        names = [s["name"] for s in otlp_receiver.spans_of(job_trace)]
+        return names if names.count("run/workers.run_subtask") >= 2 and "run/marketplace.scheduling.schedule" in names \
+            else None
+
+    wait_until(worker_spans, timeout=30, what=lambda: f"{sorted(s['name'] for s in otlp_receiver.spans_of(job_trace))}")
+
+
 def test_worker_log_lines_are_json_and_carry_our_ids(client, user, obs_worker):  # type: ignore[no-untyped-def]
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": ["ok", "bad"], "batch_size": 1,
                                           "params": {"fail_items": ["bad"]}}, headers=user["headers"])
