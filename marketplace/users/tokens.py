@@ -64,22 +64,6 @@ def _app_context() -> Any:
                    settings.refresh_token_days).app_context()
 
 
-def token_pair(user_id: str, role: str) -> dict[str, Any]:
-    """An access/refresh pair, as `POST /v1/auth/login` answers it."""
-    from flask import current_app
-    from flask_jwt_extended import create_access_token, create_refresh_token
-
-    claims = {"role": role}
-    with _app_context():
-        expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-        return {
-            "access_token": create_access_token(identity=user_id, additional_claims=claims),
-            "refresh_token": create_refresh_token(identity=user_id, additional_claims=claims),
-            "token_type": "Bearer",
-            "expires_in": int(expires.total_seconds()),
-        }
-
-
 def access_token(user_id: str, role: str) -> dict[str, Any]:
     """A new access token (`POST /v1/auth/refresh`)."""
     from flask import current_app
@@ -92,6 +76,15 @@ def access_token(user_id: str, role: str) -> dict[str, Any]:
             "token_type": "Bearer",
             "expires_in": int(expires.total_seconds()),
         }
+
+
+def token_pair(user_id: str, role: str) -> dict[str, Any]:
+    """An access/refresh pair, as `POST /v1/auth/login` answers it."""
+    from flask_jwt_extended import create_refresh_token
+
+    with _app_context():
+        return {**access_token(user_id, role),
+                "refresh_token": create_refresh_token(identity=user_id, additional_claims={"role": role})}
 
 
 def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
