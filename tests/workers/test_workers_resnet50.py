@@ -133,3 +133,33 @@ def test_resnet50_refuses_weights_whose_sha256_does_not_match(  # type: ignore[n
     doc = wait_for_task(client, user["headers"], resp.get_json()["id"], timeout=300)
     assert doc["status"] == "Failed"
     assert "sha256" in doc["error"] and "0" * 64 in doc["error"], doc
+
+
+_COMPARE_PREPROCESS = """
+import sys, torch
+from PIL import Image
+from torchvision import transforms
+from workers.executors.resnet50 import ResNet50Executor, _MEAN, _STD
+torch.manual_seed(0)
+sizes = [(320, 240), (64, 96), (500, 260), (257, 1000)]
+images = [Image.fromarray((torch.rand(h, w, 3) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+images.append(Image.new("L", (300, 300), 90).convert("RGB"))
+reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                transforms.Normalize(_MEAN, _STD)])
+ref = torch.stack([reference(img) for img in images])
+got = ResNet50Executor().preprocess(images, "cpu")
+assert got.shape == ref.shape == (5, 3, 224, 224), (got.shape, ref.shape)
+diff = (got - ref).abs()
+print(f"max {diff.max().item():.4f} mean {diff.mean().item():.6f}")
+# One grey level is 1/255/0.225 = 0.017 after normalizing; antialiasing may differ by a few on edges.
+assert diff.mean().item() < 0.01 and diff.max().item() < 0.2, (diff.mean().item(), diff.max().item())
+"""
+
+
+def test_tensor_preprocessing_matches_the_pil_reference_pipeline() -> None:
+    """The executor resizes and crops uint8 tensors (on the GPU on a GPU node); it must give what
+    torchvision's PIL pipeline gives: upscaled, downscaled, odd aspect and grey images alike."""
+    proc = subprocess.run([str(vision_python()), "-c", _COMPARE_PREPROCESS], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("max ")

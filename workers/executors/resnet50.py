@@ -152,15 +152,19 @@ class ResNet50Executor:
                 raise ExecutionError(f"resnet50: item {position}: file {file_id} is not an image: {exc}") from exc
         return images
 
-    def preprocess(self, images: list[Any]) -> Any:
-        import torch
-        from torchvision import transforms
+    def preprocess(self, images: list[Any], device: Any = "cpu") -> Any:
+        """Resize 256, crop 224, normalize: on uint8 tensors, on the model's device.
 
-        tf = transforms.Compose([
-            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-            transforms.Normalize(_MEAN, _STD),
-        ])
-        return torch.stack([tf(img) for img in images])
+        PIL's per-image transforms on one CPU core held a GPU node at ~390 images/s
+        while the H100 runs the model at ~5,700; on CPU this is about twice as fast as
+        PIL too, and agrees with it to within one grey level.
+        """
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        crops = [F.center_crop(F.resize(F.pil_to_tensor(img).to(device), [256], antialias=True), [224])
+                 for img in images]
+        return F.normalize(torch.stack(crops).float().div_(255), _MEAN, _STD)
 
     # Run -------------------------------------------------------------------
 
@@ -176,7 +180,7 @@ class ResNet50Executor:
         out: list[Any] = []
         with torch.inference_mode():
             for start in range(0, len(images), batch):
-                x = self.preprocess(images[start : start + batch]).to(device)
+                x = self.preprocess(images[start : start + batch], device)
                 probs = torch.softmax(net(x), dim=1)
                 scores, indices = probs.topk(top_k, dim=1)
                 for row_scores, row_idx in zip(scores.tolist(), indices.tolist(), strict=True):
