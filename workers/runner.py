@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from marketplace.billing import signals as billing
 from marketplace.results.service import part_key, run_after_commit
 from marketplace.storage import StorageError, get_store
 from marketplace.tasks import progress
@@ -64,14 +65,18 @@ def execute(
     except Exception as exc:  # the model crashed: retry, then fail with the reason
         logger.exception("subtask %s crashed", subtask_id)
         return _failure(subtask_id, base, f"{type(exc).__name__}: {exc}", started, retryable=retries_left)
-    seconds = round(time.perf_counter() - started, 6)
+    outcome = {**base, "ok": True, "key": key, "sha256": sha, "seconds": round(time.perf_counter() - started, 6)}
     try:
-        last, subtasks = progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=seconds)
+        if billing.charges_with_outcome():
+            last, subtasks = billing.complete_and_charge(outcome, hostname=hostname)
+            outcome["charged"] = True  # task_success's billing handler has nothing left to write
+        else:
+            last, subtasks = progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=outcome["seconds"])
     except OperationalError as exc:
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
         _finalize_inline(base["task_id"])
-    return {**base, "ok": True, "key": key, "sha256": sha, "seconds": seconds}
+    return outcome
 
 
 # A small task's last subtask finishes the task itself, a broker round trip and a chord

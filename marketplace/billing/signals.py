@@ -2,7 +2,9 @@
 
 `workers.run_subtask` never raises out of a chord header; it returns
 `{ok, subtask_id, task_id, user_id, model, device, items, seconds, ...}` for success
-and failure alike, so `task_success` sees every final outcome. Retries are not final
+and failure alike, so `task_success` sees every final outcome. A success is normally
+charged already, in the very statement that recorded it (`complete_and_charge`, marked
+`charged` in the result): the handler then has nothing left to write. Retries are not final
 and are not charged; the unique ledger constraint absorbs redeliveries. Should the
 task ever raise, `task_failure` charges from the subtask's row if it is final.
 
@@ -93,6 +95,34 @@ def _charge_in_one_statement(result: dict[str, Any], spec: Any, hostname: str) -
     return inserted
 
 
+def charges_with_outcome() -> bool:
+    """Whether a successful subtask's charge is written with its outcome (the default settings)."""
+    settings = get_settings()
+    return settings.billing_signal_charges and settings.audit_subtask_events == "pending"
+
+
+def complete_and_charge(result: dict[str, Any], *, hostname: str) -> tuple[bool, int]:
+    """Record a successful subtask's outcome, its charge and both audit records in one commit.
+
+    `result` is the outcome `workers.run_subtask` is about to return; returns
+    `progress.complete_subtask`'s (last open subtask, subtask count).
+    """
+    from marketplace.audit.signals import outcome_record
+
+    amount, detail = _amount_and_detail(result, get_catalog().get(result.get("model") or ""))
+    last, subtasks, inserted, hold_status = subtask_charges.complete_and_charge(
+        key=result["key"], sha256=result["sha256"], seconds=result["seconds"], user_id=str(result["user_id"]),
+        task_id=str(result["task_id"]), subtask_id=str(result["subtask_id"]), amount=amount, detail=detail,
+        outcome_record=outcome_record(hostname=hostname, result=result),
+    )
+    if inserted and hold_status == "released":  # the task settled before this charge landed
+        try:
+            _settle_late({uuid.UUID(str(result["task_id"]))})
+        except Exception:  # the outcome is committed: never retry the subtask over this
+            logger.exception("billing: could not settle the late charge of %s", result["subtask_id"])
+    return last, subtasks
+
+
 def charge_from_row(subtask_id: str) -> bool:
     with session_scope() as session:
         inserted = service.charge_from_row(session, subtask_id=uuid.UUID(subtask_id))
@@ -105,6 +135,8 @@ def charge_from_row(subtask_id: str) -> bool:
 def _on_subtask_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     if getattr(sender, "name", None) != SUBTASK_TASK or not get_settings().billing_signal_charges:
         return
+    if isinstance(result, dict) and result.get("charged"):
+        return  # charged with its outcome, audit records included (complete_and_charge)
     try:
         hostname = getattr(getattr(sender, "request", None), "hostname", None) or "unknown"
         charge_outcome(result, audit_hostname=hostname)

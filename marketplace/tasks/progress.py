@@ -39,9 +39,10 @@ _CLAIM = text("""
 
 # Also answers whether this was the task's last open subtask, as far as this statement can see
 # (two finishing at once may each see the other open: then neither is "last", and the chord
-# callback finishes the task as always).
-_COMPLETE = text("""
-    WITH s AS (
+# callback finishes the task as always). Billing appends its charge to these CTEs (one
+# statement per finished subtask: `billing.subtask_charges.complete_and_charge`).
+COMPLETE_CTES = """
+    s AS (
         UPDATE subtasks SET status = 'Done', result_key = :key, result_sha256 = :sha, seconds = :seconds,
                finished_at = :now, error = NULL
         WHERE id = :id
@@ -56,13 +57,14 @@ _COMPLETE = text("""
         FROM s
         RETURNING id
     )
-    SELECT NOT EXISTS (
-               SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.id <> :id
-               AND x.status IN ('Pending', 'Running')
-           ) AS last,
-           t.subtask_count
-    FROM s JOIN tasks t ON t.id = s.task_id
-""")
+"""
+COMPLETE_RESULT = """
+    NOT EXISTS (
+        SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.id <> :id AND x.status IN ('Pending', 'Running')
+    ) AS last,
+    t.subtask_count
+"""
+_COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id")
 
 # The common case in one round trip: a Pending subtask of a live task becomes Running, the task
 # InProgress, and task_prerun's carried `subtask.started` record (:ts/:actor/... NULL when there is
@@ -152,16 +154,18 @@ def claim_subtask(
                   "attempts": attempts}
 
 
+def complete_params(subtask_id: str, *, key: str, sha256: str, seconds: float) -> dict[str, Any]:
+    return {"id": uuid.UUID(subtask_id), "sid": subtask_id, "key": key, "sha": sha256, "seconds": seconds,
+            "now": utcnow(), "topic": topic_for("SubTaskCompleted")}
+
+
 def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) -> tuple[bool, int]:
     """Record success and emit SubTaskCompleted in one statement.
 
     Returns (no other subtask of the task is still Pending or Running, the task's subtask count).
     """
     with get_engine().begin() as conn:
-        row = conn.execute(_COMPLETE, {
-            "id": uuid.UUID(subtask_id), "sid": subtask_id, "key": key, "sha": sha256, "seconds": seconds,
-            "now": utcnow(), "topic": topic_for("SubTaskCompleted"),
-        }).first()
+        row = conn.execute(_COMPLETE, complete_params(subtask_id, key=key, sha256=sha256, seconds=seconds)).first()
     return (bool(row.last), int(row.subtask_count)) if row is not None else (False, 0)
 
 
