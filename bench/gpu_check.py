@@ -5,8 +5,9 @@
    GPU/CPU >= 0.999 per sentence, model on cuda, items/s at batch 64 (default) and 256.
 3. resnet50: random ResNet-50 weights (seed 0, BatchNorm statistics taken from 16 images) pushed
    with `push_weights` to a LocalStore and loaded through the executor's `fetch_weights`; `run()`
-   over random images (only `load_images`, which reads the DB, is replaced): top-1 GPU vs CPU,
-   images/s at batch 16 and 64, and the bare forward pass at batch 64.
+   over random images as JPEG files (only `load_files`, which reads the DB, is replaced; the GPU
+   decodes them with nvJPEG, the CPU with PIL): top-1 GPU vs CPU, images/s at batch 16 and 64,
+   the bare forward pass at batch 64, a PNG among JPEGs, and a broken JPEG named in the error.
 
 The `marketplace` package is imported without its `__init__` (which builds the Celery app): this
 needs torch, torchvision, sentence-transformers, numpy, pillow, pydantic-settings, SQLAlchemy (for
@@ -127,6 +128,14 @@ def random_images(n: int) -> list:
         (int(rng.integers(224, 480)), int(rng.integers(224, 480))), Image.BICUBIC) for _ in range(n)]
 
 
+def encoded(image, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, fmt, quality=90) if fmt == "JPEG" else image.save(buf, fmt)
+    return buf.getvalue()
+
+
 def check_resnet(dev: str, n: int, n_cpu: int) -> None:
     import torch
     import torchvision
@@ -137,10 +146,11 @@ def check_resnet(dev: str, n: int, n_cpu: int) -> None:
     from workers.executors.resnet50 import ResNet50Executor
 
     class Executor(ResNet50Executor):
-        def load_images(self, items, ctx):  # the items are the PIL images themselves (no DB here)
-            return list(items)
+        def load_files(self, items, ctx):  # the items are the files' contents themselves (no DB here)
+            return [(f"image-{i}", blob) for i, blob in enumerate(items)]
 
     images = random_images(n)
+    jpegs = [encoded(img, "JPEG") for img in images]
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None).train()
     for m in net.modules():  # fresh BatchNorm stats (0 mean, 1 var) let activations blow up in eval
@@ -156,13 +166,21 @@ def check_resnet(dev: str, n: int, n_cpu: int) -> None:
     ctx = ExecContext(task_id="gpu-check", subtask_id="0", user_id="u", device=dev, store=store)
     params = {"version": "gpucheck", "top_k": 5}
     start = time.perf_counter()
-    gpu.run(images[:16], params, ctx)  # fetch_weights + load + warm-up
+    gpu.run(jpegs[:16], params, ctx)  # fetch_weights + load + warm-up
     info: dict = {"load_and_warmup_s": round(time.perf_counter() - start, 2)}
     for bs in (16, 64):
         info[f"gpu_images_per_s_bs{bs}"], out = rate(
-            lambda bs=bs: gpu.run(images, {**params, "inference_batch_size": bs}, ctx), n)
-    cpu.run(images[:2], params, ctx)
-    info["cpu_images_per_s_bs16"], ref = rate(lambda: cpu.run(images[:n_cpu], params, ctx), n_cpu)
+            lambda bs=bs: gpu.run(jpegs, {**params, "inference_batch_size": bs}, ctx), n)
+    cpu.run(jpegs[:2], params, ctx)
+    info["cpu_images_per_s_bs16"], ref = rate(lambda: cpu.run(jpegs[:n_cpu], params, ctx), n_cpu)
+    # A PNG among JPEGs takes PIL's path; a broken JPEG fails the subtask, naming the file.
+    mixed = gpu.run([jpegs[0], encoded(images[1], "PNG"), jpegs[2]], params, ctx)
+    mixed_ok = [m[0]["index"] for m in mixed] == [out[0][0]["index"], out[1][0]["index"], out[2][0]["index"]]
+    try:
+        gpu.run([jpegs[0], jpegs[1][:200]], params, ctx)
+        broken = "accepted"
+    except Exception as exc:  # ExecutionError
+        broken = str(exc)[:160]
     model = gpu.model(store, "gpucheck")[0]
     device = next(model.parameters()).device
     x = gpu.preprocess(images[:64], device)
@@ -182,8 +200,10 @@ def check_resnet(dev: str, n: int, n_cpu: int) -> None:
                 distinct_top1=len({o[0]["index"] for o in out}),
                 max_top1_score_diff=max(abs(o["score"] - r["score"]) for o, r in pairs),
                 cached_weights=[str(p) for p in gpu.cache_dir().rglob("*.pt")],
-                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
-    ok = len(out) == n and agree >= 0.9 * n_cpu and device.type == ("cuda" if dev == "gpu" else "cpu")
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, png_among_jpegs_same_top1=mixed_ok,
+                broken_jpeg=broken)
+    ok = (len(out) == n and agree >= 0.9 * n_cpu and device.type == ("cuda" if dev == "gpu" else "cpu")
+          and mixed_ok and "image-1 is not an image" in broken)
     report("resnet50", bool(ok), images=n, cpu_images=n_cpu, **info)
 
 
