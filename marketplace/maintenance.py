@@ -34,6 +34,8 @@ def recover_stalled() -> dict[str, list[str]]:
       message was lost with Redis), and `Running` ones whose node is gone (no live
       heartbeat) or that outlived their time limit; a merely slow subtask on a live
       node is left alone — or, when all are final, run the callback again.
+    - Charges that landed after their task was settled and were never settled themselves
+      (the process died between the two commits): settle them now.
     """
     from marketplace.broker import queue_depths
     from marketplace.observability.tracing import job_trace
@@ -47,7 +49,7 @@ def recover_stalled() -> dict[str, list[str]]:
     live_nodes = [w["hostname"] for w in live_workers(get_redis())]
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
-    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": []}
+    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": [], "settled": []}
     with session_scope() as session:
         created = session.execute(
             select(Task.id, Task.trace_id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff)
@@ -111,7 +113,21 @@ def recover_stalled() -> dict[str, list[str]]:
     for task_id in to_finalize:
         finalize_task(task_id)
         report["finalized"].append(task_id)
+    report["settled"] = settle_stray_charges(recorded_before=cutoff)
     return report
+
+
+def settle_stray_charges(*, recorded_before: Any) -> list[str]:
+    """Settle late charges whose own settlement was lost; returns their task ids."""
+    from marketplace.billing import service as billing
+
+    with session_scope() as session:
+        stray = billing.tasks_with_stray_charges(session, recorded_before=recorded_before)
+    for task_id in stray:
+        logger.warning("recovery: settling stray late charges of task %s", task_id)
+        with session_scope() as session:
+            billing.settle_late(session, task_id=task_id)
+    return [str(t) for t in stray]
 
 
 @app.task(name="marketplace.maintenance.recover", acks_late=True)

@@ -19,6 +19,7 @@ class LedgerEntry(Base):
         Index("ix_ledger_user_id", "user_id", "id"),
         Index("ix_ledger_task", "task_id"),
         Index("ix_ledger_user_created", "user_id", "created_at"),  # today's spend (migration 0002)
+        Index("ix_ledger_unsettled", "task_id", postgresql_where=text("NOT settled")),  # recovery (0005)
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -186,6 +186,19 @@ def settle_late(session: Session, *, task_id: uuid.UUID) -> None:
         settle_task(session, task=task)
 
 
+def tasks_with_stray_charges(session: Session, *, recorded_before: datetime, limit: int = 200) -> list[uuid.UUID]:
+    """Tasks whose hold is released but which hold charges still unsettled, recorded before the cutoff.
+
+    A charge landing after settlement is settled by `settle_late` right after its commit; a
+    process that died in between left it here, never taken from the balance.
+    """
+    return list(session.scalars(
+        select(LedgerEntry.task_id).join(Hold, Hold.task_id == LedgerEntry.task_id)
+        .where(LedgerEntry.settled.is_(False), Hold.status == "released", LedgerEntry.created_at < recorded_before)
+        .distinct().limit(limit)
+    ))
+
+
 def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -94,3 +95,39 @@ def test_the_hold_checks_the_balance_read_under_the_lock_not_the_one_loaded_befo
     finally:
         session.rollback()
         session.close()
+
+
+def test_a_late_charge_whose_settlement_was_lost_is_settled_by_recovery(client):  # type: ignore[no-untyped-def]
+    from marketplace.billing import subtask_charges
+    from marketplace.billing.models import LedgerEntry
+    from marketplace.db import session_scope, utcnow
+    from marketplace.maintenance import recover_stalled
+    from marketplace.results.service import finalize_task
+    from marketplace.tasks.models import Task
+    from marketplace.users.models import User
+
+    user = register(client)
+    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
+    assert finalize_task(task_id) == "done"  # charges both subtasks, settles them, releases the hold
+    tid, uid = uuid.UUID(task_id), uuid.UUID(user["id"])
+    with session_scope() as session:
+        balance, cost = session.get(User, uid).balance, session.get(Task, tid).cost
+
+    # A charge lands after settlement (a redelivered failure, say), and its process dies before
+    # settle_late: the row is committed, unsettled, and the balance never saw it.
+    inserted, hold_status = subtask_charges.charge_outcome(
+        user_id=user["id"], task_id=task_id, subtask_id=sub_ids[0], amount=Decimal("0.5"), ok=False,
+        detail="late", outcome_record=None)
+    assert inserted and hold_status == "released"
+    with session_scope() as session:
+        session.execute(update(LedgerEntry).where(LedgerEntry.task_id == tid, LedgerEntry.kind == "charge_failed")
+                        .values(created_at=utcnow() - timedelta(hours=1)))
+        assert session.get(User, uid).balance == balance
+
+    assert recover_stalled()["settled"] == [task_id]
+    with session_scope() as session:
+        late = session.scalar(select(LedgerEntry).where(LedgerEntry.task_id == tid, LedgerEntry.kind == "charge_failed"))
+        assert late.settled
+        assert session.get(User, uid).balance == balance - Decimal("0.5")
+        assert session.get(Task, tid).cost == cost + Decimal("0.5")
+    assert recover_stalled()["settled"] == [], "settled once"
