@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from typing import Any
 
 import redis
 
 _client: tuple[int, str, redis.Redis] | None = None
+# When recovery last found the broker emptied (ISO time); kept in the broker itself.
+LOST_AT_KEY = "marketplace:broker:lost-at"
 
 
 def broker_redis() -> redis.Redis | None:
@@ -48,3 +51,26 @@ def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[s
             pipe.llen(name)
     lengths = iter(pipe.execute())
     return {queue: int(sum(next(lengths) for _ in broker_lists(queue, options))) for queue in queues}
+
+
+def lost_before(client: redis.Redis | None = None) -> datetime | None:
+    """When the broker's Redis was last found emptied (FLUSHALL, a restart without persistence):
+    every message published before then is gone, even where a queue holds newer ones.
+
+    Call it before `maintenance.redeclare_queues`: recovery declares every queue on each sweep,
+    so a queue binding missing on the next one was lost with everything else. (On a broker
+    where some queue was never declared, the first sweep says so too: at worst it re-sends
+    stalled subtasks once, and a copy never runs a subtask twice.)
+    """
+    from marketplace.celery_app import app
+    from marketplace.db import utcnow
+
+    client = client or broker_redis()
+    if client is None:
+        return None
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    bindings = {f"{prefix}_kombu.binding.{queue.exchange.name}" for queue in app.amqp.queues.values()}
+    if client.exists(*bindings) < len(bindings):
+        client.set(LOST_AT_KEY, utcnow().isoformat())
+    value = client.get(LOST_AT_KEY)
+    return datetime.fromisoformat(value.decode()) if value else None

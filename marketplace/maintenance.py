@@ -33,11 +33,13 @@ def recover_stalled() -> dict[str, list[str]]:
       re-dispatch exactly the subtasks that are not final — `Pending` ones (their
       message was lost with Redis), and `Running` ones whose node is gone (no live
       heartbeat) or that outlived their time limit; a merely slow subtask on a live
-      node is left alone — or, when all are final, run the callback again.
+      node is left alone — or, when all are final, run the callback again. A Pending
+      subtask whose queue holds other work is waiting its turn, unless the broker was
+      found emptied after the task's last dispatch (`broker.lost_before`).
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     """
-    from marketplace.broker import queue_depths
+    from marketplace.broker import lost_before, queue_depths
     from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
@@ -57,6 +59,7 @@ def recover_stalled() -> dict[str, list[str]]:
         ).all()
         for task_id, _ in created:
             session.execute(Task.__table__.update().where(Task.id == task_id).values(progress_at=now))
+    lost_at = lost_before()  # before the queues are declared again
     redeclare_queues()
     for task_id, trace_id in created:
         with job_trace(trace_id, "reschedule"):  # the job's trace, not this sweep's
@@ -83,8 +86,10 @@ def recover_stalled() -> dict[str, list[str]]:
             limit = spec.time_limit if spec else 600.0
             running_cutoff = now - timedelta(seconds=limit + 60)
             # Pending subtasks whose queue still holds messages are waiting their turn behind
-            # other work, not lost: re-sending them would only queue duplicates.
-            waiting_in_queue = depths.get(task.queue or "", 0) > 0
+            # other work, not lost: re-sending them would only queue duplicates. Unless the
+            # broker lost everything since they were sent: the queue holds others' newer work.
+            sent_before_loss = lost_at is not None and task.progress_at < lost_at
+            waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss
             pending_lost = false() if waiting_in_queue else SubTask.status == SubTaskStatus.PENDING.value
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(

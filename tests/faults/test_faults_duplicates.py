@@ -57,11 +57,12 @@ def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type:
 
 
 def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled
+    from marketplace.maintenance import recover_stalled, redeclare_queues
     from marketplace.redis_client import get_redis
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    redeclare_queues()  # a live system: workers and every recovery sweep declare the queues
     task_id, _ids = _task_with_subtasks(client, 3)
     r = get_redis()
     r.delete("cpu.generic")
@@ -70,3 +71,29 @@ def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client
     r.delete("cpu.generic")
     time.sleep(1.2)  # the first pass counted as a look at the task: it must stall again
     assert task_id in recover_stalled()["redispatched"]  # queue empty and no progress: the messages were lost
+
+
+def test_recovery_resends_what_a_flushed_redis_lost_even_behind_newer_work(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """After a FLUSHALL the queue may fill with newer work at once: its depth no longer says
+    that the older messages still wait in it."""
+    from marketplace.db import get_engine
+    from marketplace.maintenance import recover_stalled, redeclare_queues
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    redeclare_queues()
+    stalled, _ = _task_with_subtasks(client, 2)
+    recent, _ = _task_with_subtasks(client, 2)
+    with get_engine().begin() as conn:  # dispatched a moment ago: not stalled at the first sweep
+        conn.execute(text("UPDATE tasks SET progress_at = now() WHERE id = :t"), {"t": recent})
+    r = get_redis()
+    r.flushall()  # both tasks' messages are gone
+    r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))  # newer work, sent after the flush
+    report = recover_stalled()
+    assert stalled in report["redispatched"] and recent not in report["redispatched"]
+    time.sleep(1.2)  # the second task stalls now; the loss was found before it, and it was sent before that
+    assert recent in recover_stalled()["redispatched"]
+    time.sleep(1.2)  # nothing was lost since: a busy queue means waiting again
+    r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))
+    assert not {stalled, recent} & set(recover_stalled()["redispatched"])
