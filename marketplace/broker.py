@@ -1,6 +1,7 @@
 """Read-only views of the Celery broker (Redis): how many messages wait in a queue."""
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime
 from typing import Any
@@ -74,3 +75,30 @@ def lost_before(client: redis.Redis | None = None) -> datetime | None:
         client.set(LOST_AT_KEY, utcnow().isoformat())
     value = client.get(LOST_AT_KEY)
     return datetime.fromisoformat(value.decode()) if value else None
+
+
+def held_since(before: datetime, client: redis.Redis | None = None) -> set[str]:
+    """Celery task ids of the messages a consumer took before `before` and never acknowledged.
+
+    kombu keeps them in its `unacked` hash and returns them to their queue only after
+    `visibility_timeout` (an hour here): for a node that died holding one (a reserved
+    message, or a retry waiting out its countdown) that is an hour of waiting.
+    """
+    from marketplace.celery_app import app
+
+    client = client or broker_redis()
+    if client is None:
+        return set()
+    options = app.conf.broker_transport_options or {}
+    prefix = options.get("global_keyprefix", "")
+    tags = client.zrangebyscore(prefix + options.get("unacked_index_key", "unacked_index"), "-inf",
+                                before.timestamp())
+    if not tags:
+        return set()
+    ids = set()
+    for raw in client.hmget(prefix + options.get("unacked_key", "unacked"), tags):
+        try:
+            ids.add(str(json.loads(raw)[0]["headers"]["id"]))  # [message, exchange, routing key]
+        except (TypeError, ValueError, KeyError, IndexError):
+            continue  # acknowledged meanwhile, or not a Celery message
+    return ids

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -35,11 +36,13 @@ def recover_stalled() -> dict[str, list[str]]:
       heartbeat) or that outlived their time limit; a merely slow subtask on a live
       node is left alone — or, when all are final, run the callback again. A Pending
       subtask whose queue holds other work is waiting its turn, unless the broker was
-      found emptied after the task's last dispatch (`broker.lost_before`).
+      found emptied after the task's last dispatch (`broker.lost_before`), or its message
+      is held unacknowledged since before the deadline by a consumer that never started
+      it (a node that died: `broker.held_since`).
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     """
-    from marketplace.broker import lost_before, queue_depths
+    from marketplace.broker import held_since, lost_before, queue_depths
     from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
@@ -80,6 +83,7 @@ def recover_stalled() -> dict[str, list[str]]:
         ).scalars().all()
         plans: list[tuple[str, list[str], str, int, float, int, str | None]] = []
         depths = queue_depths(sorted({t.queue for t in rows if t.queue}))
+        held = held_since(cutoff) if rows else set()
         to_finalize: list[str] = []
         for task in rows:
             spec = get_catalog().get(task.model)
@@ -90,7 +94,10 @@ def recover_stalled() -> dict[str, list[str]]:
             # broker lost everything since they were sent: the queue holds others' newer work.
             sent_before_loss = lost_at is not None and task.progress_at < lost_at
             waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss
-            pending_lost = false() if waiting_in_queue else SubTask.status == SubTaskStatus.PENDING.value
+            pending_lost = SubTask.status == SubTaskStatus.PENDING.value
+            if waiting_in_queue:
+                silent = _subtasks_held(held, attempt=task.dispatch_count)
+                pending_lost = pending_lost & SubTask.id.in_(silent) if silent else false()
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(
                     SubTask.task_id == task.id,
@@ -120,6 +127,21 @@ def recover_stalled() -> dict[str, list[str]]:
         report["finalized"].append(task_id)
     report["settled"] = settle_stray_charges(recorded_before=cutoff)
     return report
+
+
+def _subtasks_held(message_ids: set[str], *, attempt: int) -> list[uuid.UUID]:
+    """Subtasks whose message of dispatch `attempt` is among `message_ids` (`<subtask id>:<dispatch>`,
+    scheduling.celery_subtask_id). An older dispatch's copy does not count: once re-sent, the
+    subtask waits for the new one, and kombu returns the old one after its visibility timeout."""
+    found = []
+    for mid in message_ids:
+        subtask_id, _, dispatch = mid.rpartition(":")
+        if dispatch == str(attempt):
+            try:
+                found.append(uuid.UUID(subtask_id))
+            except ValueError:
+                continue  # another task's message
+    return found
 
 
 def settle_stray_charges(*, recorded_before: Any) -> list[str]:

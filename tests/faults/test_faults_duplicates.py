@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -97,3 +100,60 @@ def test_recovery_resends_what_a_flushed_redis_lost_even_behind_newer_work(clien
     time.sleep(1.2)  # nothing was lost since: a busy queue means waiting again
     r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))
     assert not {stalled, recent} & set(recover_stalled()["redispatched"])
+
+
+# A node that takes one message off the queue and dies before acknowledging it (SIGKILL).
+_TAKE_AND_DIE = """
+import os, signal
+from marketplace.celery_app import app
+with app.connection_for_read() as conn:
+    message = conn.SimpleQueue("cpu.generic", no_ack=False).get(timeout=20)
+    print(message.headers["id"], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _queued_ids(queue: str) -> list[str]:
+    from marketplace.broker import broker_lists
+    from marketplace.celery_app import app
+    from marketplace.redis_client import get_redis
+
+    ids = []
+    for name in broker_lists(queue, dict(app.conf.broker_transport_options)):
+        for raw in get_redis().lrange(name, 0, -1):
+            headers = json.loads(raw).get("headers") or {}
+            if "id" in headers:
+                ids.append(headers["id"])
+    return ids
+
+
+def test_recovery_resends_a_subtask_whose_message_a_dead_node_holds(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """kombu would give the message back only after its visibility timeout (an hour), and the
+    queue is busy with other work: recovery must not read that as 'waiting its turn'."""
+    from marketplace.broker import held_since
+    from marketplace.db import get_engine, utcnow
+    from marketplace.maintenance import recover_stalled, redeclare_queues
+    from marketplace.redis_client import get_redis
+    from marketplace.scheduling.service import dispatch
+    from marketplace.settings import get_settings
+    from tests.support.servers import ROOT
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    redeclare_queues()
+    task_id, (taken, waiting) = _task_with_subtasks(client, 2)
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE tasks SET dispatch_count = 1 WHERE id = :t"), {"t": task_id})
+    dispatch(task_id, [taken], queue="cpu.generic", priority=0, time_limit=60, attempt=1)
+    proc = subprocess.run([sys.executable, "-c", _TAKE_AND_DIE], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9 and proc.stdout.strip() == f"{taken}:1", (proc.returncode, proc.stderr[-2000:])
+    get_redis().lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))  # others' work ahead
+    time.sleep(1.2)  # held past the deadline
+    assert f"{taken}:1" in held_since(utcnow())
+
+    assert task_id in recover_stalled()["redispatched"]
+    queued = _queued_ids("cpu.generic")
+    assert f"{taken}:2" in queued, queued
+    assert not [m for m in queued if m.startswith(waiting)], "the other subtask waits its turn"
+    time.sleep(1.2)  # the old copy is still held, but the subtask now waits for its new message
+    assert task_id not in recover_stalled()["redispatched"]
