@@ -199,15 +199,20 @@ def list_workers(session: Session, *, r: redis.Redis, include_offline: bool = Tr
 
 def catalog_entries(*, r: redis.Redis, catalog: Catalog | None = None) -> list[dict[str, Any]]:
     """The public catalog, each model with its live workers per queue."""
+    from marketplace.tasks.params import PARAMS
+
     catalog = catalog or get_catalog()
     workers = live_workers(r)
     out = []
     for spec in catalog.models.values():
+        schema = PARAMS.get(spec.name)
         live = {q: sum(1 for w in workers if serves(w, q, spec.name)) for q in spec.queues}
         out.append({
             "name": spec.name, "description": spec.description, "input": spec.input,
             "devices": list(spec.devices), "queues": spec.queues, "batch_size": spec.batch_size,
             "max_batch_size": spec.max_batch_size, "params": spec.params,
+            # What `params` may hold, checked at submit (marketplace.tasks.params); None: anything.
+            "params_schema": schema.model_json_schema() if schema else None,
             "price": {
                 device: {"start_fee": str(p.start_fee), "per_second": str(p.per_second),
                          "per_item": str(p.per_item), "failed": p.failed}

@@ -15,7 +15,7 @@ from marketplace.db import utcnow
 from marketplace.errors import InvalidInput
 from marketplace.storage import ObjectStore
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def weights_key(name: str, version: str) -> str:
@@ -34,7 +34,7 @@ def push_weights(
 
     if get_catalog().get(name) is None:
         raise InvalidInput.field("name", f"unknown model {name!r}")
-    if not _VERSION.match(version):
+    if not VERSION_RE.match(version):
         raise InvalidInput.field("version", "letters, digits, '.', '_' or '-' (at most 64)")
     data = Path(path).read_bytes()
     if not data:

@@ -14,7 +14,8 @@ class TaskRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=64, description="Catalog model name, e.g. `echo`, `embedding`.")
     inputs: list[Any] = Field(min_length=1, description="Input items; their kind depends on the model.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Model parameters.")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "Model parameters, checked at submit: `GET /v1/models` gives each model's `params_schema`."))
     device: Literal["any", "cpu", "gpu"] = "any"
     batch_size: int | None = Field(default=None, ge=1, description="Items per subtask (model default if absent).")
     priority: int = Field(default=0, ge=0, le=9, description="0–9, 9 most urgent.")

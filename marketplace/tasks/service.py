@@ -23,6 +23,7 @@ from marketplace.events.outbox import emit
 from marketplace.files.models import File
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks.params import check_params
 from marketplace.tasks.schemas import Progress, SubTaskOut, TaskOut, TaskRequest
 from marketplace.users.models import User
 
@@ -122,6 +123,7 @@ def create_task(
         if existing is not None:
             return existing, False
 
+    check_params(spec.name, {**spec.params, **request.params})
     batch_size = request.batch_size or spec.batch_size
     if batch_size > spec.max_batch_size:
         raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")

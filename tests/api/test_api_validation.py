@@ -98,3 +98,42 @@ def test_bad_list_query_is_422(client, user):  # type: ignore[no-untyped-def]
         resp = client.get(f"/v1/tasks?{query}", headers=user["headers"])
         assert resp.status_code == 422, (query, resp.get_json())
         assert field in _fields(resp), query
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "echo", "inputs": [1], "params": {"sleep_s": -1}}, "params.sleep_s"),
+        ({"model": "echo", "inputs": [1], "params": {"sleep_s": "1"}}, "params.sleep_s"),
+        ({"model": "echo", "inputs": [1], "params": {"slep_s": 1}}, "params.slep_s"),  # a typo is not ignored
+        ({"model": "embedding", "inputs": ["a"], "params": {"encode_batch_size": 0}}, "params.encode_batch_size"),
+        ({"model": "embedding", "inputs": ["a"], "params": {"normalize": "yes"}}, "params.normalize"),
+        ({"model": "resnet50", "inputs": ["x"], "params": {"top_k": 50}}, "params.top_k"),
+        ({"model": "resnet50", "inputs": ["x"], "params": {"version": "../../etc"}}, "params.version"),
+        ({"model": "generic", "inputs": [1]}, "params.command"),
+        ({"model": "generic", "inputs": [1], "params": {"command": "echo hi"}}, "params.command"),
+        ({"model": "generic", "inputs": [1], "params": {"command": ["echo", ""]}}, "params.command.1"),
+        ({"model": "generic", "inputs": [1], "params": {"command": ["echo"], "timeout_s": 601}}, "params.timeout_s"),
+        ({"model": "generic", "inputs": [1], "params": {"command": ["echo"], "memory_mb": 1.5}}, "params.memory_mb"),
+    ],
+)
+def test_bad_model_params_are_422_at_submit_not_a_failed_subtask_later(client, user, body, field):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json=body, headers=user["headers"])
+    assert resp.status_code == 422, resp.get_json()
+    assert field in _fields(resp), resp.get_json()
+
+
+def test_good_model_params_are_accepted(client, user):  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from marketplace.db import get_engine
+
+    resp = client.post("/v1/tasks", json={"model": "generic", "inputs": [1], "params": {
+        "command": ["/bin/cat"], "timeout_s": 5, "memory_mb": 128}}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    echo = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "params": {"sleep_s": 0, "fail_items": []}},
+                       headers=user["headers"])
+    assert echo.status_code == 202, echo.get_json()
+    with get_engine().connect() as conn:
+        stored = conn.execute(text("SELECT params FROM tasks WHERE id = :t"), {"t": resp.get_json()["id"]}).scalar()
+    assert stored == {"command": ["/bin/cat"], "timeout_s": 5, "memory_mb": 128}

@@ -109,6 +109,10 @@ def test_catalog_counts_live_workers_per_queue_and_skips_refusals(stack, redis_c
     assert entry["price"]["gpu"] == {"start_fee": "0.002", "per_second": "0.01", "per_item": "0.00002",
                                      "failed": "start_fee"}
     assert entry["input"] == "text" and entry["batch_size"] == 64
+    assert set(entry["params_schema"]["properties"]) == {"encode_batch_size", "normalize"}
+    generic = next(m for m in catalog_entries(r=redis_client) if m["name"] == "generic")
+    assert generic["params_schema"]["required"] == ["command"]
+    assert generic["params_schema"]["additionalProperties"] is False
 
 
 def test_live_workers_come_from_the_index_and_expired_nodes_leave_it(stack, redis_client, monkeypatch):  # type: ignore[no-untyped-def]
