@@ -15,13 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from marketplace.errors import InvalidInput
 from marketplace.registry.weights import VERSION_RE
 
+# Bounds the executors enforce too (workers import these).
+MAX_SLEEP_S = 5.0
+MAX_TOP_K = 20
+MAX_TIMEOUT_S = 600.0
+MIN_MEMORY_MB = 16  # below this not even a shell starts under RLIMIT_AS
+MAX_MEMORY_MB = 4096
+
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EchoParams(_Params):
-    sleep_s: float = Field(0, ge=0, le=5, description="Seconds to sleep per item (tests, demos).")
+    sleep_s: float = Field(0, ge=0, le=MAX_SLEEP_S, description="Seconds to sleep per item (tests, demos).")
     fail_items: list[Any] = Field(default_factory=list, description="Items that fail their subtask.")
 
 
@@ -32,14 +39,14 @@ class EmbeddingParams(_Params):
 
 class ResNet50Params(_Params):
     version: str = Field("v1", pattern=VERSION_RE.pattern, description="Weights pushed with `marketplace models push`.")
-    top_k: int = Field(5, ge=1, le=20, description="Labels per image.")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="Labels per image.")
     inference_batch_size: int = Field(16, ge=1, le=256, description="Images per forward pass.")
 
 
 class GenericParams(_Params):
     command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="argv run in the sandbox.")
-    timeout_s: float = Field(10, gt=0, le=600, description="Wall-clock limit per subtask.")
-    memory_mb: int = Field(256, ge=16, le=4096, description="Address-space limit.")
+    timeout_s: float = Field(10, gt=0, le=MAX_TIMEOUT_S, description="Wall-clock limit per subtask.")
+    memory_mb: int = Field(256, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB, description="Address-space limit.")
 
 
 PARAMS: dict[str, type[_Params]] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from marketplace.tasks.params import MAX_SLEEP_S
 from workers.executors.base import ExecContext
 
 
@@ -24,6 +25,6 @@ class EchoExecutor:
                 from workers.executors.base import ExecutionError
 
                 raise ExecutionError(f"echo: item {item!r} is listed in params.fail_items", retryable=True)
-        # `sleep_s` (per item, capped at 5 s) keeps a subtask running, e.g. to kill its worker mid-run.
-        time.sleep(min(5.0, max(0.0, float(params.get("sleep_s") or 0))) * len(items))
+        # `sleep_s` (per item) keeps a subtask running, e.g. to kill its worker mid-run.
+        time.sleep(min(MAX_SLEEP_S, max(0.0, float(params.get("sleep_s") or 0))) * len(items))
         return list(items)

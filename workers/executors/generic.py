@@ -4,12 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from marketplace.settings import get_settings
+from marketplace.tasks.params import MAX_MEMORY_MB, MAX_TIMEOUT_S, MIN_MEMORY_MB
 from workers.executors.base import ExecContext, ExecutionError
 from workers.sandbox import Limits, Sandbox, SandboxError, SandboxUnavailable, get_sandbox
-
-MAX_TIMEOUT_S = 600.0
-MAX_MEMORY_MB = 4096
-MIN_MEMORY_MB = 16  # below this not even a shell starts under RLIMIT_AS
 
 
 class GenericExecutor:

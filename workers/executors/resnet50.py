@@ -18,11 +18,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from marketplace.tasks.params import MAX_TOP_K
 from workers.executors.base import ExecContext, ExecutionError, configure_torch_threads
 
 logger = logging.getLogger(__name__)
 LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
-MAX_TOP_K = 20
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 _JPEG_MAGIC = b"\xff\xd8\xff"
