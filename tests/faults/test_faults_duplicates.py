@@ -88,14 +88,15 @@ def test_recovery_resends_what_a_flushed_redis_lost_even_behind_newer_work(clien
     redeclare_queues()
     stalled, _ = _task_with_subtasks(client, 2)
     recent, _ = _task_with_subtasks(client, 2)
-    with get_engine().begin() as conn:  # dispatched a moment ago: not stalled at the first sweep
-        conn.execute(text("UPDATE tasks SET progress_at = now() WHERE id = :t"), {"t": recent})
+    with get_engine().begin() as conn:  # not stalled at the first sweep, however slow this machine is
+        conn.execute(text("UPDATE tasks SET progress_at = now() + interval '1 hour' WHERE id = :t"), {"t": recent})
     r = get_redis()
     r.flushall()  # both tasks' messages are gone
     r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))  # newer work, sent after the flush
     report = recover_stalled()
     assert stalled in report["redispatched"] and recent not in report["redispatched"]
-    time.sleep(1.2)  # the second task stalls now; the loss was found before it, and it was sent before that
+    with get_engine().begin() as conn:  # the second task stalls later; it was sent before the loss was found
+        conn.execute(text("UPDATE tasks SET progress_at = now() - interval '1 hour' WHERE id = :t"), {"t": recent})
     assert recent in recover_stalled()["redispatched"]
     time.sleep(1.2)  # nothing was lost since: a busy queue means waiting again
     r.lpush("cpu.generic", json.dumps({"other": str(uuid.uuid4())}))
