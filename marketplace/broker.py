@@ -54,17 +54,17 @@ def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[s
     return {queue: int(sum(next(lengths) for _ in broker_lists(queue, options))) for queue in queues}
 
 
-def lost_before(client: redis.Redis | None = None) -> datetime | None:
+def lost_before(now: datetime, client: redis.Redis | None = None) -> datetime | None:
     """When the broker's Redis was last found emptied (FLUSHALL, a restart without persistence):
     every message published before then is gone, even where a queue holds newer ones.
 
     Call it before `maintenance.redeclare_queues`: recovery declares every queue on each sweep,
     so a queue binding missing on the next one was lost with everything else. (On a broker
     where some queue was never declared, the first sweep says so too: at worst it re-sends
-    stalled subtasks once, and a copy never runs a subtask twice.)
+    stalled subtasks once, and a copy never runs a subtask twice.) A loss found now is dated
+    `now`, the sweep's own clock: what the sweep itself sends or touches is after it.
     """
     from marketplace.celery_app import app
-    from marketplace.db import utcnow
 
     client = client or broker_redis()
     if client is None:
@@ -72,7 +72,7 @@ def lost_before(client: redis.Redis | None = None) -> datetime | None:
     prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
     bindings = {f"{prefix}_kombu.binding.{queue.exchange.name}" for queue in app.amqp.queues.values()}
     if client.exists(*bindings) < len(bindings):
-        client.set(LOST_AT_KEY, utcnow().isoformat())
+        client.set(LOST_AT_KEY, now.isoformat())
     value = client.get(LOST_AT_KEY)
     return datetime.fromisoformat(value.decode()) if value else None
 

@@ -62,7 +62,7 @@ def recover_stalled() -> dict[str, list[str]]:
         ).all()
         for task_id, _ in created:
             session.execute(Task.__table__.update().where(Task.id == task_id).values(progress_at=now))
-    lost_at = lost_before()  # before the queues are declared again
+    lost_at = lost_before(now)  # before the queues are declared again
     redeclare_queues()
     for task_id, trace_id in created:
         with job_trace(trace_id, "reschedule"):  # the job's trace, not this sweep's
