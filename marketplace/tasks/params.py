@@ -62,6 +62,10 @@ def check_params(model: str, params: dict[str, Any]) -> None:
     try:
         schema.model_validate(params)
     except ValidationError as exc:
-        errors = [{"field": ".".join(["params", *(str(p) for p in err["loc"])]), "message": err["msg"]}
-                  for err in exc.errors()]
+        errors = [{"field": _field(err["loc"]), "message": err["msg"]} for err in exc.errors()]
         raise InvalidInput("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    """`params.command[1]`: the names the rest of the API gives fields (`inputs[0]`)."""
+    return "params" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)

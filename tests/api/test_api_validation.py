@@ -112,7 +112,7 @@ def test_bad_list_query_is_422(client, user):  # type: ignore[no-untyped-def]
         ({"model": "resnet50", "inputs": ["x"], "params": {"version": "../../etc"}}, "params.version"),
         ({"model": "generic", "inputs": [1]}, "params.command"),
         ({"model": "generic", "inputs": [1], "params": {"command": "echo hi"}}, "params.command"),
-        ({"model": "generic", "inputs": [1], "params": {"command": ["echo", ""]}}, "params.command.1"),
+        ({"model": "generic", "inputs": [1], "params": {"command": ["echo", ""]}}, "params.command[1]"),
         ({"model": "generic", "inputs": [1], "params": {"command": ["echo"], "timeout_s": 601}}, "params.timeout_s"),
         ({"model": "generic", "inputs": [1], "params": {"command": ["echo"], "memory_mb": 1.5}}, "params.memory_mb"),
     ],
