@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 Device = Literal["cpu", "gpu"]
 InputKind = Literal["json", "text", "file"]
@@ -27,12 +27,26 @@ class ModelSpec(BaseModel):
     input: InputKind
     devices: list[Device]
     batch_size: int = Field(gt=0)
+    # Items per subtask for a job sent to `device: gpu` (a GPU wants bigger batches than a CPU
+    # core); `any` keeps `batch_size`, since subtasks are cut before a device is chosen.
+    gpu_batch_size: int | None = Field(default=None, gt=0)
     max_batch_size: int = Field(gt=0)
     time_limit: float = Field(gt=0)
     params: dict[str, Any] = {}
     price: dict[Device, Price]
     # Built-in models may share another model's queue (`echo` rides on `cpu.generic`).
     queue_model: str | None = None
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> ModelSpec:
+        for size in (self.batch_size, self.gpu_batch_size):
+            if size is not None and size > self.max_batch_size:
+                raise ValueError(f"batch size {size} is above max_batch_size {self.max_batch_size}")
+        return self
+
+    def default_batch_size(self, device: str) -> int:
+        """Items per subtask when the request names none, for the requested device (`any`, `cpu`, `gpu`)."""
+        return self.gpu_batch_size if device == "gpu" and self.gpu_batch_size else self.batch_size
 
     def queue(self, device: Device) -> str:
         return f"{device}.{self.queue_model or self.name}"

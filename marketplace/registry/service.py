@@ -210,7 +210,7 @@ def catalog_entries(*, r: redis.Redis, catalog: Catalog | None = None) -> list[d
         out.append({
             "name": spec.name, "description": spec.description, "input": spec.input,
             "devices": list(spec.devices), "queues": spec.queues, "batch_size": spec.batch_size,
-            "max_batch_size": spec.max_batch_size, "params": spec.params,
+            "gpu_batch_size": spec.gpu_batch_size, "max_batch_size": spec.max_batch_size, "params": spec.params,
             # What `params` may hold, checked at submit (marketplace.tasks.params); None: anything.
             "params_schema": schema.model_json_schema() if schema else None,
             "price": {

@@ -21,6 +21,9 @@ MAX_TOP_K = 20
 MAX_TIMEOUT_S = 600.0
 MIN_MEMORY_MB = 16  # below this not even a shell starts under RLIMIT_AS
 MAX_MEMORY_MB = 4096
+# Items per forward pass when the job names none: a GPU wants more than a CPU core.
+ENCODE_BATCH = {"cpu": 64, "gpu": 256}
+INFERENCE_BATCH = {"cpu": 16, "gpu": 64}
 
 
 class _Params(BaseModel):
@@ -33,14 +36,16 @@ class EchoParams(_Params):
 
 
 class EmbeddingParams(_Params):
-    encode_batch_size: int = Field(64, ge=1, le=1024, description="Sentences per forward pass.")
+    encode_batch_size: int = Field(ENCODE_BATCH["cpu"], ge=1, le=1024,
+                                   description="Sentences per forward pass (default 64 on CPU, 256 on GPU).")
     normalize: bool = Field(True, description="Unit-length vectors.")
 
 
 class ResNet50Params(_Params):
     version: str = Field("v1", pattern=VERSION_RE.pattern, description="Weights pushed with `marketplace models push`.")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="Labels per image.")
-    inference_batch_size: int = Field(16, ge=1, le=256, description="Images per forward pass.")
+    inference_batch_size: int = Field(INFERENCE_BATCH["cpu"], ge=1, le=256,
+                                      description="Images per forward pass (default 16 on CPU, 64 on GPU).")
 
 
 class GenericParams(_Params):

@@ -124,7 +124,7 @@ def create_task(
             return existing, False
 
     check_params(spec.name, {**spec.params, **request.params})
-    batch_size = request.batch_size or spec.batch_size
+    batch_size = request.batch_size or spec.default_batch_size(request.device)
     if batch_size > spec.max_batch_size:
         raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")
     if len(request.inputs) > settings.max_inputs:

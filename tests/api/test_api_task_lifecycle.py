@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import uuid
 
+import pytest
+
 from tests.support.api import register, wait_for_task
 
 WAITING = {"model": "embedding", "inputs": ["stays waiting"], "device": "gpu"}  # no gpu.embedding worker in tests
@@ -147,3 +149,30 @@ def test_another_users_task_is_404_everywhere(client, user, other, worker):  # t
     assert client.get("/v1/tasks", headers=other["headers"]).get_json()["tasks"] == []
     # the owner still sees it, still Done
     assert client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()["outputs"] == ["mine"]
+
+
+@pytest.mark.parametrize(("device", "batch_size", "subtasks"), [
+    ("gpu", None, 2),   # the catalog's gpu_batch_size: 256 sentences per subtask
+    ("cpu", None, 5),   # batch_size: 64
+    ("any", None, 5),   # cut before a device is chosen: the CPU-safe size
+    ("gpu", 100, 3),    # the request's own size wins
+])
+def test_a_gpu_job_is_cut_into_gpu_sized_subtasks(client, user, device, batch_size, subtasks):  # type: ignore[no-untyped-def]
+    body = {"model": "embedding", "inputs": [f"sentence {i}" for i in range(300)], "device": device}
+    if batch_size:
+        body["batch_size"] = batch_size
+    resp = client.post("/v1/tasks", json=body, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["subtasks"] == subtasks
+
+
+def test_a_catalog_batch_size_above_the_maximum_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from marketplace.catalog import parse_catalog
+
+    model = {"input": "text", "devices": ["gpu", "cpu"], "batch_size": 8, "max_batch_size": 64, "time_limit": 60,
+             "price": {"gpu": {"start_fee": "0", "per_second": "0", "per_item": "0"}}}
+    assert parse_catalog({"models": {"m": {**model, "gpu_batch_size": 64}}}).get("m").default_batch_size("gpu") == 64
+    with pytest.raises(ValidationError, match="above max_batch_size"):
+        parse_catalog({"models": {"m": {**model, "gpu_batch_size": 65}}})

@@ -6,6 +6,7 @@ import os
 import threading
 from typing import Any
 
+from marketplace.tasks.params import ENCODE_BATCH
 from workers.executors.base import ExecContext, ExecutionError, configure_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class EmbeddingExecutor:
         return self._model
 
     def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
-        batch = int(params.get("encode_batch_size") or 64)
+        batch = int(params.get("encode_batch_size") or ENCODE_BATCH.get(self.device, ENCODE_BATCH["cpu"]))
         normalize = bool(params.get("normalize", True))
         vectors = self.model().encode(
             [str(t) for t in items], batch_size=batch, normalize_embeddings=normalize,

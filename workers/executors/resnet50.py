@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from marketplace.tasks.params import MAX_TOP_K
+from marketplace.tasks.params import INFERENCE_BATCH, MAX_TOP_K
 from workers.executors.base import ExecContext, ExecutionError, configure_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class ResNet50Executor:
 
         version = str(params.get("version") or "v1")
         top_k = max(1, min(MAX_TOP_K, int(params.get("top_k") or 5)))
-        batch = max(1, int(params.get("inference_batch_size") or 16))
+        batch = max(1, int(params.get("inference_batch_size") or INFERENCE_BATCH.get(self.device, INFERENCE_BATCH["cpu"])))
         net, labels = self.model(ctx.store, version)
         files = self.load_files(items, ctx)
         device = next(net.parameters()).device
