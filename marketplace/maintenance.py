@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import false, func, select
@@ -83,7 +83,7 @@ def recover_stalled() -> dict[str, list[str]]:
         ).scalars().all()
         plans: list[tuple[str, list[str], str, int, float, int, str | None]] = []
         depths = queue_depths(sorted({t.queue for t in rows if t.queue}))
-        held = held_since(cutoff) if rows else set()
+        held = _held_subtasks(held_since(cutoff)) if rows else set()
         to_finalize: list[str] = []
         for task in rows:
             spec = get_catalog().get(task.model)
@@ -96,7 +96,7 @@ def recover_stalled() -> dict[str, list[str]]:
             waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss
             pending_lost = SubTask.status == SubTaskStatus.PENDING.value
             if waiting_in_queue:
-                silent = _subtasks_held(held, attempt=task.dispatch_count)
+                silent = [sid for sid, attempt in held if attempt == task.dispatch_count]
                 pending_lost = pending_lost & SubTask.id.in_(silent) if silent else false()
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(
@@ -129,22 +129,21 @@ def recover_stalled() -> dict[str, list[str]]:
     return report
 
 
-def _subtasks_held(message_ids: set[str], *, attempt: int) -> list[uuid.UUID]:
-    """Subtasks whose message of dispatch `attempt` is among `message_ids` (`<subtask id>:<dispatch>`,
-    scheduling.celery_subtask_id). An older dispatch's copy does not count: once re-sent, the
-    subtask waits for the new one, and kombu returns the old one after its visibility timeout."""
-    found = []
+def _held_subtasks(message_ids: set[str]) -> set[tuple[uuid.UUID, int]]:
+    """(subtask, dispatch) of the subtask messages among `message_ids` (`<subtask id>:<dispatch>`,
+    scheduling.celery_subtask_id). Only a task's current dispatch counts: once re-sent, the
+    subtask waits for the new copy, and kombu returns the old one after its visibility timeout."""
+    found = set()
     for mid in message_ids:
         subtask_id, _, dispatch = mid.rpartition(":")
-        if dispatch == str(attempt):
-            try:
-                found.append(uuid.UUID(subtask_id))
-            except ValueError:
-                continue  # another task's message
+        try:
+            found.add((uuid.UUID(subtask_id), int(dispatch)))
+        except ValueError:
+            continue  # another task's message
     return found
 
 
-def settle_stray_charges(*, recorded_before: Any) -> list[str]:
+def settle_stray_charges(*, recorded_before: datetime) -> list[str]:
     """Settle late charges whose own settlement was lost; returns their task ids."""
     from marketplace.billing import service as billing
 
