@@ -78,7 +78,7 @@ def test_a_small_task_is_finished_by_its_last_subtask_and_a_big_one_by_the_chord
     from celery.result import AsyncResult
 
     from marketplace.celery_app import app
-    from marketplace.scheduling.service import callback_id
+    from marketplace.scheduling.service import callback_id, celery_subtask_id
     from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
 
     outcomes = {}
@@ -91,6 +91,11 @@ def test_a_small_task_is_finished_by_its_last_subtask_and_a_big_one_by_the_chord
         result = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()
         assert result["outputs"] == inputs
         outcomes[subtasks] = AsyncResult(callback_id(task_id, 1, 0), app=app).get(timeout=30)
+        # The chord counted its subtasks without their Celery results being stored: nothing reads them.
+        subs = client.get(f"/v1/tasks/{task_id}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+        stored = [app.backend.client.exists(app.backend.get_key_for_task(celery_subtask_id(s["id"], 1)))
+                  for s in subs]
+        assert len(stored) == subtasks and not any(stored), stored
     # The one-subtask task was already Done when its callback ran; the big one was finished by it.
     assert outcomes == {1: "noop", INLINE_FINALIZE_MAX_SUBTASKS + 4: "done"}, outcomes
 
