@@ -20,6 +20,7 @@ from sqlalchemy import text
 from marketplace.audit.service import canonical_json, pending_values
 from marketplace.billing.service import q
 from marketplace.db import get_engine, utcnow
+from marketplace.prepared import Prepared
 from marketplace.tasks.progress import COMPLETE_CTES, COMPLETE_RESULT, complete_params
 
 # {gate}: a condition on the other CTEs of the statement (the ledger row only for a subtask that exists).
@@ -43,9 +44,17 @@ _CHARGE_CTES = """
 """
 _CHARGE_RESULT = "(SELECT status FROM h) AS hold_status, EXISTS (SELECT 1 FROM l) AS inserted"
 _CHARGE = text(f"WITH {_CHARGE_CTES.format(gate='')} SELECT {_CHARGE_RESULT}")
-_COMPLETE_AND_CHARGE = text(
+_COMPLETE_AND_CHARGE = Prepared(
+    "mp_complete_and_charge",
     f"WITH {COMPLETE_CTES}, {_CHARGE_CTES.format(gate='AND EXISTS (SELECT 1 FROM s)')} "
-    f"SELECT {COMPLETE_RESULT}, {_CHARGE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id"
+    f"SELECT {COMPLETE_RESULT}, {_CHARGE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id",
+    types={
+        "id": "uuid", "key": "text", "sha": "text", "seconds": "float8", "now": "timestamptz", "topic": "text",
+        "sid": "text", "task_id": "uuid", "user_id": "uuid", "subtask_id": "uuid", "kind": "text",
+        "amount": "numeric", "detail": "text", "charge": "boolean", "charge_action": "text",
+        "charge_subject": "text", "task_key": "text", "charge_data": "text", "ots": "timestamptz",
+        "oactor": "text", "oaction": "text", "osubject": "text", "odata": "text",
+    },
 )
 
 
@@ -94,7 +103,7 @@ def complete_and_charge(
     params = {**done, **_params(user_id=user_id, task_id=task_id, subtask_id=subtask_id, amount=amount, ok=True,
                                 detail=detail, outcome_record=outcome_record, now=done["now"])}
     with get_engine().begin() as conn:
-        row = conn.execute(_COMPLETE_AND_CHARGE, params).first()
+        row = _COMPLETE_AND_CHARGE.execute(conn, params).first()
     if row is None:
         return False, 0, False, None
     return bool(row.last), int(row.subtask_count), bool(row.inserted), row.hold_status

@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from marketplace.db import get_engine, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
+from marketplace.prepared import Prepared
 
 _LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error, s.worker,
@@ -69,7 +70,7 @@ _COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tas
 # The common case in one round trip: a Pending subtask of a live task becomes Running, the task
 # InProgress, and task_prerun's carried `subtask.started` record (:ts/:actor/... NULL when there is
 # none) is written. Anything else (redelivery, a task that ended) takes the checked path below.
-_CLAIM_PENDING = text("""
+_CLAIM_PENDING = Prepared("mp_claim_pending", """
     WITH s AS (
         UPDATE subtasks SET status = 'Running', attempts = subtasks.attempts + 1, worker = :worker, celery_id = :mid,
                started_at = COALESCE(subtasks.started_at, :now), error = NULL
@@ -89,7 +90,10 @@ _CLAIM_PENDING = text("""
         RETURNING id
     )
     SELECT * FROM s
-""")
+""", types={
+    "id": "uuid", "worker": "text", "mid": "text", "now": "timestamptz",
+    "ts": "timestamptz", "actor": "text", "action": "text", "subject": "text", "data": "text",
+})
 
 _RELEASE = text("""
     UPDATE subtasks SET status = 'Pending', error = :error WHERE id = :id AND status = 'Running'
@@ -125,7 +129,7 @@ def claim_subtask(
         carried = take_carried()
         one = carried[0] if len(carried) == 1 else {"ts": None, "actor": None, "action": None, "subject": None,
                                                     "data": None}
-        row = conn.execute(_CLAIM_PENDING, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
+        row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
                                             **one}).first()
         if row is not None:
             if len(carried) > 1:
