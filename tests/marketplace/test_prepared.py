@@ -62,7 +62,7 @@ def test_every_parameter_needs_a_type():  # type: ignore[no-untyped-def]
 
 
 def test_a_subtask_claims_and_completes_through_prepared_statements(client):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.db import get_engine, session_scope
     from marketplace.tasks.models import SubTask
     from workers import runner
 
@@ -71,8 +71,6 @@ def test_a_subtask_claims_and_completes_through_prepared_statements(client):  # 
     result = runner.execute(sid, hostname="prepared@test", retries_left=True, message_id=f"{sid}:1")
     assert result["ok"] and result["charged"], result
     assert {"mp_claim_pending", "mp_complete_and_charge"} <= _prepared_anywhere(get_engine())
-    from marketplace.db import session_scope
-
     with session_scope() as session:
         sub = session.get(SubTask, uuid.UUID(sid))
         assert (sub.status, sub.worker, sub.attempts, sub.result_sha256) == (
