@@ -2,9 +2,11 @@
 
 Modes (each on a fresh worker started with these settings; see marketplace/settings.py):
   off      MARKETPLACE_BILLING_SIGNAL_CHARGES=false MARKETPLACE_AUDIT_SUBTASK_EVENTS=off
-           (charges are still recorded, by finalize from the subtask rows)
-  pending  the defaults: a charge row + lock-free audit_pending rows per subtask,
-           chained in batches after finalize / by beat
+           (charges are still recorded, by finalize from the subtask rows, one ORM insert
+           each: this mode can cost more than `pending`)
+  pending  the defaults: a charge row + lock-free audit_pending rows per subtask, written
+           by the prepared statement that records the outcome, chained in batches after
+           finalize / by beat
   direct   MARKETPLACE_AUDIT_SUBTASK_EVENTS=direct: every subtask record is chained at
            once under the advisory lock (the design we did not pick; shows the lock cost)
 
