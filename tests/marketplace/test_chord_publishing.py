@@ -1,4 +1,5 @@
-"""`batched_publishing`: messages sent inside the block reach the broker in pipelined batches."""
+"""Publishing large chords: `batched_publishing` sends messages in pipelined batches, and a
+chord's members are not watched for results (no SUBSCRIBE per subtask)."""
 from __future__ import annotations
 
 import uuid
@@ -9,9 +10,12 @@ from kombu import Exchange, Queue
 
 @pytest.fixture()
 def queue(stack, redis_client):  # type: ignore[no-untyped-def]
-    """A queue no worker consumes, on the test broker."""
+    """A queue no worker consumes, on the test broker, known to the app by name."""
+    from marketplace.celery_app import app
+
     name = f"test.batch.{uuid.uuid4().hex[:8]}"
-    yield Queue(name, Exchange(name, type="direct"), routing_key=name)
+    yield app.amqp.queues.add(Queue(name, Exchange(name, type="direct"), routing_key=name))
+    app.amqp.queues.pop(name, None)
     for key in redis_client.keys(f"{name}*"):
         redis_client.delete(key)
 
@@ -71,3 +75,17 @@ def test_a_nested_block_joins_the_outer_batch(queue, redis_client):  # type: ign
             _send(queue, 2)
         assert _waiting(redis_client, queue) == 0
     assert _waiting(redis_client, queue) == 2
+
+
+def test_a_chords_members_are_not_subscribed_to(queue, redis_client):  # type: ignore[no-untyped-def]
+    from celery import chord, group, signature
+
+    from marketplace.celery_app import app
+
+    header = group(signature("test.member", args=[i], queue=queue.name, ignore_result=True) for i in range(3))
+    result = chord(header, signature("test.callback", queue=queue.name, immutable=True)).apply_async()
+    members = [r.id for r in result.parent.results]
+    assert len(members) == 3 and _waiting(redis_client, queue) == 3
+    subscribed = {c.decode() for c in redis_client.pubsub_channels("celery-task-meta-*")}
+    assert not subscribed & {f"celery-task-meta-{m}" for m in members}
+    assert not app.backend.result_consumer.subscribed_to
