@@ -66,15 +66,22 @@ class Unavailable(MarketplaceError):
     title = "Service unavailable"
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """The database is down or the connection died with it (a crash can surface as a plain
+    DatabaseError, "server closed the connection unexpectedly", not an OperationalError)."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
 def unavailable_dependency(exc: BaseException) -> str | None:
     """Name the backing service when `exc` means it is down (REST answers 503, gRPC UNAVAILABLE)."""
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
-    from sqlalchemy.exc import DBAPIError, OperationalError
 
     from marketplace.storage import StorageError
 
-    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+    if database_unavailable(exc):
         return "database"
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return "redis"

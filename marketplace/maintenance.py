@@ -13,6 +13,7 @@ from marketplace.celery_app import app
 from marketplace.db import session_scope, utcnow
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks.progress import RUNNING_MARGIN
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def recover_stalled() -> dict[str, list[str]]:
         for task in rows:
             spec = get_catalog().get(task.model)
             limit = spec.time_limit if spec else 600.0
-            running_cutoff = now - timedelta(seconds=limit + 60)
+            running_cutoff = now - timedelta(seconds=limit + RUNNING_MARGIN)
             # Pending subtasks whose queue still holds messages are waiting their turn behind
             # other work, not lost: re-sending them would only queue duplicates. Unless the
             # broker lost everything since they were sent: the queue holds others' newer work.

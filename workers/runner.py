@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from marketplace.billing import signals as billing
+from marketplace.errors import database_unavailable
 from marketplace.results.service import part_key, run_after_commit
 from marketplace.storage import StorageError, get_store
 from marketplace.tasks import progress
@@ -37,7 +38,9 @@ def execute(
     """Run a subtask to a final outcome dict, or return Retry."""
     try:
         early, work = progress.claim_subtask(subtask_id, hostname=hostname, message_id=message_id)
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        if not database_unavailable(exc):
+            raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if early is not None:
         return early
@@ -72,7 +75,9 @@ def execute(
             outcome["charged"] = True  # task_success's billing handler has nothing left to write
         else:
             last, subtasks = progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=outcome["seconds"])
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        if not database_unavailable(exc):
+            raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
         _finalize_inline(base["task_id"])

@@ -7,6 +7,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from marketplace.celery_app import app
+from marketplace.errors import database_unavailable
 from marketplace.settings import get_settings
 from workers import node, runner  # noqa: F401  (node: capability probe + warm-up signals)
 
@@ -26,6 +27,9 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
         )
     except SoftTimeLimitExceeded:
         outcome = runner.Retry("time limit exceeded")
+    except Exception as exc:  # noqa: BLE001 - out of a chord header it would kill the callback silently
+        logger.exception("subtask %s: unexpected error, will retry", subtask_id)
+        outcome = runner.Retry(f"{type(exc).__name__}: {exc}", infrastructure=database_unavailable(exc))
     if isinstance(outcome, runner.Retry):
         limit = INFRA_MAX_RETRIES if outcome.infrastructure else settings.subtask_max_retries
         if retries < limit:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from marketplace.celery_app import app
+from marketplace.errors import database_unavailable
 from marketplace.scheduling import service
 from marketplace.settings import get_settings
 
@@ -22,7 +23,9 @@ def retry_delay(retries: int, base: float) -> float:
 def schedule(self, task_id: str) -> dict:  # type: ignore[no-untyped-def]
     try:
         outcome = service.schedule_task(task_id)
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        if not database_unavailable(exc):
+            raise
         # Database down: keep the task's scheduling alive; it is bounded by the schedule timeout.
         logger.warning("schedule %s: database unavailable, retrying: %s", task_id, exc.orig)
         raise self.retry(countdown=MAX_SCHEDULE_DELAY) from None

@@ -17,7 +17,7 @@ from marketplace.prepared import Prepared
 
 _LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error, s.worker,
-           s.celery_id,
+           s.celery_id, s.started_at,
            t.status AS task_status, t.user_id, t.model, t.queue, t.params
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
@@ -117,6 +117,22 @@ def _alive(hostname: str) -> bool:
         return False
 
 
+# Seconds past a model's time limit after which a Running subtask is taken as abandoned
+# (Celery kills it at the limit + 30 s); recovery uses the same cutoff.
+RUNNING_MARGIN = 60.0
+
+
+def _outlived(row: Any, now: Any) -> bool:
+    """Running past the model's time limit plus a margin (recovery re-sends such subtasks)."""
+    from datetime import timedelta
+
+    from marketplace.catalog import get_catalog
+
+    spec = get_catalog().get(row.model)
+    limit = spec.time_limit if spec else 600.0
+    return row.started_at is not None and row.started_at < now - timedelta(seconds=limit + RUNNING_MARGIN)
+
+
 def claim_subtask(
     subtask_id: str, *, hostname: str, message_id: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -148,10 +164,12 @@ def claim_subtask(
         if row.status == "Failed":
             return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
         if (row.status == "Running" and row.celery_id and row.celery_id != message_id
-                and row.worker and _alive(row.worker)):
+                and row.worker and _alive(row.worker) and not _outlived(row, now)):
             # Another message (recovery re-sent the subtask) while a live node still runs the first:
             # let that one finish rather than run the subtask twice at once. The same message coming
-            # back is a redelivery after its process died, and runs.
+            # back is a redelivery after its process died, and runs. So does a copy of one that has
+            # outlived its hard time limit: nothing runs that any more (its message ended, e.g. with
+            # a kill at the limit that left the row Running), however live its node is.
             return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
         attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
     return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),

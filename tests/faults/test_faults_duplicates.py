@@ -58,6 +58,26 @@ def test_a_second_message_for_a_subtask_running_on_a_live_node_is_skipped(client
     assert early is None and work["attempts"] == 2
 
 
+def test_the_copy_runs_when_the_first_run_outlived_its_time_limit_on_a_live_node(client, own_broker):  # type: ignore[no-untyped-def]
+    """Nothing runs a subtask past its hard limit (a kill at the limit, or a database crash that
+    forgot its completion, leaves it Running): recovery's copy must take it over, live node or not."""
+    from marketplace.db import get_engine
+    from marketplace.tasks.progress import claim_subtask
+
+    _task, (sid,) = _task_with_subtasks(client, 1)
+    _heartbeat("node-a@test")
+    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    assert early is None
+    with get_engine().begin() as conn:  # echo's limit is 60 s; the margin 60 s more
+        conn.execute(text("UPDATE subtasks SET started_at = now() - interval '119 seconds' WHERE id = :s"), {"s": sid})
+    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
+    assert early is not None and early["skipped"], "still within its limit: left to node-a"
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE subtasks SET started_at = now() - interval '121 seconds' WHERE id = :s"), {"s": sid})
+    early, work = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:3")
+    assert early is None and work["attempts"] == 2
+
+
 def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type: ignore[no-untyped-def]
     from marketplace.tasks.progress import claim_subtask
 

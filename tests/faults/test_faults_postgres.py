@@ -32,6 +32,13 @@ class Throwaway:
         server = self.embedded.server
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=server.pgdata, user=server.system_user)
 
+    def crash(self) -> None:
+        """Stop without a shutdown checkpoint, as a crash would: unflushed WAL is lost."""
+        from pgserver._commands import pg_ctl
+
+        server = self.embedded.server
+        pg_ctl(["-w", "stop", "-m", "immediate"], pgdata=server.pgdata, user=server.system_user)
+
     def start(self) -> None:
         server = self.embedded.server
         with server._lock:
@@ -94,3 +101,37 @@ def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # ty
         assert wait_for_task(client, user["headers"], later.get_json()["id"], timeout=60)["status"] == "Done"
     finally:
         node.stop()
+
+
+def test_a_database_crash_mid_job_loses_no_subtask_and_no_charge(throwaway_pg):  # type: ignore[no-untyped-def]
+    """An immediate stop, as in a crash (connections cut mid-statement, no shutdown checkpoint):
+    subtasks that were writing retry instead of raising out of the chord (which broke the chord
+    and left them Running), and the job still ends Done, every output and charge once."""
+    from api import create_app
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+    from tests.faults.test_faults_workers import _assert_exactly_once, _drive_recovery
+
+    with switched_env(MARKETPLACE_RECOVERY_STALL_SECONDS="2"):
+        client = create_app(get_settings()).test_client()
+        node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"pgcrash-{uuid.uuid4().hex[:4]}", concurrency=2)
+        node.wait_ready(get_redis())
+        try:
+            user = register(client)
+            inputs = list(range(12))
+            resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
+                                                 "params": {"sleep_s": 0.2}}, headers=user["headers"])
+            assert resp.status_code == 202
+            task_id = resp.get_json()["id"]
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["progress"]["done"] < 3:
+                assert time.monotonic() < deadline, "no subtask finished"
+                time.sleep(0.05)
+            throwaway_pg.crash()
+            time.sleep(1)
+            throwaway_pg.start()
+            doc = _drive_recovery(client, user, task_id, timeout=120)
+            assert doc["status"] == "Done", (doc, node.tail(40))
+            _assert_exactly_once(client, user, task_id, inputs)
+        finally:
+            node.stop()
