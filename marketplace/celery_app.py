@@ -93,7 +93,7 @@ def _rebuild_clients(**_: Any) -> None:
 
     observability.init_worker_process()  # tracing first, so the new engine is instrumented
     # No pre-ping: it is a round trip per checkout, three per subtask. A connection that died
-    # with the server raises OperationalError, which invalidates the pool and retries the task.
+    # with the server raises a disconnect error, which invalidates the pool and retries the task.
     db.init_engine(pool_pre_ping=False)
     storage.reset_store()
     redis_client.reset_redis()
