@@ -62,6 +62,11 @@ class Catalog(BaseModel):
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
 
+    def time_limit(self, name: str) -> float:
+        """The model's hard time limit; a task whose model left the catalog gets the longest default."""
+        spec = self.models.get(name)
+        return float(spec.time_limit) if spec else 600.0
+
     @property
     def queues(self) -> list[str]:
         return sorted({q for spec in self.models.values() for q in spec.queues})

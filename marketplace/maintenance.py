@@ -87,8 +87,7 @@ def recover_stalled() -> dict[str, list[str]]:
         held = _held_subtasks(held_since(cutoff)) if rows else set()
         to_finalize: list[str] = []
         for task in rows:
-            spec = get_catalog().get(task.model)
-            limit = spec.time_limit if spec else 600.0
+            limit = get_catalog().time_limit(task.model)
             running_cutoff = now - timedelta(seconds=limit + RUNNING_MARGIN)
             # Pending subtasks whose queue still holds messages are waiting their turn behind
             # other work, not lost: re-sending them would only queue duplicates. Unless the

@@ -133,7 +133,7 @@ def schedule_task(task_id: str) -> Outcome:
 
         run_after_commit(actions)
         return failed
-    dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
+    dispatch(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
              attempt=attempt, trace_id=trace_id)
     return Outcome("scheduled", queue=queue, subtask_ids=ids)
 
@@ -221,7 +221,7 @@ def redispatch_missing(task_id: str) -> list[str]:
         task = session.get(Task, uuid.UUID(task_id))
         if task is None or task.status not in (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value):
             return []
-        spec = get_catalog().get(task.model)
+        limit = get_catalog().time_limit(task.model)
         ids = [str(i) for i in session.scalars(
             select(SubTask.id).where(
                 SubTask.task_id == task.id,
@@ -232,6 +232,6 @@ def redispatch_missing(task_id: str) -> list[str]:
         task.dispatch_count += 1
         queue, priority, attempt, trace_id = task.queue, task.priority, task.dispatch_count, task.trace_id
     if queue:
-        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=spec.time_limit if spec else 600,
-                 attempt=attempt, trace_id=trace_id)
+        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt,
+                 trace_id=trace_id)
     return ids

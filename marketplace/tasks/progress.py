@@ -128,8 +128,7 @@ def _outlived(row: Any, now: Any) -> bool:
 
     from marketplace.catalog import get_catalog
 
-    spec = get_catalog().get(row.model)
-    limit = spec.time_limit if spec else 600.0
+    limit = get_catalog().time_limit(row.model)
     return row.started_at is not None and row.started_at < now - timedelta(seconds=limit + RUNNING_MARGIN)
 
 
