@@ -43,6 +43,8 @@ def execute(
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if early is not None:
+        if early.pop("abandoned", False):  # it kept outliving its time limit: fail it, with the reason
+            return _failure(subtask_id, early, early["error"], time.perf_counter(), retryable=False)
         return early
     base = work["base"]
     index = base["index"]

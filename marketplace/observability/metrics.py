@@ -65,9 +65,10 @@ def task_finished(*, model: str, status: str, cost: Decimal | float | None = Non
 
 
 def subtask_ran(*, queue: str, outcome: str, seconds: float | None) -> None:
-    SUBTASKS.labels(queue=queue, outcome=outcome).inc()
+    # Duration first: a scrape that sees the run counted then sees its duration too.
     if seconds is not None:
         SUBTASK_DURATION.labels(queue=queue).observe(seconds)
+    SUBTASKS.labels(queue=queue, outcome=outcome).inc()
 
 
 def record_audit_verification(*, valid: bool, length: int | None = None, head: str | None = None) -> None:

@@ -101,6 +101,7 @@ class SubTask(Base):
     seconds: Mapped[float | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The latest attempt's start: recovery and a re-sent copy judge a Running subtask by it.
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
 

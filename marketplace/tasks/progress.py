@@ -11,13 +11,15 @@ from typing import Any
 
 from sqlalchemy import text
 
+from marketplace.catalog import get_catalog
 from marketplace.db import get_engine, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
 from marketplace.prepared import Prepared
+from marketplace.settings import get_settings
 
 _LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error, s.worker,
-           s.celery_id, s.started_at,
+           s.celery_id, s.started_at, s.attempts,
            t.status AS task_status, t.user_id, t.model, t.queue, t.params
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
@@ -27,7 +29,7 @@ _LOAD = text("""
 _CLAIM = text("""
     WITH s AS (
         UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker, celery_id = :mid,
-               started_at = COALESCE(started_at, :now), error = NULL
+               started_at = :now, error = NULL
         WHERE id = :id AND status IN ('Pending', 'Running')
         RETURNING task_id, attempts
     ), t AS (
@@ -73,7 +75,7 @@ _COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tas
 _CLAIM_PENDING = Prepared("mp_claim_pending", """
     WITH s AS (
         UPDATE subtasks SET status = 'Running', attempts = subtasks.attempts + 1, worker = :worker, celery_id = :mid,
-               started_at = COALESCE(subtasks.started_at, :now), error = NULL
+               started_at = :now, error = NULL
         FROM tasks t
         WHERE subtasks.id = :id AND subtasks.status = 'Pending'
           AND t.id = subtasks.task_id AND t.status IN ('Scheduled', 'InProgress')
@@ -126,8 +128,6 @@ def _outlived(row: Any, now: Any) -> bool:
     """Running past the model's time limit plus a margin (recovery re-sends such subtasks)."""
     from datetime import timedelta
 
-    from marketplace.catalog import get_catalog
-
     limit = get_catalog().time_limit(row.model)
     return row.started_at is not None and row.started_at < now - timedelta(seconds=limit + RUNNING_MARGIN)
 
@@ -162,14 +162,21 @@ def claim_subtask(
                             seconds=row.seconds), {}
         if row.status == "Failed":
             return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
-        if (row.status == "Running" and row.celery_id and row.celery_id != message_id
-                and row.worker and _alive(row.worker) and not _outlived(row, now)):
+        if row.status == "Running" and row.celery_id and row.celery_id != message_id and row.worker:
             # Another message (recovery re-sent the subtask) while a live node still runs the first:
             # let that one finish rather than run the subtask twice at once. The same message coming
             # back is a redelivery after its process died, and runs. So does a copy of one that has
             # outlived its hard time limit: nothing runs that any more (its message ended, e.g. with
-            # a kill at the limit that left the row Running), however live its node is.
-            return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
+            # a kill at the limit that left the row Running), however live its node is; but not
+            # without end: one that keeps outliving its limit fails with the reason.
+            outlived = _outlived(row, now)
+            if not outlived and _alive(row.worker):
+                return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
+            if outlived and row.attempts > get_settings().subtask_max_retries:
+                limit = get_catalog().time_limit(row.model)
+                return _outcome(subtask_id, row, ok=False, abandoned=True, error=(
+                    f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
+                    f"the last ran on {row.worker}")), {}
         attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
     return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
                   "attempts": attempts}

@@ -78,6 +78,34 @@ def test_the_copy_runs_when_the_first_run_outlived_its_time_limit_on_a_live_node
     assert early is None and work["attempts"] == 2
 
 
+def test_a_subtask_that_keeps_outliving_its_time_limit_fails_with_the_reason(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.db import get_engine
+    from marketplace.tasks.progress import claim_subtask
+    from workers import runner
+
+    task_id, (sid,) = _task_with_subtasks(client, 1)
+    _heartbeat("node-a@test")
+    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    assert early is None
+    # A retry of the same message starts a new attempt: it is judged by that start, not the first.
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE subtasks SET started_at = now() - interval '1 hour' WHERE id = :s"), {"s": sid})
+    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    assert early is None
+    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
+    assert early is not None and early["skipped"], "the retry just started: left to node-a"
+    with get_engine().begin() as conn:  # the fourth attempt also ran past echo's 60 s limit (+60 s)
+        conn.execute(text("UPDATE subtasks SET started_at = now() - interval '1 hour', attempts = 4 WHERE id = :s"),
+                     {"s": sid})
+    outcome = runner.execute(sid, hostname="node-b@test", retries_left=True, message_id=f"{sid}:3")
+    assert outcome["ok"] is False and "time limit (60s) in 4 attempts" in outcome["error"], outcome
+    with get_engine().connect() as conn:
+        sub = conn.execute(text("SELECT status, error FROM subtasks WHERE id = :s"), {"s": sid}).one()
+        task = conn.execute(text("SELECT status, error FROM tasks WHERE id = :t"), {"t": task_id}).one()
+    assert sub.status == "Failed" and "node-a@test" in sub.error
+    assert task.status == "Failed" and "time limit" in task.error
+
+
 def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type: ignore[no-untyped-def]
     from marketplace.tasks.progress import claim_subtask
 
