@@ -65,8 +65,10 @@ def test_worker_exporter_aggregates_the_pool_children(client, user, obs_worker):
         text = obs_worker.scrape()
         finished = value(text, "marketplace_tasks_finished_total", model="echo", status="Done")
         counted = value(text, "marketplace_subtasks_total", queue="cpu.generic", outcome="done") >= done0 + 4
+        # Each child writes its counter and its histogram to separate files: a scrape can fall between.
+        timed = value(text, "marketplace_subtask_duration_seconds_count", queue="cpu.generic") >= done0 + 4
         before = value(text0, "marketplace_tasks_finished_total", model="echo", status="Done")
-        return text if finished >= before + 1 and counted else None
+        return text if finished >= before + 1 and counted and timed else None
 
     text1 = wait_until(moved, timeout=30)
     assert value(text1, "marketplace_subtasks_total", queue="cpu.generic", outcome="done") == done0 + 4
