@@ -61,6 +61,19 @@ def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-
         pg.drop()
 
 
+def _job_under_way(client, user, inputs: list, *, sleep_s: float, done: int) -> str:  # type: ignore[no-untyped-def]
+    """Submit an echo job of one subtask per input; return its id once `done` subtasks finished."""
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
+                                         "params": {"sleep_s": sleep_s}}, headers=user["headers"])
+    assert resp.status_code == 202
+    task_id = resp.get_json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["progress"]["done"] < done:
+        assert time.monotonic() < deadline, "no subtask finished"
+        time.sleep(0.05)
+    return task_id
+
+
 def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # type: ignore[no-untyped-def]
     from api import create_app
     from marketplace.redis_client import get_redis
@@ -73,14 +86,7 @@ def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # ty
     try:
         user = register(client)
         inputs = list(range(8))
-        resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
-                                             "params": {"sleep_s": 0.5}}, headers=user["headers"])
-        assert resp.status_code == 202
-        task_id = resp.get_json()["id"]
-        deadline = time.monotonic() + 60
-        while client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["progress"]["done"] < 1:
-            assert time.monotonic() < deadline, "no subtask finished"
-            time.sleep(0.1)
+        task_id = _job_under_way(client, user, inputs, sleep_s=0.5, done=1)
 
         throwaway_pg.stop()
         down = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
@@ -119,14 +125,7 @@ def test_a_database_crash_mid_job_loses_no_subtask_and_no_charge(throwaway_pg): 
         try:
             user = register(client)
             inputs = list(range(12))
-            resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
-                                                 "params": {"sleep_s": 0.2}}, headers=user["headers"])
-            assert resp.status_code == 202
-            task_id = resp.get_json()["id"]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["progress"]["done"] < 3:
-                assert time.monotonic() < deadline, "no subtask finished"
-                time.sleep(0.05)
+            task_id = _job_under_way(client, user, inputs, sleep_s=0.2, done=3)
             throwaway_pg.crash()
             time.sleep(1)
             throwaway_pg.start()
