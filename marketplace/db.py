@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, Numeric, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Money: 18 digits, 6 after the point; never floats.
@@ -86,6 +86,18 @@ def new_session() -> Session:
         init_engine()
     assert _sessionmaker is not None
     return _sessionmaker()
+
+
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection on which each statement commits by itself, for one-statement writes.
+
+    psycopg2 sends BEGIN and COMMIT as round trips of their own: a one-statement
+    transaction is three, this is one. Only for a single statement (CTEs make one
+    statement atomic); anything that must commit with something else takes a transaction.
+    """
+    with get_engine().connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from marketplace.audit.service import canonical_json, pending_values
 from marketplace.billing.service import q
-from marketplace.db import get_engine, utcnow
+from marketplace.db import autocommit, get_engine, utcnow
 from marketplace.prepared import Prepared
 from marketplace.tasks.progress import COMPLETE_CTES, COMPLETE_RESULT, complete_params
 
@@ -102,7 +102,7 @@ def complete_and_charge(
     done = complete_params(subtask_id, key=key, sha256=sha256, seconds=seconds)
     params = {**done, **_params(user_id=user_id, task_id=task_id, subtask_id=subtask_id, amount=amount, ok=True,
                                 detail=detail, outcome_record=outcome_record, now=done["now"])}
-    with get_engine().begin() as conn:
+    with autocommit() as conn:  # one statement: it commits by itself
         row = _COMPLETE_AND_CHARGE.execute(conn, params).first()
     if row is None:
         return False, 0, False, None

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import text
 
 from marketplace.catalog import get_catalog
-from marketplace.db import get_engine, session_scope, utcnow
+from marketplace.db import autocommit, get_engine, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
 from marketplace.prepared import Prepared
 from marketplace.settings import get_settings
@@ -44,6 +44,9 @@ _CLAIM = text("""
 # (two finishing at once may each see the other open: then neither is "last", and the chord
 # callback finishes the task as always). Billing appends its charge to these CTEs (one
 # statement per finished subtask: `billing.subtask_charges.complete_and_charge`).
+# One equality per status, so both columns of ix_subtasks_task_status bound the scan: with
+# `status IN (...)` the cached plan kept only task_id as its index condition and walked past
+# every Done sibling first ('Done' sorts before 'Pending'), O(N) per completion, O(N^2) a job.
 COMPLETE_CTES = """
     s AS (
         UPDATE subtasks SET status = 'Done', result_key = :key, result_sha256 = :sha, seconds = :seconds,
@@ -62,9 +65,9 @@ COMPLETE_CTES = """
     )
 """
 COMPLETE_RESULT = """
-    NOT EXISTS (
-        SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.id <> :id AND x.status IN ('Pending', 'Running')
-    ) AS last,
+    NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending')
+    AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Running' AND x.id <> :id)
+    AS last,
     t.subtask_count
 """
 _COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id")
@@ -136,48 +139,66 @@ def claim_subtask(
     subtask_id: str, *, hostname: str, message_id: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
-    from marketplace.audit.service import take_carried, write_carried
+    from marketplace.audit.service import take_carried
 
     sid = uuid.UUID(subtask_id)
     now = utcnow()
-    with get_engine().begin() as conn:
-        carried = take_carried()
-        one = carried[0] if len(carried) == 1 else {"ts": None, "actor": None, "action": None, "subject": None,
-                                                    "data": None}
-        row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
-                                            **one}).first()
+    carried = take_carried()
+    if len(carried) <= 1:  # the common case: one statement, committed by itself
+        one = carried[0] if carried else {"ts": None, "actor": None, "action": None, "subject": None, "data": None}
+        with autocommit() as conn:
+            row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
+                                                **one}).first()
         if row is not None:
-            if len(carried) > 1:
-                write_carried(conn, task_id=row.task_id, rows=carried)
             return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
                           "attempts": row.attempts}
-        row = conn.execute(_LOAD, {"id": sid}).first()
-        write_carried(conn, task_id=row.task_id if row else None, rows=carried)  # task_prerun's `subtask.started`
-        if row is None:
-            return {"ok": False, "skipped": True, "subtask_id": None, "error": f"unknown subtask {subtask_id}"}, {}
-        if row.task_status in ("Done", "Failed", "Cancelled"):
-            return _outcome(subtask_id, row, ok=False, skipped=True, error=f"task is {row.task_status}"), {}
-        if row.status == "Done":  # a redelivery of finished work: report, never re-run
-            return _outcome(subtask_id, row, ok=True, duplicate=True, key=row.result_key, sha256=row.result_sha256,
-                            seconds=row.seconds), {}
-        if row.status == "Failed":
-            return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
-        if row.status == "Running" and row.celery_id and row.celery_id != message_id and row.worker:
-            # Another message (recovery re-sent the subtask) while a live node still runs the first:
-            # let that one finish rather than run the subtask twice at once. The same message coming
-            # back is a redelivery after its process died, and runs. So does a copy of one that has
-            # outlived its hard time limit: nothing runs that any more (its message ended, e.g. with
-            # a kill at the limit that left the row Running), however live its node is; but not
-            # without end: one that keeps outliving its limit fails with the reason.
-            outlived = _outlived(row, now)
-            if not outlived and _alive(row.worker):
-                return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
-            if outlived and row.attempts > get_settings().subtask_max_retries:
-                limit = get_catalog().time_limit(row.model)
-                return _outcome(subtask_id, row, ok=False, abandoned=True, error=(
-                    f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
-                    f"the last ran on {row.worker}")), {}
-        attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
+    with get_engine().begin() as conn:
+        return _claim_checked(conn, sid, subtask_id, hostname=hostname, message_id=message_id, now=now,
+                              carried=carried)
+
+
+def _claim_checked(
+    conn: Any, sid: uuid.UUID, subtask_id: str, *, hostname: str, message_id: str | None, now: Any,
+    carried: list[dict[str, Any]],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Redelivery, a copy from recovery, a task that ended: decide from the row, in a transaction."""
+    from marketplace.audit.service import write_carried
+
+    if len(carried) > 1:  # several carried records: the one-statement claim, then the rest beside it
+        row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
+                                            "ts": None, "actor": None, "action": None, "subject": None,
+                                            "data": None}).first()
+        if row is not None:
+            write_carried(conn, task_id=row.task_id, rows=carried)
+            return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
+                          "attempts": row.attempts}
+    row = conn.execute(_LOAD, {"id": sid}).first()
+    write_carried(conn, task_id=row.task_id if row else None, rows=carried)  # task_prerun's `subtask.started`
+    if row is None:
+        return {"ok": False, "skipped": True, "subtask_id": None, "error": f"unknown subtask {subtask_id}"}, {}
+    if row.task_status in ("Done", "Failed", "Cancelled"):
+        return _outcome(subtask_id, row, ok=False, skipped=True, error=f"task is {row.task_status}"), {}
+    if row.status == "Done":  # a redelivery of finished work: report, never re-run
+        return _outcome(subtask_id, row, ok=True, duplicate=True, key=row.result_key, sha256=row.result_sha256,
+                        seconds=row.seconds), {}
+    if row.status == "Failed":
+        return _outcome(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), {}
+    if row.status == "Running" and row.celery_id and row.celery_id != message_id and row.worker:
+        # Another message (recovery re-sent the subtask) while a live node still runs the first:
+        # let that one finish rather than run the subtask twice at once. The same message coming
+        # back is a redelivery after its process died, and runs. So does a copy of one that has
+        # outlived its hard time limit: nothing runs that any more (its message ended, e.g. with
+        # a kill at the limit that left the row Running), however live its node is; but not
+        # without end: one that keeps outliving its limit fails with the reason.
+        outlived = _outlived(row, now)
+        if not outlived and _alive(row.worker):
+            return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
+        if outlived and row.attempts > get_settings().subtask_max_retries:
+            limit = get_catalog().time_limit(row.model)
+            return _outcome(subtask_id, row, ok=False, abandoned=True, error=(
+                f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
+                f"the last ran on {row.worker}")), {}
+    attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
     return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
                   "attempts": attempts}
 
@@ -192,7 +213,7 @@ def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) 
 
     Returns (no other subtask of the task is still Pending or Running, the task's subtask count).
     """
-    with get_engine().begin() as conn:
+    with autocommit() as conn:
         row = conn.execute(_COMPLETE, complete_params(subtask_id, key=key, sha256=sha256, seconds=seconds)).first()
     return (bool(row.last), int(row.subtask_count)) if row is not None else (False, 0)
 

@@ -75,3 +75,28 @@ def test_a_subtask_claims_and_completes_through_prepared_statements(client):  # 
         sub = session.get(SubTask, uuid.UUID(sid))
         assert (sub.status, sub.worker, sub.attempts, sub.result_sha256) == (
             "Done", "prepared@test", 1, result["sha256"])
+
+
+def test_the_claim_and_the_completion_each_commit_by_themselves(client):  # type: ignore[no-untyped-def]
+    """One round trip each: psycopg2 in a transaction sends BEGIN and COMMIT as two more."""
+    from sqlalchemy import event
+
+    from marketplace.db import get_engine
+    from workers import runner
+
+    user = register(client)
+    _task_id, (sid, _other) = stored_task(user["id"], ["a", "b"])
+    seen: list[tuple[str, bool]] = []
+
+    def spy(conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        seen.append((statement.split("(")[0].strip(), conn.connection.dbapi_connection.autocommit))
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", spy)
+    try:
+        result = runner.execute(sid, hostname="autocommit@test", retries_left=True, message_id=f"{sid}:1")
+    finally:
+        event.remove(engine, "before_cursor_execute", spy)
+    assert result["ok"] and result["charged"], result
+    hot = [entry for entry in seen if entry[0].startswith("EXECUTE mp_")]
+    assert hot == [("EXECUTE mp_claim_pending", True), ("EXECUTE mp_complete_and_charge", True)], seen
