@@ -95,9 +95,18 @@ def autocommit() -> Iterator[Connection]:
     psycopg2 sends BEGIN and COMMIT as round trips of their own: a one-statement
     transaction is three, this is one. Only for a single statement (CTEs make one
     statement atomic); anything that must commit with something else takes a transaction.
+    The driver's flag is flipped directly: SQLAlchemy's `isolation_level="AUTOCOMMIT"`
+    option resets the connection on return with a `SET default_transaction_isolation`,
+    a round trip of its own (pg_stat_statements: two per subtask).
     """
     with get_engine().connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        driver = conn.connection.dbapi_connection
+        driver.autocommit = True  # client-side only: psycopg2 sends nothing for it
+        try:
+            yield conn
+        finally:
+            if not driver.closed:  # a connection the server dropped is discarded by the pool anyway
+                driver.autocommit = False
 
 
 @contextmanager
