@@ -64,6 +64,7 @@ def _instrument(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             with dbapi_conn.cursor() as cur:
                 cur.execute("SET statement_timeout = 30000")
+            dbapi_conn.commit()  # psycopg2 began a transaction for it: a new connection starts idle
 
 
 def get_engine() -> Engine:

@@ -100,3 +100,13 @@ def test_the_claim_and_the_completion_each_commit_by_themselves(client):  # type
     assert result["ok"] and result["charged"], result
     hot = [entry for entry in seen if entry[0].startswith("EXECUTE mp_")]
     assert hot == [("EXECUTE mp_claim_pending", True), ("EXECUTE mp_complete_and_charge", True)], seen
+
+
+def test_a_new_connection_starts_idle_so_its_first_use_can_commit_by_itself(stack):  # type: ignore[no-untyped-def]
+    """The connect hook's `SET statement_timeout` must not leave a transaction open (psycopg2
+    refuses autocommit inside one: a pool child's first claim failed with it)."""
+    from marketplace.db import autocommit, get_engine
+
+    get_engine().dispose()  # the next checkout connects anew
+    with autocommit() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "30s"
