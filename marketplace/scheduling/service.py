@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ FINALIZE = "marketplace.results.finalize"
 # ones while the rest are sent: with the whole chord in one batch, nothing ran until the
 # last message was built (fan-out of 1,000: slower, though cheaper). Measured at 32-128.
 PUBLISH_BATCH = 64
+# A broker that drops out while a job's chords go out: re-send what is not final as soon as it
+# is back (seconds between tries), rather than leave the task Scheduled until recovery's stall
+# deadline notices it. ~15 s in all; a longer outage is recovery's, as before.
+DISPATCH_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass
@@ -133,9 +138,38 @@ def schedule_task(task_id: str) -> Outcome:
 
         run_after_commit(actions)
         return failed
-    dispatch(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
-             attempt=attempt, trace_id=trace_id)
+    try:
+        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
+                 attempt=attempt, trace_id=trace_id)
+    except _broker_errors() as exc:
+        _redispatch_when_back(task_id, exc)
     return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """What a publish raises when the broker is unreachable: kombu's wrapper and the transport's own."""
+    from kombu.exceptions import OperationalError
+
+    from marketplace.celery_app import app
+
+    with app.connection_for_write() as conn:  # not connected: only asks the transport
+        return (OperationalError, *conn.connection_errors)
+
+
+def _redispatch_when_back(task_id: str, error: BaseException) -> None:
+    """The dispatch failed part-way: once the broker answers, send every subtask that is not final
+    again, as a new dispatch (new message ids: a copy that did go out and runs is not run twice)."""
+    errors = _broker_errors()
+    for delay in DISPATCH_RETRY_DELAYS:
+        logger.warning("dispatch of task %s failed (%s); sending it again in %gs", task_id, error, delay)
+        time.sleep(delay)
+        try:
+            redispatch_missing(task_id)
+            logger.info("dispatch of task %s: sent again after a broker error", task_id)
+            return
+        except errors as exc:
+            error = exc
+    logger.error("dispatch of task %s failed: %s; recovery sends it after its stall deadline", task_id, error)
 
 
 def waiting_tasks(*, models: list[str], limit: int = 500) -> list[str]:

@@ -185,3 +185,36 @@ def test_object_store_unreachable_retries_then_fails_with_the_reason(client, own
         assert attempts == {get_settings().subtask_max_retries + 1}
     finally:
         node.stop()
+
+
+def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """The scheduler's chord publish meets a stopped broker: it re-sends the job's subtasks itself
+    once the broker is back, instead of leaving the task Scheduled for recovery's stall deadline."""
+    import threading
+
+    from marketplace.redis_client import get_redis
+    from marketplace.scheduling import service
+
+    user = register(client)
+    inputs = list(range(6))
+    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1})  # no scheduler runs
+    publish, outage = service._publish, []
+
+    def publish_into_an_outage(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not outage:  # the real broker goes down just as the first dispatch starts, back in 2 s
+            own_broker.stop()
+            outage.append(threading.Timer(2.0, own_broker.start))
+            outage[0].start()
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_publish", publish_into_an_outage)
+    node = _start(["cpu.generic", "marketplace.results"], "blip", get_redis())
+    try:
+        outcome = service.schedule_task(task_id)  # in this process
+        outage[0].join()
+        assert outcome.status == "scheduled", outcome
+        doc = wait_for_task(client, user["headers"], task_id, timeout=60)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+    finally:
+        node.stop()
