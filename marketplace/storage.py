@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,9 @@ class ObjectStore(Protocol):
         """Store `data` under `key` (overwriting); return its sha256."""
 
     def get_bytes(self, key: str) -> bytes: ...
+
+    def get_many(self, keys: list[str]) -> Iterator[bytes]:
+        """The objects under `keys`, in that order (a task's parts, for its result)."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -72,6 +76,9 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
 
+    def get_many(self, keys: list[str]) -> Iterator[bytes]:
+        return (self.get_bytes(key) for key in keys)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -81,6 +88,9 @@ class LocalStore:
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"{self.root} is not writable")
+
+
+PARALLEL_GETS = 8
 
 
 class S3Store:
@@ -146,6 +156,17 @@ class S3Store:
     def get_bytes(self, key: str) -> bytes:
         obj = self._call(self.client.get_object, Bucket=self.bucket, Key=_safe_key(key))
         return obj["Body"].read()
+
+    def get_many(self, keys: list[str]) -> Iterator[bytes]:
+        # A request each, waiting on the network: a 1,000-part result read them one at a time
+        # (4.1 s against moto's server, in a transaction holding the task's row lock). boto3
+        # clients are thread-safe; PARALLEL_GETS stays under botocore's 10 pooled connections.
+        from concurrent.futures import ThreadPoolExecutor
+
+        if len(keys) < 2:
+            return (self.get_bytes(key) for key in keys)
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_GETS, len(keys)), thread_name_prefix="s3-get") as pool:
+            return iter(list(pool.map(self.get_bytes, keys)))
 
     def exists(self, key: str) -> bool:
         try:

@@ -105,8 +105,8 @@ def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:
     from marketplace.storage import StorageError, sha256_hex
 
     chunks: list[bytes] = []
-    for part in parts:
-        data = store.get_bytes(part.result_key)
+    parts = list(parts)
+    for part, data in zip(parts, store.get_many([part.result_key for part in parts]), strict=True):
         if part.result_sha256 and sha256_hex(data) != part.result_sha256:
             raise StorageError(f"part {part.index} of task {task_id} does not match its recorded sha256")
         body = data.strip()[1:-1].strip()  # a JSON array written by workers.runner
