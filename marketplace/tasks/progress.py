@@ -150,8 +150,7 @@ def claim_subtask(
             row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
                                                 **one}).first()
         if row is not None:
-            return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
-                          "attempts": row.attempts}
+            return None, _work(subtask_id, row, row.attempts)
     with get_engine().begin() as conn:
         return _claim_checked(conn, sid, subtask_id, hostname=hostname, message_id=message_id, now=now,
                               carried=carried)
@@ -170,8 +169,7 @@ def _claim_checked(
                                             "data": None}).first()
         if row is not None:
             write_carried(conn, task_id=row.task_id, rows=carried)
-            return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
-                          "attempts": row.attempts}
+            return None, _work(subtask_id, row, row.attempts)
     row = conn.execute(_LOAD, {"id": sid}).first()
     write_carried(conn, task_id=row.task_id if row else None, rows=carried)  # task_prerun's `subtask.started`
     if row is None:
@@ -199,8 +197,12 @@ def _claim_checked(
                 f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
                 f"the last ran on {row.worker}")), {}
     attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
-    return None, {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row),
-                  "attempts": attempts}
+    return None, _work(subtask_id, row, attempts)
+
+
+def _work(subtask_id: str, row: Any, attempts: int) -> dict[str, Any]:
+    """What the runner needs from a claimed subtask's row."""
+    return {"inputs": row.inputs, "params": row.params or {}, "base": _outcome(subtask_id, row), "attempts": attempts}
 
 
 def complete_params(subtask_id: str, *, key: str, sha256: str, seconds: float) -> dict[str, Any]:
