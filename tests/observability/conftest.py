@@ -88,7 +88,9 @@ class ObservedWorker:
             return resp.read().decode()
 
     def log_lines(self) -> list[str]:
-        return [line for line in self.node.log.read_text(errors="replace").splitlines() if line.strip()]
+        """The complete lines written so far (a line the node is still writing is left out)."""
+        text = self.node.log.read_text(errors="replace")
+        return [line for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_lines()]

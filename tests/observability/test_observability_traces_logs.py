@@ -157,8 +157,10 @@ def test_worker_log_lines_are_json_and_carry_our_ids(client, user, obs_worker): 
     failed_subtask = next(s["id"] for s in subtasks if s["status"] == "Failed")
 
     def finalize_logged():  # type: ignore[no-untyped-def]
+        # The callback's own line, not Celery's "received" line for it (which came first and
+        # once let this test read the log before the callback had run).
         lines = obs_worker.log_lines()
-        return lines if any(task_id in line and "finalize" in line for line in lines) else None
+        return lines if any(task_id in line and '"marketplace.results.tasks"' in line for line in lines) else None
 
     lines = wait_until(finalize_logged, timeout=30)
     records = []
