@@ -6,6 +6,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,22 @@ def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-
         pg.drop()
 
 
+@contextmanager
+def _api_and_node(name: str) -> Iterator[tuple]:  # type: ignore[type-arg]
+    """An API client (built now, under the current environment), a user, and a node on cpu.generic."""
+    from api import create_app
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    client = create_app(get_settings()).test_client()
+    node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"{name}-{uuid.uuid4().hex[:4]}", concurrency=2)
+    node.wait_ready(get_redis())
+    try:
+        yield client, register(client), node
+    finally:
+        node.stop()
+
+
 def _job_under_way(client, user, inputs: list, *, sleep_s: float, done: int) -> str:  # type: ignore[no-untyped-def]
     """Submit an echo job of one subtask per input; return its id once `done` subtasks finished."""
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1,
@@ -75,16 +92,7 @@ def _job_under_way(client, user, inputs: list, *, sleep_s: float, done: int) -> 
 
 
 def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.redis_client import get_redis
-    from marketplace.settings import get_settings
-
-    app = create_app(get_settings())
-    client = app.test_client()
-    node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"pgdown-{uuid.uuid4().hex[:4]}", concurrency=2)
-    node.wait_ready(get_redis())
-    try:
-        user = register(client)
+    with _api_and_node("pgdown") as (client, user, _node):
         inputs = list(range(8))
         task_id = _job_under_way(client, user, inputs, sleep_s=0.5, done=1)
 
@@ -105,32 +113,20 @@ def test_database_outage_gives_503s_then_every_job_finishes(throwaway_pg):  # ty
         assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"] == inputs
         later = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2]}, headers=user["headers"])
         assert wait_for_task(client, user["headers"], later.get_json()["id"], timeout=60)["status"] == "Done"
-    finally:
-        node.stop()
 
 
 def test_a_database_crash_mid_job_loses_no_subtask_and_no_charge(throwaway_pg):  # type: ignore[no-untyped-def]
     """An immediate stop, as in a crash (connections cut mid-statement, no shutdown checkpoint):
     subtasks that were writing retry instead of raising out of the chord (which broke the chord
     and left them Running), and the job still ends Done, every output and charge once."""
-    from api import create_app
-    from marketplace.redis_client import get_redis
-    from marketplace.settings import get_settings
     from tests.faults.test_faults_workers import _assert_exactly_once, _drive_recovery
 
-    with switched_env(MARKETPLACE_RECOVERY_STALL_SECONDS="2"):
-        client = create_app(get_settings()).test_client()
-        node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"pgcrash-{uuid.uuid4().hex[:4]}", concurrency=2)
-        node.wait_ready(get_redis())
-        try:
-            user = register(client)
-            inputs = list(range(12))
-            task_id = _job_under_way(client, user, inputs, sleep_s=0.2, done=3)
-            throwaway_pg.crash()
-            time.sleep(1)
-            throwaway_pg.start()
-            doc = _drive_recovery(client, user, task_id, timeout=120)
-            assert doc["status"] == "Done", (doc, node.tail(40))
-            _assert_exactly_once(client, user, task_id, inputs)
-        finally:
-            node.stop()
+    with switched_env(MARKETPLACE_RECOVERY_STALL_SECONDS="2"), _api_and_node("pgcrash") as (client, user, node):
+        inputs = list(range(12))
+        task_id = _job_under_way(client, user, inputs, sleep_s=0.2, done=3)
+        throwaway_pg.crash()
+        time.sleep(1)
+        throwaway_pg.start()
+        doc = _drive_recovery(client, user, task_id, timeout=120)
+        assert doc["status"] == "Done", (doc, node.tail(40))
+        _assert_exactly_once(client, user, task_id, inputs)
