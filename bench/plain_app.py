@@ -10,6 +10,8 @@ app.conf.task_default_queue = "bench.noop"
 app.conf.task_routes = {}
 app.conf.beat_schedule = {}
 app.conf.task_create_missing_queues = True
+# Stock kombu, even in a process that imported the marketplace (which swaps in its own transport).
+app.conf.broker_transport = "kombu.transport.redis:Transport"
 
 
 @app.task(name="bench.noop")

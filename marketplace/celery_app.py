@@ -12,7 +12,10 @@ from celery.result import AsyncResult
 from celery.signals import worker_process_init
 from kombu.utils.objects import cached_property
 
+from marketplace import broker_transport
+
 logger = logging.getLogger(__name__)
+broker_transport.install()
 
 # Task modules are listed by name: `marketplace` never imports `workers` directly.
 TASK_MODULES = [
