@@ -151,5 +151,5 @@ def memory_spans(stack: dict[str, str]):  # type: ignore[no-untyped-def]
     provider = tracing.init_tracing("marketplace-api-test")
     assert provider is not None, "tracing is disabled in this environment (OTEL_SDK_DISABLED?)"
     exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.export_spans(SimpleSpanProcessor(exporter))
     return exporter

@@ -226,3 +226,34 @@ def test_api_log_lines_carry_the_request_ids_and_scrub_secrets(app, client, memo
     assert records[0]["message"].startswith(f"login for {u['email']} with password=***")
     assert records[2]["api_key"] == "***"
     assert records[3]["level"] == "warning" and "redis://:***@redis:6379/0" in records[3]["message"]
+
+
+def test_spans_carry_ids_but_are_recorded_only_once_something_exports_them():  # type: ignore[no-untyped-def]
+    from opentelemetry import trace
+    from opentelemetry.propagate import inject
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from marketplace.observability import tracing
+
+    sampler = tracing._exported_only()
+    provider = TracerProvider(sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer(__name__)
+    with tracer.start_as_current_span("request") as span:
+        ctx = span.get_span_context()
+        assert ctx.is_valid and not span.is_recording()
+        headers: dict[str, str] = {}
+        inject(headers)  # what a Celery message carries
+        assert headers["traceparent"].split("-")[1] == format(ctx.trace_id, "032x")
+        with tracer.start_as_current_span("publish") as child:
+            assert child.get_span_context().trace_id == ctx.trace_id
+    assert exporter.get_finished_spans() == ()
+    # Exporting: recorded, even under a caller that sampled nothing (an API exporting nothing).
+    sampler.recording = True
+    with tracer.start_as_current_span("run", context=trace.set_span_in_context(trace.NonRecordingSpan(ctx))) as span:
+        assert span.is_recording()
+    (finished,) = exporter.get_finished_spans()
+    assert finished.name == "run" and finished.context.trace_id == ctx.trace_id
