@@ -12,12 +12,14 @@ from sqlalchemy import select
 from marketplace.catalog import ModelSpec, get_catalog
 from marketplace.db import session_scope, utcnow
 from marketplace.events.outbox import emit
+from marketplace.scheduling.lost import hard_time_limit
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
 RUN_SUBTASK = "workers.run_subtask"
 FINALIZE = "marketplace.results.finalize"
+LOST_RUN = "marketplace.scheduling.lost_run"
 # Subtask messages per pipelined broker write. Small enough that nodes start on the first
 # ones while the rest are sent: with the whole chord in one batch, nothing ran until the
 # last message was built (fan-out of 1,000: slower, though cheaper). Measured at 32-128.
@@ -234,18 +236,24 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
         return
     size = get_settings().max_subtasks_per_chord
     broker_priority = 9 - priority  # Redis serves lower numbers first
+    hard = hard_time_limit(time_limit)
+    # A run killed at its hard limit fails its message (see scheduling/lost.py): `lost` retries
+    # or fails the subtask (a second later, once the pool has killed the process), and the
+    # chord it broke still calls finalize.
+    lost = signature(LOST_RUN, queue="marketplace.scheduler", countdown=1.0)
+    finish_anyway = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True)
     for chunk, start in enumerate(range(0, len(subtask_ids), size)):
         # ignore_result: nothing reads a subtask's Celery result (the row is the truth and finalize
         # is immutable), and Celery still counts it into the chord without it. Storing it cost a
         # Redis write per subtask kept for `result_expires` (measured: 8% of a fan-out's CPU).
         header = group(
             signature(RUN_SUBTASK, args=[sid], queue=queue, priority=broker_priority, ignore_result=True,
-                      soft_time_limit=time_limit, time_limit=time_limit + 30).set(task_id=celery_subtask_id(sid, attempt))
+                      soft_time_limit=time_limit, time_limit=hard, link_error=[lost])
+            .set(task_id=celery_subtask_id(sid, attempt))
             for sid in subtask_ids[start : start + size]
         )
-        callback = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).set(
-            task_id=callback_id(task_id, attempt, chunk)
-        )
+        callback = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True,
+                             link_error=[finish_anyway]).set(task_id=callback_id(task_id, attempt, chunk))
         chord(header, callback).apply_async()
 
 

@@ -50,3 +50,14 @@ def wake(queues: list[str], models: list[str]) -> dict:
     if scheduled:
         logger.info("wake for %s: scheduled %d waiting task(s)", ",".join(queues), len(scheduled))
     return {"scheduled": scheduled}
+
+
+@app.task(name="marketplace.scheduling.lost_run", acks_late=True, ignore_result=True, autoretry_for=(DBAPIError,),
+          retry_backoff=1, retry_backoff_max=30, max_retries=60)
+def lost_run(celery_id: str) -> str:
+    """Errback of every subtask message: its run was killed at the hard time limit (scheduling/lost.py)."""
+    from marketplace.scheduling import lost
+
+    outcome = lost.lost_run(celery_id)
+    logger.info("lost run %s: %s", celery_id, outcome)
+    return outcome

@@ -123,7 +123,7 @@ def _alive(hostname: str) -> bool:
 
 
 # Seconds past a model's time limit after which a Running subtask is taken as abandoned
-# (Celery kills it at the limit + 30 s); recovery uses the same cutoff.
+# (Celery kills it at its hard limit, the limit + 30 s; scheduling/lost.py); recovery uses the same cutoff.
 RUNNING_MARGIN = 60.0
 
 

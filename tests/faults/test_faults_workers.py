@@ -218,3 +218,64 @@ def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery
         _assert_exactly_once(client, user, task_id, inputs)
     finally:
         node.stop()
+
+
+def _hung_at_its_hard_limit(client, user, r, inputs: list) -> tuple[str, CeleryWorker]:  # type: ignore[no-untyped-def]
+    """A job dispatched with a 1 s limit (hard: 2 s) whose first running subtask's process is
+    stopped mid-run: it ignores its soft limit, as a hung C call would, and is killed at the hard one."""
+    from marketplace.broker import broker_lists
+    from marketplace.celery_app import app
+    from marketplace.db import get_engine
+    from marketplace.scheduling.service import dispatch
+
+    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1, "params": {"sleep_s": 0.4}})
+    r.delete(*broker_lists("marketplace.scheduler", dict(app.conf.broker_transport_options or {})))  # dispatched here
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1 "
+                          "WHERE id = :t"), {"t": task_id})
+    ids = [str(row.id) for row in _db("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index", t=task_id)]
+    # One pool process: the stopped one is the one running the subtask, and gets nothing else.
+    node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"hung-{uuid.uuid4().hex[:4]}", concurrency=1)
+    node.wait_ready(r)
+    dispatch(task_id, ids, queue="cpu.generic", priority=0, time_limit=1.0, attempt=1)
+    wait_until(lambda: _running(task_id), what="a running subtask")
+    (child,) = psutil.Process(node.proc.pid).children()
+    os.kill(child.pid, signal.SIGSTOP)
+    return task_id, node
+
+
+def test_a_subtask_killed_at_its_hard_time_limit_is_retried_at_once(client, own_broker):  # type: ignore[no-untyped-def]
+    """No recovery sweep runs here: without the errbacks the task would wait for recovery's
+    cutoff (the limit plus a minute)."""
+    from marketplace.redis_client import get_redis
+
+    user = register(client)
+    inputs = list(range(3))
+    task_id, node = _hung_at_its_hard_limit(client, user, get_redis(), inputs)
+    try:
+        doc = wait_for_task(client, user["headers"], task_id, timeout=30)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+        (killed,) = _db("SELECT attempts FROM subtasks WHERE task_id = :t AND attempts > 1", t=task_id)
+        assert killed.attempts == 2
+    finally:
+        node.stop()
+
+
+def test_a_subtask_killed_at_its_hard_time_limit_with_no_attempts_left_fails_the_task(client, own_broker):  # type: ignore[no-untyped-def]
+    from marketplace.db import get_engine
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    user = register(client)
+    task_id, node = _hung_at_its_hard_limit(client, user, get_redis(), list(range(3)))
+    try:
+        with get_engine().begin() as conn:
+            conn.execute(text("UPDATE subtasks SET attempts = :n WHERE task_id = :t AND status = 'Running'"),
+                         {"t": task_id, "n": get_settings().subtask_max_retries + 1})
+        doc = wait_for_task(client, user["headers"], task_id, timeout=30)
+        assert doc["status"] == "Failed" and "killed at its hard time limit" in doc["error"], doc
+        (sub,) = _db("SELECT status, error FROM subtasks WHERE task_id = :t AND status = 'Failed'", t=task_id)
+        assert "hard time limit" in sub.error
+    finally:
+        node.stop()
