@@ -63,7 +63,8 @@ def choose_queue(candidates: list[str], capacity: dict[str, int] | None) -> str 
     return next((q for q in candidates if capacity.get(q, 0) > 0), None)
 
 
-def _live_capacity(model: str) -> dict[str, int] | None:
+def live_capacity_of(model: str) -> dict[str, int] | None:
+    """Queue -> live concurrency able to run `model`; None with the capability check off."""
     if not get_settings().worker_capacity_check:
         return None
     from marketplace.redis_client import get_redis
@@ -92,7 +93,7 @@ def schedule_task(task_id: str) -> Outcome:
     if model is None:
         return Outcome("noop")
     # Read Redis before taking the row lock: the lock is held only for the decision.
-    capacity = _live_capacity(model)
+    capacity = live_capacity_of(model)
     failed: Outcome | None = None
     actions: list[tuple[str, str]] = []
     with session_scope() as session:

@@ -101,6 +101,24 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _sizing_device(spec: ModelSpec, device: str) -> str:
+    """The device a task's subtasks are cut for. The scheduler sends `any` to a GPU when one is
+    live (`scheduling.service.candidate_queues`): cut for it when a GPU node that serves the model
+    is live now, else at the CPU-safe size (were that node gone by then, a CPU runs the bigger
+    batches, well within the time limit)."""
+    if device != "any" or not spec.gpu_batch_size or "gpu" not in spec.devices:
+        return device
+    from redis.exceptions import RedisError
+
+    from marketplace.scheduling.service import live_capacity_of
+
+    try:
+        capacity = live_capacity_of(spec.name)
+    except RedisError:
+        return "cpu"
+    return "gpu" if capacity and capacity.get(spec.queue("gpu"), 0) > 0 else "cpu"
+
+
 def create_task(
     session: Session,
     *,
@@ -124,7 +142,7 @@ def create_task(
             return existing, False
 
     check_params(spec.name, {**spec.params, **request.params})
-    batch_size = request.batch_size or spec.default_batch_size(request.device)
+    batch_size = request.batch_size or spec.default_batch_size(_sizing_device(spec, request.device))
     if batch_size > spec.max_batch_size:
         raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")
     if len(request.inputs) > settings.max_inputs:

@@ -154,7 +154,7 @@ def test_another_users_task_is_404_everywhere(client, user, other, worker):  # t
 @pytest.mark.parametrize(("device", "batch_size", "subtasks"), [
     ("gpu", None, 2),   # the catalog's gpu_batch_size: 256 sentences per subtask
     ("cpu", None, 5),   # batch_size: 64
-    ("any", None, 5),   # cut before a device is chosen: the CPU-safe size
+    ("any", None, 5),   # no GPU node is live: the CPU-safe size
     ("gpu", 100, 3),    # the request's own size wins
 ])
 def test_a_gpu_job_is_cut_into_gpu_sized_subtasks(client, user, device, batch_size, subtasks):  # type: ignore[no-untyped-def]
@@ -164,6 +164,24 @@ def test_a_gpu_job_is_cut_into_gpu_sized_subtasks(client, user, device, batch_si
     resp = client.post("/v1/tasks", json=body, headers=user["headers"])
     assert resp.status_code == 202, resp.get_json()
     assert resp.get_json()["subtasks"] == subtasks
+
+
+def test_an_any_device_job_is_cut_for_the_gpu_node_that_will_run_it(client, user, redis_client):  # type: ignore[no-untyped-def]
+    """`any` goes to a GPU when one is live: its subtasks get the GPU batch size then."""
+    from marketplace.registry.service import deregister, heartbeat
+
+    hostname = f"gpu-node-{uuid.uuid4().hex[:6]}@test"
+    heartbeat(redis_client, info={"hostname": hostname, "queues": ["gpu.embedding"], "concurrency": 1})
+    resp = None
+    try:
+        body = {"model": "embedding", "inputs": [f"sentence {i}" for i in range(300)], "device": "any"}
+        resp = client.post("/v1/tasks", json=body, headers=user["headers"])
+        assert resp.status_code == 202, resp.get_json()
+        assert resp.get_json()["subtasks"] == 2  # 256 + 44, not five of 64
+    finally:
+        deregister(redis_client, hostname=hostname)
+        if resp is not None and resp.status_code == 202:  # no node will run it
+            client.post(f"/v1/tasks/{resp.get_json()['id']}/cancel", headers=user["headers"])
 
 
 def test_a_catalog_batch_size_above_the_maximum_is_refused() -> None:
