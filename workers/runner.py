@@ -81,14 +81,14 @@ def execute(
         if not database_unavailable(exc):
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
-    if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
-        _finalize_inline(base["task_id"])
+    if last:
+        (_finalize_inline if subtasks <= INLINE_FINALIZE_MAX_SUBTASKS else _request_finalize)(base["task_id"])
     return outcome
 
 
 # A small task's last subtask finishes the task itself, a broker round trip and a chord
 # callback sooner (about a third of a one-item job's latency). The chord callback still
-# runs and finds the task final; big jobs (a long join) always finish in the callback.
+# runs and finds the task final; a big job's last subtask (a long join) sends finalize instead.
 INLINE_FINALIZE_MAX_SUBTASKS = 16
 
 
@@ -103,6 +103,20 @@ def _finalize_inline(task_id: str) -> None:
     except Exception:  # the chord callback (and its retries) finishes the task instead
         logger.warning("inline finalize of task %s failed; the chord callback will finish it", task_id,
                        exc_info=True)
+
+
+def _request_finalize(task_id: str) -> None:
+    """A big job's last subtask asks for finalize too (a message: the join is long). Its chord
+    callback usually comes first and the second finalize finds the task final; but a chord that
+    was only partly sent (the broker dropped out mid-dispatch) never calls back, and the re-sent
+    copies of its running subtasks are skipped, which left the task to recovery."""
+    from marketplace.celery_app import app
+    from marketplace.scheduling.service import FINALIZE
+
+    try:
+        app.send_task(FINALIZE, args=[task_id], queue="marketplace.results", ignore_result=True)
+    except Exception:  # the chord callback, or recovery, finishes the task instead
+        logger.warning("could not ask for the finalize of task %s", task_id, exc_info=True)
 
 
 def _failure(subtask_id: str, base: dict[str, Any], error: str, started: float, *, retryable: bool) -> dict[str, Any] | Retry:

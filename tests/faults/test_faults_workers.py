@@ -220,20 +220,28 @@ def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery
         node.stop()
 
 
-def _hung_at_its_hard_limit(client, user, r, inputs: list) -> tuple[str, CeleryWorker]:  # type: ignore[no-untyped-def]
-    """A job dispatched with a 1 s limit (hard: 2 s) whose first running subtask's process is
-    stopped mid-run: it ignores its soft limit, as a hung C call would, and is killed at the hard one."""
+def _scheduled_by_the_test(client, user, r, body: dict) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    """A submitted task that the test dispatches itself: its scheduling message is dropped."""
     from marketplace.broker import broker_lists
     from marketplace.celery_app import app
     from marketplace.db import get_engine
-    from marketplace.scheduling.service import dispatch
 
-    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1, "params": {"sleep_s": 0.4}})
-    r.delete(*broker_lists("marketplace.scheduler", dict(app.conf.broker_transport_options or {})))  # dispatched here
+    task_id = _submit(client, user, body)
+    r.delete(*broker_lists("marketplace.scheduler", dict(app.conf.broker_transport_options or {})))
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1 "
                           "WHERE id = :t"), {"t": task_id})
-    ids = [str(row.id) for row in _db("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index", t=task_id)]
+    return task_id, [str(row.id) for row in _db("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index",
+                                                t=task_id)]
+
+
+def _hung_at_its_hard_limit(client, user, r, inputs: list) -> tuple[str, CeleryWorker]:  # type: ignore[no-untyped-def]
+    """A job dispatched with a 1 s limit (hard: 2 s) whose first running subtask's process is
+    stopped mid-run: it ignores its soft limit, as a hung C call would, and is killed at the hard one."""
+    from marketplace.scheduling.service import dispatch
+
+    task_id, ids = _scheduled_by_the_test(client, user, r, {"model": "echo", "inputs": inputs, "batch_size": 1,
+                                                              "params": {"sleep_s": 0.4}})
     # One pool process: the stopped one is the one running the subtask, and gets nothing else.
     node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"hung-{uuid.uuid4().hex[:4]}", concurrency=1)
     node.wait_ready(r)
@@ -277,5 +285,28 @@ def test_a_subtask_killed_at_its_hard_time_limit_with_no_attempts_left_fails_the
         assert doc["status"] == "Failed" and "killed at its hard time limit" in doc["error"], doc
         (sub,) = _db("SELECT status, error FROM subtasks WHERE task_id = :t AND status = 'Failed'", t=task_id)
         assert "hard time limit" in sub.error
+    finally:
+        node.stop()
+
+
+def test_a_big_job_whose_chord_callback_never_comes_is_finished_by_its_last_subtask(client, own_broker):  # type: ignore[no-untyped-def]
+    """A chord only partly sent (the broker dropped out mid-dispatch) never calls back, and the
+    re-sent copies of its running subtasks are skipped: the last subtask to finish asks for finalize."""
+    from marketplace.celery_app import app
+    from marketplace.redis_client import get_redis
+    from marketplace.scheduling.service import RUN_SUBTASK, celery_subtask_id
+    from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
+
+    r = get_redis()
+    user = register(client)
+    inputs = list(range(INLINE_FINALIZE_MAX_SUBTASKS + 4))  # above the inline finalize
+    task_id, ids = _scheduled_by_the_test(client, user, r, {"model": "echo", "inputs": inputs, "batch_size": 1})
+    node = _start(["marketplace.results", "cpu.generic"], "no-callback", r)
+    try:
+        for sid in ids:  # plain messages, no chord: no callback will come
+            app.send_task(RUN_SUBTASK, args=[sid], queue="cpu.generic", task_id=celery_subtask_id(sid, 1))
+        doc = wait_for_task(client, user["headers"], task_id, timeout=60)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
     finally:
         node.stop()
