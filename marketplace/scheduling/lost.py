@@ -40,12 +40,14 @@ def lost_run(celery_id: str) -> str:
     from marketplace.tasks import progress
 
     subtask_id = celery_id.rpartition(":")[0]
+    sid = uuid.UUID(subtask_id)
     with session_scope() as session:
-        sub = session.scalar(select(SubTask).where(SubTask.id == uuid.UUID(subtask_id)).with_for_update())
-        if sub is None or sub.status != SubTaskStatus.RUNNING.value or sub.celery_id != celery_id:
+        # The task's row first, as finalize takes it before its ledger rows reference the subtasks.
+        task = session.scalar(select(Task).where(Task.id == select(SubTask.task_id).where(SubTask.id == sid)
+                                                 .scalar_subquery()).with_for_update())
+        sub = session.scalar(select(SubTask).where(SubTask.id == sid).with_for_update())
+        if task is None or sub is None or sub.status != SubTaskStatus.RUNNING.value or sub.celery_id != celery_id:
             return "moved on"  # it finished after all, or another run has it
-        task = session.scalar(select(Task).where(Task.id == sub.task_id).with_for_update())
-        assert task is not None
         limit = get_catalog().time_limit(task.model)
         error = f"killed at its hard time limit ({hard_time_limit(limit):g}s) on {sub.worker}"
         if TaskStatus(task.status).final or sub.attempts > get_settings().subtask_max_retries:
@@ -54,13 +56,13 @@ def lost_run(celery_id: str) -> str:
         else:
             sub.status, sub.error = SubTaskStatus.PENDING.value, error
             task.dispatch_count += 1
-            retry = (str(task.id), task.queue, task.priority, task.dispatch_count, task.trace_id)
+            retry = (str(task.id), str(task.queue), task.priority, task.dispatch_count, task.trace_id)
     if retry is None:
         logger.warning("subtask %s %s; attempts spent: failing it", subtask_id, error)
         run_after_commit(progress.fail_subtask(subtask_id, error=error, seconds=hard_time_limit(limit), index=index))
         return f"failed {task_id}"
     task_id, queue, priority, attempt, trace_id = retry
     logger.warning("subtask %s %s; retrying it now", subtask_id, error)
-    dispatch(task_id, [subtask_id], queue=queue or "", priority=priority, time_limit=limit, attempt=attempt,
+    dispatch(task_id, [subtask_id], queue=queue, priority=priority, time_limit=limit, attempt=attempt,
              trace_id=trace_id)
     return f"retried {task_id}"
