@@ -38,6 +38,10 @@ standalone: install
 test: install system-deps vision
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Schemathesis over /openapi.json, ten times the examples `make test` runs, new ones each time.
+fuzz: install
+	MARKETPLACE_FUZZ_EXAMPLES=$${MARKETPLACE_FUZZ_EXAMPLES:-300} $(VENV)/bin/pytest -q tests/api/test_api_fuzz.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 
