@@ -43,9 +43,10 @@ def lost_run(celery_id: str) -> str:
     sid = uuid.UUID(subtask_id)
     with session_scope() as session:
         # The task's row first, as finalize takes it before its ledger rows reference the subtasks.
+        # No key update: the rows' foreign-key share locks (ledger inserts) need not wait on this.
         task = session.scalar(select(Task).where(Task.id == select(SubTask.task_id).where(SubTask.id == sid)
-                                                 .scalar_subquery()).with_for_update())
-        sub = session.scalar(select(SubTask).where(SubTask.id == sid).with_for_update())
+                                                 .scalar_subquery()).with_for_update(key_share=True))
+        sub = session.scalar(select(SubTask).where(SubTask.id == sid).with_for_update(key_share=True))
         if task is None or sub is None or sub.status != SubTaskStatus.RUNNING.value or sub.celery_id != celery_id:
             return "moved on"  # it finished after all, or another run has it
         limit = get_catalog().time_limit(task.model)
