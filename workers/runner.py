@@ -111,10 +111,10 @@ def _request_finalize(task_id: str) -> None:
     was only partly sent (the broker dropped out mid-dispatch) never calls back, and the re-sent
     copies of its running subtasks are skipped, which left the task to recovery."""
     from marketplace.celery_app import app
-    from marketplace.scheduling.service import FINALIZE
+    from marketplace.scheduling.service import FINALIZE, last_subtask_finalize_id
 
     try:
-        app.send_task(FINALIZE, args=[task_id], queue="marketplace.results", ignore_result=True)
+        app.send_task(FINALIZE, args=[task_id], queue="marketplace.results", task_id=last_subtask_finalize_id(task_id))
     except Exception:  # the chord callback, or recovery, finishes the task instead
         logger.warning("could not ask for the finalize of task %s", task_id, exc_info=True)
 

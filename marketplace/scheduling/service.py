@@ -195,6 +195,11 @@ def callback_id(task_id: str, attempt: int, chunk: int) -> str:
     return f"{task_id}:finalize:{attempt}:{chunk}"
 
 
+def last_subtask_finalize_id(task_id: str) -> str:
+    """The id of the finalize a big task's last subtask sends (`workers.runner`)."""
+    return f"{task_id}:finalize:last"
+
+
 def celery_subtask_id(subtask_id: str, attempt: int) -> str:
     """The broker message id of a subtask's `attempt`-th dispatch (cancel revokes these)."""
     return f"{subtask_id}:{attempt}"
