@@ -36,7 +36,7 @@ def hard_time_limit(soft: float) -> float:
 def lost_run(celery_id: str) -> str:
     """Retry or fail the subtask whose run (message id `<subtask id>:<attempt>`) was killed."""
     from marketplace.results.service import run_after_commit
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.service import dispatch_until_sent
     from marketplace.tasks import progress
 
     subtask_id = celery_id.rpartition(":")[0]
@@ -64,6 +64,6 @@ def lost_run(celery_id: str) -> str:
         return f"failed {task_id}"
     task_id, queue, priority, attempt, trace_id = retry
     logger.warning("subtask %s %s; retrying it now", subtask_id, error)
-    dispatch(task_id, [subtask_id], queue=queue, priority=priority, time_limit=limit, attempt=attempt,
-             trace_id=trace_id)
+    dispatch_until_sent(task_id, [subtask_id], queue=queue, priority=priority, time_limit=limit, attempt=attempt,
+                        trace_id=trace_id)
     return f"retried {task_id}"

@@ -5,6 +5,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import chord, group, signature
 from sqlalchemy import select
@@ -141,12 +142,18 @@ def schedule_task(task_id: str) -> Outcome:
 
         run_after_commit(actions)
         return failed
+    dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
+                        attempt=attempt, trace_id=trace_id)
+    return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+def dispatch_until_sent(task_id: str, subtask_ids: list[str], **kwargs: Any) -> None:
+    """`dispatch`; a broker that drops out meanwhile gets the task's open subtasks sent again
+    once it answers (`_redispatch_when_back`), not after recovery's stall deadline."""
     try:
-        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
-                 attempt=attempt, trace_id=trace_id)
+        dispatch(task_id, subtask_ids, **kwargs)
     except _broker_errors() as exc:
         _redispatch_when_back(task_id, exc)
-    return Outcome("scheduled", queue=queue, subtask_ids=ids)
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:
