@@ -81,8 +81,10 @@ def execute(
         if not database_unavailable(exc):
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
-    if last:
-        (_finalize_inline if subtasks <= INLINE_FINALIZE_MAX_SUBTASKS else _request_finalize)(base["task_id"])
+    if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
+        _finalize_inline(base["task_id"])
+    elif last:
+        _request_finalize(base["task_id"])
     return outcome
 
 
