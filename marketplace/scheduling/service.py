@@ -240,12 +240,14 @@ def _publish(task_id: str, subtask_ids: list[str], *, queue: str, priority: int,
                         attempt=attempt)
 
 
+def _finalize(task_id: str, **options: Any) -> Any:
+    return signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True, **options)
+
+
 def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float,
                     attempt: int) -> None:
     if not subtask_ids:
-        signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True).apply_async(
-            task_id=callback_id(task_id, attempt, 0)
-        )
+        _finalize(task_id).apply_async(task_id=callback_id(task_id, attempt, 0))
         return
     size = get_settings().max_subtasks_per_chord
     broker_priority = 9 - priority  # Redis serves lower numbers first
@@ -254,7 +256,7 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
     # or fails the subtask (a second later, once the pool has killed the process), and the
     # chord it broke still calls finalize.
     lost = signature(LOST_RUN, queue="marketplace.scheduler", countdown=1.0)
-    finish_anyway = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True)
+    finish_anyway = _finalize(task_id)
     for chunk, start in enumerate(range(0, len(subtask_ids), size)):
         # ignore_result: nothing reads a subtask's Celery result (the row is the truth and finalize
         # is immutable), and Celery still counts it into the chord without it. Storing it cost a
@@ -265,8 +267,7 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
             .set(task_id=celery_subtask_id(sid, attempt))
             for sid in subtask_ids[start : start + size]
         )
-        callback = signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True,
-                             link_error=[finish_anyway]).set(task_id=callback_id(task_id, attempt, chunk))
+        callback = _finalize(task_id, link_error=[finish_anyway]).set(task_id=callback_id(task_id, attempt, chunk))
         chord(header, callback).apply_async()
 
 
