@@ -9,6 +9,9 @@ thread-safe as the pool, and a pool that kombu replaces gets a new client.
 
 `install()` (called by marketplace.celery_app) makes it kombu's `redis://` and `rediss://`
 transport, so broker URLs, Flower's broker view and `celery inspect` read as stock Redis ones.
+
+`AMQP` is the app's messaging class with `Producer`, whose declarations look at kombu's
+cache of declared queues before anything else (see `Producer.maybe_declare`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import kombu
+from celery.app import amqp as celery_amqp
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
@@ -36,6 +41,30 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class Producer(kombu.Producer):
+    def maybe_declare(self, entity: Any, retry: bool = False, **retry_policy: Any) -> Any:
+        """Celery declares the target queue with every publish, with retries. kombu 5.7 wraps
+        that in a retrying `Connection.ensure` before it looks at its cache of what this
+        connection already declared (measured: a fifth of a chord dispatch's CPU, for a
+        declaration that is cached after the first message). Look at the cache first."""
+        channel = self.channel
+        if (entity and channel is not None and channel.connection is not None and entity.can_cache_declaration
+                and hash(entity) in channel.connection.client.declared_entities):
+            return False
+        return super().maybe_declare(entity, retry, **retry_policy)
+
+
+class AMQP(celery_amqp.AMQP):  # type: ignore[misc]
+    Producer = Producer
+
+    @property
+    def producer_pool(self) -> Any:
+        # Celery takes its pool from kombu's global registry, which builds stock producers.
+        pool = super().producer_pool
+        pool.Producer = Producer
+        return pool
 
 
 def install() -> None:

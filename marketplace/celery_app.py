@@ -54,6 +54,8 @@ class Celery(celery.Celery):
     Kept under Celery's own name: tools and checks that look for "a Celery app" see one.
     """
 
+    amqp_cls = "marketplace.broker_transport:AMQP"
+
     def producer_or_acquire(self, producer: Any = None) -> Any:
         return super().producer_or_acquire(producer or _batch_producer.get())
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery.signals import (
@@ -52,10 +54,24 @@ def _arg0(args: Any) -> str | None:
 
 # --- publishing ------------------------------------------------------------------------
 
-def _buffer() -> list[tuple[str, str]]:
+def _buffer() -> list[tuple[str, str, str | None]]:
     if not hasattr(_published, "items"):
         _published.items = []
     return _published.items  # type: ignore[no-any-return]
+
+
+@contextmanager
+def dispatching(task_id: str) -> Iterator[None]:
+    """Subtasks published inside belong to `task_id`, and their `task.dispatched` record is
+    written on the way out: the hook does not look their task up (a SELECT of every subtask
+    id after each dispatch: ~2% of a 1,000-subtask fan-out's CPU), and a dispatch from outside
+    a task (`marketplace recover`) is recorded too, with no task_postrun to flush it."""
+    _published.task_id = task_id
+    try:
+        yield
+    finally:
+        _published.task_id = None
+        _safe(flush_published)
 
 
 def flush_published() -> None:
@@ -71,12 +87,13 @@ def flush_published() -> None:
     from marketplace.db import session_scope
     from marketplace.tasks.models import SubTask
 
-    ids = [uuid.UUID(sid) for sid, _ in batch]
+    unknown = [uuid.UUID(sid) for sid, _queue, tid in batch if tid is None]  # e.g. a retry's re-publish
     with session_scope() as session:
-        owners = dict(session.execute(select(SubTask.id, SubTask.task_id).where(SubTask.id.in_(ids))).all())
+        owners = {str(sid): str(tid) for sid, tid in session.execute(
+            select(SubTask.id, SubTask.task_id).where(SubTask.id.in_(unknown))).all()} if unknown else {}
         per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {"subtasks": 0, "queues": set()})
-        for (_sid, queue), uid in zip(batch, ids, strict=True):
-            tid = str(owners.get(uid) or "unknown")
+        for sid, queue, known in batch:
+            tid = known or owners.get(str(uuid.UUID(sid))) or "unknown"
             per_task[tid]["subtasks"] += 1
             per_task[tid]["queues"].add(queue)
         for tid, info in per_task.items():
@@ -95,7 +112,7 @@ def _on_publish(sender: Any = None, headers: Any = None, body: Any = None, routi
         sid = _arg0(args)
         if sid:
             # Batched: a chord of N subtasks becomes one record, written after the publishing task.
-            _buffer().append((sid, str(routing_key or "")))
+            _buffer().append((sid, str(routing_key or ""), getattr(_published, "task_id", None)))
             if len(_buffer()) >= FLUSH_AT:
                 _safe(flush_published)
     elif name == SCHEDULE and not (headers or {}).get("marketplace_audited"):

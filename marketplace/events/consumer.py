@@ -91,7 +91,7 @@ def handle_submission(value: bytes | None) -> Outcome:
             session.rollback()
             return Outcome("duplicate", str(task.id))
         if created:
-            tasks.enqueue_schedule(task.id, first=True)
+            tasks.enqueue_schedule(task.id, first=True, model=task.model)
         return Outcome("created" if created else "duplicate", str(task.id))
     finally:
         session.close()

@@ -87,10 +87,13 @@ def _wait_reason(model: str, device: str, spec: ModelSpec | None, candidates: li
     return f"no live worker serves {' or '.join(candidates)} for model {model!r}"
 
 
-def schedule_task(task_id: str) -> Outcome:
-    """Move a Created task to Scheduled on a live queue, wait, or fail after the timeout."""
+def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:
+    """Move a Created task to Scheduled on a live queue, wait, or fail after the timeout.
+
+    `model`: the task's, when the message carries it (a submit's does): no read before the lock.
+    """
     settings = get_settings()
-    model = _model_of(task_id)
+    model = model or _model_of(task_id)
     if model is None:
         return Outcome("noop")
     # Read Redis before taking the row lock: the lock is held only for the decision.
@@ -222,9 +225,10 @@ def dispatch(
     subtasks in the database are final, so splitting big jobs is safe. With the
     task's `trace_id`, the messages join the job's trace whoever publishes them.
     """
+    from marketplace.audit.signals import dispatching
     from marketplace.observability.tracing import job_trace
 
-    with job_trace(trace_id, "dispatch"):
+    with job_trace(trace_id, "dispatch"), dispatching(task_id):
         _publish(task_id, subtask_ids, queue=queue, priority=priority, time_limit=time_limit, attempt=attempt)
 
 

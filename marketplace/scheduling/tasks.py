@@ -20,9 +20,9 @@ def retry_delay(retries: int, base: float) -> float:
 
 
 @app.task(name="marketplace.scheduling.schedule", bind=True, max_retries=None, acks_late=True)
-def schedule(self, task_id: str) -> dict:  # type: ignore[no-untyped-def]
+def schedule(self, task_id: str, model: str | None = None) -> dict:  # type: ignore[no-untyped-def]
     try:
-        outcome = service.schedule_task(task_id)
+        outcome = service.schedule_task(task_id, model=model)
     except DBAPIError as exc:
         if not database_unavailable(exc):
             raise

@@ -243,16 +243,20 @@ def schedule_message_id(task_id: uuid.UUID | str) -> str:
     return f"{task_id}:schedule"
 
 
-def enqueue_schedule(task_id: uuid.UUID | str, *, countdown: float | None = None, first: bool = False) -> None:
+def enqueue_schedule(
+    task_id: uuid.UUID | str, *, countdown: float | None = None, first: bool = False, model: str | None = None
+) -> None:
     """Publish the scheduling step; call only after the task's transaction committed.
 
     `first`: the message that follows `create_task`. Its `task.created` audit record, written
     in the submit's transaction, already names it, so the publish signal writes no record of
-    its own (that was a second transaction per submit).
+    its own (that was a second transaction per submit). `model`, when the caller has the row:
+    the scheduler reads the nodes' capacity for it without a transaction of its own first.
     """
     from marketplace.celery_app import app
 
-    app.send_task(SCHEDULE_TASK, args=[str(task_id)], queue="marketplace.scheduler", countdown=countdown,
+    app.send_task(SCHEDULE_TASK, args=[str(task_id)], kwargs={"model": model} if model else None,
+                  queue="marketplace.scheduler", countdown=countdown,
                   ignore_result=True, task_id=schedule_message_id(task_id) if first else None,
                   headers={AUDITED_HEADER: "task.created"} if first else None)
 

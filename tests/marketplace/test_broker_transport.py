@@ -44,3 +44,37 @@ def test_broker_urls_still_read_as_redis(stack):  # type: ignore[no-untyped-def]
 
     with app.connection_for_write() as conn:
         assert conn.as_uri().startswith("redis://")
+
+
+def test_a_queue_is_declared_once_per_connection_and_its_messages_still_arrive(stack, redis_client):  # type: ignore[no-untyped-def]
+    """Celery declares the queue with every publish; after the first, the producer answers from
+    kombu's cache without building a retrying wrapper (Connection.ensure) for it."""
+    from kombu import Exchange, Queue
+
+    from marketplace.celery_app import app
+
+    name = f"test.declare.{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    try:
+        with app.producer_or_acquire() as producer:
+            assert isinstance(producer, app.amqp.Producer)
+            ensured = []
+            client = producer.channel.connection.client
+            original = client.ensure
+
+            def counting_ensure(*args, **kwargs):  # type: ignore[no-untyped-def]
+                ensured.append(args)
+                return original(*args, **kwargs)
+
+            client.ensure = counting_ensure
+            try:
+                for i in range(3):
+                    producer.publish({"i": i}, exchange=queue.exchange, routing_key=name, declare=[queue],
+                                     retry=True)
+            finally:
+                del client.ensure
+        declares = [a for a in ensured if len(a) > 1 and getattr(a[1], "__name__", "") == "_maybe_declare"]
+        assert len(declares) == 1, f"the queue was declared through ensure {len(declares)} times"
+        assert redis_client.llen(name) == 3
+    finally:
+        redis_client.delete(name)

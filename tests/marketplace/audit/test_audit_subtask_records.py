@@ -43,3 +43,30 @@ def test_a_submit_names_its_scheduling_message_and_a_re_publish_is_recorded(clie
     assert len(created) == 1 and f'"schedule_id":"{schedule_message_id(task_id)}"' in created[0].data, rows
     # The submit's own message is not recorded twice; the re-publish is recorded by the publish signal.
     assert [r.action for r in rows].count("task.schedule_requested") == 1, rows
+
+
+def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):  # type: ignore[no-untyped-def]
+    """`marketplace recover` re-sends subtasks from a plain process: no task_postrun flushes the
+    publish hook's buffer there, so the dispatch itself writes its `task.dispatched` record."""
+    import json
+
+    import marketplace.audit.signals  # noqa: F401  (connects the publish handler here, as in every worker)
+    from marketplace.audit import service
+    from marketplace.db import get_engine
+    from marketplace.scheduling.service import dispatch
+
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
+                       headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+    with get_engine().connect() as conn:
+        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
+                                               {"t": task_id})]
+    # Done subtasks sent again run as no-ops (their rows are final) and the task stays Done.
+    dispatch(task_id, ids, queue="cpu.generic", priority=5, time_limit=60, attempt=7)
+    service.chain_pending()
+    with get_engine().connect() as conn:
+        records = [json.loads(r.data) for r in conn.execute(
+            text("SELECT data FROM audit_records WHERE task_id = :t AND action = 'task.dispatched' ORDER BY seq"),
+            {"t": task_id})]
+    assert records == [{"subtasks": 2, "queues": ["cpu.generic"]}] * 2, records
