@@ -1,6 +1,7 @@
 """JWT auth (flask-jwt-extended): access tokens carry the user id as a string subject."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -14,7 +15,42 @@ from marketplace.settings import Settings
 from marketplace.users import tokens
 from marketplace.users.models import User
 
-jwt = JWTManager()
+
+
+class _JWTManager(JWTManager):
+    """flask-jwt-extended, remembering the tokens it verified until they expire.
+
+    Every request decodes its token twice (the rate limiter's key, then `jwt_required`), each
+    a signature check and claim validation: ~8% of a submit's CPU. A token is the same string
+    for its whole life and its claims cannot change, so the claims of one that verified are
+    kept by that exact string (signature included) and reused while `exp` is in the future;
+    anything else (expired, unknown, CSRF-bound) goes through the full decode. Revocation and
+    the token type are checked after decoding, on every request, as before.
+    """
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._verified: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _decode_jwt_from_config(self, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False) -> dict:
+        plain = csrf_value is None and not allow_expired
+        if plain:
+            claims = self._verified.get(encoded_token)
+            if claims is not None and claims["exp"] > time.time():
+                return dict(claims)
+        claims = super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        if plain and isinstance(claims.get("exp"), (int, float)):
+            with self._lock:
+                if len(self._verified) >= self.MAX_REMEMBERED:
+                    self._verified.clear()  # a burst of distinct tokens: start over rather than track age
+                self._verified[encoded_token] = dict(claims)
+        return claims
+
+
+jwt = _JWTManager()
 
 
 def init_auth(app: Flask, settings: Settings) -> None:

@@ -66,3 +66,28 @@ def test_refresh_endpoint_refuses_an_access_token(client):  # type: ignore[no-un
     u = register(client)
     resp = client.post("/v1/auth/refresh", headers={"Authorization": f"Bearer {u['tokens']['access_token']}"})
     assert resp.status_code == 401
+
+
+def test_a_token_that_worked_is_refused_once_it_expires(client, app):  # type: ignore[no-untyped-def]
+    """Verified tokens are remembered between requests (api.auth): never past their expiry."""
+    import time
+
+    from flask_jwt_extended import create_access_token
+
+    u = register(client)
+    with app.app_context():
+        short = create_access_token(identity=u["id"], expires_delta=timedelta(seconds=2))
+    headers = {"Authorization": f"Bearer {short}"}
+    assert client.get("/v1/tasks", headers=headers).status_code == 200
+    assert client.get("/v1/tasks", headers=headers).status_code == 200
+    time.sleep(max(0.0, pyjwt.decode(short, options={"verify_signature": False})["exp"] - time.time()) + 0.1)
+    resp = client.get("/v1/tasks", headers=headers)
+    assert resp.status_code == 401, resp.get_data(as_text=True)
+
+
+def test_a_remembered_token_still_dies_on_logout(client):  # type: ignore[no-untyped-def]
+    u = register(client)
+    headers = {"Authorization": f"Bearer {u['tokens']['access_token']}"}
+    assert client.get("/v1/tasks", headers=headers).status_code == 200
+    assert client.post("/v1/auth/logout", headers=headers).status_code == 204
+    assert client.get("/v1/tasks", headers=headers).status_code == 401
