@@ -16,7 +16,6 @@ from marketplace.users import tokens
 from marketplace.users.models import User
 
 
-
 class _JWTManager(JWTManager):
     """flask-jwt-extended, remembering the tokens it verified until they expire.
 

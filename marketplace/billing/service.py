@@ -12,9 +12,11 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Date, DateTime, Uuid, bindparam, func, insert, select, text, update
+from sqlalchemy import Date, DateTime, Uuid, bindparam, func, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from marketplace.billing.models import Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
@@ -209,7 +211,9 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 
 
 # The charges it settles also go to `daily_spend`, by the UTC day each was recorded: what the
-# daily spend quota reads at submit (`quotas.settled_spend_on`).
+# daily spend quota reads at submit (`quotas.settled_spend_on`). The same statement applies the
+# delta to the user's balance (its row lock is taken here, after the caller's hold lock: lock
+# order hold, then user) and releases the hold: one round trip where there were three.
 _SETTLE = text("""
     WITH s AS (
         UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
@@ -220,11 +224,22 @@ _SETTLE = text("""
         FROM s WHERE kind IN ('charge', 'charge_failed')
         GROUP BY 1, 2
         ON CONFLICT (user_id, day) DO UPDATE SET charged = daily_spend.charged + EXCLUDED.charged
+    ), delta AS (
+        SELECT COALESCE(SUM(amount), 0) AS amount FROM s
+    ), u AS (
+        -- The hold covered the worst case, so this stays >= 0; GREATEST is the last guard.
+        UPDATE users SET balance = GREATEST(0, users.balance + delta.amount)
+        FROM delta WHERE users.id = :user_id AND delta.amount <> 0
+        RETURNING users.balance
+    ), h AS (
+        UPDATE holds SET status = 'released', released_at = :now WHERE task_id = :task_id AND status = 'active'
+        RETURNING id
     )
-    SELECT (SELECT COALESCE(SUM(amount), 0) FROM s) AS delta,
+    SELECT (SELECT amount FROM delta) AS delta,
            (SELECT COALESCE(SUM(amount), 0) FROM s WHERE kind IN ('charge', 'charge_failed'))
            + (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries
-              WHERE task_id = :task_id AND settled AND kind IN ('charge', 'charge_failed')) AS charges
+              WHERE task_id = :task_id AND settled AND kind IN ('charge', 'charge_failed')) AS charges,
+           (SELECT balance FROM u) AS balance
 """)
 
 
@@ -244,23 +259,14 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     # One statement marks the unsettled rows settled and sums them (the delta applied now), and
     # sums all the task's charges: the rows settled before, read from the statement's snapshot
     # (where they are the settled ones), plus the charges among the rows it just marked.
-    row = session.execute(_SETTLE, {"task_id": task.id}).one()
+    row = session.execute(_SETTLE, {"task_id": task.id, "user_id": task.user_id, "now": utcnow()}).one()
     delta = Decimal(row.delta)
-    balance = None
+    balance = row.balance
     if delta:
-        # Lock and update the user's row in one statement ("fetch" refreshes a loaded User).
-        # The hold covered the worst case, so this stays >= 0; GREATEST is the last guard.
-        balance = session.execute(
-            update(User).where(User.id == task.user_id)
-            .values(balance=func.greatest(Decimal("0"), User.balance + delta))
-            .returning(User.balance),
-            execution_options={"synchronize_session": "fetch"},
-        ).scalar_one()
-    session.execute(
-        update(Hold)
-        .where(Hold.task_id == task.id, Hold.status == "active")
-        .values(status="released", released_at=utcnow())
-    )
+        # A User this session loaded (the request's caller) reads the new balance, as an ORM update would.
+        loaded = session.identity_map.get(identity_key(User, task.user_id))
+        if loaded is not None:
+            set_committed_value(loaded, "balance", balance)
     task.cost = q(-Decimal(row.charges))
     if delta:
         from marketplace.audit import service as audit

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from marketplace import observability
 from marketplace.audit import service as audit
 from marketplace.billing import service as billing
+from marketplace.billing.models import LedgerEntry
 from marketplace.catalog import get_catalog
 from marketplace.db import session_scope, utcnow
 from marketplace.events.outbox import emit
@@ -32,20 +33,22 @@ def result_key(task_id: str) -> str:
 
 
 def _finish(
-    session: Session, *, task: Task, status: TaskStatus, error: str | None = None, failed: int | None = None
+    session: Session, *, task: Task, status: TaskStatus, error: str | None = None, failed: int | None = None,
+    charged: bool = False,
 ) -> None:
     """Set a final status, settle billing and emit the event, in the caller's transaction.
 
-    `failed` is the number of failed subtasks when the caller already knows it. The
+    `failed` is the number of failed subtasks when the caller already knows it; `charged`, that
+    every subtask that ran already has its charge (nothing for backfill to look for). The
     records go to `audit_pending` (chained within seconds, and before any audit read):
     chaining here would take the chain's global lock inside every task's last step.
     """
     with session.no_autoflush:  # the task row is written once, at commit, not once per query below
-        _settle_and_emit(session, task=task, status=status, error=error, failed=failed)
+        _settle_and_emit(session, task=task, status=status, error=error, failed=failed, charged=charged)
 
 
 def _settle_and_emit(
-    session: Session, *, task: Task, status: TaskStatus, error: str | None, failed: int | None
+    session: Session, *, task: Task, status: TaskStatus, error: str | None, failed: int | None, charged: bool
 ) -> None:
     task.status = status.value
     task.error = error
@@ -55,7 +58,8 @@ def _settle_and_emit(
     # either committed before or waits for settlement; taken after backfill's ledger insert, the
     # two could wait on each other (deadlock, 1 s until Postgres breaks it).
     billing.lock_hold(session, task_id=task.id)
-    billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model), hold_locked=True)
+    if not charged:
+        billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model), hold_locked=True)
     billing.settle_task(session, task=task, hold_locked=True)
     audit.enqueue(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system",
                   action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id,
@@ -123,8 +127,14 @@ def finalize_task(task_id: str) -> str:
         task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update())
         if task is None or TaskStatus(task.status).final:
             return "noop"
+        # Whether each already has its ledger row (it usually does: a success is charged by the
+        # statement that records it): then settlement need not look for uncharged ones. Ledger
+        # rows are never deleted, so one seen here is there after the hold's lock too.
+        charged = select(LedgerEntry.id).where(LedgerEntry.task_id == task.id,
+                                               LedgerEntry.subtask_id == SubTask.id).exists()
         subs = session.execute(
-            select(SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error)
+            select(SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error,
+                   (charged | (SubTask.attempts == 0)).label("charged"))
             .where(SubTask.task_id == task.id).order_by(SubTask.index)
         ).all()
         if any(s.status not in FINAL_SUBTASK for s in subs):
@@ -132,14 +142,15 @@ def finalize_task(task_id: str) -> str:
         failed = [s for s in subs if s.status == SubTaskStatus.FAILED.value]
         if failed:
             first = failed[0]
-            fail_task(session, task=task, error=f"subtask {first.index} failed: {first.error}")
+            _finish(session, task=task, status=TaskStatus.FAILED, error=f"subtask {first.index} failed: {first.error}",
+                    failed=len(failed), charged=all(s.charged for s in subs))
             outcome = "failed"
         else:
             key = result_key(task_id)
             store = get_store()
             store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
             task.result_key = key
-            _finish(session, task=task, status=TaskStatus.DONE, failed=0)
+            _finish(session, task=task, status=TaskStatus.DONE, failed=0, charged=all(s.charged for s in subs))
             outcome = "done"
         actions = session.info.pop("after_commit", [])
     run_after_commit(actions)

@@ -11,8 +11,9 @@ from celery import chord, group, signature
 from sqlalchemy import select
 
 from marketplace.catalog import ModelSpec, get_catalog
-from marketplace.db import session_scope, utcnow
-from marketplace.events.outbox import emit
+from marketplace.db import autocommit, session_scope, utcnow
+from marketplace.events.outbox import emit, topic_for
+from marketplace.prepared import Prepared
 from marketplace.scheduling.lost import hard_time_limit
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
@@ -29,6 +30,36 @@ PUBLISH_BATCH = 64
 # is back (seconds between tries), rather than leave the task Scheduled until recovery's stall
 # deadline notices it. ~15 s in all; a longer outage is recovery's, as before.
 DISPATCH_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+# The common case in one round trip: a Created task whose device has a live queue becomes Scheduled
+# on it, with its TaskAssigned event, and the statement returns what the dispatch needs (the
+# locked ORM path below was five round trips). The queue is chosen per device beforehand (:cpu,
+# :gpu, :any; NULL where none is live). Anything else (waiting, failing, a task that moved on)
+# finds no row here and takes the locked path, which decides from the row.
+_ASSIGN = Prepared("mp_assign_queue", """
+    WITH t AS (
+        UPDATE tasks SET queue = CASE device WHEN 'cpu' THEN :cpu WHEN 'gpu' THEN :gpu ELSE :any END,
+               status = 'Scheduled', scheduled_at = :now, progress_at = :now, status_reason = NULL,
+               dispatch_count = dispatch_count + 1
+        WHERE id = :id AND status = 'Created' AND model = :model
+          AND CASE device WHEN 'cpu' THEN :cpu WHEN 'gpu' THEN :gpu ELSE :any END IS NOT NULL
+        RETURNING user_id, queue, priority, dispatch_count, trace_id
+    ), s AS (
+        SELECT COALESCE(array_agg(id ORDER BY index), '{}') AS ids FROM subtasks WHERE task_id = :id
+    ), o AS (
+        INSERT INTO outbox_events (topic, key, type, payload, created_at)
+        SELECT :topic, :key, 'TaskAssigned',
+               jsonb_build_object('task_id', :key, 'user_id', t.user_id::text, 'queue', t.queue,
+                                  'subtasks', cardinality(s.ids), 'priority', t.priority,
+                                  'dispatch_count', t.dispatch_count),
+               :now
+        FROM t, s
+        RETURNING id
+    )
+    SELECT t.queue, t.priority, t.dispatch_count, t.trace_id, s.ids FROM t, s
+""", types={"id": "uuid", "model": "text", "cpu": "text", "gpu": "text", "any": "text", "now": "timestamptz",
+            "topic": "text", "key": "text"})
 
 
 @dataclass
@@ -98,6 +129,12 @@ def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:
         return Outcome("noop")
     # Read Redis before taking the row lock: the lock is held only for the decision.
     capacity = live_capacity_of(model)
+    assigned = _assign(task_id, model, capacity)
+    if assigned is not None:
+        queue, priority, attempt, trace_id, ids = assigned
+        dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
+                            attempt=attempt, trace_id=trace_id)
+        return Outcome("scheduled", queue=queue, subtask_ids=ids)
     failed: Outcome | None = None
     actions: list[tuple[str, str]] = []
     with session_scope() as session:
@@ -148,6 +185,22 @@ def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:
     dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
                         attempt=attempt, trace_id=trace_id)
     return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+def _assign(task_id: str, model: str, capacity: dict[str, int] | None) -> tuple[str, int, int, str | None, list[str]] | None:
+    """`_ASSIGN`: (queue, priority, dispatch count, trace id, subtask ids), or None for the locked path."""
+    spec = get_catalog().get(model)
+    if spec is None:
+        return None
+    queues = {d: choose_queue(candidate_queues(spec, d), capacity) for d in ("cpu", "gpu", "any")}
+    if not any(queues.values()):
+        return None
+    with autocommit() as conn:  # one statement: it commits by itself
+        row = _ASSIGN.execute(conn, {"id": uuid.UUID(task_id), "model": model, **queues, "now": utcnow(),
+                                     "topic": topic_for("TaskAssigned"), "key": task_id}).first()
+    if row is None:
+        return None
+    return row.queue, row.priority, row.dispatch_count, row.trace_id, [str(i) for i in row.ids]
 
 
 def dispatch_until_sent(task_id: str, subtask_ids: list[str], **kwargs: Any) -> None:
