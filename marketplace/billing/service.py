@@ -9,10 +9,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Date, DateTime, Uuid, bindparam, func, insert, select, text
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -20,9 +19,11 @@ from sqlalchemy.orm.util import identity_key
 
 from marketplace.billing.models import Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
-from marketplace.db import Money, utcnow
+from marketplace.db import utcnow
 from marketplace.errors import InvalidInput, NotFound, PaymentRequired
+from marketplace.prepared import Prepared
 from marketplace.settings import get_settings
+from marketplace.tasks.models import ACTIVE_TASK_STATUSES
 from marketplace.users.models import User
 
 CENT = Decimal("0.000001")
@@ -73,29 +74,28 @@ def available_balance(session: Session, *, user: User) -> Decimal:
     return q(user.balance - held_amount(session, user_id=user.id))
 
 
-@lru_cache(maxsize=1)
-def _submit_statements() -> tuple[Any, Any]:
-    """place_hold's two reads, built once (building them cost more than running them)."""
-    from marketplace.billing import quotas
-
-    uid = bindparam("uid", type_=Uuid())
-    today = bindparam("today", type_=Date())
-    # FOR NO KEY UPDATE (key_share): the task row this transaction already inserted holds a
-    # FOR KEY SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with
-    # that and two concurrent submits of one user deadlock (measured: 503s under 8 clients).
-    lock_balance = select(User.balance).where(User.id == uid).with_for_update(key_share=True)
-    # The hold is inserted by the same statement: its sums read the snapshot from before it, so
-    # they count the user's *other* holds; if a check below fails the transaction rolls back.
-    new_hold = insert(Hold.__table__).values(
-        user_id=uid, task_id=bindparam("tid", type_=Uuid()), amount=bindparam("amount", type_=Money),
-        status="active", created_at=bindparam("now", type_=DateTime(timezone=True)),
-    ).returning(Hold.__table__.c.id).cte("new_hold")
-    sums = select(
-        _held_sum(uid).scalar_subquery(),
-        quotas.settled_spend_on(uid, day=today).scalar_subquery(),
-        quotas.active_tasks_count(uid).scalar_subquery(),
-    ).add_cte(new_hold)
-    return lock_balance, sums
+# place_hold's two statements, prepared once per connection (`marketplace/prepared.py`): built
+# through SQLAlchemy, compiling and binding them cost more CPU than running them, and PostgreSQL
+# planned the sums anew on every submit.
+# FOR NO KEY UPDATE (key_share): the task row this transaction already inserted holds a FOR KEY
+# SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with that and two
+# concurrent submits of one user deadlock (measured: 503s under 8 clients).
+_LOCK_BALANCE = Prepared("mp_lock_balance", "SELECT balance FROM users WHERE id = :uid FOR NO KEY UPDATE",
+                         types={"uid": "uuid"})
+# The hold is inserted by the same statement: its sums read the snapshot from before it, so they
+# count the user's *other* holds; if a check in place_hold fails the transaction rolls back.
+# The sums are `_held_sum`, `quotas.settled_spend_on` and `quotas.active_tasks_count`.
+_HOLD_AND_SUMS = Prepared("mp_hold_and_sums", f"""
+    WITH new_hold AS (
+        INSERT INTO holds (user_id, task_id, amount, status, created_at)
+        VALUES (:uid, :tid, :amount, 'active', :now)
+        RETURNING id
+    )
+    SELECT (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = :uid AND status = 'active') AS held,
+           (SELECT COALESCE(MAX(charged), 0) FROM daily_spend WHERE user_id = :uid AND day = :today) AS settled,
+           (SELECT count(*) FROM tasks WHERE user_id = :uid
+              AND status IN ({", ".join(sorted(f"'{s.value}'" for s in ACTIVE_TASK_STATUSES))})) AS active
+""", types={"uid": "uuid", "tid": "uuid", "amount": "numeric", "now": "timestamptz", "today": "date"})
 
 
 def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal) -> None:
@@ -107,14 +107,15 @@ def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amou
     from marketplace.billing import quotas
 
     # The balance is read by the locking statement itself: the request loaded the user before.
-    lock_balance, sums = _submit_statements()
-    balance = session.execute(lock_balance, {"uid": user_id}).scalar_one()
+    session.flush()  # what session.execute would do first: anything pending is written before the lock
+    conn = session.connection()
+    balance = _LOCK_BALANCE.execute(conn, {"uid": user_id}).scalar_one()
     user = session.get(User, user_id)  # its quota settings (the API's request already loaded it)
     assert user is not None
     # The three sums and the new hold in one round trip, in a statement after the lock: a statement's snapshot is
     # taken when it starts, so sums read by the locking statement itself would miss the task a
     # concurrent submit committed while this one waited (measured: 24 of 32 accepted, quota 20).
-    held, settled_today, active = session.execute(sums, {
+    held, settled_today, active = _HOLD_AND_SUMS.execute(conn, {
         "uid": user_id, "today": quotas.today_start().date(), "tid": task_id, "amount": q(amount), "now": utcnow(),
     }).one()
     held, settled_today = Decimal(held or 0), Decimal(settled_today or 0)
@@ -213,8 +214,9 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 # The charges it settles also go to `daily_spend`, by the UTC day each was recorded: what the
 # daily spend quota reads at submit (`quotas.settled_spend_on`). The same statement applies the
 # delta to the user's balance (its row lock is taken here, after the caller's hold lock: lock
-# order hold, then user) and releases the hold: one round trip where there were three.
-_SETTLE = text("""
+# order hold, then user) and releases the hold: one round trip where there were three. Prepared
+# once per connection, as its five CTEs took PostgreSQL longer to plan than to run.
+_SETTLE = Prepared("mp_settle", """
     WITH s AS (
         UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
         RETURNING amount, kind, user_id, created_at
@@ -240,7 +242,7 @@ _SETTLE = text("""
            + (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries
               WHERE task_id = :task_id AND settled AND kind IN ('charge', 'charge_failed')) AS charges,
            (SELECT balance FROM u) AS balance
-""")
+""", types={"task_id": "uuid", "user_id": "uuid", "now": "timestamptz"})
 
 
 def lock_hold(session: Session, *, task_id: uuid.UUID) -> None:
@@ -259,7 +261,8 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     # One statement marks the unsettled rows settled and sums them (the delta applied now), and
     # sums all the task's charges: the rows settled before, read from the statement's snapshot
     # (where they are the settled ones), plus the charges among the rows it just marked.
-    row = session.execute(_SETTLE, {"task_id": task.id, "user_id": task.user_id, "now": utcnow()}).one()
+    # On the session's connection, without a flush: finalize writes the task row once, at commit.
+    row = _SETTLE.execute(session.connection(), {"task_id": task.id, "user_id": task.user_id, "now": utcnow()}).one()
     delta = Decimal(row.delta)
     balance = row.balance
     if delta:
