@@ -73,3 +73,24 @@ def test_the_submit_checks_the_days_row_not_the_ledger(client):  # type: ignore[
     set_user(user["id"], daily_spend_limit=Decimal("2"))
     assert client.post("/v1/tasks", json={"model": "echo", "inputs": [1]},
                        headers=user["headers"]).status_code == 202
+
+
+def test_settlement_updates_the_balance_of_a_user_the_session_already_loaded(client):  # type: ignore[no-untyped-def]
+    """Settlement moves the balance in raw SQL (one statement with the ledger and the hold); a
+    User the same session loaded (an API request's caller) must not keep the old balance."""
+    from marketplace.billing import service
+    from marketplace.db import session_scope
+    from marketplace.tasks.models import Task
+    from marketplace.users.models import User
+
+    user = register(client)
+    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
+    with session_scope() as session:
+        me = session.get(User, uuid.UUID(user["id"]))
+        before = me.balance
+        assert all(service.charge_from_row(session, subtask_id=uuid.UUID(s)) for s in sub_ids)
+        cost = service.settle_task(session, task=session.get(Task, uuid.UUID(task_id)))
+        assert cost > 0
+        assert me.balance == before - cost
+    with session_scope() as session:
+        assert session.get(User, uuid.UUID(user["id"])).balance == before - cost
