@@ -91,8 +91,10 @@ def new_user(client: Any) -> dict[str, str]:
     return register(client)["headers"]
 
 
-def wait_task_done(task_id: str, timeout: float = 600) -> tuple[str, float]:
-    """Poll the task row (cheap) until final; returns (status, monotonic time seen)."""
+def wait_task_done(task_id: str, timeout: float = 600, every: float | None = None) -> tuple[str, float]:
+    """Poll the task row (cheap) until final; returns (status, monotonic time seen).
+
+    `every`: a fixed interval, for a comparison whose other side polls at that rate."""
     import uuid
 
     from sqlalchemy import text
@@ -111,7 +113,7 @@ def wait_task_done(task_id: str, timeout: float = 600) -> tuple[str, float]:
             # Every poll costs both this process and PostgreSQL CPU that the job needs: 2 ms polls
             # took ~7% of the 2 cores in a 7 s job. Poll 2 ms early, then at 0.2% of the time
             # waited (at most 20 ms): the reading is late by at most 0.2% (or 2 ms).
-            time.sleep(min(0.02, max(0.002, (time.monotonic() - begun) * 0.002)))
+            time.sleep(every or min(0.02, max(0.002, (time.monotonic() - begun) * 0.002)))
     raise TimeoutError(f"task {task_id} not final after {timeout}s")
 
 
