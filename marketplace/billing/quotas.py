@@ -73,7 +73,8 @@ def today_start() -> datetime:
 def charges_today_sum(user_id: Any) -> Any:
     """The (negative) sum of the user's charges recorded today (UTC), settled or not, as a SELECT.
 
-    For `GET /v1/me`; the submit's quota check reads `settled_spend_on` instead."""
+    For `GET /v1/me`; the submit's quota check reads the day's `daily_spend` row instead (one row
+    kept by settlement, in `billing.service._HOLD_AND_SUMS`)."""
     from marketplace.billing.models import LedgerEntry
 
     return select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
@@ -81,15 +82,6 @@ def charges_today_sum(user_id: Any) -> Any:
         LedgerEntry.kind.in_(("charge", "charge_failed")),
         LedgerEntry.created_at >= today_start(),
     )
-
-
-def settled_spend_on(user_id: Any, *, day: Any) -> Any:
-    """The user's settled charges recorded on `day` (UTC), a positive amount, as a SELECT (for a
-    scalar subquery): one `daily_spend` row, kept by settlement."""
-    from marketplace.billing.models import DailySpend
-
-    return select(func.coalesce(func.max(DailySpend.charged), 0)).where(
-        DailySpend.user_id == user_id, DailySpend.day == day)
 
 
 def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:

@@ -84,7 +84,8 @@ _LOCK_BALANCE = Prepared("mp_lock_balance", "SELECT balance FROM users WHERE id 
                          types={"uid": "uuid"})
 # The hold is inserted by the same statement: its sums read the snapshot from before it, so they
 # count the user's *other* holds; if a check in place_hold fails the transaction rolls back.
-# The sums are `_held_sum`, `quotas.settled_spend_on` and `quotas.active_tasks_count`.
+# The sums: the user's active holds (`_held_sum`), the settled charges of the day (one `daily_spend`
+# row, kept by settlement) and the active tasks (`quotas.active_tasks_count`).
 _HOLD_AND_SUMS = Prepared("mp_hold_and_sums", f"""
     WITH new_hold AS (
         INSERT INTO holds (user_id, task_id, amount, status, created_at)
@@ -212,7 +213,7 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 
 
 # The charges it settles also go to `daily_spend`, by the UTC day each was recorded: what the
-# daily spend quota reads at submit (`quotas.settled_spend_on`). The same statement applies the
+# daily spend quota reads at submit (`_HOLD_AND_SUMS`). The same statement applies the
 # delta to the user's balance (its row lock is taken here, after the caller's hold lock: lock
 # order hold, then user) and releases the hold: one round trip where there were three. Prepared
 # once per connection, as its five CTEs took PostgreSQL longer to plan than to run.
