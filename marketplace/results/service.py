@@ -140,17 +140,18 @@ def finalize_task(task_id: str) -> str:
         if any(s.status not in FINAL_SUBTASK for s in subs):
             return "waiting"
         failed = [s for s in subs if s.status == SubTaskStatus.FAILED.value]
+        all_charged = all(s.charged for s in subs)
         if failed:
             first = failed[0]
             _finish(session, task=task, status=TaskStatus.FAILED, error=f"subtask {first.index} failed: {first.error}",
-                    failed=len(failed), charged=all(s.charged for s in subs))
+                    failed=len(failed), charged=all_charged)
             outcome = "failed"
         else:
             key = result_key(task_id)
             store = get_store()
             store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
             task.result_key = key
-            _finish(session, task=task, status=TaskStatus.DONE, failed=0, charged=all(s.charged for s in subs))
+            _finish(session, task=task, status=TaskStatus.DONE, failed=0, charged=all_charged)
             outcome = "done"
         actions = session.info.pop("after_commit", [])
     run_after_commit(actions)

@@ -123,18 +123,27 @@ def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:
 
     `model`: the task's, when the message carries it (a submit's does): no read before the lock.
     """
-    settings = get_settings()
     model = model or _model_of(task_id)
     if model is None:
         return Outcome("noop")
     # Read Redis before taking the row lock: the lock is held only for the decision.
     capacity = live_capacity_of(model)
-    assigned = _assign(task_id, model, capacity)
-    if assigned is not None:
-        queue, priority, attempt, trace_id, ids = assigned
-        dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
-                            attempt=attempt, trace_id=trace_id)
-        return Outcome("scheduled", queue=queue, subtask_ids=ids)
+    assigned = _assign(task_id, model, capacity) or _decide_locked(task_id, capacity)
+    if isinstance(assigned, Outcome):
+        return assigned
+    queue, priority, attempt, trace_id, ids = assigned
+    dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
+                        attempt=attempt, trace_id=trace_id)
+    return Outcome("scheduled", queue=queue, subtask_ids=ids)
+
+
+_Assignment = tuple[str, int, int, str | None, list[str]]  # queue, priority, dispatch count, trace id, subtask ids
+
+
+def _decide_locked(task_id: str, capacity: dict[str, int] | None) -> Outcome | _Assignment:
+    """What `_assign` leaves, decided from the locked row: noop, waiting, failed (after the schedule
+    timeout), or, for a message whose model does not match the row, the assignment itself."""
+    settings = get_settings()
     failed: Outcome | None = None
     actions: list[tuple[str, str]] = []
     with session_scope() as session:
@@ -176,18 +185,16 @@ def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:
             emit(session, type="TaskAssigned", key=task_id,
                  payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids),
                           "priority": task.priority, "dispatch_count": task.dispatch_count})
-            priority, attempt, trace_id = task.priority, task.dispatch_count, task.trace_id
+            assignment = (queue, task.priority, task.dispatch_count, task.trace_id, ids)
     if failed is not None:
         from marketplace.results.service import run_after_commit
 
         run_after_commit(actions)
         return failed
-    dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=get_catalog().time_limit(model),
-                        attempt=attempt, trace_id=trace_id)
-    return Outcome("scheduled", queue=queue, subtask_ids=ids)
+    return assignment
 
 
-def _assign(task_id: str, model: str, capacity: dict[str, int] | None) -> tuple[str, int, int, str | None, list[str]] | None:
+def _assign(task_id: str, model: str, capacity: dict[str, int] | None) -> _Assignment | None:
     """`_ASSIGN`: (queue, priority, dispatch count, trace id, subtask ids), or None for the locked path."""
     spec = get_catalog().get(model)
     if spec is None:
