@@ -12,15 +12,17 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from marketplace import observability
 from marketplace.audit import service as audit
 from marketplace.billing import service as billing
 from marketplace.catalog import ModelSpec, get_catalog
+from marketplace.db import utcnow
 from marketplace.errors import Conflict, InvalidInput, NotFound
 from marketplace.events.outbox import emit
 from marketplace.files.models import File
+from marketplace.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.params import check_params
@@ -156,39 +158,32 @@ def create_task(
     if request.max_cost is not None and estimate > request.max_cost:
         raise InvalidInput.field("max_cost", f"estimated cost {estimate} exceeds max_cost {request.max_cost}")
 
+    now = utcnow()
+    # Every column set here, defaults included: the unkeyed path inserts the row itself.
     task = Task(
-        id=uuid.uuid4(),
-        user_id=user_id,
-        model=spec.name,
-        device=request.device,
-        status=TaskStatus.CREATED.value,
-        params={**spec.params, **request.params},
-        batch_size=batch_size,
-        priority=request.priority,
-        total_items=len(items),
-        subtask_count=len(batches),
+        id=uuid.uuid4(), user_id=user_id, model=spec.name, device=request.device, queue=None,
+        status=TaskStatus.CREATED.value, status_reason=None, error=None,
+        params={**spec.params, **request.params}, batch_size=batch_size, priority=request.priority,
+        total_items=len(items), subtask_count=len(batches),
         webhook_url=str(request.webhook_url) if request.webhook_url else None,
-        max_cost=request.max_cost,
-        estimated_cost=estimate,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        trace_id=trace_id,
+        max_cost=request.max_cost, estimated_cost=estimate, cost=None, idempotency_key=idempotency_key,
+        request_hash=request_hash, trace_id=trace_id, result_key=None, created_at=now, scheduled_at=None,
+        started_at=None, finished_at=None, progress_at=now, dispatch_count=0,
     )
     if idempotency_key:
         winner = _insert_keyed(session, task=task, idempotency_key=idempotency_key, request_hash=request_hash)
         if winner is not None:
             return winner, False
-    else:  # no key, no race to lose: no savepoint (two round trips fewer)
-        session.add(task)
-        session.flush()
-    session.execute(
-        insert(SubTask.__table__),  # the table: Core executemany, not the ORM bulk-insert path
-        [
-            {"id": uuid.uuid4(), "task_id": task.id, "index": i, "inputs": batch, "items": len(batch),
-             "status": SubTaskStatus.PENDING.value}
-            for i, batch in enumerate(batches)
-        ],
-    )
+        session.execute(
+            insert(SubTask.__table__),  # the table: Core executemany, not the ORM bulk-insert path
+            [
+                {"id": uuid.uuid4(), "task_id": task.id, "index": i, "inputs": batch, "items": len(batch),
+                 "status": SubTaskStatus.PENDING.value, "attempts": 0, "created_at": now}
+                for i, batch in enumerate(batches)
+            ],
+        )
+    else:  # no key, no race to lose: no savepoint, and the task and its subtasks in one statement
+        _insert_task(session, task, batches)
     billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate)
     emit(
         session,
@@ -208,6 +203,42 @@ def create_task(
               "estimated_cost": str(estimate), "schedule_id": schedule_message_id(task.id)},
     )
     return task, True
+
+
+# A submit's task row and its subtasks, one per batch, in one round trip. It was the ORM's flush
+# of the task (~0.45 ms of Python) and an executemany of the subtasks: two round trips.
+_INSERT_TASK = Prepared("mp_insert_task", f"""
+    WITH t AS (
+        INSERT INTO tasks (id, user_id, model, device, status, params, batch_size, priority, total_items,
+                           subtask_count, webhook_url, max_cost, estimated_cost, request_hash, trace_id,
+                           created_at, progress_at, dispatch_count)
+        VALUES (:id, :user_id, :model, :device, '{TaskStatus.CREATED.value}', :params, :batch_size, :priority,
+                :total_items, :subtask_count, :webhook_url, :max_cost, :estimated_cost, :request_hash,
+                :trace_id, :now, :now, 0)
+    )
+    INSERT INTO subtasks (id, task_id, index, status, inputs, items, attempts, created_at)
+    SELECT gen_random_uuid(), :id, CAST(ord AS integer) - 1, '{SubTaskStatus.PENDING.value}', batch,
+           jsonb_array_length(batch), 0, :now
+    FROM jsonb_array_elements(:batches) WITH ORDINALITY AS b(batch, ord)
+""", types={"id": "uuid", "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
+            "batch_size": "integer", "priority": "integer", "total_items": "integer", "subtask_count": "integer",
+            "webhook_url": "text", "max_cost": "numeric", "estimated_cost": "numeric", "request_hash": "text",
+            "trace_id": "text", "now": "timestamptz", "batches": "jsonb"})
+
+
+def _insert_task(session: Session, task: Task, batches: list[list[Any]]) -> None:
+    """Insert `task` (every column set) and its subtasks; `task` becomes persistent in `session`."""
+    session.flush()  # what session.execute would do first
+    _INSERT_TASK.execute(session.connection(), {
+        "id": task.id, "user_id": task.user_id, "model": task.model, "device": task.device,
+        "params": json.dumps(task.params), "batch_size": task.batch_size, "priority": task.priority,
+        "total_items": task.total_items, "subtask_count": task.subtask_count, "webhook_url": task.webhook_url,
+        "max_cost": task.max_cost, "estimated_cost": task.estimated_cost, "request_hash": task.request_hash,
+        "trace_id": task.trace_id, "now": task.created_at, "batches": json.dumps(batches),
+    })
+    # As if loaded: in the session's identity map, nothing left for its flush to write.
+    make_transient_to_detached(task)
+    session.add(task)
 
 
 def _insert_keyed(session: Session, *, task: Task, idempotency_key: str, request_hash: str) -> Task | None:

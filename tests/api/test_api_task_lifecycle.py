@@ -73,6 +73,42 @@ def test_concurrent_duplicates_get_one_task(stack, client):  # type: ignore[no-u
         s.close()
 
 
+def test_a_submit_without_a_key_stores_what_the_keyed_path_stores(client, user):  # type: ignore[no-untyped-def]
+    """The unkeyed submit writes the task and its subtasks in one SQL statement (`_INSERT_TASK`),
+    the keyed one through the ORM: the two must store the same rows."""
+    from sqlalchemy import select
+
+    from marketplace.db import new_session
+    from marketplace.tasks.models import SubTask, Task
+
+    texts = ["one", "twö", "thr\u00e9e \"quoted\"", "four", "five {x}", "six", "seven"]
+    body = {**WAITING, "inputs": texts, "batch_size": 3, "priority": 4, "max_cost": "50.5",
+            "params": {"normalize": False}, "webhook_url": "http://127.0.0.1:9/hook"}
+    plain = client.post("/v1/tasks", json=body, headers=user["headers"])
+    keyed = client.post("/v1/tasks", json=body, headers={**user["headers"], "Idempotency-Key": uuid.uuid4().hex})
+    assert plain.status_code == keyed.status_code == 202, (plain.get_json(), keyed.get_json())
+    assert plain.get_json()["subtasks"] == 3
+    own = {"id", "idempotency_key", "created_at", "progress_at", "trace_id", "status", "status_reason",
+           "scheduled_at", "queue"}  # the row's identity, and what a scheduler that finds no gpu node may write
+    session = new_session()
+    try:
+        rows = [session.get(Task, uuid.UUID(r.get_json()["id"])) for r in (plain, keyed)]
+        columns = [c.key for c in Task.__table__.columns if c.key not in own]
+        assert {c: getattr(rows[0], c) for c in columns} == {c: getattr(rows[1], c) for c in columns}
+        assert rows[0].created_at == rows[0].progress_at and rows[0].dispatch_count == 0
+        subs = [session.execute(select(SubTask.index, SubTask.status, SubTask.inputs, SubTask.items, SubTask.attempts,
+                                       SubTask.worker, SubTask.result_key, SubTask.seconds)
+                                .where(SubTask.task_id == row.id).order_by(SubTask.index)).all() for row in rows]
+        assert subs[0] == subs[1]
+        assert [s.inputs for s in subs[0]] == [texts[0:3], texts[3:6], texts[6:]]
+        assert [(s.index, s.items, s.status, s.attempts) for s in subs[0]] == [
+            (0, 3, "Pending", 0), (1, 3, "Pending", 0), (2, 1, "Pending", 0)]
+        ids = session.scalars(select(SubTask.id).where(SubTask.task_id.in_([r.id for r in rows]))).all()
+        assert len(set(ids)) == 6
+    finally:
+        session.close()
+
+
 def test_list_pages_with_an_opaque_cursor_and_filters_by_status(client, user):  # type: ignore[no-untyped-def]
     ids = [client.post("/v1/tasks", json={**WAITING, "inputs": [f"t{i}"]}, headers=user["headers"]).get_json()["id"]
            for i in range(5)]
