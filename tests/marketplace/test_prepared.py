@@ -110,3 +110,68 @@ def test_a_new_connection_starts_idle_so_its_first_use_can_commit_by_itself(stac
     get_engine().dispose()  # the next checkout connects anew
     with autocommit() as conn:
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "30s"
+
+
+def test_rows_read_on_the_driver_cursor_are_those_sqlalchemy_reads(stack):  # type: ignore[no-untyped-def]
+    """Nothing listens to statements: the driver's cursor (no result metadata built); a listener
+    (SQL tracing): SQLAlchemy's own path. Callers read the same rows from both."""
+    from sqlalchemy import event
+
+    from marketplace.db import get_engine
+    from marketplace.prepared import Prepared, Rows
+
+    stmt = Prepared("mp_test_rows", "SELECT g AS n, CAST(:label AS text) || g AS label, NULL AS nothing "
+                                    "FROM generate_series(1, CAST(:count AS int)) AS g",
+                    types={"label": "text", "count": "int"})
+    engine = get_engine()
+
+    def read() -> list[object]:
+        with engine.connect() as conn:
+            result = stmt.execute(conn, {"label": "x", "count": 2})
+            rows = result.all()
+            one = stmt.execute(conn, {"label": "y", "count": 1})
+            none = stmt.execute(conn, {"label": "z", "count": 0})
+            return [type(result) is Rows, [tuple(r) for r in rows], [(r.n, r.label, r.nothing) for r in rows],
+                    tuple(one.one()), stmt.execute(conn, {"label": "y", "count": 1}).scalar_one(),
+                    none.first(), stmt.execute(conn, {"label": "z", "count": 0}).scalar()]
+
+    raw = read()
+    seen: list[str] = []
+    listener = lambda _conn, _cursor, statement, *_args: seen.append(statement)  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        through_sqlalchemy = read()
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert raw[0] is True and through_sqlalchemy[0] is False
+    assert raw[1:] == through_sqlalchemy[1:] == [
+        [(1, "x1", None), (2, "x2", None)], [(1, "x1", None), (2, "x2", None)], (1, "y1", None), 1, None, None]
+    assert "EXECUTE mp_test_rows(%s, %s)" in seen  # the listener saw the statement
+
+
+def test_errors_on_the_driver_cursor_are_sqlalchemys_and_a_dropped_connection_is_replaced(stack):  # type: ignore[no-untyped-def]
+    from sqlalchemy import exc
+
+    from marketplace.db import get_engine
+    from marketplace.prepared import Prepared
+
+    stmt = Prepared("mp_test_errors", "SELECT 1 / CAST(:d AS int) AS q", types={"d": "int"})
+    engine = get_engine()
+    with engine.connect() as conn:
+        with pytest.raises(exc.DataError, match="division by zero"):
+            stmt.execute(conn, {"d": 0})
+        conn.rollback()
+        assert stmt.execute(conn, {"d": 1}).scalar_one() == 1
+        with pytest.raises(exc.NoResultFound):
+            Prepared("mp_test_none", "SELECT 1 WHERE false", types={}).execute(conn, {}).one()
+        conn.commit()
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        conn.commit()
+        with engine.connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(exc.OperationalError) as dropped:
+            stmt.execute(conn, {"d": 1})
+        assert dropped.value.connection_invalidated
+    with engine.connect() as conn:  # the pool connects anew and prepares again
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        assert stmt.execute(conn, {"d": 2}).scalar_one() == 0
