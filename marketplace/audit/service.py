@@ -33,6 +33,7 @@ from marketplace.audit import anchor, signing
 from marketplace.audit.models import AuditPending, AuditRecord
 from marketplace.db import session_scope, utcnow
 from marketplace.events.outbox import emit_many
+from marketplace.prepared import Prepared
 
 logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
@@ -156,11 +157,22 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
     return len(rows)
 
 
+# A transaction's buffered records, in one prepared statement at its commit (the executemany
+# it replaced took ~0.2 ms of Python for a submit's one record). Rows keep the order given.
+_INSERT_PENDING = Prepared("mp_audit_pending", """
+    INSERT INTO audit_pending (ts, actor, action, subject, task_id, data)
+    SELECT CAST(r->>0 AS timestamptz), r->>1, r->>2, r->>3, r->>4, r->>5
+    FROM jsonb_array_elements(:rows) WITH ORDINALITY AS e(r, ord) ORDER BY ord
+""", types={"rows": "jsonb"})
+
+
 @event.listens_for(Session, "before_commit")
 def _chain_on_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING_KEY, None)
     if pending:
-        session.execute(insert(AuditPending.__table__), pending)
+        rows = [[p["ts"].isoformat(), p["actor"], p["action"], p["subject"], p["task_id"], p["data"]]
+                for p in pending]
+        _INSERT_PENDING.execute(session.connection(), {"rows": json.dumps(rows)})
     entries = session.info.pop(_INFO_KEY, None)
     if entries:
         # Flush the caller's own writes first: while we hold the chain lock we only insert.

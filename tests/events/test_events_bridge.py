@@ -309,3 +309,26 @@ def test_marketplace_bridge_command_relays_and_consumes(stack, client, kafka_boo
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=90)[0].decode(errors="replace")
     assert proc.returncode == 0, out
+
+
+def test_events_emitted_together_are_stored_in_the_order_given(stack):  # type: ignore[no-untyped-def]
+    """`emit_many` writes them in one statement: ids follow the list, each with its own key and payload."""
+    from marketplace.db import session_scope
+    from marketplace.events.models import OutboxEvent
+    from marketplace.events.outbox import emit, emit_many, topic_for
+
+    keys = [f"order-{uuid.uuid4().hex}" for _ in range(40)]
+    with session_scope() as session:
+        emit_many(session, type="AuditEvent", events=[(k, {"i": i, "text": "é \"q\"", "none": None})
+                                                      for i, k in enumerate(keys)])
+        emit(session, type="SubTaskCompleted", key=keys[0], payload={"last": True})
+        emit_many(session, type="TaskCreated", events=[])  # nothing
+    with session_scope() as session:
+        rows = session.execute(select(OutboxEvent.key, OutboxEvent.type, OutboxEvent.topic, OutboxEvent.payload,
+                                      OutboxEvent.sent_at).where(OutboxEvent.key.in_(keys))
+                               .order_by(OutboxEvent.id)).all()
+    assert [(r.key, r.type, r.payload) for r in rows] == (
+        [(k, "AuditEvent", {"i": i, "text": "é \"q\"", "none": None}) for i, k in enumerate(keys)]
+        + [(keys[0], "SubTaskCompleted", {"last": True})])
+    assert {r.topic for r in rows[:-1]} == {topic_for("AuditEvent")} and rows[-1].topic == topic_for("SubTaskCompleted")
+    assert all(r.sent_at is None for r in rows)

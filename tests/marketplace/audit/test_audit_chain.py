@@ -259,3 +259,32 @@ def test_buffered_subtask_records_are_chained_after_the_task_ends_without_a_read
         assert time.monotonic() < deadline, (chained, pending)
         time.sleep(0.2)
     assert chained.count("subtask.started") == 6 and chained.count("billing.charge") == 6
+
+
+def test_a_transactions_buffered_records_are_written_at_its_commit_as_given(stack):  # type: ignore[no-untyped-def]
+    """`enqueue` buffers; the commit writes them in one statement, in order, `ts` to the microsecond;
+    a rollback writes none."""
+    import uuid
+
+    from marketplace.audit import service
+    from marketplace.audit.models import AuditPending
+    from marketplace.db import session_scope
+
+    subject = f"test:{uuid.uuid4().hex}"
+    with session_scope() as session:
+        service.enqueue(session, actor="user:x", action="test.first", subject=subject, task_id=None,
+                        data={"note": "é \"q\"", "n": 1})
+        service.enqueue(session, actor="api", action="test.second", subject=subject, task_id=uuid.UUID(int=7))
+        buffered = [dict(v) for v in session.info[service._PENDING_KEY]]
+    with pytest.raises(RuntimeError), session_scope() as session:
+        session.execute(text("SELECT 1"))
+        service.enqueue(session, actor="api", action="test.rolled_back", subject=subject)
+        raise RuntimeError("the transaction fails")
+    with session_scope() as session:
+        rows = session.execute(select(AuditPending.ts, AuditPending.actor, AuditPending.action, AuditPending.subject,
+                                      AuditPending.task_id, AuditPending.data)
+                               .where(AuditPending.subject == subject).order_by(AuditPending.id)).all()
+    assert [tuple(r) for r in rows] == [
+        (b["ts"], b["actor"], b["action"], b["subject"], b["task_id"], b["data"]) for b in buffered]
+    assert [r.action for r in rows] == ["test.first", "test.second"]
+    assert rows[1].task_id == str(uuid.UUID(int=7)) and rows[0].task_id is None
