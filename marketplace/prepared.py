@@ -95,9 +95,10 @@ class Rows:
         return self._rows[0] if self._rows else None
 
     def one(self) -> Any:
-        if len(self._rows) != 1:
-            raise NoResultFound("No row was found when one was required") if not self._rows else \
-                MultipleResultsFound("Multiple rows were found when exactly one was required")
+        if not self._rows:
+            raise NoResultFound("No row was found when one was required")
+        if len(self._rows) > 1:
+            raise MultipleResultsFound("Multiple rows were found when exactly one was required")
         return self._rows[0]
 
     def scalar(self) -> Any:

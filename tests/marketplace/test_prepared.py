@@ -164,6 +164,8 @@ def test_errors_on_the_driver_cursor_are_sqlalchemys_and_a_dropped_connection_is
         assert stmt.execute(conn, {"d": 1}).scalar_one() == 1
         with pytest.raises(exc.NoResultFound):
             Prepared("mp_test_none", "SELECT 1 WHERE false", types={}).execute(conn, {}).one()
+        with pytest.raises(exc.MultipleResultsFound):
+            Prepared("mp_test_many", "SELECT generate_series(1, 2)", types={}).execute(conn, {}).scalar_one()
         conn.commit()
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         conn.commit()
