@@ -13,6 +13,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from marketplace.prepared import Prepared  # noqa: E402 - reads no settings
 from tests.support.servers import CeleryWorker, Postgres, RedisServer  # noqa: E402
 
 CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
@@ -91,36 +92,30 @@ def new_user(client: Any) -> dict[str, str]:
     return register(client)["headers"]
 
 
+# The poll, prepared once per connection (`marketplace/prepared.py`): ~0.1 ms of this process's
+# CPU per poll against ~0.2 through SQLAlchemy's text(), and PostgreSQL skips the planning. The polls of a 7 s job with
+# the adaptive interval below took ~0.4 s of this process's CPU and 0.25 s of PostgreSQL's
+# through text(): CPU the job it measured needed.
+_POLL = Prepared("bench_poll", "SELECT status FROM tasks WHERE id = :id", types={"id": "uuid"})
+
+
 def wait_task_done(task_id: str, timeout: float = 600, every: float | None = None) -> tuple[str, float]:
     """Poll the task row (cheap) until final; returns (status, monotonic time seen).
 
     `every`: a fixed interval, for a comparison whose other side polls at that rate, or for a
     long job where a poll every few milliseconds would take CPU from the job it measures."""
-    from marketplace.db import get_engine
+    from marketplace.db import autocommit
 
     begun = time.monotonic()
     deadline = begun + timeout
-    with get_engine().connect() as conn:
-        # A prepared statement on the raw connection, autocommit: 0.03 ms of this process's CPU
-        # per poll against 0.10 through SQLAlchemy's text(), and PostgreSQL skips the planning.
-        # The polls of a 7 s job with the adaptive interval below took ~0.4 s of this process's
-        # CPU and 0.25 s of PostgreSQL's through SQLAlchemy: CPU the job measured needed.
-        raw = conn.connection.dbapi_connection
-        raw.autocommit = True
-        cursor = raw.cursor()
-        cursor.execute("PREPARE bench_poll(uuid) AS SELECT status FROM tasks WHERE id = $1")
-        try:
-            while time.monotonic() < deadline:
-                cursor.execute("EXECUTE bench_poll(%s)", (task_id,))
-                row = cursor.fetchone()
-                if row and row[0] in ("Done", "Failed", "Cancelled"):
-                    return row[0], time.monotonic()
-                # Poll 2 ms early, then at 0.2% of the time waited (at most 20 ms): the reading is
-                # late by at most 0.2% (or 2 ms).
-                time.sleep(every or min(0.02, max(0.002, (time.monotonic() - begun) * 0.002)))
-        finally:
-            cursor.execute("DEALLOCATE bench_poll")
-            raw.autocommit = False
+    with autocommit() as conn:  # one connection; each poll is a read of its own
+        while time.monotonic() < deadline:
+            status = _POLL.execute(conn, {"id": task_id}).scalar()
+            if status in ("Done", "Failed", "Cancelled"):
+                return status, time.monotonic()
+            # Poll 2 ms early, then at 0.2% of the time waited (at most 20 ms): the reading is
+            # late by at most 0.2% (or 2 ms).
+            time.sleep(every or min(0.02, max(0.002, (time.monotonic() - begun) * 0.002)))
     raise TimeoutError(f"task {task_id} not final after {timeout}s")
 
 
