@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -174,14 +174,7 @@ def create_task(
         winner = _insert_keyed(session, task=task, idempotency_key=idempotency_key, request_hash=request_hash)
         if winner is not None:
             return winner, False
-        session.execute(
-            insert(SubTask.__table__),  # the table: Core executemany, not the ORM bulk-insert path
-            [
-                {"id": uuid.uuid4(), "task_id": task.id, "index": i, "inputs": batch, "items": len(batch),
-                 "status": SubTaskStatus.PENDING.value, "attempts": 0, "created_at": now}
-                for i, batch in enumerate(batches)
-            ],
-        )
+        _INSERT_SUBTASKS.execute(session.connection(), {"id": task.id, "now": now, "batches": json.dumps(batches)})
     else:  # no key, no race to lose: no savepoint, and the task and its subtasks in one statement
         _insert_task(session, task, batches)
     billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate)
@@ -205,8 +198,17 @@ def create_task(
     return task, True
 
 
-# A submit's task row and its subtasks, one per batch, in one round trip. It was the ORM's flush
-# of the task (~0.45 ms of Python) and an executemany of the subtasks: two round trips.
+# Task :id's subtasks, one per batch of the JSON array :batches, in index order.
+_SUBTASKS_SQL = f"""
+    INSERT INTO subtasks (id, task_id, index, status, inputs, items, attempts, created_at)
+    SELECT gen_random_uuid(), :id, CAST(ord AS integer) - 1, '{SubTaskStatus.PENDING.value}', batch,
+           jsonb_array_length(batch), 0, :now
+    FROM jsonb_array_elements(:batches) WITH ORDINALITY AS b(batch, ord)
+"""
+_SUBTASK_TYPES = {"id": "uuid", "now": "timestamptz", "batches": "jsonb"}
+_INSERT_SUBTASKS = Prepared("mp_insert_subtasks", _SUBTASKS_SQL, types=_SUBTASK_TYPES)
+# A submit's task row and its subtasks in one round trip. It was the ORM's flush of the task
+# (~0.45 ms of Python) and an executemany of the subtasks: two round trips.
 _INSERT_TASK = Prepared("mp_insert_task", f"""
     WITH t AS (
         INSERT INTO tasks (id, user_id, model, device, status, params, batch_size, priority, total_items,
@@ -216,14 +218,11 @@ _INSERT_TASK = Prepared("mp_insert_task", f"""
                 :total_items, :subtask_count, :webhook_url, :max_cost, :estimated_cost, :request_hash,
                 :trace_id, :now, :now, 0)
     )
-    INSERT INTO subtasks (id, task_id, index, status, inputs, items, attempts, created_at)
-    SELECT gen_random_uuid(), :id, CAST(ord AS integer) - 1, '{SubTaskStatus.PENDING.value}', batch,
-           jsonb_array_length(batch), 0, :now
-    FROM jsonb_array_elements(:batches) WITH ORDINALITY AS b(batch, ord)
-""", types={"id": "uuid", "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
+    {_SUBTASKS_SQL}
+""", types={**_SUBTASK_TYPES, "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
             "batch_size": "integer", "priority": "integer", "total_items": "integer", "subtask_count": "integer",
             "webhook_url": "text", "max_cost": "numeric", "estimated_cost": "numeric", "request_hash": "text",
-            "trace_id": "text", "now": "timestamptz", "batches": "jsonb"})
+            "trace_id": "text"})
 
 
 def _insert_task(session: Session, task: Task, batches: list[list[Any]]) -> None:
