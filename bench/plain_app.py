@@ -12,6 +12,10 @@ app.conf.beat_schedule = {}
 app.conf.task_create_missing_queues = True
 # Stock kombu, even in a process that imported the marketplace (which swaps in its own transport).
 app.conf.broker_transport = "kombu.transport.redis:Transport"
+# And Celery's own result backend: celeryconfig names the marketplace's, which the loader reads
+# when the configuration loads (here, at the first read).
+app.conf.result_backend  # noqa: B018
+app.loader.override_backends = {}
 
 
 @app.task(name="bench.noop")

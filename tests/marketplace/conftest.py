@@ -15,3 +15,19 @@ def user(client, worker):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def admin(client, worker):  # type: ignore[no-untyped-def]
     return make_admin(client)
+
+
+@pytest.fixture()
+def redis_round_trips(monkeypatch):  # type: ignore[no-untyped-def]
+    """A list that gets one entry per command batch this process writes to a Redis socket."""
+    from redis.connection import AbstractConnection
+
+    sent: list[int] = []
+    original = AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        sent.append(1)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent

@@ -89,3 +89,21 @@ def test_a_chords_members_are_not_subscribed_to(queue, redis_client):  # type: i
     subscribed = {c.decode() for c in redis_client.pubsub_channels("celery-task-meta-*")}
     assert not subscribed & {f"celery-task-meta-{m}" for m in members}
     assert not app.backend.result_consumer.subscribed_to
+
+
+def test_a_chords_counter_and_size_are_reset_in_one_round_trip(stack, redis_client, redis_round_trips):  # type: ignore[no-untyped-def]
+    from marketplace.celery_app import app
+    from marketplace.result_backend import RedisBackend
+
+    backend = app.backend
+    assert isinstance(backend, RedisBackend)  # celeryconfig.override_backends
+    group_id = str(uuid.uuid4())
+    counter, size = (backend.get_key_for_group(group_id, suffix) for suffix in (".c", ".s"))
+    redis_client.set(counter, 2)  # a re-applied chord's old count
+    backend.client.ping()  # the connection's own setup is not the chord's
+    redis_round_trips.clear()
+    backend.set_chord_size(group_id, 3)
+    assert len(redis_round_trips) == 1
+    assert redis_client.get(counter) is None
+    assert redis_client.get(size) == b"3"
+    assert 0 < redis_client.ttl(size) <= backend.chord_expires
