@@ -57,16 +57,30 @@ def is_live(r: redis.Redis, *, hostname: str) -> bool:
     return bool(r.exists(_key(hostname)))
 
 
+# The index and the records in one round trip (every scheduling step asks): SMEMBERS, then an MGET
+# of the keys it names. The keys are built in the script, so this wants one Redis, not a cluster,
+# which is what the broker and registry are.
+_LIVE_RECORDS = f"""
+local names = redis.call('SMEMBERS', KEYS[1])
+if #names == 0 then return {{{{}}, {{}}}} end
+local keys = {{}}
+for i, name in ipairs(names) do keys[i] = '{KEY_PREFIX}' .. name end
+return {{names, redis.call('MGET', unpack(keys))}}
+"""
+
+
 def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
-    """The nodes whose heartbeat is current: an index set, then one MGET.
+    """The nodes whose heartbeat is current: the index set and its records, read by one script.
 
     Never a SCAN: every scheduling step asks, and the broker's Redis also holds a key
     per task result, so walking the keyspace grew with the traffic."""
-    names = sorted(n.decode() if isinstance(n, bytes) else n for n in r.smembers(INDEX_KEY))
+    names, records = r.register_script(_LIVE_RECORDS)(keys=[INDEX_KEY])
     if not names:
         return []
+    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    pairs = sorted(zip(names, records, strict=True))
     out, expired = [], []
-    for name, raw in zip(names, r.mget([_key(n) for n in names]), strict=True):
+    for name, raw in pairs:
         if raw is None:
             expired.append(name)
             continue

@@ -135,3 +135,17 @@ def test_live_workers_come_from_the_index_and_expired_nodes_leave_it(stack, redi
     assert short not in members and steady in members
     service.deregister(redis_client, hostname=steady)
     assert steady not in {w["hostname"] for w in service.live_workers(redis_client)}
+
+
+def test_live_workers_are_read_in_one_round_trip(stack, redis_client, redis_round_trips):  # type: ignore[no-untyped-def]
+    from marketplace.registry import service
+
+    names = [f"node-{i}-{uuid.uuid4().hex[:6]}@test" for i in range(3)]
+    for i, name in enumerate(names):
+        service.heartbeat(redis_client, info={"hostname": name, "queues": ["cpu.generic"], "concurrency": i + 1})
+    redis_round_trips.clear()
+    live = {w["hostname"]: w for w in service.live_workers(redis_client)}
+    assert len(redis_round_trips) == 1
+    assert [live[name]["concurrency"] for name in names] == [1, 2, 3]
+    for name in names:
+        service.deregister(redis_client, hostname=name)
