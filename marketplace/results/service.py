@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, literal_column, select
+from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 from sqlalchemy.orm import Session
 
 from marketplace import observability
@@ -120,23 +121,43 @@ def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:
     return head + b',"outputs":[' + b",".join(chunks) + b"]}"
 
 
+class Part(NamedTuple):
+    index: int
+    status: str
+    result_key: str | None
+    result_sha256: str | None
+    error: str | None
+    charged: bool  # it has its ledger row, or it never ran (nothing to charge)
+
+
+# The task row, locked, with its subtasks' outcomes in index order: one round trip where there
+# were two, and a statement built once. Whether each subtask is charged: it usually is (a success
+# is charged by the statement that records it), and then settlement need not look for uncharged
+# ones; ledger rows are never deleted, so one seen here is there after the hold's lock too.
+_PARTS = (
+    select(func.coalesce(
+        func.json_agg(aggregate_order_by(func.json_build_array(
+            SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error,
+            select(LedgerEntry.id).where(LedgerEntry.task_id == SubTask.task_id, LedgerEntry.subtask_id == SubTask.id)
+            .exists() | (SubTask.attempts == 0),
+        ), SubTask.index)),
+        literal_column("'[]'::json"), type_=JSON,
+    ))
+    .where(SubTask.task_id == Task.id)
+    .scalar_subquery()
+)
+_LOCK_WITH_PARTS = select(Task, _PARTS).where(Task.id == bindparam("task_id")).with_for_update(of=Task)
+
+
 def finalize_task(task_id: str) -> str:
     """Finish the task if every subtask is final: `done`, `failed`, `waiting` or `noop`."""
     actions: list[tuple[str, str]] = []
     with session_scope() as session:
-        task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update())
+        row = session.execute(_LOCK_WITH_PARTS, {"task_id": uuid.UUID(task_id)}).first()
+        task = row[0] if row else None
         if task is None or TaskStatus(task.status).final:
             return "noop"
-        # Whether each already has its ledger row (it usually does: a success is charged by the
-        # statement that records it): then settlement need not look for uncharged ones. Ledger
-        # rows are never deleted, so one seen here is there after the hold's lock too.
-        charged = select(LedgerEntry.id).where(LedgerEntry.task_id == task.id,
-                                               LedgerEntry.subtask_id == SubTask.id).exists()
-        subs = session.execute(
-            select(SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error,
-                   (charged | (SubTask.attempts == 0)).label("charged"))
-            .where(SubTask.task_id == task.id).order_by(SubTask.index)
-        ).all()
+        subs = [Part(*values) for values in row[1]]
         if any(s.status not in FINAL_SUBTASK for s in subs):
             return "waiting"
         failed = [s for s in subs if s.status == SubTaskStatus.FAILED.value]
