@@ -91,7 +91,7 @@ def append(
     task_id: Any = None,
 ) -> None:
     """Add a record to the chain when `session` commits (nothing is written if it rolls back)."""
-    session.info.setdefault(_INFO_KEY, []).append(_entry(actor, action, subject, data, task_id))
+    _buffer(session, _INFO_KEY).append(_entry(actor, action, subject, data, task_id))
 
 
 def enqueue(
@@ -110,7 +110,7 @@ def enqueue(
         )
         session.execute(insert(AuditPending).values(**values))
     else:  # written at commit, all of the transaction's records in one INSERT
-        session.info.setdefault(_PENDING_KEY, []).append(values)
+        _buffer(session, _PENDING_KEY).append(values)
 
 
 def record(
@@ -180,10 +180,24 @@ def _chain_on_commit(session: Session) -> None:
         _chain(session, entries)
 
 
-@event.listens_for(Session, "after_rollback")
-def _forget_on_rollback(session: Session) -> None:
-    session.info.pop(_INFO_KEY, None)
-    session.info.pop(_PENDING_KEY, None)
+def _buffer(session: Session, key: str) -> list[Any]:
+    """The session's records under `key`, kept until its transaction ends.
+
+    A session that has not touched the database yet has no transaction, and rolling it
+    back then fires nothing: the records would ride along with its next commit. Beginning
+    one (no database work: that waits for the first statement) makes the rollback seen.
+    """
+    if not session.in_transaction():
+        session.begin()
+    return session.info.setdefault(key, [])  # type: ignore[no-any-return]
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_on_rollback(session: Session, previous_transaction: Any) -> None:
+    # The outermost transaction only: a savepoint rolled back leaves the transaction's records.
+    if previous_transaction.parent is None:
+        session.info.pop(_INFO_KEY, None)
+        session.info.pop(_PENDING_KEY, None)
 
 
 def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:

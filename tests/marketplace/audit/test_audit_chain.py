@@ -288,3 +288,29 @@ def test_a_transactions_buffered_records_are_written_at_its_commit_as_given(stac
         (b["ts"], b["actor"], b["action"], b["subject"], b["task_id"], b["data"]) for b in buffered]
     assert [r.action for r in rows] == ["test.first", "test.second"]
     assert rows[1].task_id == str(uuid.UUID(int=7)) and rows[0].task_id is None
+
+
+def test_a_rollback_before_any_statement_forgets_the_buffered_records(stack):  # type: ignore[no-untyped-def]
+    """A session rolled back before it touched the database has no DBAPI rollback to report; its
+    buffered records must still go, not ride along with the session's next commit. A savepoint
+    rolled back inside a transaction leaves the transaction's records alone."""
+    import uuid
+
+    from marketplace.audit import service
+    from marketplace.audit.models import AuditPending
+    from marketplace.db import new_session
+
+    subject = f"test:{uuid.uuid4().hex}"
+    session = new_session()
+    try:
+        service.enqueue(session, actor="api", action="test.rolled_back", subject=subject)
+        session.rollback()
+        service.enqueue(session, actor="api", action="test.kept", subject=subject)
+        savepoint = session.begin_nested()
+        session.execute(text("SELECT 1"))
+        savepoint.rollback()
+        session.commit()
+        actions = session.scalars(select(AuditPending.action).where(AuditPending.subject == subject)).all()
+    finally:
+        session.close()
+    assert actions == ["test.kept"]
