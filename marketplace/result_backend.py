@@ -22,3 +22,9 @@ class RedisBackend(celery_redis.RedisBackend):  # type: ignore[misc]
                 return pipe.execute()
 
         self.ensure(reset, (self.get_key_for_group(group_id, ".c"), self.get_key_for_group(group_id, ".s")))
+
+    def forget_chord(self, group_id: str) -> None:
+        """Delete a chord's keys (its size, counter, claim and the parts' results) in one round trip:
+        the chord's callback is not wanted (see `workers.tasks`), and nothing is left for expiry."""
+        keys = [self.get_key_for_group(group_id, suffix) for suffix in ("", ".j", ".t", ".s", ".d", ".c")]
+        self.ensure(self.client.delete, keys)

@@ -82,29 +82,43 @@ def execute(
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
     if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
-        _finalize_inline(base["task_id"])
+        if _finalize_inline(base["task_id"]):
+            outcome["finalized"] = True
     elif last:
         _request_finalize(base["task_id"])
     return outcome
 
 
 # A small task's last subtask finishes the task itself, a broker round trip and a chord
-# callback sooner (about a third of a one-item job's latency). The chord callback still
-# runs and finds the task final; a big job's last subtask (a long join) sends finalize instead.
+# callback sooner (about a third of a one-item job's latency), and then leaves its chord
+# (`workers.tasks`): no callback is sent. When it could not finish the task, the callback
+# does. A big job's last subtask (a long join) sends finalize instead.
 INLINE_FINALIZE_MAX_SUBTASKS = 16
+INLINE_FINALIZE_SPAN = "inline/marketplace.results.finalize"
 
 
-def _finalize_inline(task_id: str) -> None:
+def _finalize_inline(task_id: str) -> bool:
+    """Whether this call finished the task (it is Done or Failed now)."""
+    from opentelemetry import trace
+
     from marketplace.results.service import finalize_task
 
     try:
-        if finalize_task(task_id) in ("done", "failed"):
-            from marketplace.audit.signals import request_chaining
-
-            request_chaining()  # what the callback's success signal would have asked for
+        # Its own span in the job's trace, where the chord callback's run would have been.
+        with trace.get_tracer(__name__).start_as_current_span(INLINE_FINALIZE_SPAN):
+            if finalize_task(task_id) not in ("done", "failed"):
+                return False
     except Exception:  # the chord callback (and its retries) finishes the task instead
         logger.warning("inline finalize of task %s failed; the chord callback will finish it", task_id,
                        exc_info=True)
+        return False
+    from marketplace.audit.signals import request_chaining
+
+    try:
+        request_chaining()  # what the callback's success signal would have asked for
+    except Exception:  # the beat's periodic chaining picks the records up
+        logger.warning("could not ask for the audit chaining after task %s", task_id, exc_info=True)
+    return True
 
 
 def _request_finalize(task_id: str) -> None:
