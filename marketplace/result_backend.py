@@ -1,4 +1,5 @@
-"""Celery's Redis result backend, with a chord's setup in one round trip.
+"""Celery's Redis result backend, with a chord's setup in one round trip, and a way to drop a
+chord whose callback is no longer wanted.
 
 `celeryconfig.override_backends` makes it the `redis://` and `rediss://` result backend, so
 URLs, Flower and `celery result` read as stock Redis ones.
