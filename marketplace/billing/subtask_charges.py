@@ -21,7 +21,7 @@ from marketplace.audit.service import canonical_json, pending_values
 from marketplace.billing.service import q
 from marketplace.db import autocommit, get_engine, utcnow
 from marketplace.prepared import Prepared
-from marketplace.tasks.progress import COMPLETE_CTES, COMPLETE_RESULT, complete_params
+from marketplace.tasks.progress import COMPLETE_CTES, COMPLETE_RESULT, complete_params, was_last
 
 # {gate}: a condition on the other CTEs of the statement (the ledger row only for a subtask that exists).
 _CHARGE_CTES = """
@@ -97,13 +97,13 @@ def complete_and_charge(
 ) -> tuple[bool, int, bool, str | None]:
     """`progress.complete_subtask` and `charge_outcome` of its success, in one statement.
 
-    Returns (last open subtask, subtask count, charge inserted, hold status).
+    Returns (last open subtask: `progress.was_last`, subtask count, charge inserted, hold status).
     """
     done = complete_params(subtask_id, key=key, sha256=sha256, seconds=seconds)
     params = {**done, **_params(user_id=user_id, task_id=task_id, subtask_id=subtask_id, amount=amount, ok=True,
                                 detail=detail, outcome_record=outcome_record, now=done["now"])}
     with autocommit() as conn:  # one statement: it commits by itself
         row = _COMPLETE_AND_CHARGE.execute(conn, params).first()
-    if row is None:
-        return False, 0, False, None
-    return bool(row.last), int(row.subtask_count), bool(row.inserted), row.hold_status
+        if row is None:
+            return False, 0, False, None
+        return was_last(conn, row), int(row.subtask_count), bool(row.inserted), row.hold_status

@@ -40,10 +40,9 @@ _CLAIM = text("""
     SELECT attempts FROM s
 """)
 
-# Also answers whether this was the task's last open subtask, as far as this statement can see
-# (two finishing at once may each see the other open: then neither is "last", and the chord
-# callback finishes the task as always). Billing appends its charge to these CTEs (one
-# statement per finished subtask: `billing.subtask_charges.complete_and_charge`).
+# Also answers which of the task's other subtasks this statement saw open: Pending ones, and
+# Running ones (see `was_last`). Billing appends its charge to these CTEs (one statement per
+# finished subtask: `billing.subtask_charges.complete_and_charge`).
 # One equality per status, so both columns of ix_subtasks_task_status bound the scan: with
 # `status IN (...)` the cached plan kept only task_id as its index condition and walked past
 # every Done sibling first ('Done' sorts before 'Pending'), O(N) per completion, O(N^2) a job.
@@ -65,12 +64,34 @@ COMPLETE_CTES = """
     )
 """
 COMPLETE_RESULT = """
+    NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending') AS none_pending,
     NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending')
     AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Running' AND x.id <> :id)
-    AS last,
-    t.subtask_count
+    AS none_open,
+    t.subtask_count, s.task_id
 """
 _COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id")
+_OPEN_LEFT = Prepared("mp_open_left", """
+    SELECT EXISTS (SELECT 1 FROM subtasks WHERE task_id = :task_id AND status = 'Pending')
+        OR EXISTS (SELECT 1 FROM subtasks WHERE task_id = :task_id AND status = 'Running')
+""", types={"task_id": "uuid"})
+
+
+def was_last(conn: Any, row: Any) -> bool:
+    """Whether the completion `row` (COMPLETE_RESULT's, committed) left its task no open subtask.
+
+    Its statement saw the others as of its start: subtasks finishing at once may each see the
+    others still Running, and none would be the last (the task then waited for its chord
+    callback, or for recovery where the chord was only partly sent). One that saw only Running
+    siblings looks again, after its commit: the last of them to commit sees none open. Several
+    may answer yes; finalize takes the task's lock and the others find it final. One that saw
+    a Pending sibling is not the last: that sibling completes after it.
+    """
+    if row.none_open:
+        return True
+    if not row.none_pending:
+        return False
+    return not _OPEN_LEFT.execute(conn, {"task_id": row.task_id}).scalar()
 
 # The common case in one round trip: a Pending subtask of a live task becomes Running, the task
 # InProgress, and task_prerun's carried `subtask.started` record (:ts/:actor/... NULL when there is
@@ -213,11 +234,12 @@ def complete_params(subtask_id: str, *, key: str, sha256: str, seconds: float) -
 def complete_subtask(subtask_id: str, *, key: str, sha256: str, seconds: float) -> tuple[bool, int]:
     """Record success and emit SubTaskCompleted in one statement.
 
-    Returns (no other subtask of the task is still Pending or Running, the task's subtask count).
+    Returns (no other subtask of the task is still Pending or Running: `was_last`, the task's
+    subtask count).
     """
     with autocommit() as conn:
         row = conn.execute(_COMPLETE, complete_params(subtask_id, key=key, sha256=sha256, seconds=seconds)).first()
-    return (bool(row.last), int(row.subtask_count)) if row is not None else (False, 0)
+        return (was_last(conn, row), int(row.subtask_count)) if row is not None else (False, 0)
 
 
 def release_subtask(subtask_id: str, *, error: str) -> None:

@@ -48,3 +48,62 @@ def test_finalize_waits_for_a_subtask_that_is_not_final(client):  # type: ignore
     early, _ = progress.claim_subtask(sub_ids[1], hostname="finalize@test", message_id=f"{sub_ids[1]}:1")
     assert early is None
     assert finalize_task(task_id) == "waiting"
+
+
+def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # type: ignore[no-untyped-def]
+    """Each completion's statement sees the other still Running. Before, neither was the last: the
+    task waited for its chord callback, or for recovery where the chord was only partly sent."""
+    import threading
+    import uuid
+
+    from sqlalchemy import select, text
+
+    from marketplace.billing import subtask_charges
+    from marketplace.billing.models import Hold
+    from marketplace.db import new_session
+    from marketplace.results.service import part_key
+    from marketplace.storage import get_store
+    from marketplace.tasks import progress
+    from tests.support.wait import wait_until
+
+    user = register(client)
+    task_id, (first, second) = stored_task(user["id"], ["a", "b"])
+    for sid in (first, second):  # two pool processes run them
+        assert progress.claim_subtask(sid, hostname="race@test", message_id=f"{sid}:1")[0] is None
+    keys = {sid: part_key(task_id, i) for i, sid in enumerate((first, second))}
+    shas = {sid: get_store().put_bytes(keys[sid], json.dumps([sid]).encode(), "application/json") for sid in keys}
+
+    # The second's completion, not yet committed. It holds the hold's lock, so the first's completion
+    # (which reads the hold FOR SHARE) waits after its statement has seen the second Running.
+    other = new_session()
+    other.execute(select(Hold.id).where(Hold.task_id == uuid.UUID(task_id)).with_for_update())
+    other.execute(text("UPDATE subtasks SET status = 'Done', result_key = :k, result_sha256 = :s, seconds = 0.01, "
+                       "finished_at = now() WHERE id = :id"), {"k": keys[second], "s": shas[second], "id": second})
+    answer: dict[str, object] = {}
+
+    def complete_first() -> None:
+        answer["result"] = subtask_charges.complete_and_charge(
+            key=keys[first], sha256=shas[first], seconds=0.01, user_id=user["id"], task_id=task_id,
+            subtask_id=first, amount=None, detail="race", outcome_record=None)
+
+    thread = threading.Thread(target=complete_first)
+    thread.start()
+    try:
+        wait_until(lambda: _waiting_on_locks() > 0, 15, "the first completion waiting on the hold")
+    finally:
+        other.commit()
+        other.close()
+    thread.join(15)
+    last, subtasks, _inserted, _hold = answer["result"]  # type: ignore[misc]
+    assert (last, subtasks) == (True, 2)
+
+
+def _waiting_on_locks() -> int:
+    from sqlalchemy import text
+
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )).scalar_one()
