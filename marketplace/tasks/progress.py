@@ -63,11 +63,13 @@ COMPLETE_CTES = """
         RETURNING id
     )
 """
+# The Running probe only when no Pending sibling is left (evaluating both at every completion
+# measured 1.76-1.90x at N=5000 against ~1.5x).
 COMPLETE_RESULT = """
-    NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending') AS none_pending,
-    NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending')
-    AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Running' AND x.id <> :id)
-    AS none_open,
+    CASE WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Pending') THEN 'pending'
+         WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = 'Running' AND x.id <> :id)
+         THEN 'running'
+    END AS open_left,
     t.subtask_count, s.task_id
 """
 _COMPLETE = text(f"WITH {COMPLETE_CTES} SELECT {COMPLETE_RESULT} FROM s JOIN tasks t ON t.id = s.task_id")
@@ -87,9 +89,9 @@ def was_last(conn: Any, row: Any) -> bool:
     may answer yes; finalize takes the task's lock and the others find it final. One that saw
     a Pending sibling is not the last: that sibling completes after it.
     """
-    if row.none_open:
+    if row.open_left is None:
         return True
-    if not row.none_pending:
+    if row.open_left == "pending":
         return False
     return not _OPEN_LEFT.execute(conn, {"task_id": row.task_id}).scalar()
 
