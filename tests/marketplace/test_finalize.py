@@ -64,7 +64,7 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     from marketplace.results.service import part_key
     from marketplace.storage import get_store
     from marketplace.tasks import progress
-    from tests.support.wait import wait_until
+    from tests.support.wait import backends_waiting_on_locks, wait_until
 
     user = register(client)
     task_id, (first, second) = stored_task(user["id"], ["a", "b"])
@@ -89,7 +89,7 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     thread = threading.Thread(target=complete_first)
     thread.start()
     try:
-        wait_until(lambda: _waiting_on_locks() > 0, 15, "the first completion waiting on the hold")
+        wait_until(backends_waiting_on_locks, 15, "the first completion waiting on the hold")
     finally:
         other.commit()
         other.close()
@@ -97,13 +97,3 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     last, subtasks, _inserted, _hold = answer["result"]  # type: ignore[misc]
     assert (last, subtasks) == (True, 2)
 
-
-def _waiting_on_locks() -> int:
-    from sqlalchemy import text
-
-    from marketplace.db import get_engine
-
-    with get_engine().connect() as conn:
-        return conn.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )).scalar_one()

@@ -18,3 +18,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str | 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
+
+
+def backends_waiting_on_locks() -> int:
+    """How many of the test database's backends wait on a lock (to line up a race)."""
+    from sqlalchemy import text
+
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )).scalar_one()

@@ -8,20 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 
 from tests.support.api import register
 from tests.support.progress import ran_uncharged
-from tests.support.wait import wait_until
-
-
-def _backends_waiting_on_locks() -> int:
-    from marketplace.db import get_engine
-
-    with get_engine().connect() as conn:
-        return conn.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )).scalar_one()
+from tests.support.wait import backends_waiting_on_locks, wait_until
 
 
 def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadlocks(client):  # type: ignore[no-untyped-def]
@@ -50,7 +41,7 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
     thread = threading.Thread(target=run_finalize)
     thread.start()
     try:
-        wait_until(_backends_waiting_on_locks, 15, "finalize waiting on the handler's lock", interval=0.05)
+        wait_until(backends_waiting_on_locks, 15, "finalize waiting on the handler's lock", interval=0.05)
         # Before the fix, finalize had already inserted this subtask's charge (backfill) and waited to
         # lock the hold FOR UPDATE, while this insert waited on finalize's row: Postgres killed one.
         inserted = service.record_subtask_charge(
