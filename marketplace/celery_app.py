@@ -97,8 +97,6 @@ def _rebuild_clients(**_: Any) -> None:
     from marketplace import db, observability, redis_client, storage
 
     observability.init_worker_process()  # tracing first, so the new engine is instrumented
-    # No pre-ping: it is a round trip per checkout, three per subtask. A connection that died
-    # with the server raises a disconnect error, which invalidates the pool and retries the task.
-    db.init_engine(pool_pre_ping=False)
+    db.init_engine()
     storage.reset_store()
     redis_client.reset_redis()

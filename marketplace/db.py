@@ -1,6 +1,7 @@
 """SQLAlchemy engine and sessions: one engine per process, built lazily."""
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Numeric, create_engine, event
+from sqlalchemy import JSON, DateTime, Numeric, create_engine, event, exc
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -48,13 +49,43 @@ def init_engine(url: str | None = None, **kwargs: Any) -> Engine:
         from marketplace.settings import get_settings
 
         url = get_settings().database_url
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     _engine = create_engine(url, **kwargs)
     _sessionmaker = sessionmaker(bind=_engine, expire_on_commit=False)
     _instrument(_engine)
+    _ping_when_idle(_engine)
     return _engine
+
+
+# A pooled connection is checked with a round trip before use only when it sat in the pool this
+# long. SQLAlchemy's `pool_pre_ping` pings at every checkout: a round trip per request in the API
+# and one per statement group of a subtask (three per subtask), for connections used a moment
+# ago. One that died within this window (the server restarted between two uses) fails its first
+# statement instead: a disconnect error, which invalidates the pool; the API answers 503 and a
+# worker retries the task, as when the server dies mid-transaction.
+PING_AFTER_IDLE_S = 1.0
+_RETURNED_AT = "marketplace_returned_at"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get(_RETURNED_AT)  # none yet: a new connection, just opened
+        if returned is None or time.monotonic() - returned < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as err:
+            if not engine.dialect.is_disconnect(err, dbapi_conn, None):
+                raise
+            # What pre-ping does: drop every connection as old as this one and open a new one.
+            raise exc.InvalidatePoolError(str(err)) from err
 
 
 def _instrument(engine: Engine) -> None:
