@@ -80,8 +80,12 @@ def available_balance(session: Session, *, user: User) -> Decimal:
 # FOR NO KEY UPDATE (key_share): the task row this transaction already inserted holds a FOR KEY
 # SHARE lock on the user through its foreign key; plain FOR UPDATE conflicts with that and two
 # concurrent submits of one user deadlock (measured: 503s under 8 clients).
-_LOCK_BALANCE = Prepared("mp_lock_balance", "SELECT balance FROM users WHERE id = :uid FOR NO KEY UPDATE",
-                         types={"uid": "uuid"})
+def lock_balance_sql(user_param: str) -> str:
+    """The user's balance, row locked: `place_hold`'s first step, for a statement that takes it itself."""
+    return f"SELECT balance FROM users WHERE id = :{user_param} FOR NO KEY UPDATE"
+
+
+_LOCK_BALANCE = Prepared("mp_lock_balance", lock_balance_sql("uid"), types={"uid": "uuid"})
 # The hold is inserted by the same statement: its sums read the snapshot from before it, so they
 # count the user's *other* holds; if a check in place_hold fails the transaction rolls back.
 # The sums: the user's active holds (`_held_sum`), the settled charges of the day (one `daily_spend`
@@ -99,18 +103,22 @@ _HOLD_AND_SUMS = Prepared("mp_hold_and_sums", f"""
 """, types={"uid": "uuid", "tid": "uuid", "amount": "numeric", "now": "timestamptz", "today": "date"})
 
 
-def place_hold(session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal) -> None:
+def place_hold(
+    session: Session, *, user_id: uuid.UUID, task_id: uuid.UUID, amount: Decimal, balance: Decimal | None = None
+) -> None:
     """Reserve `amount` for a task: 402 naming balance and estimate, or 429 over the daily spend quota.
 
     The user's row lock serializes one user's submits, so two of them cannot both
-    pass a check that only one of them fits.
+    pass a check that only one of them fits. `balance`: the caller's statement took that
+    lock already (`lock_balance_sql`) and read it.
     """
     from marketplace.billing import quotas
 
     # The balance is read by the locking statement itself: the request loaded the user before.
     session.flush()  # what session.execute would do first: anything pending is written before the lock
     conn = session.connection()
-    balance = _LOCK_BALANCE.execute(conn, {"uid": user_id}).scalar_one()
+    if balance is None:
+        balance = _LOCK_BALANCE.execute(conn, {"uid": user_id}).scalar_one()
     user = session.get(User, user_id)  # its quota settings (the API's request already loaded it)
     assert user is not None
     # The three sums and the new hold in one round trip, in a statement after the lock: a statement's snapshot is

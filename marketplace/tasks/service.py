@@ -175,9 +175,10 @@ def create_task(
         if winner is not None:
             return winner, False
         _INSERT_SUBTASKS.execute(session.connection(), {"id": task.id, "now": now, "batches": json.dumps(batches)})
-    else:  # no key, no race to lose: no savepoint, and the task and its subtasks in one statement
-        _insert_task(session, task, batches)
-    billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate)
+        balance = None
+    else:  # no key, no race to lose: no savepoint, and the task, its subtasks and the balance lock in one statement
+        balance = _insert_task(session, task, batches)
+    billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate, balance=balance)
     emit(
         session,
         type="TaskCreated",
@@ -207,8 +208,11 @@ _SUBTASKS_SQL = f"""
 """
 _SUBTASK_TYPES = {"id": "uuid", "now": "timestamptz", "batches": "jsonb"}
 _INSERT_SUBTASKS = Prepared("mp_insert_subtasks", _SUBTASKS_SQL, types=_SUBTASK_TYPES)
-# A submit's task row and its subtasks in one round trip. It was the ORM's flush of the task
-# (~0.45 ms of Python) and an executemany of the subtasks: two round trips.
+# A submit's task row and its subtasks in one round trip, which also takes `place_hold`'s lock on
+# the user's balance and reads it. It was the ORM's flush of the task (~0.45 ms of Python), an
+# executemany of the subtasks and the lock: three round trips. The lock is taken before the
+# foreign key's KEY SHARE on the same row (checked at the statement's end); both are this
+# transaction's and FOR NO KEY UPDATE does not conflict with a KEY SHARE (see billing.service).
 _INSERT_TASK = Prepared("mp_insert_task", f"""
     WITH t AS (
         INSERT INTO tasks (id, user_id, model, device, status, params, batch_size, priority, total_items,
@@ -217,27 +221,30 @@ _INSERT_TASK = Prepared("mp_insert_task", f"""
         VALUES (:id, :user_id, :model, :device, '{TaskStatus.CREATED.value}', :params, :batch_size, :priority,
                 :total_items, :subtask_count, :webhook_url, :max_cost, :estimated_cost, :request_hash,
                 :trace_id, :now, :now, 0)
-    )
-    {_SUBTASKS_SQL}
+    ), s AS ({_SUBTASKS_SQL})
+    {billing.lock_balance_sql("user_id")}
 """, types={**_SUBTASK_TYPES, "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
             "batch_size": "integer", "priority": "integer", "total_items": "integer", "subtask_count": "integer",
             "webhook_url": "text", "max_cost": "numeric", "estimated_cost": "numeric", "request_hash": "text",
             "trace_id": "text"})
 
 
-def _insert_task(session: Session, task: Task, batches: list[list[Any]]) -> None:
-    """Insert `task` (every column set) and its subtasks; `task` becomes persistent in `session`."""
+def _insert_task(session: Session, task: Task, batches: list[list[Any]]) -> Decimal:
+    """Insert `task` (every column set) and its subtasks; `task` becomes persistent in `session`.
+
+    Returns the user's balance, locked for `billing.place_hold`."""
     session.flush()  # what session.execute would do first
-    _INSERT_TASK.execute(session.connection(), {
+    balance = _INSERT_TASK.execute(session.connection(), {
         "id": task.id, "user_id": task.user_id, "model": task.model, "device": task.device,
         "params": json.dumps(task.params), "batch_size": task.batch_size, "priority": task.priority,
         "total_items": task.total_items, "subtask_count": task.subtask_count, "webhook_url": task.webhook_url,
         "max_cost": task.max_cost, "estimated_cost": task.estimated_cost, "request_hash": task.request_hash,
         "trace_id": task.trace_id, "now": task.created_at, "batches": json.dumps(batches),
-    })
+    }).scalar_one()
     # As if loaded: in the session's identity map, nothing left for its flush to write.
     make_transient_to_detached(task)
     session.add(task)
+    return balance
 
 
 def _insert_keyed(session: Session, *, task: Task, idempotency_key: str, request_hash: str) -> Task | None:

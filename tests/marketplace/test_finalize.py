@@ -3,25 +3,9 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import event
-
 from tests.support.api import register
 from tests.support.progress import ran_uncharged, stored_task
-
-
-def _statements_of(fn):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
-
-    seen: list[str] = []
-
-    def spy(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        seen.append(" ".join(statement.split()))
-
-    event.listen(get_engine(), "before_cursor_execute", spy)
-    try:
-        return fn(), seen
-    finally:
-        event.remove(get_engine(), "before_cursor_execute", spy)
+from tests.support.sql import statements_of
 
 
 def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  # type: ignore[no-untyped-def]
@@ -30,7 +14,7 @@ def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  
 
     user = register(client)
     task_id, _ = ran_uncharged(user["id"], ["a", {"b": 2}, 3])
-    outcome, statements = _statements_of(lambda: finalize_task(task_id))
+    outcome, statements = statements_of(lambda: finalize_task(task_id))
     assert outcome == "done"
     first_write = next(i for i, s in enumerate(statements) if "holds" in s)  # settlement's first step
     assert first_write == 1, statements[:first_write]
