@@ -33,16 +33,22 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# A hold's status: reserved for a task not settled yet, then released by its settlement. Written
+# into SQL text too (billing.service's prepared statements, the partial index below).
+HOLD_ACTIVE = "active"
+HOLD_RELEASED = "released"
+
+
 class Hold(Base):
     __tablename__ = "holds"
     # The held amount at every submit reads only the user's open holds (migration 0003).
-    __table_args__ = (Index("ix_holds_user_active", "user_id", postgresql_where=text("status = 'active'")),)
+    __table_args__ = (Index("ix_holds_user_active", "user_id", postgresql_where=text(f"status = '{HOLD_ACTIVE}'")),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     task_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
     amount: Mapped[Decimal] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | released
+    status: Mapped[str] = mapped_column(String(16), default=HOLD_ACTIVE)  # HOLD_ACTIVE | HOLD_RELEASED
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column()
 

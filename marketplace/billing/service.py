@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from marketplace.billing.models import Hold, LedgerEntry
+from marketplace.billing.models import HOLD_ACTIVE, HOLD_RELEASED, Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
 from marketplace.db import utcnow
 from marketplace.errors import InvalidInput, NotFound, PaymentRequired
@@ -63,7 +63,7 @@ def grant_signup_credits(session: Session, *, user: User) -> None:
 
 
 def _held_sum(user_id: Any) -> Any:
-    return select(func.coalesce(func.sum(Hold.amount), 0)).where(Hold.user_id == user_id, Hold.status == "active")
+    return select(func.coalesce(func.sum(Hold.amount), 0)).where(Hold.user_id == user_id, Hold.status == HOLD_ACTIVE)
 
 
 def held_amount(session: Session, *, user_id: uuid.UUID) -> Decimal:
@@ -93,10 +93,10 @@ _LOCK_BALANCE = Prepared("mp_lock_balance", lock_balance_sql("uid"), types={"uid
 _HOLD_AND_SUMS = Prepared("mp_hold_and_sums", f"""
     WITH new_hold AS (
         INSERT INTO holds (user_id, task_id, amount, status, created_at)
-        VALUES (:uid, :tid, :amount, 'active', :now)
+        VALUES (:uid, :tid, :amount, '{HOLD_ACTIVE}', :now)
         RETURNING id
     )
-    SELECT (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = :uid AND status = 'active') AS held,
+    SELECT (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = :uid AND status = '{HOLD_ACTIVE}') AS held,
            (SELECT COALESCE(MAX(charged), 0) FROM daily_spend WHERE user_id = :uid AND day = :today) AS settled,
            (SELECT count(*) FROM tasks WHERE user_id = :uid
               AND status IN ({", ".join(sorted(f"'{s.value}'" for s in ACTIVE_TASK_STATUSES))})) AS active
@@ -160,7 +160,7 @@ def record_subtask_charge(
     """
     kind = "charge" if ok else "charge_failed"
     # Under settlement's own FOR UPDATE lock (backfill) the hold is active by construction.
-    hold_status = "active" if hold_locked else session.scalar(
+    hold_status = HOLD_ACTIVE if hold_locked else session.scalar(
         select(Hold.status).where(Hold.task_id == task_id).with_for_update(read=True))
     stmt = (
         pg_insert(LedgerEntry)
@@ -179,7 +179,7 @@ def record_subtask_charge(
             session, actor="billing", action=f"billing.{kind}", subject=f"subtask:{subtask_id}", task_id=task_id,
             data={"user_id": str(user_id), "subtask_id": str(subtask_id), "amount": str(-q(amount)), "detail": detail},
         )
-        if hold_status == "released":
+        if hold_status == HOLD_RELEASED:
             # Settled in a second transaction (settle_late): upgrading this FOR SHARE lock
             # here could deadlock with another late charge of the same task.
             session.info.setdefault(LATE_KEY, set()).add(task_id)
@@ -206,7 +206,7 @@ def tasks_with_stray_charges(session: Session, *, recorded_before: datetime, lim
     """
     return list(session.scalars(
         select(LedgerEntry.task_id).join(Hold, Hold.task_id == LedgerEntry.task_id)
-        .where(LedgerEntry.settled.is_(False), Hold.status == "released", LedgerEntry.created_at < recorded_before)
+        .where(LedgerEntry.settled.is_(False), Hold.status == HOLD_RELEASED, LedgerEntry.created_at < recorded_before)
         .distinct().limit(limit)
     ))
 
@@ -225,7 +225,7 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 # delta to the user's balance (its row lock is taken here, after the caller's hold lock: lock
 # order hold, then user) and releases the hold: one round trip where there were three. Prepared
 # once per connection, as its five CTEs took PostgreSQL longer to plan than to run.
-_SETTLE = Prepared("mp_settle", """
+_SETTLE = Prepared("mp_settle", f"""
     WITH s AS (
         UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
         RETURNING amount, kind, user_id, created_at
@@ -243,7 +243,8 @@ _SETTLE = Prepared("mp_settle", """
         FROM delta WHERE users.id = :user_id AND delta.amount <> 0
         RETURNING users.balance
     ), h AS (
-        UPDATE holds SET status = 'released', released_at = :now WHERE task_id = :task_id AND status = 'active'
+        UPDATE holds SET status = '{HOLD_RELEASED}', released_at = :now
+        WHERE task_id = :task_id AND status = '{HOLD_ACTIVE}'
         RETURNING id
     )
     SELECT (SELECT amount FROM delta) AS delta,

@@ -21,6 +21,7 @@ from typing import Any
 from celery.signals import task_failure, task_success
 
 from marketplace.billing import service, subtask_charges
+from marketplace.billing.models import HOLD_RELEASED
 from marketplace.catalog import get_catalog
 from marketplace.db import session_scope
 from marketplace.settings import get_settings
@@ -90,7 +91,7 @@ def _charge_in_one_statement(result: dict[str, Any], spec: Any, hostname: str) -
         amount=amount, ok=bool(result.get("ok")), detail=detail,
         outcome_record=outcome_record(hostname=hostname, result=result),
     )
-    if inserted and hold_status == "released":
+    if inserted and hold_status == HOLD_RELEASED:
         _settle_late({uuid.UUID(str(result["task_id"]))})  # the task settled before this charge landed
     return inserted
 
@@ -115,7 +116,7 @@ def complete_and_charge(result: dict[str, Any], *, hostname: str) -> tuple[bool,
         task_id=str(result["task_id"]), subtask_id=str(result["subtask_id"]), amount=amount, detail=detail,
         outcome_record=outcome_record(hostname=hostname, result=result),
     )
-    if inserted and hold_status == "released":  # the task settled before this charge landed
+    if inserted and hold_status == HOLD_RELEASED:  # the task settled before this charge landed
         try:
             _settle_late({uuid.UUID(str(result["task_id"]))})
         except Exception:  # the outcome is committed: never retry the subtask over this
