@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from marketplace.audit import anchor, signing
 from marketplace.audit.models import AuditPending, AuditRecord
 from marketplace.db import session_scope, utcnow
+from marketplace.events import outbox
 from marketplace.events.outbox import emit_many
 from marketplace.prepared import Prepared
 
@@ -159,20 +160,33 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
 
 # A transaction's buffered records, in one prepared statement at its commit (the executemany
 # it replaced took ~0.2 ms of Python for a submit's one record). Rows keep the order given.
-_INSERT_PENDING = Prepared("mp_audit_pending", """
+_PENDING_SQL = """
     INSERT INTO audit_pending (ts, actor, action, subject, task_id, data)
     SELECT CAST(r->>0 AS timestamptz), r->>1, r->>2, r->>3, r->>4, r->>5
     FROM jsonb_array_elements(:rows) WITH ORDINALITY AS e(r, ord) ORDER BY ord
-""", types={"rows": "jsonb"})
+"""
+_INSERT_PENDING = Prepared("mp_audit_pending", _PENDING_SQL, types={"rows": "jsonb"})
+# ... and with the transaction's outbox events (`outbox.take_deferred`), one round trip for both:
+# a submit and a finalize each have some of each.
+_INSERT_PENDING_AND_EVENTS = Prepared("mp_audit_pending_events", f"""
+    WITH events AS ({outbox.INSERT_EVENTS_SQL})
+    {_PENDING_SQL}
+""", types={"rows": "jsonb", "events": outbox.EVENTS_TYPE})
 
 
-@event.listens_for(Session, "before_commit")
+# First among the before_commit hooks (`insert`): the outbox's own, which writes the events
+# this one leaves, runs after it.
+@event.listens_for(Session, "before_commit", insert=True)
 def _chain_on_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING_KEY, None)
     if pending:
-        rows = [[p["ts"].isoformat(), p["actor"], p["action"], p["subject"], p["task_id"], p["data"]]
-                for p in pending]
-        _INSERT_PENDING.execute(session.connection(), {"rows": json.dumps(rows)})
+        rows = json.dumps([[p["ts"].isoformat(), p["actor"], p["action"], p["subject"], p["task_id"], p["data"]]
+                           for p in pending])
+        events = outbox.take_deferred(session)
+        if events:
+            _INSERT_PENDING_AND_EVENTS.execute(session.connection(), {"rows": rows, "events": events})
+        else:
+            _INSERT_PENDING.execute(session.connection(), {"rows": rows})
     entries = session.info.pop(_INFO_KEY, None)
     if entries:
         # Flush the caller's own writes first: while we hold the chain lock we only insert.

@@ -1,9 +1,10 @@
-"""Write domain events into the outbox, inside the caller's transaction."""
+"""Write domain events into the outbox, in the caller's transaction, at its commit."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from marketplace.db import utcnow
@@ -28,20 +29,71 @@ def emit(session: Session, *, type: str, key: str, payload: dict[str, Any]) -> N
     emit_many(session, type=type, events=[(key, payload)])
 
 
-# One statement for any number of events of a type, prepared once per connection: the Core
-# insert it replaced took ~0.2 ms of Python per call (0.1 now), on the submit's path and the
-# callback's. The rows are inserted, and so numbered, in the order given.
-_EMIT = Prepared("mp_emit", """
+# Events wait in the session and are written at its commit, in one statement with the
+# transaction's buffered audit records (`audit.service._chain_on_commit`): a submit and a
+# finalize each wrote the two in two round trips. Whatever that hook leaves (a transaction
+# without audit records, the chain's own AuditEvents) `_write_on_commit` writes after it. They
+# go with the transaction when it ends without a commit. Each row is encoded at `emit`, so
+# a payload that is not JSON fails there, not in the commit.
+_DEFERRED = "marketplace.outbox"
+# The statement that writes them, from a JSON array of [topic, key, type, payload, created_at]
+# (rows keep the order given, so ids follow it); `:events` is its one parameter.
+INSERT_EVENTS_SQL = """
     INSERT INTO outbox_events (topic, key, type, payload, created_at)
-    SELECT :topic, e.value->>0, :type, e.value->1, :now
+    SELECT e.value->>0, e.value->>1, e.value->>2, e.value->3, CAST(e.value->>4 AS timestamptz)
     FROM jsonb_array_elements(:events) WITH ORDINALITY AS e ORDER BY e.ordinality
-""", types={"topic": "text", "type": "text", "now": "timestamptz", "events": "jsonb"})
+"""
+EVENTS_TYPE = "jsonb"
+_EMIT = Prepared("mp_emit", INSERT_EVENTS_SQL, types={"events": EVENTS_TYPE})
 
 
 def emit_many(session: Session, *, type: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-    """Add events of one type, `(key, payload)` each, in one INSERT."""
+    """Add events of one type, `(key, payload)` each, written at commit in the order given."""
     if not events:
         return
-    # On the session's connection, without a flush: nothing here reads what the session holds.
-    _EMIT.execute(session.connection(), {"topic": topic_for(type), "type": type, "now": utcnow(),
-                                         "events": json.dumps(events)})
+    topic, now = topic_for(type), utcnow().isoformat()
+    if not session.in_transaction():
+        session.begin()  # so that a rollback before any database work is seen, and drops them
+    session.info.setdefault(_DEFERRED, []).extend(
+        json.dumps([topic, key, type, payload, now], separators=(",", ":")) for key, payload in events)
+
+
+def take_deferred(session: Session) -> str | None:
+    """The session's events not written yet, as `:events` for `INSERT_EVENTS_SQL` (None if none);
+    the caller writes them in this transaction."""
+    rows = session.info.pop(_DEFERRED, None)
+    return f"[{','.join(rows)}]" if rows else None
+
+
+@event.listens_for(Session, "before_commit")
+def _write_on_commit(session: Session) -> None:
+    events = take_deferred(session)
+    if events:
+        _EMIT.execute(session.connection(), {"events": events})
+
+
+_SAVEPOINTS = "marketplace.outbox.savepoints"  # id(savepoint) -> how many events came before it
+
+
+@event.listens_for(Session, "after_transaction_create")
+def _mark_savepoint(session: Session, transaction: Any) -> None:
+    if transaction.nested:
+        session.info.setdefault(_SAVEPOINTS, {})[id(transaction)] = len(session.info.get(_DEFERRED, ()))
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_savepoints_events(session: Session, previous_transaction: Any) -> None:
+    # A savepoint rolled back takes the events emitted inside it, as it took their rows before.
+    if previous_transaction.nested:
+        mark = session.info.get(_SAVEPOINTS, {}).pop(id(previous_transaction), None)
+        if mark is not None and _DEFERRED in session.info:
+            del session.info[_DEFERRED][mark:]
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_when_done(session: Session, transaction: Any) -> None:
+    # The outermost transaction: after a commit nothing is left, after a rollback or a close
+    # they go with it.
+    if transaction.parent is None:
+        session.info.pop(_DEFERRED, None)
+        session.info.pop(_SAVEPOINTS, None)

@@ -332,3 +332,47 @@ def test_events_emitted_together_are_stored_in_the_order_given(stack):  # type: 
         + [(keys[0], "SubTaskCompleted", {"last": True})])
     assert {r.topic for r in rows[:-1]} == {topic_for("AuditEvent")} and rows[-1].topic == topic_for("SubTaskCompleted")
     assert all(r.sent_at is None for r in rows)
+
+
+def _outbox_keys(keys: list[str]) -> list[tuple[str, str]]:
+    from marketplace.db import session_scope
+    from marketplace.events.models import OutboxEvent
+
+    with session_scope() as session:
+        return [tuple(r) for r in session.execute(select(OutboxEvent.key, OutboxEvent.type)
+                                                  .where(OutboxEvent.key.in_(keys)).order_by(OutboxEvent.id))]
+
+
+def test_events_are_written_only_by_a_commit_of_their_transaction(stack):  # type: ignore[no-untyped-def]
+    """Deferred to the commit: a rollback, or a session closed without one, leaves none behind,
+    even when the same session commits later; a savepoint's rollback takes only its own."""
+    from marketplace.db import new_session
+    from marketplace.events.outbox import emit
+
+    keys = [f"deferred-{uuid.uuid4().hex}" for _ in range(5)]
+    session = new_session()
+    emit(session, type="TaskCreated", key=keys[0], payload={})
+    session.rollback()
+    emit(session, type="TaskCreated", key=keys[1], payload={})
+    session.close()
+    emit(session, type="TaskCreated", key=keys[2], payload={})
+    with session.begin_nested():
+        emit(session, type="TaskCreated", key=keys[3], payload={})
+    nested = session.begin_nested()
+    emit(session, type="TaskFailed", key=keys[4], payload={})
+    nested.rollback()
+    emit(session, type="TaskCompleted", key=keys[1], payload={})
+    session.commit()
+    session.close()
+    assert _outbox_keys(keys) == [(keys[2], "TaskCreated"), (keys[3], "TaskCreated"), (keys[1], "TaskCompleted")]
+
+
+def test_a_chained_audit_record_still_gets_its_audit_event(stack):  # type: ignore[no-untyped-def]
+    """`append` chains in the first before_commit hook, whose AuditEvent the outbox's hook writes after it."""
+    from marketplace.audit import service as audit
+    from marketplace.db import session_scope
+
+    subject = f"test:{uuid.uuid4().hex}"
+    with session_scope() as session:
+        audit.append(session, actor="test", action="test.chained", subject=subject, data={})
+    assert _outbox_keys([subject]) == [(subject, "AuditEvent")]

@@ -19,6 +19,9 @@ def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  
     first_write = next(i for i, s in enumerate(statements) if "holds" in s)  # settlement's first step
     assert first_write == 1, statements[:first_write]
     assert "FOR UPDATE OF tasks" in statements[0] and "subtasks" in statements[0]
+    # Its TaskCompleted event and its audit records (the settlement's, the task's) in one statement, at commit.
+    writes = [s.split("(")[0] for s in statements if s.startswith(("EXECUTE mp_emit", "EXECUTE mp_audit_pending"))]
+    assert writes == ["EXECUTE mp_audit_pending_events"]
     document = json.loads(get_store().get_bytes(result_key(task_id)))
     assert document["outputs"] == ["a", {"b": 2}, 3]
 

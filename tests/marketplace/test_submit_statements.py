@@ -1,4 +1,5 @@
-"""What a submit sends to the database: the task, its subtasks and the balance lock in one statement."""
+"""What a submit sends to the database: the task, its subtasks and the balance lock in one statement,
+the hold and the quota sums in a second, its event and audit record in a third, at commit."""
 from __future__ import annotations
 
 from decimal import Decimal
@@ -12,6 +13,21 @@ def _executed(statements: list[str]) -> list[str]:
     return [s.split()[1].split("(")[0] for s in statements if s.startswith("EXECUTE ")]
 
 
+def _assert_recorded(task_id: str) -> None:
+    """The submit's TaskCreated event and its task.created audit record were both stored."""
+    from sqlalchemy import select
+
+    from marketplace.audit.models import AuditPending, AuditRecord
+    from marketplace.db import session_scope
+    from marketplace.events.models import OutboxEvent
+
+    with session_scope() as session:
+        assert session.scalars(select(OutboxEvent.type).where(OutboxEvent.key == task_id)).all() == ["TaskCreated"]
+        actions = [*session.scalars(select(AuditPending.action).where(AuditPending.subject == f"task:{task_id}")),
+                   *session.scalars(select(AuditRecord.action).where(AuditRecord.subject == f"task:{task_id}"))]
+        assert actions == ["task.created"]
+
+
 def test_an_unkeyed_submit_locks_the_balance_in_its_insert(client):  # type: ignore[no-untyped-def]
     from marketplace.tasks.service import _INSERT_TASK
 
@@ -20,9 +36,8 @@ def test_an_unkeyed_submit_locks_the_balance_in_its_insert(client):  # type: ign
         "/v1/tasks", json={"model": "echo", "inputs": [1, 2]}, headers=user["headers"]))
     assert resp.status_code == 202, resp.get_json()
     assert "FOR NO KEY UPDATE" in _INSERT_TASK.sql
-    executed = _executed(statements)
-    assert executed[:2] == ["mp_insert_task", "mp_hold_and_sums"], executed
-    assert "mp_lock_balance" not in executed
+    assert _executed(statements) == ["mp_insert_task", "mp_hold_and_sums", "mp_audit_pending_events"]
+    _assert_recorded(resp.get_json()["id"])
 
 
 def test_a_keyed_submit_takes_the_lock_on_its_own_and_both_still_refuse_what_the_balance_cannot_cover(client):  # type: ignore[no-untyped-def]
@@ -32,7 +47,9 @@ def test_a_keyed_submit_takes_the_lock_on_its_own_and_both_still_refuse_what_the
     resp, statements = statements_of(lambda: client.post(
         "/v1/tasks", json={"model": "echo", "inputs": [1]}, headers={**user["headers"], "Idempotency-Key": "k-1"}))
     assert resp.status_code == 202, resp.get_json()
-    assert _executed(statements)[:3] == ["mp_insert_subtasks", "mp_lock_balance", "mp_hold_and_sums"]
+    assert _executed(statements) == ["mp_insert_subtasks", "mp_lock_balance", "mp_hold_and_sums",
+                                     "mp_audit_pending_events"]
+    _assert_recorded(resp.get_json()["id"])
     set_user(user["id"], balance=Decimal("0"))
     for headers in (user["headers"], {**user["headers"], "Idempotency-Key": "k-2"}):
         refused = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=headers)
