@@ -174,14 +174,34 @@ _INSERT_PENDING_AND_EVENTS = Prepared("mp_audit_pending_events", f"""
 """, types={"rows": "jsonb", "events": outbox.EVENTS_TYPE})
 
 
+def _pending_rows(values: Iterable[dict[str, Any]]) -> str:
+    """`:rows` for `_PENDING_SQL`, from `enqueue`'s values."""
+    return json.dumps([[v["ts"].isoformat(), v["actor"], v["action"], v["subject"], v["task_id"], v["data"]]
+                       for v in values])
+
+
+def enqueue_now(records: list[dict[str, Any]]) -> None:
+    """`enqueue` each of `records` (its keyword arguments, a task_id given) in one statement that
+    commits by itself: for a caller with nothing else to commit, where a session's transaction
+    would be three round trips (BEGIN, INSERT, COMMIT)."""
+    from marketplace.db import autocommit
+
+    if not records:
+        return
+    entries = [_entry(r["actor"], r["action"], r["subject"], r.get("data"), r.get("task_id")) for r in records]
+    with autocommit() as conn:
+        _INSERT_PENDING.execute(conn, {"rows": _pending_rows(
+            {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, "task_id": e.task_id,
+             "data": e.data} for e in entries)})
+
+
 # First among the before_commit hooks (`insert`): the outbox's own, which writes the events
 # this one leaves, runs after it.
 @event.listens_for(Session, "before_commit", insert=True)
 def _chain_on_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING_KEY, None)
     if pending:
-        rows = json.dumps([[p["ts"].isoformat(), p["actor"], p["action"], p["subject"], p["task_id"], p["data"]]
-                           for p in pending])
+        rows = _pending_rows(pending)
         events = outbox.take_deferred(session)
         if events:
             _INSERT_PENDING_AND_EVENTS.execute(session.connection(), {"rows": rows, "events": events})

@@ -89,20 +89,30 @@ def flush_published() -> None:
     from marketplace.tasks.models import SubTask
 
     unknown = [uuid.UUID(sid) for sid, _queue, tid in batch if tid is None]  # e.g. a retry's re-publish
+    if not unknown and get_settings().audit_subtask_events == "pending":
+        # A dispatch's usual case: one statement that commits by itself, not a transaction.
+        service.enqueue_now(_dispatched_records(batch, {}))
+        return
     with session_scope() as session:
         owners = {str(sid): str(tid) for sid, tid in session.execute(
             select(SubTask.id, SubTask.task_id).where(SubTask.id.in_(unknown))).all()} if unknown else {}
-        per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {"subtasks": 0, "queues": set()})
-        for sid, queue, known in batch:
-            tid = known or owners.get(str(uuid.UUID(sid))) or "unknown"
-            per_task[tid]["subtasks"] += 1
-            per_task[tid]["queues"].add(queue)
-        for tid, info in per_task.items():
-            service.subtask_event(
-                session, actor="scheduler", action="task.dispatched", subject=f"task:{tid}",
-                task_id=None if tid == "unknown" else tid,
-                data={"subtasks": info["subtasks"], "queues": sorted(info["queues"])},
-            )
+        for record in _dispatched_records(batch, owners):
+            service.subtask_event(session, **record)
+
+
+def _dispatched_records(batch: list[tuple[str, str, str | None]], owners: dict[str, str]) -> list[dict[str, Any]]:
+    """One `task.dispatched` record per task: how many of its subtasks were published, to which queues."""
+    import uuid
+
+    per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {"subtasks": 0, "queues": set()})
+    for sid, queue, known in batch:
+        tid = known or owners.get(str(uuid.UUID(sid))) or "unknown"
+        per_task[tid]["subtasks"] += 1
+        per_task[tid]["queues"].add(queue)
+    return [{"actor": "scheduler", "action": "task.dispatched", "subject": f"task:{tid}",
+             "task_id": None if tid == "unknown" else tid,
+             "data": {"subtasks": info["subtasks"], "queues": sorted(info["queues"])}}
+            for tid, info in per_task.items()]
 
 
 @before_task_publish.connect

@@ -70,3 +70,45 @@ def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):
             text("SELECT data FROM audit_records WHERE task_id = :t AND action = 'task.dispatched' ORDER BY seq"),
             {"t": task_id})]
     assert records == [{"subtasks": 2, "queues": ["cpu.generic"]}] * 2, records
+
+
+def test_a_dispatch_record_is_one_statement_that_commits_by_itself_and_a_re_publish_finds_its_task(client, user):  # type: ignore[no-untyped-def]
+    """The dispatch names its task: its record is one INSERT in autocommit (a transaction was
+    BEGIN, INSERT and COMMIT). A subtask published with no task known (a retry's re-publish)
+    takes the transaction that looks its task up."""
+    import json
+
+    from sqlalchemy import event
+
+    from marketplace.audit import signals
+    from marketplace.db import get_engine
+    from marketplace.scheduling.service import dispatch
+
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
+                       headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+    with get_engine().connect() as conn:
+        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
+                                               {"t": task_id})]
+    seen: list[tuple[str, bool]] = []
+
+    def spy(conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        seen.append((statement.split("(")[0].strip(), conn.connection.dbapi_connection.autocommit))
+
+    event.listen(get_engine(), "before_cursor_execute", spy)
+    try:
+        dispatch(task_id, ids, queue="cpu.generic", priority=5, time_limit=60, attempt=8)
+        signals._buffer().append((ids[0], "cpu.generic", None))
+        signals.flush_published()
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", spy)
+    writes = [entry for entry in seen if entry[0].startswith("EXECUTE mp_audit_pending")]
+    assert writes == [("EXECUTE mp_audit_pending", True), ("EXECUTE mp_audit_pending", False)], seen
+    with get_engine().connect() as conn:
+        records = [(r.task_id, json.loads(r.data)) for r in conn.execute(  # chained by now, or not yet
+            text("SELECT ts, task_id, data FROM audit_pending WHERE subject = :s AND action = 'task.dispatched' "
+                 "UNION ALL SELECT ts, task_id, data FROM audit_records WHERE subject = :s "
+                 "AND action = 'task.dispatched' ORDER BY ts"), {"s": f"task:{task_id}"})]
+    assert records[-2:] == [(task_id, {"subtasks": 2, "queues": ["cpu.generic"]}),
+                            (task_id, {"subtasks": 1, "queues": ["cpu.generic"]})], records
