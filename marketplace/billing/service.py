@@ -255,9 +255,17 @@ _SETTLE = Prepared("mp_settle", f"""
 """, types={"task_id": "uuid", "user_id": "uuid", "now": "timestamptz"})
 
 
+# Prepared, on the session's connection: it runs in every task's last step (finalize, cancel).
+_LOCK_HOLD = Prepared("mp_lock_hold", "SELECT id FROM holds WHERE task_id = :task_id FOR UPDATE",
+                      types={"task_id": "uuid"})
+
+
 def lock_hold(session: Session, *, task_id: uuid.UUID) -> None:
-    """Lock the task's hold row FOR UPDATE: settlement's first step (lock order: hold, then user)."""
-    session.execute(select(Hold.id).where(Hold.task_id == task_id).with_for_update())
+    """Lock the task's hold row FOR UPDATE: settlement's first step (lock order: hold, then user).
+
+    Without a flush, as `_SETTLE`: the caller's pending changes (finalize's task row) are
+    written once, at commit."""
+    _LOCK_HOLD.execute(session.connection(), {"task_id": task_id})
 
 
 def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> Decimal:
