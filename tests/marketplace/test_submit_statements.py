@@ -22,10 +22,11 @@ def _assert_recorded(task_id: str) -> None:
     from marketplace.events.models import OutboxEvent
 
     with session_scope() as session:
-        assert session.scalars(select(OutboxEvent.type).where(OutboxEvent.key == task_id)).all() == ["TaskCreated"]
+        # (A worker may have scheduled it since: TaskAssigned, task.dispatched.)
+        types = session.scalars(select(OutboxEvent.type).where(OutboxEvent.key == task_id)).all()
         actions = [*session.scalars(select(AuditPending.action).where(AuditPending.subject == f"task:{task_id}")),
                    *session.scalars(select(AuditRecord.action).where(AuditRecord.subject == f"task:{task_id}"))]
-        assert actions == ["task.created"]
+    assert types.count("TaskCreated") == 1 and actions.count("task.created") == 1, (types, actions)
 
 
 def test_an_unkeyed_submit_locks_the_balance_in_its_insert(client):  # type: ignore[no-untyped-def]
