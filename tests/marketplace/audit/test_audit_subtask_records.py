@@ -45,6 +45,20 @@ def test_a_submit_names_its_scheduling_message_and_a_re_publish_is_recorded(clie
     assert [r.action for r in rows].count("task.schedule_requested") == 1, rows
 
 
+def _done_two_subtask_job(client, user) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    """A Done echo job of two subtasks: its id and its subtasks' ids, in index order."""
+    from marketplace.db import get_engine
+
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
+                       headers=user["headers"])
+    task_id = resp.get_json()["id"]
+    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+    with get_engine().connect() as conn:
+        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
+                                               {"t": task_id})]
+    return task_id, ids
+
+
 def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):  # type: ignore[no-untyped-def]
     """`marketplace recover` re-sends subtasks from a plain process: no task_postrun flushes the
     publish hook's buffer there, so the dispatch itself writes its `task.dispatched` record."""
@@ -55,13 +69,7 @@ def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):
     from marketplace.db import get_engine
     from marketplace.scheduling.service import dispatch
 
-    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
-                       headers=user["headers"])
-    task_id = resp.get_json()["id"]
-    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
-    with get_engine().connect() as conn:
-        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
-                                               {"t": task_id})]
+    task_id, ids = _done_two_subtask_job(client, user)
     # Done subtasks sent again run as no-ops (their rows are final) and the task stays Done.
     dispatch(task_id, ids, queue="cpu.generic", priority=5, time_limit=60, attempt=7)
     service.chain_pending()
@@ -84,13 +92,7 @@ def test_a_dispatch_record_is_one_statement_that_commits_by_itself_and_a_re_publ
     from marketplace.db import get_engine
     from marketplace.scheduling.service import dispatch
 
-    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
-                       headers=user["headers"])
-    task_id = resp.get_json()["id"]
-    assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
-    with get_engine().connect() as conn:
-        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
-                                               {"t": task_id})]
+    task_id, ids = _done_two_subtask_job(client, user)
     seen: list[tuple[str, bool]] = []
 
     def spy(conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
