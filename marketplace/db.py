@@ -141,6 +141,50 @@ def autocommit() -> Iterator[Connection]:
                 driver.autocommit = False
 
 
+# Rows a transaction writes at its commit (audit records, outbox events), kept in the session
+# until its `before_commit` hooks take them. `transaction_buffer` begins the transaction if none
+# is open (no database work: that waits for the first statement), so that a rollback before any
+# statement is seen. The outermost transaction's end (commit, rollback or close) drops what the
+# hooks did not take; a savepoint's rollback drops what was added inside it, as it would the rows.
+_BUFFERS = "marketplace.buffers"  # key -> rows
+_SAVEPOINTS = "marketplace.buffers.savepoints"  # id(savepoint) -> {key: rows before it}
+
+
+def transaction_buffer(session: Session, key: str) -> list[Any]:
+    """The rows under `key` that `session`'s transaction writes at its commit (append to it)."""
+    if not session.in_transaction():
+        session.begin()
+    return session.info.setdefault(_BUFFERS, {}).setdefault(key, [])  # type: ignore[no-any-return]
+
+
+def take_buffer(session: Session, key: str) -> list[Any]:
+    """The rows under `key`, removed (the caller writes them)."""
+    return session.info.get(_BUFFERS, {}).pop(key, [])  # type: ignore[no-any-return]
+
+
+@event.listens_for(Session, "after_transaction_create")
+def _mark_savepoint(session: Session, transaction: Any) -> None:
+    if transaction.nested:
+        session.info.setdefault(_SAVEPOINTS, {})[id(transaction)] = {
+            key: len(rows) for key, rows in session.info.get(_BUFFERS, {}).items()}
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_savepoints_rows(session: Session, previous_transaction: Any) -> None:
+    if previous_transaction.nested:
+        before = session.info.get(_SAVEPOINTS, {}).pop(id(previous_transaction), None)
+        if before is not None:
+            for key, rows in session.info.get(_BUFFERS, {}).items():
+                del rows[before.get(key, 0):]
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_rows(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        session.info.pop(_BUFFERS, None)
+        session.info.pop(_SAVEPOINTS, None)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session in a transaction: committed on success, rolled back on error."""

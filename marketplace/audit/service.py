@@ -22,7 +22,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from marketplace.audit import anchor, signing
 from marketplace.audit.models import AuditPending, AuditRecord
-from marketplace.db import session_scope, utcnow
+from marketplace.db import session_scope, take_buffer, transaction_buffer, utcnow
 from marketplace.events import outbox
 from marketplace.events.outbox import emit_many
 from marketplace.prepared import Prepared
@@ -92,7 +92,7 @@ def append(
     task_id: Any = None,
 ) -> None:
     """Add a record to the chain when `session` commits (nothing is written if it rolls back)."""
-    _buffer(session, _INFO_KEY).append(_entry(actor, action, subject, data, task_id))
+    transaction_buffer(session, _INFO_KEY).append(_entry(actor, action, subject, data, task_id))
 
 
 def enqueue(
@@ -100,10 +100,8 @@ def enqueue(
     task_id: Any = None, subtask_id: str | None = None,
 ) -> None:
     """Buffer a record in `audit_pending` (no lock); with `subtask_id` and no task_id, the task is looked up."""
-    e = _entry(actor, action, subject, data, task_id)
-    values: dict[str, Any] = {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject,
-                              "task_id": e.task_id, "data": e.data}
-    if e.task_id is None and subtask_id:
+    values = asdict(_entry(actor, action, subject, data, task_id))  # an audit_pending row's columns
+    if values["task_id"] is None and subtask_id:
         from marketplace.tasks.models import SubTask
 
         values["task_id"] = (
@@ -111,7 +109,7 @@ def enqueue(
         )
         session.execute(insert(AuditPending).values(**values))
     else:  # written at commit, all of the transaction's records in one INSERT
-        _buffer(session, _PENDING_KEY).append(values)
+        transaction_buffer(session, _PENDING_KEY).append(values)
 
 
 def record(
@@ -188,18 +186,17 @@ def enqueue_now(records: list[dict[str, Any]]) -> None:
 
     if not records:
         return
-    entries = [_entry(r["actor"], r["action"], r["subject"], r.get("data"), r.get("task_id")) for r in records]
+    rows = _pending_rows(asdict(_entry(r["actor"], r["action"], r["subject"], r.get("data"),
+                                                   r.get("task_id"))) for r in records)
     with autocommit() as conn:
-        _INSERT_PENDING.execute(conn, {"rows": _pending_rows(
-            {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, "task_id": e.task_id,
-             "data": e.data} for e in entries)})
+        _INSERT_PENDING.execute(conn, {"rows": rows})
 
 
 # First among the before_commit hooks (`insert`): the outbox's own, which writes the events
 # this one leaves, runs after it.
 @event.listens_for(Session, "before_commit", insert=True)
 def _chain_on_commit(session: Session) -> None:
-    pending = session.info.pop(_PENDING_KEY, None)
+    pending = take_buffer(session, _PENDING_KEY)
     if pending:
         rows = _pending_rows(pending)
         events = outbox.take_deferred(session)
@@ -207,31 +204,11 @@ def _chain_on_commit(session: Session) -> None:
             _INSERT_PENDING_AND_EVENTS.execute(session.connection(), {"rows": rows, "events": events})
         else:
             _INSERT_PENDING.execute(session.connection(), {"rows": rows})
-    entries = session.info.pop(_INFO_KEY, None)
+    entries = take_buffer(session, _INFO_KEY)
     if entries:
         # Flush the caller's own writes first: while we hold the chain lock we only insert.
         session.flush()
         _chain(session, entries)
-
-
-def _buffer(session: Session, key: str) -> list[Any]:
-    """The session's records under `key`, kept until its transaction ends.
-
-    A session that has not touched the database yet has no transaction, and rolling it
-    back then fires nothing: the records would ride along with its next commit. Beginning
-    one (no database work: that waits for the first statement) makes the rollback seen.
-    """
-    if not session.in_transaction():
-        session.begin()
-    return session.info.setdefault(key, [])  # type: ignore[no-any-return]
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_on_rollback(session: Session, previous_transaction: Any) -> None:
-    # The outermost transaction only: a savepoint rolled back leaves the transaction's records.
-    if previous_transaction.parent is None:
-        session.info.pop(_INFO_KEY, None)
-        session.info.pop(_PENDING_KEY, None)
 
 
 def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from marketplace.db import utcnow
+from marketplace.db import take_buffer, transaction_buffer, utcnow
 from marketplace.prepared import Prepared
 from marketplace.settings import get_settings
 
@@ -33,8 +33,9 @@ def emit(session: Session, *, type: str, key: str, payload: dict[str, Any]) -> N
 # transaction's buffered audit records (`audit.service._chain_on_commit`): a submit and a
 # finalize each wrote the two in two round trips. Whatever that hook leaves (a transaction
 # without audit records, the chain's own AuditEvents) `_write_on_commit` writes after it. They
-# go with the transaction when it ends without a commit. Each row is encoded at `emit`, so
-# a payload that is not JSON fails there, not in the commit.
+# go with a transaction that ends without a commit, or a savepoint rolled back
+# (`db.transaction_buffer`). Each row is encoded at `emit`, so a payload that is not JSON fails
+# there, not in the commit.
 _DEFERRED = "marketplace.outbox"
 # The statement that writes them, from a JSON array of [topic, key, type, payload, created_at]
 # (rows keep the order given, so ids follow it); `:events` is its one parameter.
@@ -52,16 +53,14 @@ def emit_many(session: Session, *, type: str, events: list[tuple[str, dict[str, 
     if not events:
         return
     topic, now = topic_for(type), utcnow().isoformat()
-    if not session.in_transaction():
-        session.begin()  # so that a rollback before any database work is seen, and drops them
-    session.info.setdefault(_DEFERRED, []).extend(
+    transaction_buffer(session, _DEFERRED).extend(
         json.dumps([topic, key, type, payload, now], separators=(",", ":")) for key, payload in events)
 
 
 def take_deferred(session: Session) -> str | None:
     """The session's events not written yet, as `:events` for `INSERT_EVENTS_SQL` (None if none);
     the caller writes them in this transaction."""
-    rows = session.info.pop(_DEFERRED, None)
+    rows = take_buffer(session, _DEFERRED)
     return f"[{','.join(rows)}]" if rows else None
 
 
@@ -70,30 +69,3 @@ def _write_on_commit(session: Session) -> None:
     events = take_deferred(session)
     if events:
         _EMIT.execute(session.connection(), {"events": events})
-
-
-_SAVEPOINTS = "marketplace.outbox.savepoints"  # id(savepoint) -> how many events came before it
-
-
-@event.listens_for(Session, "after_transaction_create")
-def _mark_savepoint(session: Session, transaction: Any) -> None:
-    if transaction.nested:
-        session.info.setdefault(_SAVEPOINTS, {})[id(transaction)] = len(session.info.get(_DEFERRED, ()))
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_savepoints_events(session: Session, previous_transaction: Any) -> None:
-    # A savepoint rolled back takes the events emitted inside it, as it took their rows before.
-    if previous_transaction.nested:
-        mark = session.info.get(_SAVEPOINTS, {}).pop(id(previous_transaction), None)
-        if mark is not None and _DEFERRED in session.info:
-            del session.info[_DEFERRED][mark:]
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _forget_when_done(session: Session, transaction: Any) -> None:
-    # The outermost transaction: after a commit nothing is left, after a rollback or a close
-    # they go with it.
-    if transaction.parent is None:
-        session.info.pop(_DEFERRED, None)
-        session.info.pop(_SAVEPOINTS, None)

@@ -268,14 +268,14 @@ def test_a_transactions_buffered_records_are_written_at_its_commit_as_given(stac
 
     from marketplace.audit import service
     from marketplace.audit.models import AuditPending
-    from marketplace.db import session_scope
+    from marketplace.db import session_scope, transaction_buffer
 
     subject = f"test:{uuid.uuid4().hex}"
     with session_scope() as session:
         service.enqueue(session, actor="user:x", action="test.first", subject=subject, task_id=None,
                         data={"note": "é \"q\"", "n": 1})
         service.enqueue(session, actor="api", action="test.second", subject=subject, task_id=uuid.UUID(int=7))
-        buffered = [dict(v) for v in session.info[service._PENDING_KEY]]
+        buffered = [dict(v) for v in transaction_buffer(session, service._PENDING_KEY)]
     with pytest.raises(RuntimeError), session_scope() as session:
         session.execute(text("SELECT 1"))
         service.enqueue(session, actor="api", action="test.rolled_back", subject=subject)
@@ -293,11 +293,12 @@ def test_a_transactions_buffered_records_are_written_at_its_commit_as_given(stac
 def test_a_rollback_before_any_statement_forgets_the_buffered_records(stack):  # type: ignore[no-untyped-def]
     """A session rolled back before it touched the database has no DBAPI rollback to report; its
     buffered records must still go, not ride along with the session's next commit. A savepoint
-    rolled back inside a transaction leaves the transaction's records alone."""
+    rolled back inside a transaction takes the records added inside it and leaves the
+    transaction's own; a session closed without a commit takes its records with it."""
     import uuid
 
     from marketplace.audit import service
-    from marketplace.audit.models import AuditPending
+    from marketplace.audit.models import AuditPending, AuditRecord
     from marketplace.db import new_session
 
     subject = f"test:{uuid.uuid4().hex}"
@@ -308,9 +309,15 @@ def test_a_rollback_before_any_statement_forgets_the_buffered_records(stack):  #
         service.enqueue(session, actor="api", action="test.kept", subject=subject)
         savepoint = session.begin_nested()
         session.execute(text("SELECT 1"))
+        service.append(session, actor="api", action="test.in_savepoint", subject=subject)
+        service.enqueue(session, actor="api", action="test.in_savepoint", subject=subject)
         savepoint.rollback()
         session.commit()
+        service.enqueue(session, actor="api", action="test.closed", subject=subject)
+        session.close()
+        session.commit()
         actions = session.scalars(select(AuditPending.action).where(AuditPending.subject == subject)).all()
+        chained = session.scalars(select(AuditRecord.action).where(AuditRecord.subject == subject)).all()
     finally:
         session.close()
-    assert actions == ["test.kept"]
+    assert actions == ["test.kept"] and chained == []
