@@ -16,10 +16,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-# Debian tools the tests use for real: gVisor, bubblewrap, compose and promtool.
+# Debian tools the tests use for real: gVisor, bubblewrap, compose, promtool and PgBouncer.
 system-deps:
 	@missing=""; \
-	for pair in runsc:runsc bwrap:bubblewrap docker-compose:docker-compose promtool:prometheus; do \
+	for pair in runsc:runsc bwrap:bubblewrap docker-compose:docker-compose promtool:prometheus pgbouncer:pgbouncer; do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; command -v $$bin >/dev/null || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \

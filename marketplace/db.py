@@ -14,6 +14,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+from marketplace import prepared
+
 # Money: 18 digits, 6 after the point; never floats.
 Money = Numeric(24, 6)
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -45,15 +47,19 @@ def init_engine(url: str | None = None, **kwargs: Any) -> Engine:
     global _engine, _sessionmaker
     if _engine is not None:
         _engine.dispose(close=False)
-    if url is None:
-        from marketplace.settings import get_settings
+    from marketplace.settings import get_settings
 
-        url = get_settings().database_url
+    settings = get_settings()
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
-    _engine = create_engine(url, **kwargs)
+    _engine = create_engine(url or settings.database_url, **kwargs)
     _sessionmaker = sessionmaker(bind=_engine, expire_on_commit=False)
-    _instrument(_engine)
+    if settings.database_transaction_pooling:
+        # Each transaction may run on another server connection: nothing may rely on a session's
+        # state. The statement timeout is then the role's (`ALTER ROLE ... SET`, in the README).
+        prepared.send_inline(_engine)
+    else:
+        _statement_timeout(_engine)
     _ping_when_idle(_engine)
     return _engine
 
@@ -88,7 +94,7 @@ def _ping_when_idle(engine: Engine) -> None:
             raise exc.InvalidatePoolError(str(err)) from err
 
 
-def _instrument(engine: Engine) -> None:
+def _statement_timeout(engine: Engine) -> None:
     # Statement timeout keeps a stuck lock from hanging a web worker forever.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial

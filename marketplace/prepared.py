@@ -15,6 +15,11 @@ ones), ~8% of a pool process's CPU in a fan-out of single-item subtasks. Its err
 still go through SQLAlchemy (the same exception types; a dropped connection is
 invalidated), and where anything listens to statements (SQL tracing, a test that
 counts them) the statement takes SQLAlchemy's own path, so that they see it.
+
+Behind a transaction-mode pooler (PgBouncer `pool_mode = transaction`) a client's next
+transaction may run on a server connection that never prepared the name. An engine
+given `send_inline` sends each statement's whole text instead, every parameter cast to
+its declared type, so it means the same; PostgreSQL plans it at every call.
 """
 from __future__ import annotations
 
@@ -23,12 +28,23 @@ from collections import namedtuple
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy.engine import Connection
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 # SQLAlchemy's own rule for `:name` in text(): not `::type` casts, not `\:` escapes.
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 _PREPARED = "marketplace.prepared"
+_INLINE = "marketplace.prepared.inline"
+
+
+def send_inline(engine: Engine) -> None:
+    """Every `Prepared` runs as plain SQL on this engine's connections (no PREPARE): for a
+    pooler that hands each transaction whichever server connection is free."""
+
+    @event.listens_for(engine, "connect")
+    def _inline(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_INLINE] = True
 
 
 class Prepared:
@@ -37,13 +53,18 @@ class Prepared:
     def __init__(self, name: str, sql: str, types: dict[str, str]) -> None:
         self.name = name
         self.params: list[str] = []
-        body = _BIND.sub(self._number, sql)
+        # Both texts go to the driver with parameters (SQLAlchemy passes empty ones), which reads
+        # `%` as a placeholder: a literal one is escaped.
+        escaped = sql.replace("%", "%%")
+        body = _BIND.sub(self._number, escaped)
         untyped = [p for p in self.params if p not in types]
         if untyped:
             raise ValueError(f"prepared statement {name}: no type for {', '.join(untyped)}")
         signature = f" ({', '.join(types[p] for p in self.params)})" if self.params else ""  # `()` is a syntax error
         self.sql = f"PREPARE {name}{signature} AS {body}"
         self._execute = f"EXECUTE {name}({', '.join(['%s'] * len(self.params))})" if self.params else f"EXECUTE {name}"
+        # `send_inline`'s text: pyformat parameters (a name used twice is sent once).
+        self.inline = _BIND.sub(lambda m: f"CAST(%({m.group(1)})s AS {types[m.group(1)]})", escaped)
 
     def _number(self, match: re.Match[str]) -> str:
         if match.group(1) not in self.params:
@@ -52,24 +73,30 @@ class Prepared:
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> Any:
         """The statement's rows: `first()`, `one()`, `scalar()`, `scalar_one()`, `all()`, as on a result."""
-        prepared = conn.connection.info.setdefault(_PREPARED, set())
-        if self.name not in prepared:
-            conn.exec_driver_sql(self.sql)
-            prepared.add(self.name)
-        args = tuple(params[p] for p in self.params)
+        info = conn.connection.info
+        statement: str
+        args: Any
+        if info.get(_INLINE):
+            statement, args = self.inline, {p: params[p] for p in self.params}
+        else:
+            prepared = info.setdefault(_PREPARED, set())
+            if self.name not in prepared:
+                conn.exec_driver_sql(self.sql)
+                prepared.add(self.name)
+            statement, args = self._execute, tuple(params[p] for p in self.params)
         if conn.dispatch.before_cursor_execute or conn.dispatch.after_cursor_execute:
-            return conn.exec_driver_sql(self._execute, args)
+            return conn.exec_driver_sql(statement, args)
         if not conn.in_transaction():
             conn.begin()  # as SQLAlchemy's own execute would (autobegin): the caller's commit ends it
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(self._execute, args)
+            cursor.execute(statement, args)
             if cursor.description is None:
                 return Rows([])
             row = _row_type(tuple(c[0] for c in cursor.description))
             return Rows([row._make(r) for r in cursor.fetchall()])
         except Exception as exc:
-            conn._handle_dbapi_exception(exc, self._execute, args, cursor, None)
+            conn._handle_dbapi_exception(exc, statement, args, cursor, None)
             raise  # not reached: the call above raises SQLAlchemy's wrapping of `exc`
         finally:
             cursor.close()

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
 
     # Storage and transports.
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/marketplace"
+    # DATABASE_URL is a transaction-mode pooler (PgBouncer `pool_mode = transaction`): keep no
+    # state on a server connection (no prepared statements, no session SET); see the README.
+    database_transaction_pooling: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str | None = None  # defaults to redis_url
     result_backend: str | None = None  # defaults to redis_url

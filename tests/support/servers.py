@@ -1,4 +1,4 @@
-"""Real servers for tests: PostgreSQL, Redis, an S3 API and Celery workers, on free ports."""
+"""Real servers for tests: PostgreSQL (alone or behind PgBouncer), Redis, an S3 API and Celery workers, on free ports."""
 from __future__ import annotations
 
 import os
@@ -76,6 +76,53 @@ class Postgres:
         finally:
             if self.embedded is not None:
                 self.embedded.stop()
+
+
+class PgBouncer:
+    """Debian's `pgbouncer` in transaction mode in front of a test database: each transaction
+    gets whichever server connection is free (LIFO), at most `pool_size` of them."""
+
+    def __init__(self, pg: Postgres, *, pool_size: int = 3) -> None:
+        from sqlalchemy.engine import make_url
+
+        target = make_url(pg.url)
+        host = target.host or target.query.get("host") or "127.0.0.1"
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="mp-pgbouncer-")
+        os.chmod(self.dir, 0o755)  # read by the unprivileged user it runs as
+        user = target.username or "postgres"
+        Path(self.dir, "users.txt").write_text(f'"{user}" ""\n')
+        config = Path(self.dir, "pgbouncer.ini")
+        config.write_text(f"""[databases]
+{target.database} = host={host} port={target.port or 5432} dbname={target.database} user={user}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/users.txt
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 500
+ignore_startup_parameters = extra_float_digits
+""")
+        command = [binary, str(config)]
+        if os.geteuid() == 0:  # it refuses to run as root
+            command[1:1] = ["-u", pg.embedded.server.system_user if pg.embedded else "nobody"]
+        self.log = Path(self.dir, "pgbouncer.log")
+        self.proc = subprocess.Popen(command, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            wait_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"pgbouncer did not start: {self.log.read_text()[-2000:]}") from None
+        self.url = target.set(host="127.0.0.1", port=self.port, query={}).render_as_string(hide_password=False)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 def redis_server_binary() -> str:
