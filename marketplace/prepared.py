@@ -23,6 +23,7 @@ its declared type, so it means the same; PostgreSQL plans it at every call.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import namedtuple
 from functools import lru_cache
@@ -30,12 +31,17 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+
+logger = logging.getLogger(__name__)
 
 # SQLAlchemy's own rule for `:name` in text(): not `::type` casts, not `\:` escapes.
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 _PREPARED = "marketplace.prepared"
 _INLINE = "marketplace.prepared.inline"
+# invalid_sql_statement_name, duplicate_prepared_statement: what a transaction-mode pooler does
+# to prepared names, each transaction on another server connection.
+_NAME_LOST = ("26000", "42P05")
 
 
 def send_inline(engine: Engine) -> None:
@@ -73,6 +79,16 @@ class Prepared:
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> Any:
         """The statement's rows: `first()`, `one()`, `scalar()`, `scalar_one()`, `all()`, as on a result."""
+        try:
+            return self._run(conn, params)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) in _NAME_LOST:
+                logger.error("prepared statement %s: %s. Behind a transaction-mode pooler (PgBouncer "
+                             "pool_mode = transaction) set MARKETPLACE_DATABASE_TRANSACTION_POOLING=true",
+                             self.name, str(exc.orig).strip())
+            raise
+
+    def _run(self, conn: Connection, params: dict[str, Any]) -> Any:
         info = conn.connection.info
         statement: str
         args: Any

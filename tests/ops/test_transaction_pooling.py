@@ -45,13 +45,15 @@ def _second_call_on_another_server(engine, stmt) -> tuple:  # type: ignore[no-un
             other.rollback()
 
 
-def test_prepared_statements_fail_behind_a_transaction_pooler_and_inline_ones_work(bouncer):  # type: ignore[no-untyped-def]
+def test_prepared_statements_fail_behind_a_transaction_pooler_and_inline_ones_work(bouncer, caplog):  # type: ignore[no-untyped-def]
     from marketplace.prepared import send_inline
 
     prepared = create_engine(bouncer.url)
     with pytest.raises(exc.DBAPIError, match="prepared statement .* does not exist"):
         _second_call_on_another_server(prepared, _statement(f"mp_test_{uuid.uuid4().hex[:8]}"))
     prepared.dispose()
+    # The operator is told which setting fixes it.
+    assert "set MARKETPLACE_DATABASE_TRANSACTION_POOLING=true" in caplog.text
 
     inline = create_engine(bouncer.url)
     send_inline(inline)
