@@ -5,7 +5,6 @@ its recorded outcome without running again, and its part key is deterministic.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from marketplace.billing import signals as billing
 from marketplace.errors import database_unavailable
-from marketplace.results.service import part_key, run_after_commit
+from marketplace.results.service import encode_part, part_key, run_after_commit
 from marketplace.storage import StorageError, get_store
 from marketplace.tasks import progress
 from workers import node
@@ -60,7 +59,7 @@ def execute(
         outputs = executor.run(work["inputs"], work["params"], ctx)
         if len(outputs) != base["items"]:
             raise ExecutionError(f"model returned {len(outputs)} outputs for {base['items']} items")
-        data = json.dumps(outputs, separators=(",", ":")).encode()
+        data = encode_part(outputs)
         key = part_key(base["task_id"], index)
         sha = get_store().put_bytes(key, data, "application/json")
     except ExecutionError as exc:

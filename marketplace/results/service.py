@@ -6,6 +6,7 @@ import logging
 import uuid
 from typing import Any, NamedTuple
 
+import pydantic_core
 from sqlalchemy import bindparam, func, literal_column, select
 from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 from sqlalchemy.orm import Session
@@ -31,6 +32,15 @@ def part_key(task_id: str, index: int) -> str:
 
 def result_key(task_id: str) -> str:
     return f"results/{task_id}/result.json"
+
+
+def encode_part(outputs: list[Any]) -> bytes:
+    """A part's JSON, compact, non-ASCII escaped and NaN written as `json.dumps` writes them.
+
+    pydantic-core's encoder: an embedding part (64 x 384 floats) took 5.7 ms in `json.dumps`
+    and takes 1.1 here, ~2% of the subtask. Floats keep their shortest round-trip digits
+    (`1e-7` where `json.dumps` writes `1e-07`: the same number)."""
+    return pydantic_core.to_json(outputs, ensure_ascii=True, inf_nan_mode="constants")
 
 
 def _finish(
@@ -207,6 +217,6 @@ def save_partial(
         progress.release_subtask(subtask_id, error=f"SavePartial sent {len(outputs)} outputs for {items} items")
         raise InvalidInput.field("outputs", f"expected {items} outputs for subtask {index}, got {len(outputs)}")
     key = part_key(task_id, index)
-    sha = get_store().put_bytes(key, json.dumps(outputs, separators=(",", ":")).encode(), "application/json")
+    sha = get_store().put_bytes(key, encode_part(outputs), "application/json")
     progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=seconds)
     return {"key": key, "sha256": sha, "items": items}

@@ -84,3 +84,23 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     last, subtasks, _inserted, _hold = answer["result"]  # type: ignore[misc]
     assert (last, subtasks) == (True, 2)
 
+
+
+def test_a_part_is_compact_json_with_escaped_text_and_json_dumps_constants():  # type: ignore[no-untyped-def]
+    """`encode_part` replaces `json.dumps(outputs, separators=(",", ":"))`: the same values, ASCII
+    only, NaN and infinities as Python's json writes and reads them; unknown types still fail."""
+    import math
+
+    import pytest
+
+    from marketplace.results.service import encode_part
+
+    outputs = [1, "é\u2028\"\\\n", None, True, {"a": [1.5, -0.0, 1e-7, 10**30]}, [float("nan"), float("inf")]]
+    data = encode_part(outputs)
+    assert data.isascii() and b" " not in data
+    decoded = json.loads(data)
+    assert decoded[:5] == outputs[:5] and math.isnan(decoded[5][0]) and decoded[5][1] == math.inf
+    vectors = [[round(0.001 * i - 0.2, 7) for i in range(384)] for _ in range(4)]
+    assert json.loads(encode_part(vectors)) == vectors
+    with pytest.raises(ValueError):
+        encode_part([object()])
