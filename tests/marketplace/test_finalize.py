@@ -88,7 +88,8 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
 
 def test_a_part_is_compact_json_with_escaped_text_and_json_dumps_constants():  # type: ignore[no-untyped-def]
     """`encode_part` replaces `json.dumps(outputs, separators=(",", ":"))`: the same values, ASCII
-    only, NaN and infinities as Python's json writes and reads them; unknown types still fail."""
+    only, NaN and infinities as Python's json writes and reads them, lone surrogates kept; unknown
+    types still fail."""
     import math
 
     import pytest
@@ -102,5 +103,7 @@ def test_a_part_is_compact_json_with_escaped_text_and_json_dumps_constants():  #
     assert decoded[:5] == outputs[:5] and math.isnan(decoded[5][0]) and decoded[5][1] == math.inf
     vectors = [[round(0.001 * i - 0.2, 7) for i in range(384)] for _ in range(4)]
     assert json.loads(encode_part(vectors)) == vectors
-    with pytest.raises(ValueError):
+    surrogates = json.loads('["\\ud800x", {"k": "\\udfff"}]')  # valid JSON input, not encodable as UTF-8
+    assert json.loads(encode_part(surrogates)) == surrogates
+    with pytest.raises(TypeError):  # as json.dumps always refused it: the subtask fails with the reason
         encode_part([object()])
