@@ -13,10 +13,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from marketplace.catalog import CONTROL_QUEUES  # noqa: E402 - reads no settings
 from marketplace.prepared import Prepared  # noqa: E402 - reads no settings
 from tests.support.servers import CeleryWorker, Postgres, RedisServer  # noqa: E402
 
-CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from marketplace.catalog import CONTROL_QUEUES
 from tests.support.servers import CeleryWorker, Postgres, RedisServer, S3Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +100,7 @@ def redis_client(stack: dict[str, str]):  # type: ignore[no-untyped-def]
 
 
 ALL_COMPUTE_QUEUES = ["cpu.generic", "cpu.embedding"]
-CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
 
 
 @pytest.fixture(scope="session")

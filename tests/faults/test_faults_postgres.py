@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from marketplace.catalog import CONTROL_QUEUES
 from tests.support.api import register, wait_for_task
 from tests.support.env import switched_env
 from tests.support.servers import CeleryWorker
 
-CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
 pytestmark = pytest.mark.slow
 
 

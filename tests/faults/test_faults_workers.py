@@ -10,11 +10,12 @@ import psutil
 import pytest
 from sqlalchemy import text
 
+from marketplace.catalog import CONTROL_QUEUES
 from tests.support.api import register, wait_for_task
 from tests.support.servers import CeleryWorker
 from tests.support.wait import wait_until
 
-CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
 pytestmark = pytest.mark.slow
 
 

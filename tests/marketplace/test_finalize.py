@@ -85,7 +85,6 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     assert (last, subtasks) == (True, 2)
 
 
-
 def test_a_part_is_compact_json_with_escaped_text_and_json_dumps_constants():  # type: ignore[no-untyped-def]
     """`encode_part` replaces `json.dumps(outputs, separators=(",", ":"))`: the same values, ASCII
     only, NaN and infinities as Python's json writes and reads them, lone surrogates kept; unknown

@@ -9,11 +9,12 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import create_engine, exc
 
+from marketplace.catalog import CONTROL_QUEUES
 from tests.support.api import register, wait_for_task
 from tests.support.env import private_broker, switched_env
 from tests.support.servers import CeleryWorker, PgBouncer, Postgres
 
-CONTROL = ["marketplace.scheduler", "marketplace.results", "marketplace.maintenance"]
+CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
 
 
 @pytest.fixture(scope="module")
