@@ -17,6 +17,7 @@ from marketplace.catalog import CONTROL_QUEUES
 
 logger = logging.getLogger(__name__)
 ADMIN_EMAIL = "admin@marketplace.local"
+VISION_VENV = Path(__file__).resolve().parents[1] / ".venv-vision"  # `make vision` builds it
 
 
 class Standalone:
@@ -85,10 +86,11 @@ class Standalone:
         return password
 
     # -- children -----------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.data_dir / f"{name}.log", "ab")
         # A new session per child: a signal to its group reaches its own children (pool, gunicorn workers).
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
         self.children.append((name, proc))
 
     def _bin(self, name: str) -> str:
@@ -97,21 +99,28 @@ class Standalone:
     def _start_children(self) -> None:
         from marketplace.catalog import get_catalog
         from marketplace.registry.facts import gpus
+        from marketplace.settings import get_settings
 
         # Every queue this machine can serve: GPU queues only with a GPU, or `device: any`
         # would prefer a GPU queue that this node then fails on.
         has_gpu = bool(gpus())
         compute = [q for q in get_catalog().queues if has_gpu or not q.startswith("gpu.")]
+        vision = self._vision_node(compute)
+        compute = [q for q in compute if vision is None or q not in vision[1]]
         queues = ",".join(list(CONTROL_QUEUES) + compute)
         marketplace = self._bin("marketplace")
         celery = self._bin("celery")
         self._spawn("api", [marketplace, "api", "--host", "127.0.0.1", "--port", str(self.port)])
         self._spawn("worker", [celery, "-A", "marketplace", "worker", "-Q", queues, "-c", str(self.concurrency),
                                "-E", "-O", "fair", "-n", "standalone@%h", "--loglevel", "INFO"])
+        if vision is not None:
+            self._spawn("worker-vision", [vision[0], "-A", "marketplace", "worker", "-Q", ",".join(vision[1]),
+                                          "-c", "1", "-E", "-O", "fair", "--prefetch-multiplier", "1",
+                                          "-n", "standalone-vision@%h", "--loglevel", "INFO"],
+                        # its own /metrics port: the main node holds MARKETPLACE_METRICS_PORT
+                        env={"MARKETPLACE_METRICS_PORT": str(get_settings().metrics_port + 1)})
         self._spawn("beat", [celery, "-A", "marketplace", "beat", "--schedule", str(self.data_dir / "beat-schedule"),
                              "--loglevel", "INFO"])
-        from marketplace.settings import get_settings
-
         s = get_settings()
         self._spawn("flower", [celery, "-A", "marketplace", "flower", "--address=127.0.0.1",
                                f"--port={self.flower_port}",
@@ -120,6 +129,20 @@ class Standalone:
 
         if "grpc" in cli.main.commands:
             self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)])
+
+    @staticmethod
+    def _vision_node(compute: list[str]) -> tuple[str, list[str]] | None:
+        """(celery, queues) for a second node from `.venv-vision`, when resnet50 cannot run in this
+        Python (torchvision does not live beside `.venv`'s CPU torch) and `make vision` built that
+        venv. Without it the main node keeps the queues and refuses resnet50, saying why."""
+        from marketplace.catalog import get_catalog
+        from workers.executors import missing_modules
+
+        celery = VISION_VENV / "bin" / "celery"
+        queues = [q for q in compute if "resnet50" in get_catalog().models_for_queue(q)]
+        if not queues or not missing_modules("resnet50") or not celery.exists():
+            return None
+        return str(celery), queues
 
     def _wait_ready(self, timeout: float = 60.0) -> bool:
         import urllib.request

@@ -3,7 +3,9 @@
 - The registry asks `refusals(queues)` at worker start (main process) and
   advertises the result, so the scheduler does not count this node for a
   model it refuses. `generic` is refused when no sandbox works here; `echo`
-  shares `cpu.generic` and keeps running.
+  shares `cpu.generic` and keeps running. A model whose executor's modules
+  are not installed in this node's Python (torchvision for resnet50 outside
+  `.venv-vision`) is refused too.
 - `worker_process_init` warms the executors of the models this node consumes
   (in a thread: billiard kills a child that takes more than ~4 s to report
   up, and loading a model can take longer on a busy machine; the executors
@@ -12,8 +14,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init
@@ -43,11 +46,22 @@ def _cached_sandbox_problem() -> str | None:
     return sandbox_problem()
 
 
+@cache
+def _missing_modules_problem(model: str) -> str | None:
+    from workers.executors import missing_modules
+
+    missing = missing_modules(model)
+    if not missing:
+        return None
+    hint = " (resnet50 nodes run from .venv-vision: `make vision`)" if "torchvision" in missing else ""
+    return f"{', '.join(missing)} not installed in {sys.executable}{hint}"
+
+
 def refusal(model: str) -> str | None:
     """Why this process refuses `model` (checked once per process), else None."""
     if model in SANDBOXED_MODELS:
         return _cached_sandbox_problem()
-    return None
+    return _missing_modules_problem(model)
 
 
 def refusals(queues: list[str]) -> dict[str, str]:

@@ -115,7 +115,21 @@ def _wait_reason(model: str, device: str, spec: ModelSpec | None, candidates: li
         return f"model {model!r} is no longer in the catalog"
     if not candidates:
         return f"model {model!r} does not run on device {device!r} (devices: {', '.join(spec.devices)})"
-    return f"no live worker serves {' or '.join(candidates)} for model {model!r}"
+    return f"no live worker serves {' or '.join(candidates)} for model {model!r}" + _refused_by(model, candidates)
+
+
+def _refused_by(model: str, candidates: list[str]) -> str:
+    """Live nodes that consume a candidate queue but refuse the model, with their reasons: the
+    operator's fix (a sandbox, a missing module) is then in the task's status. Read only on the
+    waiting path."""
+    if not get_settings().worker_capacity_check:
+        return ""
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_workers
+
+    refusals = [f"{w.get('hostname')} refuses it: {w['unavailable'][model]}" for w in live_workers(get_redis())
+                if model in (w.get("unavailable") or {}) and set(candidates) & set(w.get("queues") or [])]
+    return f" ({'; '.join(refusals)})" if refusals else ""
 
 
 def schedule_task(task_id: str, *, model: str | None = None) -> Outcome:

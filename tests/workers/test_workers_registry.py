@@ -161,3 +161,37 @@ def test_generic_subtask_on_a_node_without_sandbox_fails_with_the_reason(stack, 
         assert node.refusal("echo") is None
     finally:
         node._cached_sandbox_problem.cache_clear()
+
+
+def test_a_node_without_torchvision_refuses_resnet50_and_a_job_waits_naming_it(  # type: ignore[no-untyped-def]
+    client, user, worker, nodes, redis_client,
+):
+    """`.venv` cannot hold torchvision beside its CPU torch (`make vision` builds the venv that
+    can): a node from it refuses resnet50, where it took every job and failed each subtask with
+    ModuleNotFoundError. The waiting task says which node refuses and why."""
+    import importlib.util
+    import io
+
+    assert importlib.util.find_spec("torchvision") is None, "this test needs a Python without torchvision"
+    node = nodes(["cpu.resnet50"], concurrency=1, env=NO_WARMUP)
+    node.wait_ready(redis_client)
+    doc = _listed(client, user, node.hostname)
+    assert set(doc["unavailable"]) == {"resnet50"}, doc
+    reason = doc["unavailable"]["resnet50"]
+    assert "torchvision" in reason and " not installed in " in reason and ".venv-vision" in reason, reason
+    assert "will NOT run 'resnet50'" in node.tail(200)
+    models = {m["name"]: m for m in client.get("/v1/models", headers=user["headers"]).get_json()["models"]}
+    assert models["resnet50"]["live_workers"].get("cpu.resnet50", 0) == 0
+
+    upload = client.post("/v1/files", data={"file": (io.BytesIO(b"\x89PNG not really"), "x.png")},
+                         headers=user["headers"], content_type="multipart/form-data")
+    resp = client.post("/v1/tasks", json={"model": "resnet50", "device": "cpu",
+                                          "inputs": [{"file": upload.get_json()["id"]}]}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    task_id = resp.get_json()["id"]
+    doc = wait_until(lambda: (d := client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json())
+                     .get("status_reason") and d, 60, "the scheduler to record why the task waits")
+    assert doc["status"] == "Created"
+    assert doc["status_reason"] == (f"waiting: no live worker serves cpu.resnet50 for model 'resnet50' "
+                                    f"({node.hostname} refuses it: {reason})")
+    assert client.post(f"/v1/tasks/{task_id}/cancel", headers=user["headers"]).status_code == 202
