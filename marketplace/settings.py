@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 5  # retries after the first attempt, backoff doubling each time
     webhook_retry_backoff: float = 1.0  # seconds before the first retry
+    # Deliver to loopback, private and link-local addresses too (single machine, tests): off, so a
+    # user's webhook cannot reach what only the cluster reaches (`marketplace/webhook_targets.py`).
+    webhook_allow_private: bool = False
     signup_credits: Decimal = Decimal("100")
     default_max_active_tasks: int = 20
     default_max_items_per_task: int = 200_000

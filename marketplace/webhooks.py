@@ -3,7 +3,8 @@
 `X-Marketplace-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed by the user's
 webhook_secret>` (shown in `GET /v1/me`). Delivery is a Celery task on
 `marketplace.maintenance`, sent after the final status commits, retried with
-exponential backoff a bounded number of times.
+exponential backoff a bounded number of times. Only to public addresses, unless the
+deployment allows more (`marketplace/webhook_targets.py`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import uuid
 from typing import Any
 
 from marketplace.celery_app import app
+from marketplace.webhook_targets import resolved_refusal
 
 logger = logging.getLogger(__name__)
 EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
@@ -59,6 +61,12 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> t
     """POST once: (delivered, worth retrying, what happened)."""
     import requests
 
+    try:
+        refused = resolved_refusal(url)
+    except OSError as exc:  # the name does not resolve now: worth a retry, like a refused connection
+        return False, True, f"cannot resolve the webhook host: {exc}"
+    if refused:
+        return False, False, refused
     try:
         resp = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:

@@ -70,6 +70,9 @@ def stack(postgres: Postgres, redis_server: RedisServer, s3_server: S3Server) ->
         "MARKETPLACE_RATE_LIMIT": "100000/minute",
         "MARKETPLACE_ANONYMOUS_RATE_LIMIT": "100000/minute",
         "MARKETPLACE_LOG_JSON": "false",
+        # Webhook tests deliver to receivers on 127.0.0.1; tests/security/test_security_webhooks.py
+        # turns it off to check the refusals.
+        "MARKETPLACE_WEBHOOK_ALLOW_PRIVATE": "true",
     }
     sandbox = _sandbox()
     if sandbox:

@@ -22,6 +22,16 @@ class TaskRequest(BaseModel):
     webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the task document on a final status.")
     max_cost: Decimal | None = Field(default=None, gt=0, max_digits=24, decimal_places=6)
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _public_webhook(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        from marketplace.webhook_targets import literal_refusal
+
+        refused = literal_refusal(str(value)) if value is not None else None
+        if refused:
+            raise ValueError(refused)
+        return value
+
     @field_validator("max_cost", mode="before")
     @classmethod
     def _no_float_money(cls, value: Any) -> Any:

@@ -1,0 +1,66 @@
+"""Where a webhook may be delivered: public addresses only, unless the deployment allows more.
+
+A webhook is a POST that a worker sends to a URL the user chose. Without a check, any user
+could aim it at what only the cluster reaches: the cloud's metadata service (169.254.169.254),
+MinIO, Flower, a node's /metrics, a database's HTTP port. So a URL whose host is, or resolves
+to, a loopback, private, link-local or otherwise non-global address is refused:
+at submit when the host is an address literal or `localhost` (a 422 naming `webhook_url`),
+and at delivery after resolving the name, since DNS can change in between.
+`MARKETPLACE_WEBHOOK_ALLOW_PRIVATE=true` lifts it for single-machine and test setups.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+_LOCAL_NAMES = ("localhost", "localhost.localdomain")
+
+
+def _not_global(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) is link-local anyway
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def _host(url: str) -> str:
+    return (urlsplit(url).hostname or "").rstrip(".").lower()
+
+
+def literal_refusal(url: str) -> str | None:
+    """Why `url` may not be a webhook, judged without DNS (at submit), else None."""
+    from marketplace.settings import get_settings
+
+    if get_settings().webhook_allow_private:
+        return None
+    host = _host(url)
+    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+        return f"webhook host {host!r} is this machine; webhooks go to public addresses only"
+    try:
+        private = _not_global(host)
+    except ValueError:  # a name: checked when it is resolved, at delivery
+        return None
+    return f"webhook host {host} is not a public address; webhooks go to public addresses only" if private else None
+
+
+def resolved_refusal(url: str) -> str | None:
+    """Why a delivery to `url` is refused now, after resolving its host, else None.
+
+    Raises OSError when the name does not resolve (worth a retry, like a refused connection).
+    Every address must be public: the HTTP client may connect to any of them."""
+    from marketplace.settings import get_settings
+
+    if get_settings().webhook_allow_private:
+        return None
+    refused = literal_refusal(url)
+    if refused:
+        return refused
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = sorted({info[4][0] for info in socket.getaddrinfo(_host(url), port, type=socket.SOCK_STREAM)})
+    private = [a for a in addresses if _not_global(a)]
+    if private:
+        return (f"webhook host {_host(url)} resolves to {', '.join(private)}, not a public address; "
+                "webhooks go to public addresses only")
+    return None

@@ -1,0 +1,117 @@
+"""Webhooks cannot be aimed inside the cluster: a user's URL whose host is, or resolves to, a
+loopback, private or link-local address (the metadata service, MinIO, Flower, /metrics) is
+refused at submit (422 naming `webhook_url`) or at delivery (nothing is sent, no retry).
+The test session allows private targets (its receivers listen on 127.0.0.1); these tests
+switch that off in this process."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from sqlalchemy import text
+
+from tests.api.test_api_webhooks import Receiver
+from tests.support.api import register, wait_for_task
+
+INTERNAL = [
+    "http://127.0.0.1:9808/metrics",
+    "http://localhost:5555/api/workers",
+    "http://LOCALHOST./hook",
+    "http://flower.localhost/hook",
+    "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
+    "http://10.0.0.5:9000/marketplace",
+    "http://192.168.1.1/",
+    "http://172.16.0.1/",
+    "http://100.64.0.1/",  # carrier-grade NAT, not global either
+    "http://0.0.0.0:8000/",
+    "http://2130706433/",  # 127.0.0.1 written as one number
+    "http://0x7f.1/",
+    "http://[::1]:8000/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[fe80::1]/",
+    "http://[fd00::1]/",
+]
+
+
+@pytest.fixture()
+def user(client):  # type: ignore[no-untyped-def]
+    return register(client)
+
+
+@pytest.fixture()
+def public_only(monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "webhook_allow_private", False)
+
+
+def _tasks(user_id: str) -> int:
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user_id}).scalar()
+
+
+@pytest.mark.parametrize("url", INTERNAL)
+def test_a_webhook_to_an_internal_address_is_refused_at_submit_naming_the_field(  # type: ignore[no-untyped-def]
+    client, user, public_only, url,
+):
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "webhook_url": url},
+                       headers=user["headers"])
+    assert resp.status_code == 422, resp.get_json()
+    errors = resp.get_json()["errors"]
+    assert [e["field"] for e in errors] == ["webhook_url"], errors
+    assert "public addresses only" in errors[0]["message"], errors
+    assert _tasks(user["id"]) == 0
+
+
+def test_a_public_webhook_is_accepted_without_resolving_it_at_submit(client, user, public_only):  # type: ignore[no-untyped-def]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "device": "cpu",
+                                          "webhook_url": "https://hooks.example.com/marketplace"},
+                       headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+
+
+def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(  # type: ignore[no-untyped-def]
+    client, user, worker, monkeypatch,
+):
+    """A name passes the submit check (no DNS there); the delivery resolves it and sends nothing.
+    This machine's hostname resolves to a loopback or private address (/etc/hosts)."""
+    from marketplace import webhooks
+    from marketplace.settings import get_settings
+
+    name = socket.gethostname()
+    addresses = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+    assert addresses and not any(ipaddress.ip_address(a).is_global for a in addresses), addresses
+    receiver = Receiver()
+    try:
+        url = receiver.url.replace("127.0.0.1", name)
+        task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "webhook_url": url},
+                           headers=user["headers"]).get_json()
+        assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
+        receiver.wait(1)  # the session's workers allow private targets: it was delivered there
+
+        monkeypatch.setattr(get_settings(), "webhook_allow_private", False)
+        attempts: list[str] = []
+        real_post = webhooks.post
+
+        def counting_post(url, body, headers, *, timeout):  # type: ignore[no-untyped-def]
+            attempts.append(url)
+            return real_post(url, body, headers, timeout=timeout)
+
+        monkeypatch.setattr(webhooks, "post", counting_post)
+        result = webhooks.deliver.apply(args=[task["id"]]).get()  # in this process, eagerly
+        assert result["ok"] is False and result["attempts"] == 1, result
+        assert f"{name} resolves to" in result["error"] and "public addresses only" in result["error"], result
+        assert attempts == [url]  # one try, no retries
+        assert len(receiver.deliveries) == 1 and receiver.attempts == 1  # nothing more reached it
+    finally:
+        receiver.stop()
+
+
+def test_a_host_that_does_not_resolve_is_retried(public_only):  # type: ignore[no-untyped-def]
+    from marketplace import webhooks
+
+    ok, retry, note = webhooks.post("http://no-such-host.invalid/hook", b"{}", {}, timeout=2)
+    assert (ok, retry) == (False, True) and "cannot resolve the webhook host" in note
