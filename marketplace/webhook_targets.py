@@ -5,7 +5,8 @@ could aim it at what only the cluster reaches: the cloud's metadata service (169
 MinIO, Flower, a node's /metrics, a database's HTTP port. So a URL whose host is, or resolves
 to, a loopback, private, link-local or otherwise non-global address is refused:
 at submit when the host is an address literal or `localhost` (a 422 naming `webhook_url`),
-and at delivery after resolving the name, since DNS can change in between.
+and at delivery after resolving the name, since DNS can change in between; the delivery's
+HTTP session then checks the address it actually connected to (`public_session`).
 `MARKETPLACE_WEBHOOK_ALLOW_PRIVATE=true` lifts it for single-machine and test setups.
 """
 from __future__ import annotations
@@ -64,3 +65,50 @@ def resolved_refusal(url: str) -> str | None:
         return (f"webhook host {_host(url)} resolves to {', '.join(private)}, not a public address; "
                 "webhooks go to public addresses only")
     return None
+
+
+def public_session():  # type: ignore[no-untyped-def]
+    """A `requests.Session` that refuses to send anything to a non-global peer.
+
+    `resolved_refusal` checks the name before the POST, but the HTTP client resolves it again:
+    a name that answers a public address to the check and a private one to the client (DNS
+    rebinding) would get through. This session checks the address it actually connected to,
+    before a byte is sent. (Through a proxy, the peer is the proxy, which the deployment chose.)"""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import NewConnectionError
+
+    from marketplace.settings import get_settings
+
+    session = requests.Session()
+    if get_settings().webhook_allow_private:
+        return session
+
+    def checked(sock, conn):  # type: ignore[no-untyped-def]
+        peer = sock.getpeername()[0]
+        if _not_global(peer):
+            sock.close()
+            raise NewConnectionError(conn, f"refused: {conn.host} connected to {peer}, not a public address")
+        return sock
+
+    class PublicHTTP(HTTPConnection):
+        def _new_conn(self):  # type: ignore[no-untyped-def]
+            return checked(super()._new_conn(), self)
+
+    class PublicHTTPS(HTTPSConnection):
+        def _new_conn(self):  # type: ignore[no-untyped-def]
+            return checked(super()._new_conn(), self)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {
+                "http": type("PublicHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": PublicHTTP}),
+                "https": type("PublicHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": PublicHTTPS}),
+            }
+
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    return session

@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from marketplace.celery_app import app
-from marketplace.webhook_targets import resolved_refusal
+from marketplace.webhook_targets import public_session, resolved_refusal
 
 logger = logging.getLogger(__name__)
 EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
@@ -68,7 +68,8 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> t
     if refused:
         return False, False, refused
     try:
-        resp = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+        with public_session() as session:
+            resp = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         return False, True, f"{type(exc).__name__}: {exc}"
     if 200 <= resp.status_code < 300:

@@ -115,3 +115,24 @@ def test_a_host_that_does_not_resolve_is_retried(public_only):  # type: ignore[n
 
     ok, retry, note = webhooks.post("http://no-such-host.invalid/hook", b"{}", {}, timeout=2)
     assert (ok, retry) == (False, True) and "cannot resolve the webhook host" in note
+
+
+def test_the_connection_itself_is_checked_so_a_rebound_name_gets_nothing(public_only, monkeypatch):  # type: ignore[no-untyped-def]
+    """DNS rebinding: a name that resolves publicly for the check and privately for the HTTP
+    client. The session the delivery posts with checks the address it connected to, before
+    sending, so even a URL that skipped the name check reaches nothing inside."""
+    import requests
+
+    from marketplace.settings import get_settings
+    from marketplace.webhook_targets import public_session
+
+    receiver = Receiver()
+    try:
+        with pytest.raises(requests.ConnectionError, match="127.0.0.1, not a public address"):
+            public_session().post(receiver.url, data=b"{}", timeout=5)
+        assert receiver.attempts == 0
+        monkeypatch.setattr(get_settings(), "webhook_allow_private", True)
+        assert public_session().post(receiver.url, data=b"{}", timeout=5).status_code == 204
+        assert receiver.attempts == 1
+    finally:
+        receiver.stop()
