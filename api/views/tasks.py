@@ -39,7 +39,7 @@ def submit():  # type: ignore[no-untyped-def]
     )
     session.commit()
     if created:
-        tasks.enqueue_schedule(task.id, first=True, model=task.model)
+        tasks.schedule_accepted(task)
     # Everything the acceptance needs is on the row: no progress or cost queries on the hot path.
     links = tasks.task_links(task.id)
     resp = jsonify({

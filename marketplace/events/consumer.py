@@ -1,6 +1,6 @@
 """Consume `SubmitTask` records and create tasks exactly as REST `POST /v1/tasks` does.
 
-- Same path: `tasks.service.create_task` + commit + `enqueue_schedule`, with the
+- Same path: `tasks.service.create_task` + commit + `schedule_accepted`, with the
   proto fields validated by the same `TaskRequest` model as REST and gRPC.
 - Replays: the dedupe key is (user, idempotency_key). The task's own
   idempotency key makes `create_task` return the existing task, and a
@@ -91,7 +91,7 @@ def handle_submission(value: bytes | None) -> Outcome:
             session.rollback()
             return Outcome("duplicate", str(task.id))
         if created:
-            tasks.enqueue_schedule(task.id, first=True, model=task.model)
+            tasks.schedule_accepted(task)
         return Outcome("created" if created else "duplicate", str(task.id))
     finally:
         session.close()

@@ -76,7 +76,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         )
         call.session.commit()
         if created:
-            tasks.enqueue_schedule(task.id, first=True, model=task.model)
+            tasks.schedule_accepted(task)
         return task_pb2.CreateTaskResponse(task=self._describe(call, task), idempotent_replay=not created)
 
     @rpc()

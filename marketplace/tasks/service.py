@@ -131,7 +131,7 @@ def create_task(
 ) -> tuple[Task, bool]:
     """Validate and store a task with its subtasks, hold and TaskCreated event.
 
-    Returns (task, created). The caller commits, then calls `enqueue_schedule`.
+    Returns (task, created). The caller commits, then calls `schedule_accepted`.
     """
     settings = get_settings()
     spec, devices = resolve_model(request)
@@ -278,6 +278,28 @@ AUDITED_HEADER = "marketplace_audited"
 def schedule_message_id(task_id: uuid.UUID | str) -> str:
     """The broker id of a task's first scheduling message (named in its `task.created` record)."""
     return f"{task_id}:schedule"
+
+
+def schedule_accepted(task: Task) -> bool:
+    """Send a just-committed task's first `schedule` message; False when the broker could not
+    take it.
+
+    The task is durable by now, with its hold: answering 503 would have the client send it
+    again, a second task. So a broker that is down here leaves it `Created`, and recovery
+    (`maintenance.recover`) sends the message once the task has sat past
+    `recovery_stall_seconds`. Anything else still raises."""
+    from marketplace.errors import unavailable_dependency
+
+    try:
+        enqueue_schedule(task.id, first=True, model=task.model)
+    except Exception as exc:
+        if unavailable_dependency(exc) not in ("redis", "broker"):
+            raise
+        logger.warning("task %s accepted, but its schedule message was not sent (%s: %s); recovery sends it "
+                       "once the task has waited %ss", task.id, type(exc).__name__, exc,
+                       get_settings().recovery_stall_seconds)
+        return False
+    return True
 
 
 def enqueue_schedule(

@@ -315,3 +315,43 @@ def test_a_big_job_whose_chord_callback_never_comes_is_finished_by_its_last_subt
         _assert_exactly_once(client, user, task_id, inputs)
     finally:
         node.stop()
+
+
+def test_a_broker_down_between_the_commit_and_the_schedule_message_still_accepts_and_recovery_runs_it(  # type: ignore[no-untyped-def]
+    client, own_broker, monkeypatch,
+):
+    """The task and its hold are committed when the broker goes away: the submit answers 202
+    (a 503 would have the client send a second task), and recovery sends the lost `schedule`
+    message once the broker is back. The job ends Done, charged once."""
+    from marketplace import maintenance
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+    from marketplace.tasks import service
+
+    user = register(client)
+    enqueue = service.enqueue_schedule
+
+    def broker_gone(*args, **kwargs):  # type: ignore[no-untyped-def]
+        own_broker.stop()  # the real broker, just after the submit's commit
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(service, "enqueue_schedule", broker_gone)
+    inputs = [1, 2, 3]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 1}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    task_id = resp.get_json()["id"]
+    monkeypatch.setattr(service, "enqueue_schedule", enqueue)
+    own_broker.start()
+    assert _db("SELECT status FROM tasks WHERE id = :t", t=task_id)[0].status == "Created"
+
+    node = _start(CONTROL + ["cpu.generic"], "after-outage", get_redis())
+    try:
+        monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 0.0)
+        report = maintenance.recover()
+        assert task_id in report["rescheduled"], report
+        doc = wait_for_task(client, user["headers"], task_id, timeout=60)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+        assert len(_db("SELECT id FROM tasks WHERE user_id = :u", u=user["id"])) == 1
+    finally:
+        node.stop()
