@@ -42,6 +42,7 @@ def recover_stalled() -> dict[str, list[str]]:
       it (a node that died: `broker.held_since`).
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
+    - Webhook deliveries whose message was lost: send them again (`resend_lost_webhooks`).
     """
     from marketplace.broker import held_since, lost_before, queue_depths
     from marketplace.observability.tracing import job_trace
@@ -126,7 +127,31 @@ def recover_stalled() -> dict[str, list[str]]:
         finalize_task(task_id)
         report["finalized"].append(task_id)
     report["settled"] = settle_stray_charges(recorded_before=cutoff)
+    report["webhooks"] = resend_lost_webhooks(now)
     return report
+
+
+def resend_lost_webhooks(now: datetime) -> list[str]:
+    """Re-send the deliveries of final tasks whose webhook message was lost (the broker was down
+    when it was sent, or flushed while it waited): sent, never ended, past `webhooks.stall_seconds`.
+    Receivers may see a delivery twice (the same `X-Marketplace-Delivery`), never none."""
+    from marketplace.results.service import send_webhook
+    from marketplace.webhooks import stall_seconds
+
+    cutoff = now - timedelta(seconds=stall_seconds())
+    with session_scope() as session:
+        lost = session.scalars(
+            select(Task).where(Task.webhook_sent_at < cutoff, Task.webhook_done_at.is_(None),
+                               Task.webhook_url.is_not(None))
+            .with_for_update(skip_locked=True).limit(200)
+        ).all()
+        for task in lost:
+            task.webhook_sent_at = now
+        ids = [str(task.id) for task in lost]
+    for task_id in ids:
+        logger.warning("recovery: re-sending the webhook of task %s", task_id)
+        send_webhook(app, task_id)
+    return ids
 
 
 def _held_subtasks(message_ids: set[str]) -> set[tuple[uuid.UUID, int]]:

@@ -90,10 +90,33 @@ def deliver(self: Any, task_id: str) -> dict[str, Any]:
     ok, retry, note = post(url, body, headers, timeout=settings.webhook_timeout)
     attempt = self.request.retries + 1
     if ok:
+        _done(task_id)
         return {"ok": True, "attempts": attempt, "status": note}
     if retry and self.request.retries < settings.webhook_max_retries:
         countdown = settings.webhook_retry_backoff * (2 ** self.request.retries)
         logger.warning("webhook for task %s failed (%s); retry %d in %.1fs", task_id, note, attempt, countdown)
         raise self.retry(countdown=countdown)
     logger.error("webhook for task %s not delivered after %d attempt(s): %s", task_id, attempt, note)
+    _done(task_id)
     return {"ok": False, "attempts": attempt, "error": note}
+
+
+def _done(task_id: str) -> None:
+    """The delivery ended (delivered, refused or out of retries): recovery leaves it alone."""
+    from sqlalchemy import text
+
+    from marketplace.db import autocommit, utcnow
+
+    with autocommit() as conn:
+        conn.execute(text("UPDATE tasks SET webhook_done_at = :now WHERE id = :id"),
+                     {"now": utcnow(), "id": uuid.UUID(task_id)})
+
+
+def stall_seconds() -> float:
+    """How long a delivery may take before recovery takes it for lost: every attempt timing out
+    and every backoff waited, plus a margin, and never under recovery's own stall deadline."""
+    from marketplace.settings import get_settings
+
+    s = get_settings()
+    backoffs = sum(s.webhook_retry_backoff * 2**i for i in range(s.webhook_max_retries))
+    return max(s.recovery_stall_seconds, backoffs + (s.webhook_max_retries + 1) * s.webhook_timeout + 30)

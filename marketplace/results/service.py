@@ -91,7 +91,8 @@ def _settle_and_emit(
         "subtasks": task.subtask_count, "failed_subtasks": failed,
         "seconds": round((task.finished_at - (task.started_at or task.created_at)).total_seconds(), 6),
     })
-    if task.webhook_url:
+    if task.webhook_url:  # sent after the commit; recovery re-sends it if it is lost on the way
+        task.webhook_sent_at = task.finished_at
         session.info.setdefault("after_commit", []).append(("webhook", str(task.id)))
 
 
@@ -112,7 +113,24 @@ def run_after_commit(actions: list[tuple[str, str]]) -> None:
 
     for kind, task_id in actions:
         if kind == "webhook":
-            app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True)
+            send_webhook(app, task_id)
+
+
+def send_webhook(app: Any, task_id: str) -> bool:
+    """Queue a webhook's delivery. The task's final status is committed: a broker that is down
+    now must not fail the step that finished it (a subtask would retry a finished task and the
+    delivery would still be lost); recovery re-sends it (`maintenance.resend_lost_webhooks`)."""
+    from marketplace.errors import unavailable_dependency
+
+    try:
+        app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True)
+    except Exception as exc:
+        if unavailable_dependency(exc) not in ("redis", "broker"):
+            raise
+        logger.warning("webhook for task %s not queued (%s: %s); recovery re-sends it", task_id,
+                       type(exc).__name__, exc)
+        return False
+    return True
 
 
 def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:

@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from marketplace.db import Base, new_id, utcnow
@@ -44,6 +44,8 @@ class Task(Base):
         Index("ix_tasks_user_created", "user_id", "created_at"),
         Index("ix_tasks_status", "status"),
         Index("ix_tasks_user_status", "user_id", "status"),  # the active-task quota, at every submit
+        Index("ix_tasks_webhook_in_flight", "webhook_sent_at",
+              postgresql_where=text("webhook_sent_at IS NOT NULL AND webhook_done_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
@@ -74,6 +76,10 @@ class Task(Base):
     # Bumped on every subtask outcome; recovery looks for tasks that stopped moving.
     progress_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+    # A webhook's delivery (`marketplace.webhooks`): its latest message, and its end. Recovery
+    # re-sends one whose message was lost (`maintenance.resend_lost_webhooks`).
+    webhook_sent_at: Mapped[datetime | None] = mapped_column()
+    webhook_done_at: Mapped[datetime | None] = mapped_column()
 
     subtasks: Mapped[list[SubTask]] = relationship(
         back_populates="task", order_by="SubTask.index", cascade="all, delete-orphan"

@@ -355,3 +355,52 @@ def test_a_broker_down_between_the_commit_and_the_schedule_message_still_accepts
         assert len(_db("SELECT id FROM tasks WHERE user_id = :u", u=user["id"])) == 1
     finally:
         node.stop()
+
+
+def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """The task ends Done and its delivery message waits in Redis, which is flushed before a node
+    takes it. Recovery finds the delivery sent but never ended and sends it again; once it has
+    ended, recovery leaves it alone. A broker that is down when the message is sent does not
+    fail the step that sends it (that step finished the task)."""
+    from marketplace import webhooks
+    from marketplace.celery_app import app
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+    from marketplace.results.service import send_webhook
+    from tests.api.test_api_webhooks import Receiver
+
+    def delivery_state(task_id: str):  # type: ignore[no-untyped-def]
+        return _db("SELECT webhook_sent_at, webhook_done_at FROM tasks WHERE id = :t", t=task_id)[0]
+
+    receiver = Receiver()
+    user = register(client)
+    # No node takes `marketplace.maintenance`, where deliveries go: the message waits in Redis.
+    node = _start([q for q in CONTROL if q != "marketplace.maintenance"] + ["cpu.generic"], "no-hooks", get_redis())
+    hooks = None
+    try:
+        task_id = _submit(client, user, {"model": "echo", "inputs": [1, 2], "webhook_url": receiver.url})
+        assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+        sent, done = delivery_state(task_id)
+        assert sent is not None and done is None
+        get_redis().flushall()  # the delivery message is gone
+
+        hooks = _start(["marketplace.maintenance"], "hooks", get_redis())
+        monkeypatch.setattr(webhooks, "stall_seconds", lambda: 0.0)
+        assert recover_stalled()["webhooks"] == [task_id]
+        headers, _ = receiver.wait(1)[0]
+        assert headers["X-Marketplace-Delivery"] == task_id
+        wait_until(lambda: delivery_state(task_id)[1] is not None, 30, "the delivery to be recorded as ended")
+        assert recover_stalled()["webhooks"] == []  # ended: not sent again
+        time.sleep(1)
+        assert len(receiver.deliveries) == 1
+
+        own_broker.stop()
+        try:
+            assert send_webhook(app, task_id) is False  # logged, recovery's to re-send; nothing raised
+        finally:
+            own_broker.start()
+    finally:
+        node.stop()
+        if hooks is not None:
+            hooks.stop()
+        receiver.stop()
