@@ -90,3 +90,9 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     if isinstance(exc, StorageError):
         return "object store"
     return None
+
+
+def broker_unavailable(exc: BaseException) -> bool:
+    """A publish failed because Redis, the broker, is down: what a step whose own work is
+    committed may leave to recovery rather than fail on."""
+    return unavailable_dependency(exc) in ("redis", "broker")

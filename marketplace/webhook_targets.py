@@ -15,6 +15,12 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
+
 _LOCAL_NAMES = ("localhost", "localhost.localdomain")
 
 
@@ -67,48 +73,45 @@ def resolved_refusal(url: str) -> str | None:
     return None
 
 
-def public_session():  # type: ignore[no-untyped-def]
+class _PublicOnly:
+    """Mixed into urllib3's connections: the connected peer must be a global address."""
+
+    host: str
+
+    def _new_conn(self):  # type: ignore[no-untyped-def]
+        sock = super()._new_conn()  # type: ignore[misc]
+        peer = sock.getpeername()[0]
+        if _not_global(peer):
+            sock.close()
+            raise NewConnectionError(self, f"refused: {self.host} connected to {peer}, not a public address")
+        return sock
+
+
+class _PublicHTTPPool(HTTPConnectionPool):
+    ConnectionCls = type("PublicHTTPConnection", (_PublicOnly, HTTPConnection), {})
+
+
+class _PublicHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = type("PublicHTTPSConnection", (_PublicOnly, HTTPSConnection), {})
+
+
+class _PublicAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PublicHTTPPool, "https": _PublicHTTPSPool}
+
+
+def public_session() -> requests.Session:
     """A `requests.Session` that refuses to send anything to a non-global peer.
 
     `resolved_refusal` checks the name before the POST, but the HTTP client resolves it again:
     a name that answers a public address to the check and a private one to the client (DNS
     rebinding) would get through. This session checks the address it actually connected to,
     before a byte is sent. (Through a proxy, the peer is the proxy, which the deployment chose.)"""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-    from urllib3.exceptions import NewConnectionError
-
     from marketplace.settings import get_settings
 
     session = requests.Session()
-    if get_settings().webhook_allow_private:
-        return session
-
-    def checked(sock, conn):  # type: ignore[no-untyped-def]
-        peer = sock.getpeername()[0]
-        if _not_global(peer):
-            sock.close()
-            raise NewConnectionError(conn, f"refused: {conn.host} connected to {peer}, not a public address")
-        return sock
-
-    class PublicHTTP(HTTPConnection):
-        def _new_conn(self):  # type: ignore[no-untyped-def]
-            return checked(super()._new_conn(), self)
-
-    class PublicHTTPS(HTTPSConnection):
-        def _new_conn(self):  # type: ignore[no-untyped-def]
-            return checked(super()._new_conn(), self)
-
-    class Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {
-                "http": type("PublicHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": PublicHTTP}),
-                "https": type("PublicHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": PublicHTTPS}),
-            }
-
-    session.mount("http://", Adapter())
-    session.mount("https://", Adapter())
+    if not get_settings().webhook_allow_private:
+        session.mount("http://", _PublicAdapter())
+        session.mount("https://", _PublicAdapter())
     return session

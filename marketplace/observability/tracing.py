@@ -240,3 +240,32 @@ def current_trace_id() -> str | None:
 
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+@contextmanager
+def publish_scope(task_name: str, message_id: str) -> Iterator[None]:
+    """Around a publish whose failure the caller handles (it leaves the message to recovery).
+
+    The Celery instrumentation opens its publish span, and makes it the current span, in
+    `before_task_publish`, and closes it in `after_task_publish`, which a failed publish never
+    sends: the span stayed current in the thread, unended (and held by the instrumentation),
+    and what was traced after it in that thread joined its trace, or, unsampled, was not
+    recorded. This closes that span with the error and restores the context the publish
+    started from."""
+    from opentelemetry import context
+
+    token = context.attach(context.get_current())
+    try:
+        yield
+    except Exception as exc:
+        if _provider is not None:
+            from opentelemetry.instrumentation.celery import utils
+
+            task = utils.retrieve_task_from_sender({"sender": task_name})
+            opened = utils.retrieve_context(task, message_id, is_publish=True)
+            if opened is not None:
+                utils.detach_context(task, message_id, is_publish=True)
+                opened[1].__exit__(type(exc), exc, exc.__traceback__)  # records it, ends the span
+        raise
+    finally:
+        context.detach(token)

@@ -288,12 +288,14 @@ def schedule_accepted(task: Task) -> bool:
     again, a second task. So a broker that is down here leaves it `Created`, and recovery
     (`maintenance.recover`) sends the message once the task has sat past
     `recovery_stall_seconds`. Anything else still raises."""
-    from marketplace.errors import unavailable_dependency
+    from marketplace.errors import broker_unavailable
+    from marketplace.observability.tracing import publish_scope
 
     try:
-        enqueue_schedule(task.id, first=True, model=task.model)
+        with publish_scope(SCHEDULE_TASK, schedule_message_id(task.id)):
+            enqueue_schedule(task.id, first=True, model=task.model)
     except Exception as exc:
-        if unavailable_dependency(exc) not in ("redis", "broker"):
+        if not broker_unavailable(exc):
             raise
         logger.warning("task %s accepted, but its schedule message was not sent (%s: %s); recovery sends it "
                        "once the task has waited %ss", task.id, type(exc).__name__, exc,

@@ -262,3 +262,27 @@ def test_spans_carry_ids_but_are_recorded_only_once_something_exports_them():  #
         assert span.is_recording()
     (finished,) = exporter.get_finished_spans()
     assert finished.name == "run" and finished.context.trace_id == ctx.trace_id
+
+
+def test_a_failed_publish_leaves_no_span_current_behind(memory_spans):  # type: ignore[no-untyped-def]
+    """The Celery instrumentation makes its publish span current before the publish and ends it
+    after; a publish that fails never ends it, and the thread's later spans joined that trace.
+    `publish_scope`, around the publishes whose failure is left to recovery, ends it and
+    restores the context."""
+    from opentelemetry import trace
+    from opentelemetry.trace import StatusCode
+
+    from marketplace.celery_app import app
+    from marketplace.observability.tracing import publish_scope
+    from tests.support.env import private_broker
+
+    tracer = trace.get_tracer("test")
+    with private_broker() as broker, tracer.start_as_current_span("caller") as caller:
+        broker.stop()  # type: ignore[attr-defined]
+        with pytest.raises(Exception) as failed, publish_scope("marketplace.test.nothing", "m-1"):
+            app.send_task("marketplace.test.nothing", queue="marketplace.maintenance", ignore_result=True,
+                          task_id="m-1")
+        assert trace.get_current_span() is caller, failed.value
+    spans = [s for s in memory_spans.get_finished_spans() if s.name == "apply_async/marketplace.test.nothing"]
+    assert len(spans) == 1 and spans[0].status.status_code == StatusCode.ERROR, spans
+    assert spans[0].parent is not None and spans[0].parent.span_id == caller.get_span_context().span_id
