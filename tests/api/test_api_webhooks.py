@@ -51,6 +51,21 @@ class Receiver:
         self.server.server_close()
 
 
+def counting_posts(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The URL of every delivery attempt from now on, each still made for real."""
+    from marketplace import webhooks
+
+    attempts: list[str] = []
+    real_post = webhooks.post
+
+    def counting_post(url, body, headers, *, timeout):  # type: ignore[no-untyped-def]
+        attempts.append(url)
+        return real_post(url, body, headers, timeout=timeout)
+
+    monkeypatch.setattr(webhooks, "post", counting_post)
+    return attempts
+
+
 @pytest.fixture()
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
@@ -111,16 +126,18 @@ def test_unreachable_receiver_gives_up_after_bounded_retries(client, user, monke
     task = client.post("/v1/tasks", json={"model": "embedding", "inputs": ["x"], "device": "gpu",
                                           "webhook_url": closed}, headers=user["headers"]).get_json()
     client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
-    attempts: list[str] = []
-    real_post = webhooks.post
-
-    def counting_post(url, body, headers, *, timeout):  # type: ignore[no-untyped-def]
-        attempts.append(url)
-        return real_post(url, body, headers, timeout=timeout)
-
-    monkeypatch.setattr(webhooks, "post", counting_post)
+    attempts = counting_posts(monkeypatch)
     monkeypatch.setattr(get_settings(), "webhook_max_retries", 2)
     monkeypatch.setattr(get_settings(), "webhook_retry_backoff", 0.01)
     result = webhooks.deliver.apply(args=[task["id"]])  # eager: retries run inline
     assert attempts == [closed] * 3  # the first try and two retries, then it gives up
-    print("STATE", result.state, result.get(propagate=False))
+    outcome = result.get(propagate=False)
+    assert outcome["ok"] is False and outcome["attempts"] == 3, outcome
+    # Ended: recovery does not send it again.
+    from sqlalchemy import text
+
+    from marketplace.db import get_engine
+
+    with get_engine().connect() as conn:
+        ended = conn.execute(text("SELECT webhook_done_at FROM tasks WHERE id = :t"), {"t": task["id"]}).scalar()
+    assert ended is not None

@@ -11,7 +11,7 @@ import socket
 import pytest
 from sqlalchemy import text
 
-from tests.api.test_api_webhooks import Receiver
+from tests.api.test_api_webhooks import Receiver, counting_posts
 from tests.support.api import register, wait_for_task
 
 INTERNAL = [
@@ -93,14 +93,7 @@ def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(  # 
         receiver.wait(1)  # the session's workers allow private targets: it was delivered there
 
         monkeypatch.setattr(get_settings(), "webhook_allow_private", False)
-        attempts: list[str] = []
-        real_post = webhooks.post
-
-        def counting_post(url, body, headers, *, timeout):  # type: ignore[no-untyped-def]
-            attempts.append(url)
-            return real_post(url, body, headers, timeout=timeout)
-
-        monkeypatch.setattr(webhooks, "post", counting_post)
+        attempts = counting_posts(monkeypatch)
         result = webhooks.deliver.apply(args=[task["id"]]).get()  # in this process, eagerly
         assert result["ok"] is False and result["attempts"] == 1, result
         assert f"{name} resolves to" in result["error"] and "public addresses only" in result["error"], result
