@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -100,3 +100,23 @@ def _rebuild_clients(**_: Any) -> None:
     db.init_engine()
     storage.reset_store()
     redis_client.reset_redis()
+
+
+def send_or_leave_to_recovery(task_name: str, message_id: str, send: Callable[[], Any], *, what: str) -> bool:
+    """Publish a message that follows committed work (`send` publishes `task_name` as
+    `message_id`); False when the broker is down, which is logged as `what` and left to the
+    recovery sweep that re-sends it. The step whose work is committed must not fail on it:
+    its caller would answer 503 for a task that exists, or retry a task already finished.
+    Any other error still raises."""
+    from marketplace.errors import broker_unavailable
+    from marketplace.observability.tracing import publish_scope
+
+    try:
+        with publish_scope(task_name, message_id):
+            send()
+    except Exception as exc:
+        if not broker_unavailable(exc):
+            raise
+        logger.warning("%s not sent (%s: %s); the recovery sweep re-sends it", what, type(exc).__name__, exc)
+        return False
+    return True

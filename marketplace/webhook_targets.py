@@ -63,12 +63,12 @@ def resolved_refusal(url: str) -> str | None:
     refused = literal_refusal(url)
     if refused:
         return refused
-    parts = urlsplit(url)
+    parts, host = urlsplit(url), _host(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    addresses = sorted({info[4][0] for info in socket.getaddrinfo(_host(url), port, type=socket.SOCK_STREAM)})
+    addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
     private = [a for a in addresses if _not_global(a)]
     if private:
-        return (f"webhook host {_host(url)} resolves to {', '.join(private)}, not a public address; "
+        return (f"webhook host {host} resolves to {', '.join(private)}, not a public address; "
                 "webhooks go to public addresses only")
     return None
 

@@ -120,21 +120,14 @@ def send_webhook(app: Any, task_id: str) -> bool:
     """Queue a webhook's delivery. The task's final status is committed: a broker that is down
     now must not fail the step that finished it (a subtask would retry a finished task and the
     delivery would still be lost); recovery re-sends it (`maintenance.resend_lost_webhooks`)."""
-    from marketplace.errors import broker_unavailable
-    from marketplace.observability.tracing import publish_scope
+    from marketplace.celery_app import send_or_leave_to_recovery
 
     message_id = str(uuid.uuid4())
-    try:
-        with publish_scope(WEBHOOK_TASK, message_id):
-            app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True,
-                          task_id=message_id)
-    except Exception as exc:
-        if not broker_unavailable(exc):
-            raise
-        logger.warning("webhook for task %s not queued (%s: %s); recovery re-sends it", task_id,
-                       type(exc).__name__, exc)
-        return False
-    return True
+    return send_or_leave_to_recovery(
+        WEBHOOK_TASK, message_id,
+        lambda: app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True,
+                              task_id=message_id),
+        what=f"webhook for task {task_id}")
 
 
 def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:

@@ -287,21 +287,13 @@ def schedule_accepted(task: Task) -> bool:
     The task is durable by now, with its hold: answering 503 would have the client send it
     again, a second task. So a broker that is down here leaves it `Created`, and recovery
     (`maintenance.recover`) sends the message once the task has sat past
-    `recovery_stall_seconds`. Anything else still raises."""
-    from marketplace.errors import broker_unavailable
-    from marketplace.observability.tracing import publish_scope
+    `recovery_stall_seconds`."""
+    from marketplace.celery_app import send_or_leave_to_recovery
 
-    try:
-        with publish_scope(SCHEDULE_TASK, schedule_message_id(task.id)):
-            enqueue_schedule(task.id, first=True, model=task.model)
-    except Exception as exc:
-        if not broker_unavailable(exc):
-            raise
-        logger.warning("task %s accepted, but its schedule message was not sent (%s: %s); recovery sends it "
-                       "once the task has waited %ss", task.id, type(exc).__name__, exc,
-                       get_settings().recovery_stall_seconds)
-        return False
-    return True
+    return send_or_leave_to_recovery(
+        SCHEDULE_TASK, schedule_message_id(task.id),
+        lambda: enqueue_schedule(task.id, first=True, model=task.model),
+        what=f"task {task.id} accepted, but its schedule message")
 
 
 def enqueue_schedule(
