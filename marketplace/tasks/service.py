@@ -8,6 +8,7 @@ import re
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import func, select
@@ -100,7 +101,14 @@ def validate_items(session: Session, *, spec: ModelSpec, inputs: list[Any], user
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    """ceil(n / size) subtasks of at most `size` items whose sizes differ by at most one.
+
+    Even sizes let parallel lanes end together: cut at exactly `size`, 2,000 sentences at 64
+    were 31 subtasks of 64 and one of 16, and one lane idled through the other's last subtask
+    (that job on a node of 2 lanes: ~3% more sentences/s even, interleaved A/B)."""
+    count = -(-len(items) // size)
+    bounds = [i * len(items) // count for i in range(count + 1)] if count else [0]
+    return [items[a:b] for a, b in pairwise(bounds)]
 
 
 def _sizing_device(spec: ModelSpec, device: str) -> str:

@@ -100,9 +100,9 @@ def test_a_submit_without_a_key_stores_what_the_keyed_path_stores(client, user):
                                        SubTask.worker, SubTask.result_key, SubTask.seconds)
                                 .where(SubTask.task_id == row.id).order_by(SubTask.index)).all() for row in rows]
         assert subs[0] == subs[1]
-        assert [s.inputs for s in subs[0]] == [texts[0:3], texts[3:6], texts[6:]]
+        assert [s.inputs for s in subs[0]] == [texts[0:2], texts[2:4], texts[4:]]  # 7 at 3: even sizes
         assert [(s.index, s.items, s.status, s.attempts) for s in subs[0]] == [
-            (0, 3, "Pending", 0), (1, 3, "Pending", 0), (2, 1, "Pending", 0)]
+            (0, 2, "Pending", 0), (1, 2, "Pending", 0), (2, 3, "Pending", 0)]
         ids = session.scalars(select(SubTask.id).where(SubTask.task_id.in_([r.id for r in rows]))).all()
         assert len(set(ids)) == 6
     finally:
@@ -202,6 +202,19 @@ def test_a_gpu_job_is_cut_into_gpu_sized_subtasks(client, user, device, batch_si
     assert resp.get_json()["subtasks"] == subtasks
 
 
+def test_a_job_is_cut_into_subtasks_of_even_sizes(client, user):  # type: ignore[no-untyped-def]
+    """ceil(n / batch_size) subtasks whose sizes differ by at most one, in input order: parallel
+    lanes end together instead of one idling through the other's last full subtask."""
+    inputs = list(range(251))
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": inputs, "batch_size": 100},
+                       headers=user["headers"]).get_json()
+    try:
+        subs = client.get(f"/v1/tasks/{task['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+        assert [(s["index"], s["items"]) for s in subs] == [(0, 83), (1, 84), (2, 84)]
+    finally:
+        client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+
+
 def test_an_any_device_job_is_cut_for_the_gpu_node_that_will_run_it(client, user, redis_client):  # type: ignore[no-untyped-def]
     """`any` goes to a GPU when one is live: its subtasks get the GPU batch size then."""
     from marketplace.registry.service import deregister, heartbeat
@@ -213,7 +226,7 @@ def test_an_any_device_job_is_cut_for_the_gpu_node_that_will_run_it(client, user
         body = {"model": "embedding", "inputs": [f"sentence {i}" for i in range(300)], "device": "any"}
         resp = client.post("/v1/tasks", json=body, headers=user["headers"])
         assert resp.status_code == 202, resp.get_json()
-        assert resp.get_json()["subtasks"] == 2  # 256 + 44, not five of 64
+        assert resp.get_json()["subtasks"] == 2  # 150 + 150 (at most 256 each), not five of 64
     finally:
         deregister(redis_client, hostname=hostname)
         if resp is not None and resp.status_code == 202:  # no node will run it
