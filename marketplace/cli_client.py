@@ -88,7 +88,9 @@ def _parse_value(raw: str) -> Any:
 @click.command()
 @click.option("--model", "-m", required=True)
 @click.option("--input", "-i", "inputs", multiple=True, help="an input item (a string; JSON with --json)")
-@click.option("--json", "as_json", is_flag=True, help="parse each --input as JSON")
+@click.option("--inputs", "-I", "inputs_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="input items from a file, one per line (JSON Lines with --json); - reads stdin")
+@click.option("--json", "as_json", is_flag=True, help="parse each --input (and --inputs line) as JSON")
 @click.option("--file", "-f", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="upload a file and use it as an input item")
 @click.option("--param", "-p", "params", multiple=True, help="model parameter k=v (v parsed as JSON if it can be)")
@@ -100,8 +102,8 @@ def _parse_value(raw: str) -> Any:
 @click.option("--wait", is_flag=True, help="wait with a progress bar, then print the result")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="seconds --wait waits")
 @config_dir_option
-def submit(model: str, inputs: tuple[str, ...], as_json: bool, files: tuple[str, ...], params: tuple[str, ...],
-           device: str, batch_size: int | None, priority: int | None, webhook_url: str | None,
+def submit(model: str, inputs: tuple[str, ...], inputs_file: Any, as_json: bool, files: tuple[str, ...],
+           params: tuple[str, ...], device: str, batch_size: int | None, priority: int | None, webhook_url: str | None,
            idempotency_key: str | None, wait: bool, timeout: float, config_dir: str) -> None:
     """Submit a task; with --wait, follow it to the end and print its result."""
     parsed: dict[str, Any] = {}
@@ -111,12 +113,14 @@ def submit(model: str, inputs: tuple[str, ...], as_json: bool, files: tuple[str,
             raise click.BadParameter(f"{item!r} is not k=v", param_hint="--param")
         parsed[key] = _parse_value(value)
     items: list[Any] = [_parse_value(x) if as_json else x for x in inputs]
+    if inputs_file is not None:
+        items += _read_items(inputs_file, as_json=as_json)
 
     def run(client: Client) -> None:
         for path in files:
             items.append({"file": client.upload(path)["id"]})
         if not items:
-            raise click.UsageError("give at least one --input or --file")
+            raise click.UsageError("give at least one --input, --inputs or --file")
         task = client.submit(model, items, params=parsed, device=device, batch_size=batch_size, priority=priority,
                              webhook_url=webhook_url, idempotency_key=idempotency_key)
         if not wait:
@@ -129,6 +133,24 @@ def submit(model: str, inputs: tuple[str, ...], as_json: bool, files: tuple[str,
         _echo_json(client.result(task["id"]))
 
     _api_call(config_dir, run)
+
+
+def _read_items(fh: Any, *, as_json: bool) -> list[Any]:
+    """One item per non-blank line; with `as_json` each line must be JSON (a bad one names its line,
+    rather than going up as a string the model would then reject or, worse, accept)."""
+    items: list[Any] = []
+    for number, line in enumerate(fh, start=1):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if not as_json:
+            items.append(text)
+            continue
+        try:
+            items.append(json.loads(text))
+        except ValueError as exc:
+            raise click.BadParameter(f"line {number} is not JSON: {exc}", param_hint="--inputs") from None
+    return items
 
 
 def _wait_with_progress(client: Client, task_id: str, *, total: int, timeout: float) -> dict[str, Any]:
@@ -147,6 +169,38 @@ def _wait_with_progress(client: Client, task_id: str, *, total: int, timeout: fl
                             description=f"task {task_id[:8]} {doc['status']}")
 
         return client.wait(task_id, timeout=timeout, on_progress=update)
+
+
+@click.command("list")
+@click.option("--status", "status_filter", type=click.Choice(["Created", "Scheduled", "InProgress", "Done", "Failed",
+                                                              "Cancelled"]), default=None, help="only tasks in this status")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--cursor", default=None, help="the next page: the cursor a previous page printed")
+@click.option("--json", "as_json", is_flag=True, help="print the page as JSON")
+@config_dir_option
+def list_tasks(status_filter: str | None, limit: int, cursor: str | None, as_json: bool, config_dir: str) -> None:
+    """List your tasks, newest first."""
+    page = _api_call(config_dir, lambda c: c.list(status=status_filter, limit=limit, cursor=cursor))
+    if as_json:
+        _echo_json(page)
+        return
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    table = Table(Column("id", no_wrap=True, min_width=36), "status", "model", "progress", "cost",
+                  Column("created (UTC)", no_wrap=True))
+    for task in page["tasks"]:
+        p = task["progress"]
+        progress = f"{p['done']}/{p['total']}" + (f" ({p['failed']} failed)" if p["failed"] else "")
+        table.add_row(task["id"], task["status"], task["model"], progress, task["cost"] or task["estimated_cost"] + " est.",
+                      task["created_at"][:19].replace("T", " "))
+    console = Console()
+    if not console.is_terminal:  # piped: full ids on one line each, whatever the 80 columns assumed
+        console = Console(width=160)
+    console.print(table)
+    if page.get("next_cursor"):
+        again = f"--status {status_filter} " if status_filter else ""
+        console.print(f"more: marketplace list {again}--limit {limit} --cursor {page['next_cursor']}", soft_wrap=True)
 
 
 @click.command()
@@ -199,4 +253,4 @@ def users_create(email: str, password: str, admin: bool) -> None:
     click.echo(f"created {role} {email} ({uid})")
 
 
-COMMANDS = [login, submit, status, result, cancel, users]
+COMMANDS = [login, submit, list_tasks, status, result, cancel, users]

@@ -68,6 +68,41 @@ def test_submit_json_inputs_and_params_without_wait(cli, worker):  # type: ignor
     assert json.loads(out.stdout)["outputs"] == [{"n": 1}, 2]
 
 
+def test_submit_reads_inputs_from_a_file_or_stdin(cli, worker, tmp_path):  # type: ignore[no-untyped-def]
+    lines = tmp_path / "sentences.txt"
+    lines.write_text("first line\n\nsecond, with \"quotes\"\n  third  \n", encoding="utf-8")
+    out = cli("submit", "-m", "echo", "--inputs", str(lines), "-i", "flag", "--wait")
+    assert out.exit_code == 0, out.output
+    # blank lines skipped, the rest verbatim, after the --input items
+    assert json.loads(out.stdout)["outputs"] == ["flag", "first line", 'second, with "quotes"', "  third  "]
+
+    runner = CliRunner()
+    piped = runner.invoke(main, ["submit", "-m", "echo", "--json", "-I", "-", "--wait"],
+                          input='{"n": 1}\n[2, 3]\n"four"\nnull\n', catch_exceptions=False)
+    assert piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["outputs"] == [{"n": 1}, [2, 3], "four", None]
+
+
+def test_a_bad_json_line_is_refused_before_anything_is_sent(cli):  # type: ignore[no-untyped-def]
+    before = json.loads(cli("list", "--json", "--limit", "100").stdout)["tasks"]
+    out = CliRunner().invoke(main, ["submit", "-m", "echo", "--json", "-I", "-"], input='{"n": 1}\nnot json\n')
+    assert out.exit_code == 2 and "--inputs" in out.output and "line 2 is not JSON" in out.output
+    assert json.loads(cli("list", "--json", "--limit", "100").stdout)["tasks"] == before
+
+
+def test_list_shows_the_users_tasks_newest_first_and_pages(cli, worker):  # type: ignore[no-untyped-def]
+    ids = [json.loads(cli("submit", "-m", "echo", "-i", str(n), "--wait").stdout)["task_id"] for n in range(3)]
+    page = json.loads(cli("list", "--json", "--limit", "2", "--status", "Done").stdout)
+    assert [t["id"] for t in page["tasks"]] == ids[:0:-1] and page["next_cursor"]
+    rest = json.loads(cli("list", "--json", "--limit", "2", "--status", "Done", "--cursor", page["next_cursor"]).stdout)
+    assert [t["id"] for t in rest["tasks"]] == ids[:1] and rest["next_cursor"] is None
+    table = cli("list", "--limit", "2", "--status", "Done")
+    assert table.exit_code == 0, table.output
+    assert ids[2] in table.stdout and ids[1] in table.stdout and ids[0] not in table.stdout  # full ids, piped
+    assert f"marketplace list --status Done --limit 2 --cursor {page['next_cursor']}" in table.stdout
+    assert not json.loads(cli("list", "--json", "--status", "Failed").stdout)["tasks"]
+
+
 def test_file_upload_and_cancel(cli, tmp_path):  # type: ignore[no-untyped-def]
     image = tmp_path / "cat.jpg"
     image.write_bytes(b"\xff\xd8\xff" + uuid.uuid4().bytes)
