@@ -65,6 +65,14 @@ class TaskListQuery(BaseModel):
     all: Literal["0", "1"] = Field(default="0", description="Admins: `1` lists every user's tasks.")
 
 
+class ResultQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    partial: bool = Field(default=False, description=(
+        "Whatever the task's status, the outputs it has: null for the items of subtasks that are "
+        "not Done, listed in `missing` (a Failed or Cancelled job's finished subtasks were charged)."))
+
+
 class FileOut(BaseModel):
     id: str
     size: int

@@ -129,7 +129,8 @@ def submit(model: str, inputs: tuple[str, ...], inputs_file: Any, as_json: bool,
         doc = _wait_with_progress(client, task["id"], total=task["subtasks"], timeout=timeout)
         if doc["status"] != "Done":
             _echo_json(doc)
-            raise click.ClickException(f"task {doc['id']} ended {doc['status']}: {doc.get('error')}")
+            raise click.ClickException(f"task {doc['id']} ended {doc['status']}: {doc.get('error')} "
+                                       f"(the outputs it has: marketplace result --partial {doc['id']})")
         _echo_json(client.result(task["id"]))
 
     _api_call(config_dir, run)
@@ -213,10 +214,12 @@ def status(task_id: str, config_dir: str) -> None:
 
 @click.command()
 @click.argument("task_id")
+@click.option("--partial", is_flag=True, help="what the task has at any status: null for the items of subtasks "
+                                             "that are not Done, listed under `missing`")
 @config_dir_option
-def result(task_id: str, config_dir: str) -> None:
-    """Print a Done task's result."""
-    _echo_json(_api_call(config_dir, lambda c: c.result(task_id)))
+def result(task_id: str, partial: bool, config_dir: str) -> None:
+    """Print a Done task's result (--partial: what any task has so far)."""
+    _echo_json(_api_call(config_dir, lambda c: c.result(task_id, partial=partial)))
 
 
 @click.command()

@@ -106,8 +106,10 @@ class Client:
     def subtasks(self, task_id: str) -> list[dict[str, Any]]:
         return self._json("GET", f"/v1/tasks/{task_id}/subtasks")["subtasks"]
 
-    def result(self, task_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/tasks/{task_id}/result")
+    def result(self, task_id: str, *, partial: bool = False) -> dict[str, Any]:
+        """The outputs of a Done task; `partial`: what any task has (see `complete` and `missing`)."""
+        params = {"partial": "true"} if partial else None
+        return self._json("GET", f"/v1/tasks/{task_id}/result", params=params)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/tasks/{task_id}/cancel")

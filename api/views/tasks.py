@@ -7,7 +7,7 @@ from flask_jwt_extended import jwt_required
 from api.auth import me
 from api.db import db
 from api.openapi import api_doc
-from api.schemas import TaskAccepted, TaskListQuery
+from api.schemas import ResultQuery, TaskAccepted, TaskListQuery
 from api.validation import parse_body, parse_query
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
@@ -82,13 +82,16 @@ def subtasks(task_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<task_id>/result")
-@api_doc(summary="Outputs in input order (409 until Done)", responses={200: TaskResult}, tags=["tasks"])
+@api_doc(summary="Outputs in input order (409 until Done; `partial=true`: what there is, at any status)",
+         query=ResultQuery, responses={200: TaskResult}, tags=["tasks"])
 @jwt_required()
 def result(task_id: str):  # type: ignore[no-untyped-def]
+    partial = parse_query(ResultQuery).partial
     session = db()
     task = tasks.get_task(session, task_id=task_id, user=me())
     # The stored document already has the response shape; stream it as is.
-    return Response(tasks.read_result(session, task=task), mimetype="application/json")
+    body = tasks.read_partial_result(session, task=task) if partial else tasks.read_result(session, task=task)
+    return Response(body, mimetype="application/json")
 
 
 @bp.post("/<task_id>/cancel")

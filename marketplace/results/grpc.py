@@ -40,8 +40,11 @@ class ResultServicer(result_pb2_grpc.ResultServiceServicer):
     @rpc()
     def GetResult(self, request: result_pb2.GetResultRequest, call: Call) -> result_pb2.GetResultResponse:
         task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
-        doc = json.loads(tasks.read_result(call.session, task=task))
+        read = tasks.read_partial_result if request.partial else tasks.read_result
+        doc = json.loads(read(call.session, task=task))
         return result_pb2.GetResultResponse(
             task_id=doc["task_id"], model=doc["model"],
             outputs=[json.dumps(item, separators=(",", ":"), ensure_ascii=False) for item in doc["outputs"]],
+            status=doc.get("status", ""), complete=doc.get("complete", False),
+            missing=[result_pb2.MissingPart(**{**m, "error": m["error"] or ""}) for m in doc.get("missing", [])],
         )

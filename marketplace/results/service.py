@@ -137,18 +137,48 @@ def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:
     and re-encoding them cost more than computing them. Each part's sha256 is checked
     against the one recorded when it was written.
     """
+    parts = list(parts)
+    chunks = [_part_body(task_id, part, data)
+              for part, data in zip(parts, store.get_many([part.result_key for part in parts]), strict=True)]
+    return _head(task_id, model) + b',"outputs":[' + b",".join(c for c in chunks if c) + b"]}"
+
+
+def partial_document(task: Task, subtasks: list[Any], store: Any) -> bytes:
+    """What a task that is not Done has so far, in the result's shape: the Done subtasks' outputs
+    in input order and `null` for each item of the others, which `missing` lists (index, first
+    item, item count, status, error). `subtasks`: (index, items, status, result_key, result_sha256,
+    error) in index order. Spliced like `join_parts`."""
+    done = [s for s in subtasks if s.status == SubTaskStatus.DONE.value and s.result_key]
+    bodies = {s.index: _part_body(str(task.id), s, data)
+              for s, data in zip(done, store.get_many([s.result_key for s in done]), strict=True)}
+    chunks: list[bytes] = []
+    missing: list[dict[str, Any]] = []
+    first = 0
+    for sub in subtasks:
+        if sub.index in bodies:
+            chunks.append(bodies[sub.index])
+        else:
+            chunks.append(b",".join([b"null"] * sub.items))
+            missing.append({"index": sub.index, "first_item": first, "items": sub.items, "status": sub.status,
+                            "error": sub.error})
+        first += sub.items
+    tail = json.dumps({"status": task.status, "complete": False, "missing": missing}, separators=(",", ":"))
+    return (_head(str(task.id), task.model) + b',"outputs":[' + b",".join(c for c in chunks if c) + b"],"
+            + tail[1:].encode())
+
+
+def _head(task_id: str, model: str) -> bytes:
+    """`{"task_id":...,"model":...` without its closing brace."""
+    return json.dumps({"task_id": task_id, "model": model}, separators=(",", ":"))[:-1].encode()
+
+
+def _part_body(task_id: str, part: Any, data: bytes) -> bytes:
+    """A part's items without the array's brackets, after its sha256 is checked."""
     from marketplace.storage import StorageError, sha256_hex
 
-    chunks: list[bytes] = []
-    parts = list(parts)
-    for part, data in zip(parts, store.get_many([part.result_key for part in parts]), strict=True):
-        if part.result_sha256 and sha256_hex(data) != part.result_sha256:
-            raise StorageError(f"part {part.index} of task {task_id} does not match its recorded sha256")
-        body = data.strip()[1:-1].strip()  # a JSON array written by workers.runner
-        if body:
-            chunks.append(body)
-    head = json.dumps({"task_id": task_id, "model": model}, separators=(",", ":"))[:-1].encode()
-    return head + b',"outputs":[' + b",".join(chunks) + b"]}"
+    if part.result_sha256 and sha256_hex(data) != part.result_sha256:
+        raise StorageError(f"part {part.index} of task {task_id} does not match its recorded sha256")
+    return data.strip()[1:-1].strip()  # a JSON array written by workers.runner
 
 
 class Part(NamedTuple):

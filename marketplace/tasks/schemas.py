@@ -87,10 +87,22 @@ class SubTaskList(BaseModel):
     subtasks: list[SubTaskOut]
 
 
+class MissingPart(BaseModel):
+    index: int = Field(description="The subtask's index.")
+    first_item: int = Field(description="Index in `inputs` of its first item.")
+    items: int = Field(description="Its item count: `outputs` holds that many nulls from `first_item`.")
+    status: str = Field(description="The subtask's status (Pending, Running or Failed).")
+    error: str | None = None
+
+
 class TaskResult(BaseModel):
     task_id: str
     model: str
-    outputs: list[Any]
+    outputs: list[Any] = Field(description="In input order; with `partial=true`, null for each missing item.")
+    status: str | None = Field(default=None, description="With `partial=true`: the task's status.")
+    complete: bool | None = Field(default=None, description="With `partial=true`: whether every output is here.")
+    missing: list[MissingPart] | None = Field(default=None, description=(
+        "With `partial=true`: the subtasks whose outputs are not here (not run, running, failed)."))
 
 
 class TaskPage(BaseModel):

@@ -62,6 +62,13 @@ def test_submit_wait_prints_the_result_and_status_result_work(cli, worker):  # t
     assert refused.exit_code != 0 and "409" in refused.output
 
 
+def test_a_failed_wait_points_at_the_partial_result(cli, worker):  # type: ignore[no-untyped-def]
+    out = cli("submit", "-m", "echo", "-i", "ok", "-i", "bad", "--batch-size", "1", "-p", 'fail_items=["bad"]', "--wait")
+    assert out.exit_code == 1 and "ended Failed" in out.output and "marketplace result --partial" in out.output
+    task_id = out.output.split("marketplace result --partial ")[1].split(")")[0]
+    assert json.loads(cli("result", "--partial", task_id).stdout)["outputs"] == ["ok", None]
+
+
 def test_submit_json_inputs_and_params_without_wait(cli, worker):  # type: ignore[no-untyped-def]
     out = cli("submit", "-m", "echo", "--json", "-i", '{"n": 1}', "-i", "2", "-p", "fail_items=[]", "--wait")
     assert out.exit_code == 0, out.output
@@ -110,6 +117,8 @@ def test_file_upload_and_cancel(cli, tmp_path):  # type: ignore[no-untyped-def]
     assert out.exit_code == 0, out.output
     task = json.loads(out.stdout)
     assert task["status"] == "Created"
+    partial = json.loads(cli("result", "--partial", task["id"]).stdout)
+    assert partial["outputs"] == [None] and partial["missing"][0]["status"] == "Pending"
     cancelled = cli("cancel", task["id"])
     assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "Cancelled"
 

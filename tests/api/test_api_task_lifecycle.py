@@ -168,6 +168,29 @@ def test_cancel_of_a_running_task_stops_its_remaining_subtasks(client, user, wor
     assert client.get(f"/v1/tasks/{task['id']}", headers=user["headers"]).get_json()["status"] == "Cancelled"
 
 
+def test_partial_result_at_any_status(client, user, worker):  # type: ignore[no-untyped-def]
+    """`partial=true`: a waiting task's outputs are all null and every subtask is missing; a Done
+    task's are its result, complete. Without it a task that is not Done is 409, as before."""
+    waiting = client.post("/v1/tasks", json={**WAITING, "inputs": ["x", "y", "z"], "batch_size": 2},
+                          headers=user["headers"]).get_json()
+    try:
+        assert client.get(f"/v1/tasks/{waiting['id']}/result", headers=user["headers"]).status_code == 409
+        doc = client.get(f"/v1/tasks/{waiting['id']}/result?partial=true", headers=user["headers"]).get_json()
+        assert doc["outputs"] == [None, None, None] and doc["complete"] is False and doc["status"] == "Created"
+        assert [(m["index"], m["first_item"], m["items"], m["status"], m["error"]) for m in doc["missing"]] == [
+            (0, 0, 1, "Pending", None), (1, 1, 2, "Pending", None)]
+    finally:
+        client.post(f"/v1/tasks/{waiting['id']}/cancel", headers=user["headers"])
+    done = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, {"a": "ü"}, None]},
+                       headers=user["headers"]).get_json()
+    assert wait_for_task(client, user["headers"], done["id"])["status"] == "Done"
+    full = client.get(f"/v1/tasks/{done['id']}/result", headers=user["headers"]).get_json()
+    doc = client.get(f"/v1/tasks/{done['id']}/result?partial=1", headers=user["headers"]).get_json()
+    assert doc == {**full, "status": "Done", "complete": True, "missing": []}
+    bad = client.get(f"/v1/tasks/{done['id']}/result?partial=maybe", headers=user["headers"])
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "partial"
+
+
 def test_cancel_of_a_finished_task_is_409(client, user, worker):  # type: ignore[no-untyped-def]
     task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2]}, headers=user["headers"]).get_json()
     assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"

@@ -84,6 +84,14 @@ def test_failing_subtask_is_retried_then_fails_the_task_and_its_chord_is_not_lef
     if callback.state != "PENDING":
         assert callback.get(timeout=30) in ("noop", "failed")
     assert client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).status_code == 409
+    # The subtasks that finished were charged: their outputs are the user's, the failed one's are null.
+    partial = client.get(f"/v1/tasks/{task_id}/result?partial=true", headers=user["headers"])
+    assert partial.status_code == 200, partial.get_json()
+    doc = partial.get_json()
+    assert doc["outputs"] == ["a", "b", None, None, "d", "e"]
+    assert doc["status"] == "Failed" and doc["complete"] is False
+    assert [(m["index"], m["first_item"], m["items"], m["status"]) for m in doc["missing"]] == [(1, 2, 2, "Failed")]
+    assert "bad" in doc["missing"][0]["error"]
 
 
 def test_a_small_task_is_finished_by_its_last_subtask_and_a_big_one_by_a_finalize_message(client, user):  # type: ignore[no-untyped-def]

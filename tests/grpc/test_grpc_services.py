@@ -315,6 +315,9 @@ def test_finalize_and_result_preconditions(stubs, user, admin, worker, rpc_error
     code, detail, _ = rpc_error(stubs.results.GetResult, result_pb2.GetResultRequest(task_id=waiting),
                                 metadata=user["md"])
     assert code == C.FAILED_PRECONDITION and "Created" in detail
+    partial = stubs.results.GetResult(result_pb2.GetResultRequest(task_id=waiting, partial=True), metadata=user["md"])
+    assert list(partial.outputs) == ["null"] and partial.status == "Created" and not partial.complete
+    assert [(m.index, m.first_item, m.items, m.status, m.error) for m in partial.missing] == [(0, 0, 1, "Pending", "")]
     req = result_pb2.FinalizeRequest(task_id=waiting)
     assert rpc_error(stubs.results.Finalize, req, metadata=user["md"])[0] == C.PERMISSION_DENIED
     assert rpc_error(stubs.results.Finalize, req, metadata=admin["md"])[0] == C.FAILED_PRECONDITION
@@ -463,6 +466,8 @@ def test_save_partial_records_parts_that_finalize_joins(stubs, user, admin, rpc_
     assert fin.status == "Done"
     got = stubs.results.GetResult(result_pb2.GetResultRequest(task_id=waiting), metadata=user["md"])
     assert [json.loads(o) for o in got.outputs] == [[0.5, 0.25]]
+    got = stubs.results.GetResult(result_pb2.GetResultRequest(task_id=waiting, partial=True), metadata=user["md"])
+    assert [json.loads(o) for o in got.outputs] == [[0.5, 0.25]] and got.complete and not got.missing
 
 
 def test_charge_is_idempotent_per_subtask_and_adjustments_settle(stubs, user, admin, worker, rpc_error):  # type: ignore[no-untyped-def]

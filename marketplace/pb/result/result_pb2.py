@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"marketplace/pb/result/result.proto\x12\x15marketplace.result.v1\"u\n\x12SavePartialRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06worker\x18\x06 \x01(\t\"A\n\x13SavePartialResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x01(\x05\"\"\n\x0f\x46inalizeRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"d\n\x10\x46inalizeResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nresult_key\x18\x03 \x01(\t\x12\x0c\n\x04\x63ost\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"#\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"D\n\x11GetResultResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t2\xb2\x02\n\rResultService\x12\x64\n\x0bSavePartial\x12).marketplace.result.v1.SavePartialRequest\x1a*.marketplace.result.v1.SavePartialResponse\x12[\n\x08\x46inalize\x12&.marketplace.result.v1.FinalizeRequest\x1a\'.marketplace.result.v1.FinalizeResponse\x12^\n\tGetResult\x12\'.marketplace.result.v1.GetResultRequest\x1a(.marketplace.result.v1.GetResultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"marketplace/pb/result/result.proto\x12\x15marketplace.result.v1\"u\n\x12SavePartialRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06worker\x18\x06 \x01(\t\"A\n\x13SavePartialResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05items\x18\x03 \x01(\x05\"\"\n\x0f\x46inalizeRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"d\n\x10\x46inalizeResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nresult_key\x18\x03 \x01(\t\x12\x0c\n\x04\x63ost\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"4\n\x10GetResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07partial\x18\x02 \x01(\x08\"^\n\x0bMissingPart\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nfirst_item\x18\x02 \x01(\x05\x12\r\n\x05items\x18\x03 \x01(\x05\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x9b\x01\n\x11GetResultResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x12\x33\n\x07missing\x18\x06 \x03(\x0b\x32\".marketplace.result.v1.MissingPart2\xb2\x02\n\rResultService\x12\x64\n\x0bSavePartial\x12).marketplace.result.v1.SavePartialRequest\x1a*.marketplace.result.v1.SavePartialResponse\x12[\n\x08\x46inalize\x12&.marketplace.result.v1.FinalizeRequest\x1a\'.marketplace.result.v1.FinalizeResponse\x12^\n\tGetResult\x12\'.marketplace.result.v1.GetResultRequest\x1a(.marketplace.result.v1.GetResultResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINALIZERESPONSE']._serialized_start=283
   _globals['_FINALIZERESPONSE']._serialized_end=383
   _globals['_GETRESULTREQUEST']._serialized_start=385
-  _globals['_GETRESULTREQUEST']._serialized_end=420
-  _globals['_GETRESULTRESPONSE']._serialized_start=422
-  _globals['_GETRESULTRESPONSE']._serialized_end=490
-  _globals['_RESULTSERVICE']._serialized_start=493
-  _globals['_RESULTSERVICE']._serialized_end=799
+  _globals['_GETRESULTREQUEST']._serialized_end=437
+  _globals['_MISSINGPART']._serialized_start=439
+  _globals['_MISSINGPART']._serialized_end=533
+  _globals['_GETRESULTRESPONSE']._serialized_start=536
+  _globals['_GETRESULTRESPONSE']._serialized_end=691
+  _globals['_RESULTSERVICE']._serialized_start=694
+  _globals['_RESULTSERVICE']._serialized_end=1000
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -53,17 +53,39 @@ class FinalizeResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[str] = ..., result_key: _Optional[str] = ..., cost: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetResultRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "partial")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    partial: bool
+    def __init__(self, task_id: _Optional[str] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class MissingPart(_message.Message):
+    __slots__ = ("index", "first_item", "items", "status", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ITEM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    first_item: int
+    items: int
+    status: str
+    error: str
+    def __init__(self, index: _Optional[int] = ..., first_item: _Optional[int] = ..., items: _Optional[int] = ..., status: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetResultResponse(_message.Message):
-    __slots__ = ("task_id", "model", "outputs")
+    __slots__ = ("task_id", "model", "outputs", "status", "complete", "missing")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model: str
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    status: str
+    complete: bool
+    missing: _containers.RepeatedCompositeFieldContainer[MissingPart]
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[_Iterable[_Union[MissingPart, _Mapping]]] = ...) -> None: ...

@@ -76,7 +76,7 @@ class ResultServiceServicer:
 
     def GetResult(self, request, context):
         """The combined outputs (REST GET /v1/tasks/<id>/result).
-        FAILED_PRECONDITION if the task is not Done.
+        FAILED_PRECONDITION if the task is not Done, unless `partial` is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
