@@ -162,7 +162,7 @@ def partial_document(task: Task, subtasks: list[Any], store: Any) -> bytes:
             missing.append({"index": sub.index, "first_item": first, "items": sub.items, "status": sub.status,
                             "error": sub.error})
         first += sub.items
-    tail = json.dumps({"status": task.status, "complete": False, "missing": missing}, separators=(",", ":"))
+    tail = json.dumps({"status": task.status, "complete": not missing, "missing": missing}, separators=(",", ":"))
     return (_head(str(task.id), task.model) + b',"outputs":[' + b",".join(c for c in chunks if c) + b"],"
             + tail[1:].encode())
 
