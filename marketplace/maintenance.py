@@ -43,20 +43,25 @@ def recover_stalled() -> dict[str, list[str]]:
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     - Webhook deliveries whose message was lost: send them again (`resend_lost_webhooks`).
+    - A stalled task whose queue no live node serves: `status_reason` says so, and it fails
+      with that reason after `schedule_timeout` (`scheduling/stranded.py`).
     """
     from marketplace.broker import held_since, lost_before, queue_depths
     from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
-    from marketplace.results.service import finalize_task
+    from marketplace.results.service import finalize_task, run_after_commit
+    from marketplace.scheduling import stranded
     from marketplace.scheduling.service import dispatch
     from marketplace.tasks.service import enqueue_schedule
 
     settings = get_settings()
-    live_nodes = [w["hostname"] for w in live_workers(get_redis())]
+    workers = live_workers(get_redis())
+    live_nodes = [w["hostname"] for w in workers]
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
-    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": [], "settled": []}
+    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": [], "settled": [],
+                                    "stranded": [], "failed": []}
     with session_scope() as session:
         created = session.execute(
             select(Task.id, Task.trace_id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff)
@@ -88,6 +93,12 @@ def recover_stalled() -> dict[str, list[str]]:
         held = _held_subtasks(held_since(cutoff)) if rows else set()
         to_finalize: list[str] = []
         for task in rows:
+            # No live node serves its queue: say so, and fail it once it has waited too long.
+            unserved = stranded.check(session, task, workers=workers, now=now)
+            if unserved:
+                report["stranded" if unserved == "waiting" else "failed"].append(str(task.id))
+                if unserved == "failed":
+                    continue
             limit = get_catalog().time_limit(task.model)
             running_cutoff = now - timedelta(seconds=limit + RUNNING_MARGIN)
             # Pending subtasks whose queue still holds messages are waiting their turn behind
@@ -119,6 +130,9 @@ def recover_stalled() -> dict[str, list[str]]:
                               task.trace_id))
             elif not unfinished:
                 to_finalize.append(str(task.id))
+        stranded.clear_served(session, workers=workers)
+        failed_actions = session.info.pop("after_commit", [])
+    run_after_commit(failed_actions)  # a failed task's webhook
     for task_id, ids, queue, priority, limit, attempt, trace_id in plans:
         logger.warning("recovery: re-dispatching %d subtask(s) of task %s", len(ids), task_id)
         dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt, trace_id=trace_id)

@@ -104,11 +104,15 @@ def serves(worker: dict[str, Any], queue: str, model: str | None = None) -> bool
     return model is None or model not in (worker.get("unavailable") or {})
 
 
-def live_capacity(r: redis.Redis, *, model: str | None = None,
+def live_capacity(r: redis.Redis | None, *, model: str | None = None,
                   workers: list[dict[str, Any]] | None = None) -> dict[str, int]:
-    """Queue -> total concurrency of live nodes consuming it (and able to run `model`)."""
+    """Queue -> total concurrency of live nodes consuming it (and able to run `model`); from
+    `workers` when given (one registry read for many tasks), else read from `r`."""
     capacity: dict[str, int] = defaultdict(int)
-    for worker in live_workers(r) if workers is None else workers:
+    if workers is None:
+        assert r is not None, "live_capacity needs the registry or the workers read from it"
+        workers = live_workers(r)
+    for worker in workers:
         for queue in worker.get("queues", []):
             if serves(worker, queue, model):
                 capacity[queue] += int(worker.get("concurrency") or 1)

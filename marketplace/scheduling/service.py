@@ -110,7 +110,7 @@ def _model_of(task_id: str) -> str | None:
         return session.scalar(select(Task.model).where(Task.id == uuid.UUID(task_id)))
 
 
-def _wait_reason(model: str, device: str, spec: ModelSpec | None, candidates: list[str]) -> str:
+def wait_reason(model: str, device: str, spec: ModelSpec | None, candidates: list[str]) -> str:
     if spec is None:
         return f"model {model!r} is no longer in the catalog"
     if not candidates:
@@ -170,7 +170,7 @@ def _decide_locked(task_id: str, capacity: dict[str, int] | None) -> Outcome | _
         now = utcnow()
         if queue is None:
             waited = (now - task.created_at).total_seconds()
-            reason = _wait_reason(task.model, task.device, spec, candidates)
+            reason = wait_reason(task.model, task.device, spec, candidates)
             if candidates and waited < settings.schedule_timeout:
                 task.status_reason = f"waiting: {reason}"
                 # Waiting is progress: recovery must not re-publish a task that is being retried.

@@ -406,3 +406,86 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
         if hooks is not None:
             hooks.stop()
         receiver.stop()
+
+
+def _strand(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """A job running on the only cpu.generic node, which dies: its queue has no live node."""
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import deregister
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    monkeypatch.setattr(get_settings(), "schedule_timeout", 4.0)
+    r = get_redis()
+    control = _start(CONTROL, "control", r)
+    doomed = _start(["cpu.generic"], "doomed", r)
+    user = register(client)
+    inputs = [f"x{i}" for i in range(6)]
+    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1, "params": {"sleep_s": 1.0}})
+    wait_until(lambda: _db("SELECT count(*) AS n FROM subtasks WHERE task_id = :t AND status = 'Done'",
+                           t=task_id)[0].n >= 2, what="two finished subtasks")
+    doomed.stop(signal.SIGKILL)
+    deregister(r, hostname=doomed.hostname)  # what its missed heartbeat TTL would do
+    return control, user, inputs, task_id
+
+
+def _reason(client, user, task_id):  # type: ignore[no-untyped-def]
+    return client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()
+
+
+def test_a_job_whose_nodes_are_all_gone_says_so_then_fails_with_the_reason(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """Its messages wait in a queue no live node serves: the task says why it waits, keeps the
+    time it was first found unserved, and fails with the reason after `schedule_timeout`;
+    what its finished subtasks produced is still readable, and all it is charged for."""
+    from marketplace.maintenance import recover_stalled
+
+    control, user, inputs, task_id = _strand(client, own_broker, monkeypatch)
+    try:
+        time.sleep(1.2)  # past the stall deadline
+        assert task_id in recover_stalled()["stranded"]
+        first = _reason(client, user, task_id)
+        assert first["status"] == "InProgress"
+        assert first["status_reason"].startswith("waiting since ")
+        assert "no live worker serves cpu.generic for model 'echo'" in first["status_reason"]
+        time.sleep(1.2)
+        assert task_id in recover_stalled()["stranded"]
+        assert _reason(client, user, task_id)["status_reason"] == first["status_reason"]  # timed from the first sweep
+        time.sleep(3.0)  # the first flag is now more than schedule_timeout (4 s) old
+        assert task_id in recover_stalled()["failed"]
+        doc = _reason(client, user, task_id)
+        assert doc["status"] == "Failed" and doc["status_reason"] is None
+        assert "no live worker serves cpu.generic" in doc["error"] and "gave up after waiting" in doc["error"]
+
+        partial = client.get(f"/v1/tasks/{task_id}/result?partial=true", headers=user["headers"]).get_json()
+        done = {r.index for r in _db("SELECT index FROM subtasks WHERE task_id = :t AND status = 'Done'", t=task_id)}
+        assert len(done) >= 2
+        assert partial["outputs"] == [x if i in done else None for i, x in enumerate(inputs)]
+        charged = _db("SELECT s.index FROM ledger_entries l JOIN subtasks s ON s.id = l.subtask_id "
+                      "WHERE l.task_id = :t AND l.kind = 'charge'", t=task_id)
+        assert {c.index for c in charged} == done
+        assert [h.status for h in _db("SELECT status FROM holds WHERE task_id = :t", t=task_id)] == ["released"]
+        assert task_id not in recover_stalled()["failed"]  # final: left alone
+    finally:
+        control.stop()
+
+
+def test_a_stranded_job_is_cleared_and_finishes_when_a_node_comes_back(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+
+    control, user, inputs, task_id = _strand(client, own_broker, monkeypatch)
+    survivor = None
+    try:
+        time.sleep(1.2)
+        assert task_id in recover_stalled()["stranded"]
+        assert _reason(client, user, task_id)["status_reason"].startswith("waiting since ")
+        survivor = _start(["cpu.generic"], "survivor", get_redis())
+        recover_stalled()
+        assert _reason(client, user, task_id)["status_reason"] is None
+        doc = _drive_recovery(client, user, task_id)
+        assert doc["status"] == "Done", doc
+        _assert_exactly_once(client, user, task_id, inputs)
+    finally:
+        control.stop()
+        if survivor is not None:
+            survivor.stop()

@@ -1,0 +1,87 @@
+"""Dispatched tasks whose queue has lost every node that could run them.
+
+A `Scheduled` or `InProgress` task whose nodes all went away waits, with its messages
+in the queue, for one to come back. Recovery (`maintenance.recover_stalled`) tells the
+user why (`status_reason`: "waiting since <when>: no live worker serves <queue> ..."),
+clears that once a node serves the queue again, and fails the task with the reason
+once it has waited `schedule_timeout`, as a task that never found a node does: a job
+ends, it does not wait forever. What its finished subtasks produced stays readable
+(`result?partial=true`) and is all it is charged for.
+
+The wait is timed from the first sweep that found the queue unserved (the time in the
+reason), not from the task's last progress: a registry that was empty for a moment (Redis
+flushed, nodes not yet heartbeating again) flags a task for one sweep at most, since
+the next one finds the queue served and clears the flag.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from marketplace.catalog import get_catalog
+from marketplace.settings import get_settings
+from marketplace.tasks.models import Task, TaskStatus
+
+_SINCE = re.compile(r"^waiting since (\S+): ")
+ACTIVE = (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)
+
+
+def serving(workers: list[dict[str, Any]], task: Any) -> int:
+    """Live concurrency able to run `task.model` from `task.queue`."""
+    from marketplace.registry.service import live_capacity
+
+    return live_capacity(None, model=task.model, workers=workers).get(task.queue or "", 0)
+
+
+def since(task: Task) -> datetime | None:
+    """When a sweep first found the task's queue unserved; None if it is not flagged."""
+    match = _SINCE.match(task.status_reason or "")
+    return datetime.fromisoformat(match.group(1)) if match else None
+
+
+def check(session: Session, task: Task, *, workers: list[dict[str, Any]], now: datetime) -> str | None:
+    """For a stalled active task, under its row lock: None when a live node serves its queue,
+    `waiting` when it is flagged (now or before), `failed` once it has waited `schedule_timeout`
+    (failed in `session`, after-commit actions in `session.info`)."""
+    settings = get_settings()
+    if not settings.worker_capacity_check or serving(workers, task):
+        if since(task):
+            task.status_reason = None
+        return None
+    from marketplace.scheduling.service import wait_reason
+
+    flagged = since(task)
+    reason = wait_reason(task.model, task.device, get_catalog().get(task.model), [task.queue or ""])
+    if flagged is None:
+        task.status_reason = f"waiting since {now.isoformat()}: {reason}"
+        return "waiting"
+    waited = (now - flagged).total_seconds()
+    if waited < settings.schedule_timeout:
+        task.status_reason = f"waiting since {flagged.isoformat()}: {reason}"
+        return "waiting"
+    from marketplace.results.service import fail_task
+
+    fail_task(session, task=task, error=f"{reason} since {flagged.isoformat()}: gave up after waiting {int(waited)}s "
+                                        f"(schedule timeout {settings.schedule_timeout:g}s)")
+    return "failed"
+
+
+def clear_served(session: Session, *, workers: list[dict[str, Any]]) -> list[str]:
+    """Flagged active tasks whose queue is served again (they move, so no sweep sees them stall):
+    clear the flag. Returns their ids."""
+    if not get_settings().worker_capacity_check:
+        return []
+    flagged = session.scalars(
+        select(Task).where(Task.status.in_(ACTIVE), Task.status_reason.like("waiting since %"))
+        .with_for_update(skip_locked=True).limit(500)
+    ).all()
+    cleared = []
+    for task in flagged:
+        if serving(workers, task):
+            task.status_reason = None
+            cleared.append(str(task.id))
+    return cleared
