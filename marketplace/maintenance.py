@@ -43,8 +43,9 @@ def recover_stalled() -> dict[str, list[str]]:
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     - Webhook deliveries whose message was lost: send them again (`resend_lost_webhooks`).
-    - A stalled task whose queue no live node serves: `status_reason` says so, and it fails
-      with that reason after `schedule_timeout` (`scheduling/stranded.py`).
+    - A stalled task whose queue no live node serves: sent with `device: any`, it moves to the
+      other device's queue if that has a node; else `status_reason` says so, and it fails with
+      that reason after `schedule_timeout` (`scheduling/stranded.py`).
     """
     from marketplace.broker import held_since, lost_before, queue_depths
     from marketplace.observability.tracing import job_trace
@@ -61,7 +62,7 @@ def recover_stalled() -> dict[str, list[str]]:
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
     report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": [], "settled": [],
-                                    "stranded": [], "failed": []}
+                                    "stranded": [], "rerouted": [], "failed": []}
     with session_scope() as session:
         created = session.execute(
             select(Task.id, Task.trace_id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff)
@@ -96,7 +97,7 @@ def recover_stalled() -> dict[str, list[str]]:
             # No live node serves its queue: say so, and fail it once it has waited too long.
             unserved = stranded.check(session, task, workers=workers, now=now)
             if unserved:
-                report["stranded" if unserved == "waiting" else "failed"].append(str(task.id))
+                report[{"waiting": "stranded"}.get(unserved, unserved)].append(str(task.id))
                 if unserved == "failed":
                     continue
             limit = get_catalog().time_limit(task.model)
@@ -105,7 +106,8 @@ def recover_stalled() -> dict[str, list[str]]:
             # other work, not lost: re-sending them would only queue duplicates. Unless the
             # broker lost everything since they were sent: the queue holds others' newer work.
             sent_before_loss = lost_at is not None and task.progress_at < lost_at
-            waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss
+            # Moved to another queue: every open subtask is sent there, whatever waits in the old one.
+            waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss and unserved != "rerouted"
             pending_lost = SubTask.status == SubTaskStatus.PENDING.value
             if waiting_in_queue:
                 silent = [sid for sid, attempt in held if attempt == task.dispatch_count]

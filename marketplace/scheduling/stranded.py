@@ -1,6 +1,8 @@
 """Dispatched tasks whose queue has lost every node that could run them.
 
-A `Scheduled` or `InProgress` task whose nodes all went away waits, with its messages
+A `device: any` task whose queue lost its nodes moves to the other device's queue when that
+one has a live node (GPU nodes preempted, CPU nodes up): its open subtasks are sent there.
+Otherwise a `Scheduled` or `InProgress` task whose nodes all went away waits, with its messages
 in the queue, for one to come back. Recovery (`maintenance.recover_stalled`) tells the
 user why (`status_reason`: "waiting since <when>: no live worker serves <queue> ..."),
 clears that once a node serves the queue again, and fails the task with the reason
@@ -37,6 +39,26 @@ def serving(workers: list[dict[str, Any]], task: Any) -> int:
     return live_capacity(None, model=task.model, workers=workers).get(task.queue or "", 0)
 
 
+def _other_queue(task: Task, workers: list[dict[str, Any]]) -> str | None:
+    """For a `device: any` task, a queue of another device with a live node for its model. Its
+    subtasks were cut for the first device; the hold covers either (the estimate is the dearer)."""
+    from marketplace.registry.service import live_capacity
+    from marketplace.scheduling.service import candidate_queues, choose_queue
+
+    spec = get_catalog().get(task.model)
+    if task.device != "any" or spec is None:
+        return None
+    others = [q for q in candidate_queues(spec, "any") if q != task.queue]
+    return choose_queue(others, live_capacity(None, model=task.model, workers=workers))
+
+
+def reason_for(task: Task) -> str:
+    """Why no node runs it (with any node that consumes its queue but refuses the model)."""
+    from marketplace.scheduling.service import wait_reason
+
+    return wait_reason(task.model, task.device, get_catalog().get(task.model), [task.queue or ""])
+
+
 def since(task: Task) -> datetime | None:
     """When a sweep first found the task's queue unserved; None if it is not flagged."""
     match = _SINCE.match(task.status_reason or "")
@@ -44,18 +66,27 @@ def since(task: Task) -> datetime | None:
 
 
 def check(session: Session, task: Task, *, workers: list[dict[str, Any]], now: datetime) -> str | None:
-    """For a stalled active task, under its row lock: None when a live node serves its queue,
-    `waiting` when it is flagged (now or before), `failed` once it has waited `schedule_timeout`
-    (failed in `session`, after-commit actions in `session.info`)."""
+    """For a stalled active task, under its row lock: None when a live node serves its queue;
+    `rerouted` when, sent with `device: any`, it is moved to the other device's queue, which has
+    one (its open subtasks are to be sent there); `waiting` when it is flagged (now or before);
+    `failed` once it has waited `schedule_timeout` (failed in `session`, after-commit actions in
+    `session.info`)."""
     settings = get_settings()
     if not settings.worker_capacity_check or serving(workers, task):
         if since(task):
             task.status_reason = None
         return None
-    from marketplace.scheduling.service import wait_reason
+    other = _other_queue(task, workers)
+    if other is not None:  # `device: any`: the other device's nodes run it (a preempted GPU fleet)
+        from marketplace.audit import service as audit
+
+        audit.enqueue(session, actor="system", action="task.rerouted", subject=f"task:{task.id}", task_id=task.id,
+                      data={"from": task.queue, "to": other, "reason": reason_for(task)})
+        task.queue, task.status_reason = other, None
+        return "rerouted"
 
     flagged = since(task)
-    reason = wait_reason(task.model, task.device, get_catalog().get(task.model), [task.queue or ""])
+    reason = reason_for(task)
     if flagged is None:
         task.status_reason = f"waiting since {now.isoformat()}: {reason}"
         return "waiting"

@@ -489,3 +489,42 @@ def test_a_stranded_job_is_cleared_and_finishes_when_a_node_comes_back(client, o
         control.stop()
         if survivor is not None:
             survivor.stop()
+
+
+def test_an_any_device_job_whose_gpu_nodes_are_gone_moves_to_the_cpu_queue(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
+    """Sent with `device: any` to the GPU queue, whose only node then goes (a preempted GPU
+    fleet): recovery moves the task to the CPU queue, whose node runs every subtask."""
+    from marketplace.maintenance import recover_stalled
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import deregister, heartbeat
+    from marketplace.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
+    r = get_redis()
+    control = _start(CONTROL, "control", r)
+    cpu = _start(["cpu.embedding"], "cpu", r)
+    gpu = f"gpu-{uuid.uuid4().hex[:6]}@test"
+    heartbeat(r, info={"hostname": gpu, "queues": ["gpu.embedding"], "concurrency": 1})  # no process behind it
+    try:
+        user = register(client)
+        texts = ["a red fox", "a blue whale", "a green tree"]
+        task_id = _submit(client, user, {"model": "embedding", "inputs": texts, "device": "any", "batch_size": 2})
+        wait_until(lambda: _db("SELECT queue FROM tasks WHERE id = :t", t=task_id)[0].queue == "gpu.embedding",
+                   what="the job sent to the GPU queue")
+        deregister(r, hostname=gpu)
+        time.sleep(1.2)  # past the stall deadline
+        report = recover_stalled()
+        assert task_id in report["rerouted"] and task_id in report["redispatched"], report
+        doc = wait_for_task(client, user["headers"], task_id)
+        assert doc["status"] == "Done" and doc["queue"] == "cpu.embedding" and doc["status_reason"] is None
+        outputs = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"]
+        assert len(outputs) == 3 and all(len(v) == 384 for v in outputs)
+        workers = {w.worker for w in _db("SELECT worker FROM subtasks WHERE task_id = :t", t=task_id)}
+        assert workers == {cpu.hostname}
+        records = client.get(f"/v1/audit?task_id={task_id}&limit=1000", headers=user["headers"]).get_json()["records"]
+        moved = [r_ for r_ in records if r_["action"] == "task.rerouted"]
+        assert len(moved) == 1 and moved[0]["data"]["from"] == "gpu.embedding" and moved[0]["data"]["to"] == "cpu.embedding"
+    finally:
+        deregister(r, hostname=gpu)
+        control.stop()
+        cpu.stop()
