@@ -48,6 +48,7 @@ def recover_stalled() -> dict[str, list[str]]:
       that reason after `schedule_timeout` (`scheduling/stranded.py`).
     """
     from marketplace.broker import held_since, lost_before, queue_depths
+    from marketplace.events.outbox import emit
     from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
@@ -130,6 +131,11 @@ def recover_stalled() -> dict[str, list[str]]:
                 task.dispatch_count += 1
                 plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count,
                               task.trace_id))
+                if unserved == "rerouted":  # event consumers follow the task to its new queue
+                    emit(session, type="TaskAssigned", key=str(task.id), payload={
+                        "task_id": str(task.id), "user_id": str(task.user_id), "queue": task.queue,
+                        "subtasks": task.subtask_count, "priority": task.priority,
+                        "dispatch_count": task.dispatch_count})
             elif not unfinished:
                 to_finalize.append(str(task.id))
         stranded.clear_served(session, workers=workers)

@@ -524,6 +524,10 @@ def test_an_any_device_job_whose_gpu_nodes_are_gone_moves_to_the_cpu_queue(clien
         records = client.get(f"/v1/audit?task_id={task_id}&limit=1000", headers=user["headers"]).get_json()["records"]
         moved = [r_ for r_ in records if r_["action"] == "task.rerouted"]
         assert len(moved) == 1 and moved[0]["data"]["from"] == "gpu.embedding" and moved[0]["data"]["to"] == "cpu.embedding"
+        assigned = _db("SELECT payload FROM outbox_events WHERE key = :t AND type = 'TaskAssigned' ORDER BY id",
+                       t=task_id)
+        assert [(a.payload["queue"], a.payload["dispatch_count"]) for a in assigned] == [
+            ("gpu.embedding", 1), ("cpu.embedding", 2)]
     finally:
         deregister(r, hostname=gpu)
         control.stop()
