@@ -65,6 +65,15 @@ class TaskListQuery(BaseModel):
     all: Literal["0", "1"] = Field(default="0", description="Admins: `1` lists every user's tasks.")
 
 
+class SubTaskQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["Pending", "Running", "Done", "Failed"] | None = None
+    limit: int | None = Field(default=None, ge=1, le=1000, description=(
+        "At most this many, in index order (all of them when absent); `next_after` gives the next page."))
+    after: int = Field(default=-1, ge=-1, description="Only subtasks with a higher index: the previous page's `next_after`.")
+
+
 class ResultQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

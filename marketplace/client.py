@@ -103,8 +103,17 @@ class Client:
     def get(self, task_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/tasks/{task_id}")
 
-    def subtasks(self, task_id: str) -> list[dict[str, Any]]:
-        return self._json("GET", f"/v1/tasks/{task_id}/subtasks")["subtasks"]
+    def subtasks(self, task_id: str, *, status: str | None = None) -> list[dict[str, Any]]:
+        """Every subtask (in `status`), fetched a page of 1,000 at a time."""
+        out: list[dict[str, Any]] = []
+        after = -1
+        while True:
+            params = {"limit": 1000, "after": after, **({"status": status} if status else {})}
+            page = self._json("GET", f"/v1/tasks/{task_id}/subtasks", params=params)
+            out += page["subtasks"]
+            if page.get("next_after") is None:
+                return out
+            after = page["next_after"]
 
     def result(self, task_id: str, *, partial: bool = False) -> dict[str, Any]:
         """The outputs of a Done task; `partial`: what any task has (see `complete` and `missing`)."""

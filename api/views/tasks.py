@@ -7,7 +7,7 @@ from flask_jwt_extended import jwt_required
 from api.auth import me
 from api.db import db
 from api.openapi import api_doc
-from api.schemas import ResultQuery, TaskAccepted, TaskListQuery
+from api.schemas import ResultQuery, SubTaskQuery, TaskAccepted, TaskListQuery
 from api.validation import parse_body, parse_query
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
@@ -72,12 +72,14 @@ def get(task_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<task_id>/subtasks")
-@api_doc(summary="A task's subtasks", responses={200: SubTaskList}, tags=["tasks"])
+@api_doc(summary="A task's subtasks, in index order (paged with `limit` and `after`)", query=SubTaskQuery,
+         responses={200: SubTaskList}, tags=["tasks"])
 @jwt_required()
 def subtasks(task_id: str):  # type: ignore[no-untyped-def]
+    q = parse_query(SubTaskQuery)
     session = db()
     task = tasks.get_task(session, task_id=task_id, user=me())
-    doc = SubTaskList(task_id=str(task.id), subtasks=tasks.list_subtasks(session, task=task))
+    doc = tasks.subtask_page(session, task=task, status=q.status, after=q.after, limit=q.limit)
     return jsonify(doc.model_dump(mode="json"))
 
 

@@ -13,11 +13,13 @@ from marketplace.grpc_server import Call, message, money, parse_json, rpc, rpc_s
 from marketplace.pb.task import task_pb2, task_pb2_grpc
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
-from marketplace.tasks.models import Task, TaskStatus
+from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import SubTaskOut, TaskOut, TaskRequest
 
 WATCH_POLL_SECONDS = 0.25
 DEFAULT_PAGE, MAX_PAGE = 20, 100  # as REST GET /v1/tasks
+MAX_SUBTASK_PAGE = 1000  # as REST GET /v1/tasks/<id>/subtasks
+SUBTASK_STATUSES = [s.value for s in SubTaskStatus]
 
 
 def task_message(task: Task, doc: TaskOut) -> task_pb2.Task:
@@ -120,6 +122,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc()
     def GetSubTasks(self, request: task_pb2.GetSubTasksRequest, call: Call) -> task_pb2.GetSubTasksResponse:
+        if request.status and request.status not in SUBTASK_STATUSES:
+            raise errors.InvalidInput.field("status", f"one of {', '.join(SUBTASK_STATUSES)}")
+        if request.limit < 0 or request.limit > MAX_SUBTASK_PAGE:
+            raise errors.InvalidInput.field("limit", f"0 (all) to {MAX_SUBTASK_PAGE}")
         task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
-        subs = tasks.list_subtasks(call.session, task=task)
-        return task_pb2.GetSubTasksResponse(task_id=str(task.id), subtasks=[subtask_message(s) for s in subs])
+        page = tasks.subtask_page(call.session, task=task, status=request.status or None,
+                                  after=request.after if request.HasField("after") else -1, limit=request.limit or None)
+        return task_pb2.GetSubTasksResponse(task_id=str(task.id), subtasks=[subtask_message(s) for s in page.subtasks],
+                                            next_after=page.next_after)

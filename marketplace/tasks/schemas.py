@@ -85,6 +85,8 @@ class SubTaskOut(BaseModel):
 class SubTaskList(BaseModel):
     task_id: str
     subtasks: list[SubTaskOut]
+    next_after: int | None = Field(default=None, description=(
+        "With `limit`: pass as `after` for the next page; null at the end."))
 
 
 class MissingPart(BaseModel):

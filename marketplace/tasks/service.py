@@ -27,7 +27,7 @@ from marketplace.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.params import check_params
-from marketplace.tasks.schemas import Progress, SubTaskOut, TaskOut, TaskRequest
+from marketplace.tasks.schemas import Progress, SubTaskList, SubTaskOut, TaskOut, TaskRequest
 from marketplace.users.models import User
 
 logger = logging.getLogger(__name__)
@@ -394,8 +394,14 @@ def describe_task(session: Session, *, task: Task) -> TaskOut:
     return task_document(task, counts, running_cost=running)
 
 
-def list_subtasks(session: Session, *, task: Task) -> list[SubTaskOut]:
-    rows = session.scalars(select(SubTask).where(SubTask.task_id == task.id).order_by(SubTask.index))
+def list_subtasks(session: Session, *, task: Task, status: str | None = None, after: int = -1,
+                  limit: int | None = None) -> list[SubTaskOut]:
+    """The task's subtasks in index order: those after index `after`, in `status`, at most `limit`
+    (a job of 200,000 one-item subtasks is a page at a time, not one 50 MB answer)."""
+    query = select(SubTask).where(SubTask.task_id == task.id, SubTask.index > after)
+    if status is not None:
+        query = query.where(SubTask.status == status)
+    rows = session.scalars(query.order_by(SubTask.index).limit(limit))
     return [
         SubTaskOut(
             id=str(s.id), index=s.index, status=s.status, items=s.items, worker=s.worker,  # type: ignore[arg-type]
@@ -404,6 +410,16 @@ def list_subtasks(session: Session, *, task: Task) -> list[SubTaskOut]:
         )
         for s in rows
     ]
+
+
+def subtask_page(session: Session, *, task: Task, status: str | None = None, after: int = -1,
+                 limit: int | None = None) -> SubTaskList:
+    """`list_subtasks` as a page: `next_after` is the last index when more follow."""
+    subs = list_subtasks(session, task=task, status=status, after=after, limit=None if limit is None else limit + 1)
+    more = limit is not None and len(subs) > limit
+    if more:
+        subs = subs[:limit]
+    return SubTaskList(task_id=str(task.id), subtasks=subs, next_after=subs[-1].index if more else None)
 
 
 def read_result(session: Session, *, task: Task) -> bytes:

@@ -129,6 +129,27 @@ def test_commands_need_a_login(tmp_path, monkeypatch):  # type: ignore[no-untype
     assert out.exit_code != 0 and "marketplace login" in out.output
 
 
+def test_python_client_reads_every_subtask_page_by_page(live_api, account, worker, monkeypatch):  # type: ignore[no-untyped-def]
+    import marketplace.client as client_module
+
+    client = Client(live_api)
+    client.login(*account)
+    task = client.submit("echo", list(range(5)), batch_size=1)
+    assert client.wait(task["id"], timeout=60)["status"] == "Done"
+    seen = []
+    real = client_module.Client._json
+
+    def spy(self, method, path, **kwargs):  # type: ignore[no-untyped-def]
+        if path.endswith("/subtasks"):
+            kwargs["params"] = {**kwargs["params"], "limit": 2}  # small pages, to walk them
+            seen.append(kwargs["params"]["after"])
+        return real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(client_module.Client, "_json", spy)
+    assert [s["index"] for s in client.subtasks(task["id"])] == [0, 1, 2, 3, 4] and seen == [-1, 1, 3]
+    assert client.subtasks(task["id"], status="Failed") == []
+
+
 def test_python_client_refreshes_an_expired_access_token(live_api, account, worker):  # type: ignore[no-untyped-def]
     c = Client(live_api)
     c.login(*account)

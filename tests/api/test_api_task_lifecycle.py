@@ -238,6 +238,29 @@ def test_a_job_is_cut_into_subtasks_of_even_sizes(client, user):  # type: ignore
         client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
 
 
+def test_subtasks_page_in_index_order(client, user):  # type: ignore[no-untyped-def]
+    task = client.post("/v1/tasks", json={**WAITING, "inputs": list("abcde"), "batch_size": 1},
+                       headers=user["headers"]).get_json()
+    url = f"/v1/tasks/{task['id']}/subtasks"
+    try:
+        def page(query: str):  # type: ignore[no-untyped-def]
+            doc = client.get(url + query, headers=user["headers"]).get_json()
+            return [s["index"] for s in doc["subtasks"]], doc["next_after"]
+
+        assert page("") == ([0, 1, 2, 3, 4], None)  # unpaged, as before
+        assert page("?limit=2") == ([0, 1], 1)
+        assert page("?limit=2&after=1") == ([2, 3], 3)
+        assert page("?limit=2&after=3") == ([4], None)
+        assert page("?status=Pending&after=2") == ([3, 4], None)
+        assert page("?status=Done") == ([], None)
+        for bad, field in (("?limit=0", "limit"), ("?limit=1001", "limit"), ("?status=Sleeping", "status"),
+                           ("?after=-2", "after"), ("?page=2", "page")):
+            resp = client.get(url + bad, headers=user["headers"])
+            assert resp.status_code == 422 and resp.get_json()["errors"][0]["field"] == field, (bad, resp.get_json())
+    finally:
+        client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"])
+
+
 def test_an_any_device_job_is_cut_for_the_gpu_node_that_will_run_it(client, user, redis_client):  # type: ignore[no-untyped-def]
     """`any` goes to a GPU when one is live: its subtasks get the GPU batch size then."""
     from marketplace.registry.service import deregister, heartbeat

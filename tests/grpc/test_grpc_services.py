@@ -152,6 +152,13 @@ def test_task_flow_create_watch_until_done_then_result(stubs, user, worker):  # 
     assert [s.index for s in subs.subtasks] == [0, 1, 2, 3, 4]
     assert all(s.status == "Done" and s.worker and s.attempts == 1 and s.items for s in subs.subtasks)
     assert sum(s.items for s in subs.subtasks) == 23
+    assert not subs.HasField("next_after")  # unpaged: all of them
+    page = stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=task.id, limit=2), metadata=user["md"])
+    assert [s.index for s in page.subtasks] == [0, 1] and page.next_after == 1
+    page = stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=task.id, limit=2, after=3), metadata=user["md"])
+    assert [s.index for s in page.subtasks] == [4] and not page.HasField("next_after")
+    done = stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=task.id, status="Failed"), metadata=user["md"])
+    assert not done.subtasks
 
     replay = _create(stubs, user, inputs, batch_size=5, idempotency_key="flow-1")
     assert replay.idempotent_replay and replay.task.id == task.id
@@ -309,6 +316,15 @@ def test_register_heartbeat_list_and_capabilities(stubs, user, admin, worker, rp
 
 
 # -- results ----------------------------------------------------------------------------------------------
+
+def test_subtask_paging_arguments_are_checked(stubs, user, rpc_error):  # type: ignore[no-untyped-def]
+    waiting = _waiting_task(stubs, user)
+    for bad, field in ((task_pb2.GetSubTasksRequest(task_id=waiting, status="Sleeping"), "status"),
+                       (task_pb2.GetSubTasksRequest(task_id=waiting, limit=-1), "limit"),
+                       (task_pb2.GetSubTasksRequest(task_id=waiting, limit=1001), "limit")):
+        code, detail, _ = rpc_error(stubs.tasks.GetSubTasks, bad, metadata=user["md"])
+        assert code == C.INVALID_ARGUMENT and field in detail
+
 
 def test_finalize_and_result_preconditions(stubs, user, admin, worker, rpc_error):  # type: ignore[no-untyped-def]
     waiting = _waiting_task(stubs, user)

@@ -170,15 +170,23 @@ class WatchTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class GetSubTasksRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "status", "limit", "after")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    status: str
+    limit: int
+    after: int
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[str] = ..., limit: _Optional[int] = ..., after: _Optional[int] = ...) -> None: ...
 
 class GetSubTasksResponse(_message.Message):
-    __slots__ = ("task_id", "subtasks")
+    __slots__ = ("task_id", "subtasks", "next_after")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUBTASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     subtasks: _containers.RepeatedCompositeFieldContainer[SubTask]
-    def __init__(self, task_id: _Optional[str] = ..., subtasks: _Optional[_Iterable[_Union[SubTask, _Mapping]]] = ...) -> None: ...
+    next_after: int
+    def __init__(self, task_id: _Optional[str] = ..., subtasks: _Optional[_Iterable[_Union[SubTask, _Mapping]]] = ..., next_after: _Optional[int] = ...) -> None: ...
