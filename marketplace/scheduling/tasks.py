@@ -42,6 +42,7 @@ def wake(queues: list[str], models: list[str]) -> dict:
     One attempt, no retry chain of its own: each waiting task already has its
     `schedule` retry pending, so this only shortens the wait.
     """
+    _clear_stranded()
     scheduled = []
     for task_id in service.waiting_tasks(models=models):
         outcome = service.schedule_task(task_id)
@@ -50,6 +51,20 @@ def wake(queues: list[str], models: list[str]) -> dict:
     if scheduled:
         logger.info("wake for %s: scheduled %d waiting task(s)", ",".join(queues), len(scheduled))
     return {"scheduled": scheduled}
+
+
+def _clear_stranded() -> None:
+    """Dispatched tasks flagged as waiting for a node (`stranded`) whose queue this node serves:
+    their reason goes now, not at the next recovery sweep."""
+    from marketplace.db import session_scope
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_workers
+    from marketplace.scheduling import stranded
+
+    with session_scope() as session:
+        cleared = stranded.clear_served(session, workers=live_workers(get_redis()))
+    if cleared:
+        logger.info("wake: %d stranded task(s) served again", len(cleared))
 
 
 @app.task(name="marketplace.scheduling.lost_run", acks_late=True, ignore_result=True, autoretry_for=(DBAPIError,),

@@ -421,7 +421,7 @@ def _strand(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     doomed = _start(["cpu.generic"], "doomed", r)
     user = register(client)
     inputs = [f"x{i}" for i in range(6)]
-    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1, "params": {"sleep_s": 1.0}})
+    task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1, "params": {"sleep_s": 1.5}})
     wait_until(lambda: _db("SELECT count(*) AS n FROM subtasks WHERE task_id = :t AND status = 'Done'",
                            t=task_id)[0].n >= 2, what="two finished subtasks")
     doomed.stop(signal.SIGKILL)
@@ -480,8 +480,11 @@ def test_a_stranded_job_is_cleared_and_finishes_when_a_node_comes_back(client, o
         assert task_id in recover_stalled()["stranded"]
         assert _reason(client, user, task_id)["status_reason"].startswith("waiting since ")
         survivor = _start(["cpu.generic"], "survivor", get_redis())
-        recover_stalled()
-        assert _reason(client, user, task_id)["status_reason"] is None
+        # Cleared by the `wake` the node sends when it comes up, before any recovery sweep.
+        seen: list = []
+        wait_until(lambda: seen.append(_reason(client, user, task_id)) or seen[-1]["status_reason"] is None, 20,
+                   "the stranded flag cleared")
+        assert seen[-1]["status"] == "InProgress"  # cleared while it runs, not by its end
         doc = _drive_recovery(client, user, task_id)
         assert doc["status"] == "Done", doc
         _assert_exactly_once(client, user, task_id, inputs)
