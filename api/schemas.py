@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from marketplace.tasks.schemas import MAX_SUBTASK_PAGE
+
 
 class LoginRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,7 +71,7 @@ class SubTaskQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["Pending", "Running", "Done", "Failed"] | None = None
-    limit: int | None = Field(default=None, ge=1, le=1000, description=(
+    limit: int | None = Field(default=None, ge=1, le=MAX_SUBTASK_PAGE, description=(
         "At most this many, in index order (all of them when absent); `next_after` gives the next page."))
     after: int = Field(default=-1, ge=-1, description="Only subtasks with a higher index: the previous page's `next_after`.")
 

@@ -48,13 +48,12 @@ def recover_stalled() -> dict[str, list[str]]:
       that reason after `schedule_timeout` (`scheduling/stranded.py`).
     """
     from marketplace.broker import held_since, lost_before, queue_depths
-    from marketplace.events.outbox import emit
     from marketplace.observability.tracing import job_trace
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task, run_after_commit
     from marketplace.scheduling import stranded
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.service import dispatch, emit_assigned
     from marketplace.tasks.service import enqueue_schedule
 
     settings = get_settings()
@@ -98,7 +97,7 @@ def recover_stalled() -> dict[str, list[str]]:
             # No live node serves its queue: say so, and fail it once it has waited too long.
             unserved = stranded.check(session, task, workers=workers, now=now)
             if unserved:
-                report[{"waiting": "stranded"}.get(unserved, unserved)].append(str(task.id))
+                report[unserved].append(str(task.id))
                 if unserved == "failed":
                     continue
             limit = get_catalog().time_limit(task.model)
@@ -132,10 +131,7 @@ def recover_stalled() -> dict[str, list[str]]:
                 plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count,
                               task.trace_id))
                 if unserved == "rerouted":  # event consumers follow the task to its new queue
-                    emit(session, type="TaskAssigned", key=str(task.id), payload={
-                        "task_id": str(task.id), "user_id": str(task.user_id), "queue": task.queue,
-                        "subtasks": task.subtask_count, "priority": task.priority,
-                        "dispatch_count": task.dispatch_count})
+                    emit_assigned(session, task, subtasks=task.subtask_count)
             elif not unfinished:
                 to_finalize.append(str(task.id))
         stranded.clear_served(session, workers=workers)

@@ -162,9 +162,14 @@ def partial_document(task: Task, subtasks: list[Any], store: Any) -> bytes:
             missing.append({"index": sub.index, "first_item": first, "items": sub.items, "status": sub.status,
                             "error": sub.error})
         first += sub.items
-    tail = json.dumps({"status": task.status, "complete": not missing, "missing": missing}, separators=(",", ":"))
-    return (_head(str(task.id), task.model) + b',"outputs":[' + b",".join(c for c in chunks if c) + b"],"
-            + tail[1:].encode())
+    return (_head(str(task.id), task.model) + b',"outputs":[' + b",".join(c for c in chunks if c) + b"]"
+            + partial_fields(task.status, missing))
+
+
+def partial_fields(status: str, missing: list[dict[str, Any]]) -> bytes:
+    """`,"status":...,"complete":...,"missing":[...]}`: what a partial result adds, closing brace included."""
+    fields = json.dumps({"status": status, "complete": not missing, "missing": missing}, separators=(",", ":"))
+    return b"," + fields[1:].encode()
 
 
 def _head(task_id: str, model: str) -> bytes:

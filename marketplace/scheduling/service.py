@@ -196,9 +196,7 @@ def _decide_locked(task_id: str, capacity: dict[str, int] | None) -> Outcome | _
             ids = [str(i) for i in session.scalars(
                 select(SubTask.id).where(SubTask.task_id == task.id).order_by(SubTask.index)
             )]
-            emit(session, type="TaskAssigned", key=task_id,
-                 payload={"task_id": task_id, "user_id": str(task.user_id), "queue": queue, "subtasks": len(ids),
-                          "priority": task.priority, "dispatch_count": task.dispatch_count})
+            emit_assigned(session, task, subtasks=len(ids))
             assignment = (queue, task.priority, task.dispatch_count, task.trace_id, ids)
     if failed is not None:
         from marketplace.results.service import run_after_commit
@@ -206,6 +204,14 @@ def _decide_locked(task_id: str, capacity: dict[str, int] | None) -> Outcome | _
         run_after_commit(actions)
         return failed
     return assignment
+
+
+def emit_assigned(session: Any, task: Task, *, subtasks: int) -> None:
+    """The `TaskAssigned` event of a task given its queue (scheduled, or moved by recovery).
+    `_ASSIGN` writes the same payload in SQL."""
+    emit(session, type="TaskAssigned", key=str(task.id), payload={
+        "task_id": str(task.id), "user_id": str(task.user_id), "queue": task.queue, "subtasks": subtasks,
+        "priority": task.priority, "dispatch_count": task.dispatch_count})
 
 
 def _assign(task_id: str, model: str, capacity: dict[str, int] | None) -> _Assignment | None:

@@ -32,24 +32,23 @@ _SINCE = re.compile(r"^waiting since (\S+): ")
 ACTIVE = (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)
 
 
-def serving(workers: list[dict[str, Any]], task: Any) -> int:
-    """Live concurrency able to run `task.model` from `task.queue`."""
+def _capacity(task: Task, workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Queue -> live concurrency able to run `task.model`."""
     from marketplace.registry.service import live_capacity
 
-    return live_capacity(None, model=task.model, workers=workers).get(task.queue or "", 0)
+    return live_capacity(None, model=task.model, workers=workers)
 
 
-def _other_queue(task: Task, workers: list[dict[str, Any]]) -> str | None:
+def _other_queue(task: Task, capacity: dict[str, int]) -> str | None:
     """For a `device: any` task, a queue of another device with a live node for its model. Its
     subtasks were cut for the first device; the hold covers either (the estimate is the dearer)."""
-    from marketplace.registry.service import live_capacity
     from marketplace.scheduling.service import candidate_queues, choose_queue
 
     spec = get_catalog().get(task.model)
     if task.device != "any" or spec is None:
         return None
     others = [q for q in candidate_queues(spec, "any") if q != task.queue]
-    return choose_queue(others, live_capacity(None, model=task.model, workers=workers))
+    return choose_queue(others, capacity)
 
 
 def reason_for(task: Task) -> str:
@@ -68,15 +67,16 @@ def since(task: Task) -> datetime | None:
 def check(session: Session, task: Task, *, workers: list[dict[str, Any]], now: datetime) -> str | None:
     """For a stalled active task, under its row lock: None when a live node serves its queue;
     `rerouted` when, sent with `device: any`, it is moved to the other device's queue, which has
-    one (its open subtasks are to be sent there); `waiting` when it is flagged (now or before);
+    one (its open subtasks are to be sent there); `stranded` when it is flagged (now or before);
     `failed` once it has waited `schedule_timeout` (failed in `session`, after-commit actions in
     `session.info`)."""
     settings = get_settings()
-    if not settings.worker_capacity_check or serving(workers, task):
+    capacity = _capacity(task, workers) if settings.worker_capacity_check else {}
+    if not settings.worker_capacity_check or capacity.get(task.queue or "", 0):
         if since(task):
             task.status_reason = None
         return None
-    other = _other_queue(task, workers)
+    other = _other_queue(task, capacity)
     if other is not None:  # `device: any`: the other device's nodes run it (a preempted GPU fleet)
         from marketplace.audit import service as audit
 
@@ -89,11 +89,11 @@ def check(session: Session, task: Task, *, workers: list[dict[str, Any]], now: d
     reason = reason_for(task)
     if flagged is None:
         task.status_reason = f"waiting since {now.isoformat()}: {reason}"
-        return "waiting"
+        return "stranded"
     waited = (now - flagged).total_seconds()
     if waited < settings.schedule_timeout:
         task.status_reason = f"waiting since {flagged.isoformat()}: {reason}"
-        return "waiting"
+        return "stranded"
     from marketplace.results.service import fail_task
 
     fail_task(session, task=task, error=f"{reason} since {flagged.isoformat()}: gave up after waiting {int(waited)}s "
@@ -112,7 +112,7 @@ def clear_served(session: Session, *, workers: list[dict[str, Any]]) -> list[str
     ).all()
     cleared = []
     for task in flagged:
-        if serving(workers, task):
+        if _capacity(task, workers).get(task.queue or "", 0):
             task.status_reason = None
             cleared.append(str(task.id))
     return cleared

@@ -14,11 +14,10 @@ from marketplace.pb.task import task_pb2, task_pb2_grpc
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
-from marketplace.tasks.schemas import SubTaskOut, TaskOut, TaskRequest
+from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
 
 WATCH_POLL_SECONDS = 0.25
 DEFAULT_PAGE, MAX_PAGE = 20, 100  # as REST GET /v1/tasks
-MAX_SUBTASK_PAGE = 1000  # as REST GET /v1/tasks/<id>/subtasks
 SUBTASK_STATUSES = [s.value for s in SubTaskStatus]
 
 

@@ -82,6 +82,9 @@ class SubTaskOut(BaseModel):
     finished_at: str | None = None
 
 
+MAX_SUBTASK_PAGE = 1000  # subtasks per page (REST `limit`, gRPC `limit`)
+
+
 class SubTaskList(BaseModel):
     task_id: str
     subtasks: list[SubTaskOut]

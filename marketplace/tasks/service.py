@@ -436,14 +436,14 @@ def read_partial_result(session: Session, *, task: Task) -> bytes:
     """The outputs a task has, whatever its status, with `status`, `complete` and `missing`: a
     Failed or Cancelled job's finished subtasks were charged, and their outputs are the user's.
     A Done task's is its stored result, complete."""
-    from marketplace.results.service import partial_document
+    from marketplace.results.service import partial_document, partial_fields
     from marketplace.storage import get_store
 
     audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}",
                  task_id=task.id, data={"result_key": task.result_key, "partial": True}, pending=True)
     if task.status == TaskStatus.DONE.value and task.result_key:
         stored = get_store().get_bytes(task.result_key).rstrip()
-        return stored[:-1] + b',"status":"Done","complete":true,"missing":[]}'
+        return stored[:-1] + partial_fields(task.status, [])
     subtasks = session.execute(
         select(SubTask.index, SubTask.items, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error)
         .where(SubTask.task_id == task.id).order_by(SubTask.index)
