@@ -357,6 +357,12 @@ def test_a_broker_down_between_the_commit_and_the_schedule_message_still_accepts
         node.stop()
 
 
+def _queued(r, queue: str, needle: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a message naming `needle` waits in `queue` (any of its priority lists)."""
+    lists = [k for k in r.scan_iter(match=f"{queue}*") if r.type(k) == b"list"]
+    return any(needle.encode() in raw for key in lists for raw in r.lrange(key, 0, -1))
+
+
 def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     """The task ends Done and its delivery message waits in Redis, which is flushed before a node
     takes it. Recovery finds the delivery sent but never ended and sends it again; once it has
@@ -382,6 +388,9 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
         assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
         sent, done = delivery_state(task_id)
         assert sent is not None and done is None
+        # The message is published just after the commit that makes the task Done: flushing
+        # before it lands would leave it to arrive afterwards, and it would be delivered twice.
+        wait_until(lambda: _queued(get_redis(), "marketplace.maintenance", task_id), 10, "the delivery message queued")
         get_redis().flushall()  # the delivery message is gone
 
         hooks = _start(["marketplace.maintenance"], "hooks", get_redis())
