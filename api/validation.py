@@ -39,8 +39,10 @@ def parse_body(model: type[M]) -> M:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)")
     try:
         data = request.get_json(force=False, silent=False)
-    except (BadRequest, RecursionError):
+    except BadRequest:
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:  # valid JSON, nested past the parser's stack
+        raise InvalidInput.field("body", "nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidInput.field("body", "expected a JSON object")
     try:

@@ -372,10 +372,11 @@ def parse_amount(raw: Any, *, field: str = "amount") -> Decimal:
         raise InvalidInput.field(field, f"{raw!r} is not a decimal number") from None
     if not amount.is_finite() or amount <= 0:
         raise InvalidInput.field(field, "must be greater than 0")
-    if amount != q(amount):
-        raise InvalidInput.field(field, "at most 6 decimal places")
+    # The bound first: quantizing 1e22 or more overflows the 28-digit context (InvalidOperation).
     if amount > MAX_TOPUP:
         raise InvalidInput.field(field, f"at most {MAX_TOPUP}")
+    if amount != q(amount):
+        raise InvalidInput.field(field, "at most 6 decimal places")
     return q(amount)
 
 

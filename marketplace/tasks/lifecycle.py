@@ -30,6 +30,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, tid = json.loads(raw)
+        if not isinstance(created, str) or not isinstance(tid, str):  # uuid.UUID(123) is an AttributeError
+            raise ValueError("not a cursor")
         return datetime.fromisoformat(created), uuid.UUID(tid)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise InvalidInput.field("cursor", "not a cursor returned by this endpoint") from None

@@ -6,6 +6,23 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+# How deep an input item or a parameter may nest. The request is hashed and stored through
+# pydantic's serializer, which refuses 255 levels and more (a 500); real items nest a few levels.
+MAX_NESTING = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether `value` nests lists/objects more than `limit` levels; iterative, as the bodies it
+    checks are hostile by assumption."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return False
+
 
 class TaskRequest(BaseModel):
     """A job: one model over a list of input items."""
@@ -23,6 +40,22 @@ class TaskRequest(BaseModel):
     priority: int = Field(default=0, ge=0, le=9, description="0–9, 9 most urgent.")
     webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the task document on a final status.")
     max_cost: Decimal | None = Field(default=None, gt=0, max_digits=24, decimal_places=6)
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_not_too_deep(cls, value: list[Any]) -> list[Any]:
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)) and _too_deep(item):
+                raise ValueError(f"item {i} nests more than {MAX_NESTING} levels")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params_not_too_deep(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, param in value.items():
+            if isinstance(param, (list, dict)) and _too_deep(param):
+                raise ValueError(f"{name!r} nests more than {MAX_NESTING} levels")
+        return value
 
     @field_validator("webhook_url")
     @classmethod

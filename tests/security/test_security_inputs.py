@@ -1,6 +1,7 @@
 """Hostile bodies: clear 4xx problems, never a 500, and nothing stored."""
 from __future__ import annotations
 
+import base64
 import io
 
 import pytest
@@ -30,6 +31,10 @@ def _post_task(client, user, data: bytes | dict):  # type: ignore[no-untyped-def
 HOSTILE_BODIES = {
     "deeply nested inputs": b'{"model":"echo","inputs":[' + b"[" * 5000 + b"]" * 5000 + b"]}",
     "nested object bomb": b'{"model":"echo","inputs":[1],"params":' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
+    # Past pydantic's serializer (255 levels) but within the JSON parser's stack: it was a 500.
+    "300 levels in an item": b'{"model":"echo","inputs":[' + b"[" * 300 + b"]" * 300 + b"]}",
+    "300 levels under an unknown param": b'{"model":"echo","inputs":[1],"params":{"bogus":' + b"[" * 300
+    + b"]" * 300 + b"}}",
     "NUL in an item": {"model": "echo", "inputs": ["ok", "bad\u0000byte"]},
     "NUL in the model": {"model": "ec\u0000ho", "inputs": [1]},
     "lone surrogate": b'{"model":"echo","inputs":["\\ud800"]}',
@@ -55,6 +60,20 @@ def test_hostile_task_bodies_are_4xx_and_store_nothing(client, user, name):  # t
     assert _count("tasks", user["id"]) == before
 
 
+@pytest.mark.parametrize(("body", "field", "words"), [
+    (b'{"model":"echo","inputs":[1,' + b"[" * 65 + b"]" * 65 + b"]}", "inputs", "item 1 nests more than 64"),
+    (b'{"model":"echo","inputs":[1],"params":{"x":' + b"{\"a\":" * 65 + b"1" + b"}" * 65 + b"}}", "params",
+     "'x' nests more than 64"),
+    (b'{"model":"echo","inputs":[' + b"[" * 5000 + b"]" * 5000 + b"]}", "body", "nested too deeply"),
+])
+def test_nesting_past_the_limit_names_the_field(client, user, body, field, words):  # type: ignore[no-untyped-def]
+    resp = _post_task(client, user, body)
+    assert resp.status_code == 422, resp.get_data(as_text=True)[:300]
+    error = resp.get_json()["errors"][0]
+    assert error["field"] == field and words in error["message"], error
+    assert _post_task(client, user, b'{"model":"echo","inputs":[' + b"[" * 64 + b"]" * 64 + b"]}").status_code == 202
+
+
 def test_too_many_inputs_is_refused_before_anything_is_stored(client, user):  # type: ignore[no-untyped-def]
     from marketplace.settings import get_settings
 
@@ -67,7 +86,9 @@ def test_too_many_inputs_is_refused_before_anything_is_stored(client, user):  # 
 
 
 def test_sql_in_query_strings_and_ids_is_harmless(client, user):  # type: ignore[no-untyped-def]
-    for path in ("/v1/tasks?status=Done'%20OR%20'1'='1", "/v1/tasks?cursor=' OR 1=1 --",
+    # A well-formed cursor of the wrong types (["<time>", 123]): uuid.UUID(123) was a 500.
+    forged = base64.urlsafe_b64encode(b'["2026-11-28T11:59:11+00:00", 123]').decode()
+    for path in ("/v1/tasks?status=Done'%20OR%20'1'='1", "/v1/tasks?cursor=' OR 1=1 --", f"/v1/tasks?cursor={forged}",
                  "/v1/tasks/1%20OR%201=1", "/v1/tasks/' OR ''='/result", "/v1/billing/ledger?task_id=1;DROP TABLE users"):
         resp = client.get(path, headers=user["headers"])
         assert resp.status_code in (400, 404, 422), (path, resp.status_code)

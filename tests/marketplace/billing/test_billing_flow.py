@@ -172,7 +172,8 @@ def test_topup_is_admin_only_and_credits_the_user(client, user, admin):  # type:
     assert doc["balance"] == str(before + Decimal("12.5"))
     entries = client.get("/v1/billing/ledger", headers=user["headers"]).get_json()["entries"]
     assert entries[0]["kind"] == "topup" and entries[0]["amount"] == "12.500000"
-    for bad in (12.5, "-1", "0", "abc", "1.0000001"):
+    # 1e30: past the 28-digit decimal context, which quantizing overflowed (a 500).
+    for bad in (12.5, "-1", "0", "abc", "1.0000001", "1e30", "1" * 40):
         r = client.post("/v1/billing/topup", json={"user_id": user["id"], "amount": bad}, headers=admin["headers"])
         assert r.status_code == 422, (bad, r.get_json())
         assert r.get_json()["errors"][0]["field"] == "amount"
