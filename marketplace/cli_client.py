@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import requests
 
-from marketplace.client import ApiError, Client
+from marketplace.client import FINAL, ApiError, Client
 
 CONFIG_ENV = "MARKETPLACE_CONFIG_DIR"
 config_dir_option = click.option(
@@ -38,6 +39,10 @@ def load_client(config_dir: str) -> tuple[Client, dict[str, Any]]:
         creds = json.loads(path.read_text())
     except FileNotFoundError:
         raise click.ClickException(f"not logged in (no {path}); run `marketplace login`") from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {path} ({exc}); run `marketplace login` again") from None
+    if not isinstance(creds, dict) or not isinstance(creds.get("url"), str):
+        raise click.ClickException(f"{path} names no API url; run `marketplace login` again")
     client = Client(creds["url"], creds.get("access_token"), refresh_token=creds.get("refresh_token"))
     return client, creds
 
@@ -57,8 +62,16 @@ def _api_call(config_dir: str, fn):  # type: ignore[no-untyped-def]
         return fn(client)
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
+    except requests.RequestException as exc:
+        raise _unreachable(client.base_url, exc) from None
     finally:
         _persist_refresh(config_dir, client, creds)
+
+
+def _unreachable(url: str, exc: Exception) -> click.ClickException:
+    """A down server, a wrong URL or port, a URL without a scheme: one line, not a traceback."""
+    reason = type(exc).__name__ if isinstance(exc, requests.ConnectionError) else str(exc)
+    return click.ClickException(f"cannot reach the API at {url}: {reason}")
 
 
 @click.command()
@@ -73,6 +86,8 @@ def login(url: str, email: str, password: str, config_dir: str) -> None:
         tokens = client.login(email, password)
     except ApiError as exc:
         raise click.ClickException(str(exc)) from None
+    except requests.RequestException as exc:
+        raise _unreachable(url, exc) from None
     path = save_credentials(config_dir, {"url": url, "email": email, "access_token": tokens["access_token"],
                                          "refresh_token": tokens["refresh_token"]})
     click.echo(f"logged in as {email}; credentials saved to {path}")
@@ -83,6 +98,14 @@ def _parse_value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def _json_input(raw: str) -> Any:
+    """An --input under --json: JSON or a usage error (a typo must not go up as a string)."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise click.BadParameter(f"{raw!r} is not JSON: {exc}", param_hint="--input") from None
 
 
 @click.command()
@@ -99,12 +122,13 @@ def _parse_value(raw: str) -> Any:
 @click.option("--priority", type=click.IntRange(0, 9), default=None)
 @click.option("--webhook-url", default=None)
 @click.option("--idempotency-key", default=None)
+@click.option("--max-cost", default=None, help="refuse the task (422) if its estimated cost is higher (credits)")
 @click.option("--wait", is_flag=True, help="wait with a progress bar, then print the result")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="seconds --wait waits")
 @config_dir_option
 def submit(model: str, inputs: tuple[str, ...], inputs_file: Any, as_json: bool, files: tuple[str, ...],
            params: tuple[str, ...], device: str, batch_size: int | None, priority: int | None, webhook_url: str | None,
-           idempotency_key: str | None, wait: bool, timeout: float, config_dir: str) -> None:
+           idempotency_key: str | None, max_cost: str | None, wait: bool, timeout: float, config_dir: str) -> None:
     """Submit a task; with --wait, follow it to the end and print its result."""
     parsed: dict[str, Any] = {}
     for item in params:
@@ -112,7 +136,7 @@ def submit(model: str, inputs: tuple[str, ...], inputs_file: Any, as_json: bool,
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not k=v", param_hint="--param")
         parsed[key] = _parse_value(value)
-    items: list[Any] = [_parse_value(x) if as_json else x for x in inputs]
+    items: list[Any] = [_json_input(x) if as_json else x for x in inputs]
     if inputs_file is not None:
         items += _read_items(inputs_file, as_json=as_json)
 
@@ -122,11 +146,14 @@ def submit(model: str, inputs: tuple[str, ...], inputs_file: Any, as_json: bool,
         if not items:
             raise click.UsageError("give at least one --input, --inputs or --file")
         task = client.submit(model, items, params=parsed, device=device, batch_size=batch_size, priority=priority,
-                             webhook_url=webhook_url, idempotency_key=idempotency_key)
+                             webhook_url=webhook_url, max_cost=max_cost, idempotency_key=idempotency_key)
         if not wait:
             _echo_json(task)
             return
-        doc = _wait_with_progress(client, task["id"], total=task["subtasks"], timeout=timeout)
+        try:
+            doc = _wait_with_progress(client, task["id"], total=task["subtasks"], timeout=timeout)
+        except TimeoutError as exc:
+            raise click.ClickException(f"{exc}; it goes on: marketplace status {task['id']}") from None
         if doc["status"] != "Done":
             _echo_json(doc)
             raise click.ClickException(f"task {doc['id']} ended {doc['status']}: {doc.get('error')} "
@@ -193,8 +220,9 @@ def list_tasks(status_filter: str | None, limit: int, cursor: str | None, as_jso
     for task in page["tasks"]:
         p = task["progress"]
         progress = f"{p['done']}/{p['total']}" + (f" ({p['failed']} failed)" if p["failed"] else "")
-        table.add_row(task["id"], task["status"], task["model"], progress, task["cost"] or task["estimated_cost"] + " est.",
-                      task["created_at"][:19].replace("T", " "))
+        # An active task's cost is what it has spent so far: its estimate goes alongside.
+        cost = task["cost"] if task["status"] in FINAL else f"{task['cost']} (est. {task['estimated_cost']})"
+        table.add_row(task["id"], task["status"], task["model"], progress, cost, task["created_at"][:19].replace("T", " "))
     console = Console()
     if not console.is_terminal:  # piped: full ids on one line each, whatever the 80 columns assumed
         console = Console(width=160)

@@ -43,6 +43,8 @@ class Client:
         resp = self.http.request(method, self.base_url + path, headers=headers, timeout=self.timeout, **kwargs)
         if resp.status_code == 401 and retry_auth and self.refresh_token and "Authorization" not in given:
             self.refresh()  # an expired access token: swap it once and try again
+            for upload in (kwargs.get("files") or {}).values():  # the first try read them to the end
+                upload[1].seek(0)
             return self._request(method, path, retry_auth=False, headers=given, **kwargs)
         if resp.status_code >= 400:
             try:

@@ -164,3 +164,58 @@ def test_python_client_refreshes_an_expired_access_token(live_api, account, work
     with pytest.raises(ApiError) as err:
         Client(live_api, c.token).me()
     assert err.value.status == 401
+
+
+def test_an_upload_retried_after_a_token_refresh_sends_the_whole_file(live_api, account, tmp_path):  # type: ignore[no-untyped-def]
+    import hashlib
+
+    data = uuid.uuid4().bytes * 1000
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    c = Client(live_api)
+    c.login(*account)
+    c.token = "expired.or.garbage"  # the first try is a 401 that has read the file to its end
+    uploaded = c.upload(path)
+    assert uploaded["size"] == len(data) and uploaded["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_down_api_or_broken_credentials_are_one_line_errors(live_api, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MARKETPLACE_CONFIG_DIR", str(tmp_path / "cfg"))
+    runner = CliRunner()
+    for url, words in (("http://127.0.0.1:9", "ConnectionError"), ("notaurl", "No scheme supplied")):
+        out = runner.invoke(main, ["login", "--url", url, "--email", "a@example.com", "--password", "x" * 8])
+        assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+        assert f"cannot reach the API at {url}" in out.output and words in out.output
+    creds = tmp_path / "cfg" / "credentials.json"
+    creds.parent.mkdir()
+    creds.write_text(json.dumps({"url": "http://127.0.0.1:9", "access_token": "x", "refresh_token": "y"}))
+    out = runner.invoke(main, ["list"])
+    assert out.exit_code == 1 and "cannot reach the API at http://127.0.0.1:9" in out.output
+    for broken, words in (("{", "cannot read"), ("{}", "names no API url"), ("[]", "names no API url")):
+        creds.write_text(broken)
+        out = runner.invoke(main, ["status", str(uuid.uuid4())])
+        assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+        assert words in out.output and "marketplace login" in out.output
+
+
+def test_submit_refuses_bad_json_input_and_honours_max_cost(cli):  # type: ignore[no-untyped-def]
+    before = json.loads(cli("list", "--json", "--limit", "100").stdout)["tasks"]
+    out = CliRunner().invoke(main, ["submit", "-m", "echo", "--json", "-i", "{bad"])
+    assert out.exit_code == 2 and "--input" in out.output and "is not JSON" in out.output
+    out = CliRunner().invoke(main, ["submit", "-m", "echo", "-i", "a", "--max-cost", "0.0000001"])
+    assert out.exit_code == 1 and "max_cost" in out.output
+    assert json.loads(cli("list", "--json", "--limit", "100").stdout)["tasks"] == before
+
+
+def test_a_wait_that_times_out_says_how_to_follow_the_task(cli, tmp_path):  # type: ignore[no-untyped-def]
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"\xff\xd8\xff" + uuid.uuid4().bytes)
+    # No GPU node here: the task waits, and so does --wait, until its timeout.
+    out = CliRunner().invoke(main, ["submit", "-m", "resnet50", "--device", "gpu", "-f", str(image), "--wait",
+                                    "--timeout", "0.3"])
+    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+    task_id = json.loads(cli("list", "--json", "--limit", "1").stdout)["tasks"][0]["id"]
+    assert f"still Created after 0.3s; it goes on: marketplace status {task_id}" in out.output
+    assert json.loads(cli("cancel", task_id).stdout)["status"] == "Cancelled"
+    table = cli("list", "--limit", "1")
+    assert "(est. " not in table.stdout  # cancelled: final, its cost alone
