@@ -130,9 +130,36 @@ def record(
             append(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id)
 
 
+# Keys (`signing.private_key()` objects) seen to have signed the chain's first record.
+_CHAIN_KEYS: set[int] = set()
+
+
+def _signs_this_chain(session: Session) -> bool:
+    """Whether this process's key is the chain's: the one that signed record 1 (an empty chain
+    takes any). A node or an operator's command started without the API's
+    MARKETPLACE_AUDIT_SIGNING_KEY (or, for the dev key, its JWT secret) signed records that no
+    verifier could check: the chain was invalid from that record on, for good."""
+    key = signing.private_key()
+    if id(key) in _CHAIN_KEYS:
+        return True
+    root = session.execute(select(AuditRecord.hash, AuditRecord.signature).where(AuditRecord.seq == 1)).first()
+    if root is None:
+        return True
+    if signing.verify(root.hash, root.signature, key.public_key()):
+        _CHAIN_KEYS.add(id(key))
+        return True
+    logger.error("audit: this process's signing key did not sign the chain (record 1); its records wait in "
+                 "audit_pending for a process that holds the chain's key. Give it the API's "
+                 "MARKETPLACE_AUDIT_SIGNING_KEY (without one, its MARKETPLACE_JWT_SECRET).")
+    return False
+
+
 def _chain(session: Session, entries: Iterable[_Entry]) -> int:
-    """Insert entries after the current head; the caller's transaction must commit right after."""
+    """Insert entries after the current head; the caller's transaction must commit right after.
+    Returns -1, and inserts nothing, when this process's key is not the chain's."""
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": CHAIN_LOCK_KEY})
+    if not _signs_this_chain(session):
+        return -1
     head = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
     seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
     rows, events = [], []
@@ -208,7 +235,8 @@ def _chain_on_commit(session: Session) -> None:
     if entries:
         # Flush the caller's own writes first: while we hold the chain lock we only insert.
         session.flush()
-        _chain(session, entries)
+        if _chain(session, entries) < 0:  # kept for a process with the chain's key to chain
+            _INSERT_PENDING.execute(session.connection(), {"rows": _pending_rows(asdict(e) for e in entries)})
 
 
 def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:
@@ -223,8 +251,9 @@ def chain_pending(*, batch: int = CHAIN_BATCH, max_batches: int = 1000) -> int:
             rows = session.execute(select(AuditPending.__table__).order_by(AuditPending.id).limit(batch)).all()
             if not rows:
                 break
-            _chain(session, [_Entry(ts=r.ts, actor=r.actor, action=r.action, subject=r.subject,
-                                    task_id=r.task_id, data=r.data) for r in rows])
+            if _chain(session, [_Entry(ts=r.ts, actor=r.actor, action=r.action, subject=r.subject,
+                                       task_id=r.task_id, data=r.data) for r in rows]) < 0:
+                break  # not this process's chain: they wait for one whose key it is
             session.execute(delete(AuditPending).where(AuditPending.id.in_([r.id for r in rows])))
             total += len(rows)
         if len(rows) < batch:
@@ -300,6 +329,9 @@ def verify_chain(session: Session) -> dict[str, Any]:
         if r.prev_hash != prev:
             return bad(r.seq, "prev_hash does not match the previous record's hash: a record was removed or reordered")
         if not signing.verify(r.hash, r.signature, key):
+            if r.seq == 1:  # the first record sets the chain's key: this verifier holds another one
+                return bad(1, "bad signature: this process's key did not sign the chain; is its "
+                              "MARKETPLACE_AUDIT_SIGNING_KEY (or, without one, MARKETPLACE_JWT_SECRET) the API's?")
             return bad(r.seq, "bad signature")
         if anchored and r.seq == anchored[0]:
             anchored_hash_here = r.hash

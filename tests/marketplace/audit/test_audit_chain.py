@@ -238,6 +238,38 @@ def test_signing_key_comes_from_the_setting(monkeypatch):  # type: ignore[no-unt
         reset_settings()
 
 
+def test_a_process_with_another_key_leaves_its_records_to_one_with_the_chains_key(client, admin, monkeypatch):  # type: ignore[no-untyped-def]
+    """A node or `marketplace users create` without the API's signing key signed records that
+    broke the chain for good (first bad seq: theirs). Now they wait in audit_pending."""
+    import uuid
+
+    from marketplace.audit import service as audit
+    from marketplace.audit.models import AuditPending, AuditRecord
+    from marketplace.db import session_scope
+    from marketplace.settings import reset_settings
+
+    audit.record(actor="test", action="test.right_key", subject="chain")  # record 1 exists, signed by our key
+    subject = f"wrong-key:{uuid.uuid4()}"
+    monkeypatch.setenv("MARKETPLACE_AUDIT_SIGNING_KEY", base64.b64encode(bytes(range(32))).decode())
+    reset_settings()
+    try:
+        audit.record(actor="ops", action="test.wrong_key", subject=subject)
+        assert audit.chain_pending() == 0
+        with session_scope() as session:
+            assert session.scalar(select(AuditRecord.seq).where(AuditRecord.subject == subject)) is None
+            assert session.scalar(select(AuditPending.action).where(AuditPending.subject == subject)) == "test.wrong_key"
+            report = audit.verify_chain(session)
+        assert report["valid"] is False and report["first_bad_seq"] == 1, report
+        assert "MARKETPLACE_AUDIT_SIGNING_KEY" in report["reason"]
+    finally:
+        monkeypatch.delenv("MARKETPLACE_AUDIT_SIGNING_KEY")
+        reset_settings()
+    audit.chain_pending()
+    with session_scope() as session:
+        assert session.scalar(select(AuditRecord.action).where(AuditRecord.subject == subject)) == "test.wrong_key"
+    assert client.get("/v1/audit/verify", headers=admin["headers"]).get_json()["valid"] is True
+
+
 def test_buffered_subtask_records_are_chained_after_the_task_ends_without_a_reader(client, admin):  # type: ignore[no-untyped-def]
     import time
 
