@@ -1,7 +1,6 @@
 """Parse and validate request bodies with pydantic; errors name each failing field."""
 from __future__ import annotations
 
-import math
 from typing import Any, TypeVar
 
 from flask import request
@@ -9,6 +8,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import BadRequest
 
 from marketplace.errors import InvalidInput
+from marketplace.storable import check_storable
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,41 +45,8 @@ def parse_body(model: type[M]) -> M:
         raise InvalidInput.field("body", "nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidInput.field("body", "expected a JSON object")
-    try:
-        _check_storable(data, "")
-    except RecursionError:
-        raise InvalidInput.field("body", "nested too deeply") from None
+    check_storable(data)
     return validate(model, data)
-
-
-def _bad_text(text: str) -> str | None:
-    if "\x00" in text:
-        return "NUL characters (\\u0000) are not allowed"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON may carry lone surrogates (\ud800) that no UTF-8 store accepts
-        return "invalid Unicode (a lone surrogate) is not allowed"
-    return None
-
-
-def _check_storable(value: Any, where: str) -> None:
-    """Refuse what PostgreSQL cannot store: NUL, lone surrogates, NaN/Infinity (422, not a 500)."""
-    if isinstance(value, str):
-        problem = _bad_text(value)
-        if problem:
-            raise InvalidInput.field(where or "body", problem)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidInput.field(where or "body", "NaN and Infinity are not allowed")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            problem = _bad_text(key)
-            if problem:
-                raise InvalidInput.field(where or "body", f"{problem} in keys")
-            _check_storable(item, f"{where}.{key}" if where else key)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_storable(item, f"{where}[{i}]")
 
 
 def parse_query(model: type[M]) -> M:

@@ -11,6 +11,7 @@ from marketplace.audit import signing
 from marketplace.audit.models import AuditRecord
 from marketplace.grpc_server import Call, message, parse_json, rpc, timestamp
 from marketplace.pb.audit import audit_pb2, audit_pb2_grpc
+from marketplace.storable import check_storable
 from marketplace.tasks import service as tasks
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000  # as REST GET /v1/audit
@@ -34,9 +35,16 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         admin = call.admin()
         if not request.action or not request.subject:
             raise errors.InvalidInput.field("action" if not request.action else "subject", "required")
+        # The columns' limits: `append` would cut a longer value, and the read-back below,
+        # matching the whole one, then found nothing and answered UNAVAILABLE for a written record.
+        for name in ("action", "subject"):
+            limit = AuditRecord.__table__.c[name].type.length
+            if len(getattr(request, name)) > limit:
+                raise errors.InvalidInput.field(name, f"at most {limit} characters")
         data = parse_json(request.data_json, field="data_json", default={})
         if not isinstance(data, dict):
             raise errors.InvalidInput.field("data_json", "must encode a JSON object")
+        check_storable({"action": request.action, "subject": request.subject, "data_json": data})
         task_id = str(tasks.get_task(call.session, task_id=request.task_id).id) if request.task_id else None
         actor = f"user:{admin.id}"
         audit.append(call.session, actor=actor, action=request.action, subject=request.subject, data=data,

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from marketplace import errors
 from marketplace.grpc_server import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
 from marketplace.pb.task import task_pb2, task_pb2_grpc
+from marketplace.storable import check_storable
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
@@ -59,6 +60,7 @@ def task_request(request: task_pb2.CreateTaskRequest) -> TaskRequest:
         body["webhook_url"] = request.webhook_url
     if request.max_cost:
         body["max_cost"] = request.max_cost
+    check_storable(body)  # json.loads takes NaN and "\u0000", which the INSERT refused (INTERNAL)
     try:
         return TaskRequest.model_validate(body)
     except ValidationError as exc:

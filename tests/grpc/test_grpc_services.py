@@ -177,6 +177,13 @@ def test_create_task_errors(stubs, user, new_user, update_user, rpc_error):  # t
     req = task_pb2.CreateTaskRequest(model="echo", inputs=["{not json"])
     code, _, meta = rpc_error(stubs.tasks.CreateTask, req, metadata=user["md"])
     assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == "inputs[0]"
+    # What json.loads takes and PostgreSQL refuses: INTERNAL once, from the INSERT.
+    for item, words in (("NaN", "NaN"), ("[1, Infinity]", "NaN"), (json.dumps("a\u0000b"), "NUL"),
+                        ("[" * 300 + "]" * 300, "nests more than 64")):
+        req = task_pb2.CreateTaskRequest(model="echo", inputs=["1", item])
+        code, detail, meta = rpc_error(stubs.tasks.CreateTask, req, metadata=user["md"])
+        assert code == C.INVALID_ARGUMENT and words in detail, (item[:20], code, detail)
+        assert json.loads(meta["error-fields"])[0]["field"].startswith("inputs"), meta
     code, _, meta = rpc_error(_create, stubs, user, [1], priority=12)
     assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == "priority"
     assert rpc_error(_create, stubs, user, [])[0] == C.INVALID_ARGUMENT
@@ -425,6 +432,21 @@ def test_audit_append_query_verify_and_public_key(stubs, user, new_user, admin, 
     code, _, _ = rpc_error(stubs.audit.Append, audit_pb2.AppendRequest(action="a", subject="b", data_json="[1]"),
                            metadata=admin["md"])
     assert code == C.INVALID_ARGUMENT
+    # Past the columns (it was cut, written, then answered UNAVAILABLE), NaN or NUL (INTERNAL).
+    for fields, name in (({"action": "a" * 65}, "action"), ({"subject": "s" * 256}, "subject"),
+                         ({"data_json": '{"n": NaN}'}, "data_json.n"), ({"action": "a\x00b"}, "action")):
+        req = audit_pb2.AppendRequest(**{"action": "ops.note", "subject": "ops", **fields})
+        code, _, meta = rpc_error(stubs.audit.Append, req, metadata=admin["md"])
+        assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == name, (fields, code)
+    from sqlalchemy import or_, select
+
+    from marketplace.audit.models import AuditPending, AuditRecord
+    from marketplace.db import session_scope
+
+    with session_scope() as session:  # nothing of them written, cut or whole
+        for table in (AuditRecord, AuditPending):
+            assert not session.scalars(select(table.seq if table is AuditRecord else table.id).where(
+                or_(table.action.startswith("a" * 64), table.subject.startswith("s" * 255)))).all()
 
     mine = stubs.audit.Query(audit_pb2.QueryRequest(task_id=task_id), metadata=user["md"])
     actions = [r.action for r in mine.records]
