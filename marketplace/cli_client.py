@@ -269,15 +269,21 @@ def users() -> None:
 @click.option("--admin", is_flag=True, help="give the account the admin role")
 def users_create(email: str, password: str, admin: bool) -> None:
     """Create an account (prompts for the password when --password is absent)."""
+    from pydantic import ValidationError
+
     from marketplace.db import session_scope
     from marketplace.errors import MarketplaceError
+    from marketplace.users.schemas import Credentials
     from marketplace.users.service import create_user
 
-    if len(password) < 8:
-        raise click.BadParameter("at least 8 characters", param_hint="--password")
+    try:  # the rules REST and gRPC registrations follow
+        creds = Credentials(email=email, password=password)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise click.BadParameter(error["msg"], param_hint=f"--{error['loc'][0]}") from None
     try:
         with session_scope() as session:
-            user = create_user(session, email=email, password=password, role="admin" if admin else "user")
+            user = create_user(session, email=str(creds.email), password=password, role="admin" if admin else "user")
             uid, role = str(user.id), user.role
     except MarketplaceError as exc:
         raise click.ClickException(exc.detail) from None

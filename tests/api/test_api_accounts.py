@@ -121,6 +121,11 @@ def test_users_create_cli_makes_an_admin_who_sees_all_tasks(client, stack):  # t
     mismatch = runner.invoke(main, ["users", "create", "--email", "x" + email], input="aaaaaaaa1\nbbbbbbbb2\n"
                              "cccccccc3\ncccccccc3\n")
     assert "do not match" in mismatch.output
+    # The rules of a registration: REST and gRPC refused this address, the CLI created it.
+    bad_email = runner.invoke(main, ["users", "create", "--email", "notanemail", "--password", "long enough 1"])
+    assert bad_email.exit_code == 2 and "--email" in bad_email.output, bad_email.output
+    short = runner.invoke(main, ["users", "create", "--email", "y" + email, "--password", "short"])
+    assert short.exit_code == 2 and "--password" in short.output, short.output
 
     admin = client.post("/v1/auth/login", json={"email": email, "password": "admin password 1"}).get_json()
     admin_headers = _bearer(admin["access_token"])
