@@ -38,6 +38,7 @@ class LedgerEntryOut(BaseModel):
     task_id: str | None
     subtask_id: str | None
     detail: str | None
+    settled: bool = Field(description="applied to the balance (a task's charges are, when it settles)")
     created_at: str
 
 

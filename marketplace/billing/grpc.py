@@ -15,18 +15,18 @@ from marketplace.users import service as users
 DEFAULT_PAGE, MAX_PAGE = 50, 500  # as REST GET /v1/billing/ledger
 
 
-def entry_message(doc: dict[str, Any], *, user_id: str, settled: bool | None = None) -> billing_pb2.LedgerEntry:
+def entry_message(doc: dict[str, Any], *, user_id: str) -> billing_pb2.LedgerEntry:
     """An `entry_document` as a LedgerEntry message."""
     return message(
         billing_pb2.LedgerEntry,
         id=int(doc["id"]), user_id=user_id, task_id=doc.get("task_id") or "", subtask_id=doc.get("subtask_id") or "",
-        kind=doc["kind"], amount=doc["amount"], detail=doc.get("detail") or "", settled=settled,
+        kind=doc["kind"], amount=doc["amount"], detail=doc.get("detail") or "", settled=doc["settled"],
         created_at=timestamp(doc.get("created_at")),
     )
 
 
 def _orm_entry(entry: LedgerEntry) -> billing_pb2.LedgerEntry:
-    return entry_message(billing.entry_document(entry), user_id=str(entry.user_id), settled=bool(entry.settled))
+    return entry_message(billing.entry_document(entry), user_id=str(entry.user_id))
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -47,7 +47,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         try:
             cursor = int(request.cursor) if request.cursor else None
         except ValueError:
-            raise errors.InvalidInput.field("cursor", "not a cursor returned by this method") from None
+            cursor = 0
+        if cursor is not None and cursor < 1:
+            raise errors.InvalidInput.field("cursor", "not a cursor returned by this method")
         docs, next_cursor = billing.ledger_page(call.session, user_id=user_id, task_id=task_id,
                                                 limit=request.limit or DEFAULT_PAGE, cursor=cursor)
         return billing_pb2.GetLedgerResponse(entries=[entry_message(d, user_id=str(user_id)) for d in docs],
@@ -65,7 +67,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             billing.settle_late(call.session, task_id=task_id)
             call.session.commit()
         return billing_pb2.ChargeResponse(
-            entry=entry_message(billing.entry_document(entry), user_id=str(entry.user_id), settled=entry.settled),
+            entry=entry_message(billing.entry_document(entry), user_id=str(entry.user_id)),
             created=created,
         )
 

@@ -396,7 +396,7 @@ def entry_document(entry: LedgerEntry) -> dict[str, Any]:
         "id": entry.id, "kind": entry.kind, "amount": str(q(entry.amount)),
         "task_id": str(entry.task_id) if entry.task_id else None,
         "subtask_id": str(entry.subtask_id) if entry.subtask_id else None,
-        "detail": entry.detail, "created_at": _iso(entry.created_at),
+        "detail": entry.detail, "settled": bool(entry.settled), "created_at": _iso(entry.created_at),
     }
 
 

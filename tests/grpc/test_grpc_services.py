@@ -392,6 +392,7 @@ def test_ledger_quota_and_topup(stubs, user, admin, worker, rpc_error):  # type:
     ledger = stubs.billing.GetLedger(billing_pb2.GetLedgerRequest(), metadata=user["md"])
     kinds = [e.kind for e in ledger.entries]
     assert kinds[-1] == "signup" and kinds.count("charge") == 3 and all(e.user_id == user["id"] for e in ledger.entries)
+    assert all(e.settled for e in ledger.entries)  # the task settled at its end (it read false for every entry)
     page = stubs.billing.GetLedger(billing_pb2.GetLedgerRequest(task_id=task_id, limit=2), metadata=user["md"])
     assert len(page.entries) == 2 and page.next_cursor and all(e.task_id == task_id for e in page.entries)
     rest = stubs.billing.GetLedger(billing_pb2.GetLedgerRequest(task_id=task_id, limit=2, cursor=page.next_cursor),
@@ -400,6 +401,9 @@ def test_ledger_quota_and_topup(stubs, user, admin, worker, rpc_error):  # type:
     assert all(Decimal(e.amount) < 0 for e in [*page.entries, *rest.entries])
     assert rpc_error(stubs.billing.GetLedger, billing_pb2.GetLedgerRequest(task_id="x"), metadata=user["md"])[0] \
         == C.INVALID_ARGUMENT
+    for cursor in ("-1", "0"):  # as REST's cursor >= 1
+        code, _, meta = rpc_error(stubs.billing.GetLedger, billing_pb2.GetLedgerRequest(cursor=cursor), metadata=user["md"])
+        assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == "cursor"
 
     quota = stubs.billing.GetQuota(billing_pb2.GetQuotaRequest(), metadata=user["md"])
     assert quota.user_id == user["id"] and quota.quota.max_active_tasks > 0 and quota.quota.daily_spend_limit
@@ -411,7 +415,7 @@ def test_ledger_quota_and_topup(stubs, user, admin, worker, rpc_error):  # type:
     top = stubs.billing.TopUp(billing_pb2.TopUpRequest(user_id=user["id"], amount="12.5"), metadata=admin["md"])
     assert top.entry.kind == "topup" and Decimal(top.entry.amount) == Decimal("12.5") and top.entry.settled
     assert Decimal(top.balance) == before + Decimal("12.5")
-    for bad in ("-1", "abc", "0"):
+    for bad in ("-1", "abc", "0", "1e30"):
         code, _, meta = rpc_error(stubs.billing.TopUp, billing_pb2.TopUpRequest(user_id=user["id"], amount=bad),
                                   metadata=admin["md"])
         assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == "amount"

@@ -91,7 +91,8 @@ def test_done_task_has_one_charge_per_subtask_cost_is_their_sum_and_hold_is_rele
     assert len(seen) == 6 and len({e["id"] for e in seen}) == 6
     assert [e["id"] for e in seen] == sorted((e["id"] for e in seen), reverse=True)
     entry = seen[0]
-    assert set(entry) == {"id", "kind", "amount", "task_id", "subtask_id", "detail", "created_at"}
+    assert set(entry) == {"id", "kind", "amount", "task_id", "subtask_id", "detail", "settled", "created_at"}
+    assert entry["settled"] is True  # the task settled when it finished
     assert entry["kind"] == "charge" and entry["task_id"] == task_id and entry["subtask_id"]
     assert isinstance(entry["amount"], str) and Decimal(entry["amount"]) < 0
     assert sum(Decimal(e["amount"]) for e in seen) == -total
@@ -171,7 +172,7 @@ def test_topup_is_admin_only_and_credits_the_user(client, user, admin):  # type:
     assert balance_of(user["id"]) == before + Decimal("12.5")
     assert doc["balance"] == str(before + Decimal("12.5"))
     entries = client.get("/v1/billing/ledger", headers=user["headers"]).get_json()["entries"]
-    assert entries[0]["kind"] == "topup" and entries[0]["amount"] == "12.500000"
+    assert entries[0]["kind"] == "topup" and entries[0]["amount"] == "12.500000" and entries[0]["settled"] is True
     # 1e30: past the 28-digit decimal context, which quantizing overflowed (a 500).
     for bad in (12.5, "-1", "0", "abc", "1.0000001", "1e30", "1" * 40):
         r = client.post("/v1/billing/topup", json={"user_id": user["id"], "amount": bad}, headers=admin["headers"])
