@@ -85,7 +85,7 @@ def init_app(app: Any, settings: Any = None) -> None:
 
     def prometheus_metrics() -> Response:
         body = generate_latest(metrics.exposition_registry(flask_registry))
-        return Response(body, mimetype=CONTENT_TYPE_LATEST)
+        return Response(body, content_type=CONTENT_TYPE_LATEST)  # mimetype= appended a second charset
 
     app.add_url_rule("/metrics", "metrics", prometheus_metrics, methods=["GET"])
 

@@ -29,7 +29,10 @@ def user(client, obs_worker):  # type: ignore[no-untyped-def]
 
 def test_api_metrics_need_no_auth_and_move_after_a_job(client, user, obs_worker):  # type: ignore[no-untyped-def]
     before = client.get("/metrics")
-    assert before.status_code == 200 and before.content_type.startswith("text/plain")
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    # Exactly the exposition format's type: Flask's mimetype= appended a second "; charset=utf-8".
+    assert before.status_code == 200 and before.content_type == CONTENT_TYPE_LATEST
     text0 = before.get_data(as_text=True)
 
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(6)), "batch_size": 2},
