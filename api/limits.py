@@ -1,16 +1,16 @@
 """Rate limits (flask-limiter on Redis): per user by token identity, per IP when anonymous."""
 from __future__ import annotations
 
-import math
 import time
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter
+from flask_limiter import HeaderNames, Limiter
 from flask_limiter.errors import RateLimitExceeded
 
 from marketplace.settings import Settings
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_LIMITER_RETRY_AFTER = "X-Limiter-Retry-After"
 
 
 def rate_key() -> str:
@@ -32,9 +32,19 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
     def current_limit() -> str:
         return settings.rate_limit if rate_key().startswith("user:") else settings.anonymous_rate_limit
 
+    # flask-limiter sets Retry-After on every response (the window's reset, even on a 200) and
+    # raises an answer's own to it: a quota 429's 10 s or a 503's 5 s read as up to a minute. Its
+    # header goes under a private name that `_own_retry_after` drops; the rate limit's own 429
+    # sets Retry-After itself (`_too_many`). Registered first, so it runs after the limiter's.
+    @app.after_request
+    def _own_retry_after(response: Response) -> Response:
+        response.headers.pop(_LIMITER_RETRY_AFTER, None)
+        return response
+
     limiter = Limiter(
         key_func=rate_key,
         app=app,
+        header_name_mapping={HeaderNames.RETRY_AFTER: _LIMITER_RETRY_AFTER},
         application_limits=[current_limit],
         storage_uri=settings.redis_url,
         storage_options={"socket_connect_timeout": 3, "socket_timeout": 5},
@@ -55,7 +65,8 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
         from api.errors import problem
 
         current = limiter.current_limit
-        retry = max(1, math.ceil(current.reset_at - time.time())) if current else 1
+        # Truncated as flask-limiter does: the store's TTL is whole seconds, rounded up already.
+        retry = max(1, int(current.reset_at - time.time())) if current else 1
         resp = problem(429, "Too many requests", f"rate limit exceeded: {exc.description}",
                        limit=str(exc.limit.limit))
         resp.headers["Retry-After"] = str(retry)
