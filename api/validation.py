@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from flask import request
+from flask import current_app, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from marketplace.errors import InvalidInput
 from marketplace.storable import check_storable
@@ -37,6 +37,11 @@ def parse_body(model: type[M]) -> M:
     """The JSON body as `model`: 400 when it is not JSON, 422 naming fields when invalid."""
     if not request.is_json:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)")
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    # A chunked body (no Content-Length) is cut at the limit without an error, and the cut JSON
+    # read as "not valid JSON" (400); the declared-length case is refused before (api/errors.py).
+    if limit and not request.content_length and len(request.get_data(cache=True)) >= limit:
+        raise RequestEntityTooLarge(f"the request body exceeds {limit} bytes")
     try:
         data = request.get_json(force=False, silent=False)
     except BadRequest:
