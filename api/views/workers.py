@@ -1,23 +1,41 @@
 """Compute nodes: `GET /v1/workers`."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from typing import Literal
+
+from flask import Blueprint, jsonify
 from flask_jwt_extended import jwt_required
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import me
 from api.db import db
+from api.openapi import api_doc
+from api.validation import parse_query
 from marketplace.registry import service as registry
 
 bp = Blueprint("workers", __name__, url_prefix="/v1/workers")
 
 
+class WorkerQuery(BaseModel):
+    """The filters gRPC `ListWorkers` has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["online", "offline"] | None = Field(default=None, description=(
+        "Only nodes with this status (offline: those that left within the last day)."))
+    queue: str | None = Field(default=None, max_length=128, description="Only nodes that consume this queue.")
+
+
 @bp.get("")
+@api_doc(summary="Compute nodes: live ones, and those that went offline within the last day", query=WorkerQuery,
+         tags=["workers"])
 @jwt_required()
 def list_workers():  # type: ignore[no-untyped-def]
-    """Live nodes plus nodes that went offline within the last day (`?status=online` for live only)."""
     from marketplace.redis_client import get_redis
 
+    q = parse_query(WorkerQuery)
     me()
-    only_online = request.args.get("status") == "online"
-    nodes = registry.list_workers(db(), r=get_redis(), include_offline=not only_online)
+    nodes = registry.list_workers(db(), r=get_redis(), include_offline=q.status != "online")
+    nodes = [n for n in nodes if (q.status is None or n["status"] == q.status)
+             and (q.queue is None or q.queue in (n.get("queues") or []))]
     return jsonify({"workers": nodes})
