@@ -127,6 +127,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             raise errors.InvalidInput.field("status", f"one of {', '.join(SUBTASK_STATUSES)}")
         if request.limit < 0 or request.limit > MAX_SUBTASK_PAGE:
             raise errors.InvalidInput.field("limit", f"0 (all) to {MAX_SUBTASK_PAGE}")
+        if request.HasField("after") and request.after < -1:
+            raise errors.InvalidInput.field("after", "-1 or more (a previous page's next_after)")
         task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
         page = tasks.subtask_page(call.session, task=task, status=request.status or None,
                                   after=request.after if request.HasField("after") else -1, limit=request.limit or None)

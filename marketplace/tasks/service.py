@@ -324,6 +324,8 @@ def enqueue_schedule(
 
 def get_task(session: Session, *, task_id: uuid.UUID | str, user: User | None = None, lock: bool = False) -> Task:
     """A task visible to `user` (its owner or an admin); anyone else gets NotFound, never 403."""
+    if not str(task_id):  # a gRPC request that left the field out
+        raise InvalidInput.field("task_id", "required")
     try:
         tid = uuid.UUID(str(task_id))
     except ValueError as exc:

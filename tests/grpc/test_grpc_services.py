@@ -328,9 +328,13 @@ def test_subtask_paging_arguments_are_checked(stubs, user, rpc_error):  # type: 
     waiting = _waiting_task(stubs, user)
     for bad, field in ((task_pb2.GetSubTasksRequest(task_id=waiting, status="Sleeping"), "status"),
                        (task_pb2.GetSubTasksRequest(task_id=waiting, limit=-1), "limit"),
-                       (task_pb2.GetSubTasksRequest(task_id=waiting, limit=1001), "limit")):
+                       (task_pb2.GetSubTasksRequest(task_id=waiting, limit=1001), "limit"),
+                       (task_pb2.GetSubTasksRequest(task_id=waiting, after=-5), "after"),
+                       (task_pb2.GetSubTasksRequest(), "task_id")):
         code, detail, _ = rpc_error(stubs.tasks.GetSubTasks, bad, metadata=user["md"])
         assert code == C.INVALID_ARGUMENT and field in detail
+    code, detail, _ = rpc_error(stubs.tasks.GetTask, task_pb2.GetTaskRequest(), metadata=user["md"])
+    assert code == C.INVALID_ARGUMENT and "task_id: required" in detail  # it was NOT_FOUND "task  not found"
 
 
 def test_finalize_and_result_preconditions(stubs, user, admin, worker, rpc_error):  # type: ignore[no-untyped-def]
