@@ -14,10 +14,11 @@ from marketplace.pb.task import task_pb2, task_pb2_grpc
 from marketplace.storable import check_storable
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
-from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
+from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
 
 WATCH_POLL_SECONDS = 0.25
+WATCH_SETTLE_SECONDS = 60.0  # a final task's running subtasks are waited for this long at most
 DEFAULT_PAGE, MAX_PAGE = 20, 100  # as REST GET /v1/tasks
 SUBTASK_STATUSES = [s.value for s in SubTaskStatus]
 
@@ -67,6 +68,16 @@ def task_request(request: task_pb2.CreateTaskRequest) -> TaskRequest:
         raise validation_error(exc) from None
 
 
+def _settling(session: Any, task_id: Any) -> bool:
+    """A subtask still running, or a charge that landed after the task settled and is not yet in
+    its cost (`billing.settle_late`, the transaction after the subtask's own)."""
+    from marketplace.billing.models import LedgerEntry
+
+    running = select(SubTask.id).where(SubTask.task_id == task_id, SubTask.status == SubTaskStatus.RUNNING.value)
+    unsettled = select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.settled.is_(False))
+    return bool(session.scalar(select(running.exists() | unsettled.exists())))
+
+
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     def _describe(self, call: Call, task: Task) -> task_pb2.Task:
         return task_message(task, tasks.describe_task(call.session, task=task))
@@ -107,17 +118,22 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc_stream()
     def WatchTask(self, request: task_pb2.WatchTaskRequest, call: Call) -> Iterator[task_pb2.WatchTaskResponse]:
-        """The document now, then on each change of status or progress, until a final status."""
-        last = None
+        """The document now, then on each change of status, progress or cost, until a final status
+        with nothing left to settle (at most WATCH_SETTLE_SECONDS past it): a cancelled task's
+        running subtasks finish and are charged afterwards, so the first Cancelled document's
+        cost was not the one the task settled at."""
+        last, final_since = None, None
         while call.context.is_active():
             task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
             doc = self._describe(call, task)
-            state = (doc.status, doc.progress.done, doc.progress.failed, doc.progress.total)
+            state = (doc.status, doc.progress.done, doc.progress.failed, doc.progress.total, doc.cost)
             if state != last:
                 last = state
                 yield task_pb2.WatchTaskResponse(task=doc)
             if TaskStatus(doc.status).final:
-                return
+                final_since = final_since or time.monotonic()
+                if time.monotonic() - final_since > WATCH_SETTLE_SECONDS or not _settling(call.session, task.id):
+                    return
             call.session.rollback()  # end the snapshot so the next poll sees new commits
             time.sleep(WATCH_POLL_SECONDS)
 

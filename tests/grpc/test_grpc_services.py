@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 
 import grpc
 import pytest
@@ -162,6 +163,33 @@ def test_task_flow_create_watch_until_done_then_result(stubs, user, worker):  # 
 
     replay = _create(stubs, user, inputs, batch_size=5, idempotency_key="flow-1")
     assert replay.idempotent_replay and replay.task.id == task.id
+
+
+def test_watch_of_a_task_cancelled_mid_run_ends_on_its_settled_cost(stubs, user, worker):  # type: ignore[no-untyped-def]
+    """The running subtasks finish and are charged after the cancel: the stream waits for them,
+    where it ended on the first Cancelled document, with a cost that then went up."""
+    import threading
+    import time
+
+    task_id = _create(stubs, user, list(range(8)), batch_size=2, params_json='{"sleep_s": 0.5}').task.id
+    seen: list = []
+    watcher = threading.Thread(target=lambda: seen.extend(_watch_to_end(stubs, user, task_id)))
+    watcher.start()
+    deadline = time.monotonic() + 60
+    while not any(s.status == "Running" for s in stubs.tasks.GetSubTasks(
+            task_pb2.GetSubTasksRequest(task_id=task_id), metadata=user["md"]).subtasks):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stubs.tasks.CancelTask(task_pb2.CancelTaskRequest(task_id=task_id), metadata=user["md"]).task.status \
+        == "Cancelled"
+    watcher.join(timeout=90)
+    assert not watcher.is_alive() and seen[-1].status == "Cancelled"
+    subtasks = stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=task_id), metadata=user["md"]).subtasks
+    assert not any(s.status == "Running" for s in subtasks) and any(s.status == "Done" for s in subtasks)
+    settled = stubs.tasks.GetTask(task_pb2.GetTaskRequest(task_id=task_id), metadata=user["md"]).task
+    assert seen[-1].cost == settled.cost and Decimal(settled.cost) > 0
+    ledger = stubs.billing.GetLedger(billing_pb2.GetLedgerRequest(task_id=task_id), metadata=user["md"]).entries
+    assert -sum(Decimal(e.amount) for e in ledger) == Decimal(settled.cost)
 
 
 def test_watch_of_a_final_task_sends_once_and_ends(stubs, user, worker):  # type: ignore[no-untyped-def]
