@@ -30,5 +30,8 @@ def bridge_command(bootstrap_servers: str | None, no_relay: bool, no_consume: bo
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from marketplace.observability.metrics import serve_process_metrics
+
+    serve_process_metrics("bridge")
     click.echo(f"bridge: relaying to and consuming from {bridge.bootstrap}")
     bridge.run()

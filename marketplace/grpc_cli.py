@@ -16,5 +16,8 @@ def grpc_command(host: str, port: int, max_workers: int) -> None:
     from marketplace.settings import get_settings
 
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from marketplace.observability.metrics import serve_process_metrics
+
+    serve_process_metrics("grpc")
     click.echo(f"gRPC serving on {host}:{port}")
     serve(host=host, port=port, max_workers=max_workers)

@@ -20,6 +20,14 @@ ADMIN_EMAIL = "admin@marketplace.local"
 VISION_VENV = Path(__file__).resolve().parents[1] / ".venv-vision"  # `make vision` builds it
 
 
+
+def _metrics_port(offset: int) -> str:
+    """A child's own /metrics port beside the main node's MARKETPLACE_METRICS_PORT (0 stays off)."""
+    from marketplace.settings import get_settings
+
+    base = get_settings().metrics_port
+    return str(base + offset) if base else "0"
+
 class Standalone:
     def __init__(self, *, port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int = 2) -> None:
         self.port = port
@@ -120,7 +128,7 @@ class Standalone:
                                           "-c", "1", "-E", "-O", "fair", "--prefetch-multiplier", "1",
                                           "-n", "standalone-vision@%h", "--loglevel", "INFO"],
                         # its own /metrics port: the main node holds MARKETPLACE_METRICS_PORT
-                        env={"MARKETPLACE_METRICS_PORT": str(get_settings().metrics_port + 1)})
+                        env={"MARKETPLACE_METRICS_PORT": _metrics_port(1)})
         self._spawn("beat", [celery, "-A", "marketplace", "beat", "--schedule", str(self.data_dir / "beat-schedule"),
                              "--loglevel", "INFO"])
         s = get_settings()
@@ -130,7 +138,8 @@ class Standalone:
         from marketplace import cli
 
         if "grpc" in cli.main.commands:
-            self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)])
+            self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)],
+                        env={"MARKETPLACE_METRICS_PORT": _metrics_port(2)})
 
     @staticmethod
     def _vision_node(compute: list[str]) -> tuple[str, list[str]] | None:

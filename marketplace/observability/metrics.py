@@ -246,6 +246,17 @@ def exposition_registry(*extra: CollectorRegistry) -> CollectorRegistry:
     return registry
 
 
+def serve_process_metrics(what: str) -> None:
+    """`/metrics` of a single-process server (`marketplace grpc`, `marketplace bridge`) on
+    MARKETPLACE_METRICS_PORT (0: none): the tasks it accepts are counted there, as the API's
+    are on its own port, or a throughput panel misses every gRPC and Kafka submission."""
+    from marketplace.settings import get_settings
+
+    port = get_settings().metrics_port
+    if port and start_exporter(port) is None:
+        logger.warning("metrics: %s runs without /metrics (port %s is taken)", what, port)
+
+
 def start_exporter(port: int, host: str = "0.0.0.0") -> Any | None:
     """Serve `/metrics` for this node on host:port from a thread; None (and a warning) if it cannot bind."""
     from prometheus_client import start_http_server

@@ -579,12 +579,14 @@ def test_marketplace_grpc_command_serves_health_and_calls(stack):  # type: ignor
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from marketplace.pb.task import task_pb2_grpc
     from marketplace.pb.user import user_pb2_grpc
     from tests.support.servers import free_port
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "marketplace"
-    proc = subprocess.Popen([str(exe), "grpc", "--host", "127.0.0.1", "--port", str(port)], env=dict(os.environ),
+    proc = subprocess.Popen([str(exe), "grpc", "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, "MARKETPLACE_METRICS_PORT": str(metrics_port)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -596,6 +598,16 @@ def test_marketplace_grpc_command_serves_health_and_calls(stack):  # type: ignor
             user = user_pb2_grpc.UserServiceStub(ch).CreateUser(
                 user_pb2.CreateUserRequest(email=email, password="long enough pw"), timeout=30).user
             assert user.email == email
+            # Its tasks are counted on its own /metrics (no process counted gRPC submissions).
+            token = user_pb2_grpc.UserServiceStub(ch).Authenticate(
+                user_pb2.AuthenticateRequest(email=email, password="long enough pw"), timeout=30).access_token
+            md = [("authorization", f"Bearer {token}")]
+            task_pb2_grpc.TaskServiceStub(ch).CreateTask(
+                task_pb2.CreateTaskRequest(model="embedding", inputs=['"x"'], device="gpu"), metadata=md, timeout=30)
+        import requests
+
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'marketplace_tasks_submitted_total{model="embedding"} 1.0' in text, text[:2000]
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode(errors="replace")

@@ -369,6 +369,13 @@ def test_prometheus_scrapes_api_workers_and_flower():
     assert set(workers["names"]) == {"worker-control", "worker-cpu", "worker-gpu"}
     assert workers["port"] == 9808
     assert jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+    # gRPC and Kafka submissions are counted where they are accepted.
+    grpc_job = jobs["grpc"]["dns_sd_configs"][0]
+    assert set(grpc_job["names"]) == {"grpc", "bridge"} and grpc_job["port"] == 9808
+    services = _services()
+    for name in ("grpc", "bridge"):
+        assert services[name]["environment"]["MARKETPLACE_METRICS_PORT"] == "9808"
+        assert "9808" in services[name]["expose"]
 
 
 # ---------------------------------------------------------------- grafana
