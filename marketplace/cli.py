@@ -89,17 +89,27 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int) -> None:
 
 
 @main.command()
-@click.option("--stall-seconds", type=float, default=None, help="override MARKETPLACE_RECOVERY_STALL_SECONDS")
+@click.option("--stall-seconds", type=click.FloatRange(min=0), default=None,
+              help="act on tasks that have not moved for this long (default MARKETPLACE_RECOVERY_STALL_SECONDS; "
+                   "0: now, e.g. right after a node died)")
 def recover(stall_seconds: float | None) -> None:
-    """Re-drive tasks that stopped moving (lost messages, dead nodes, a flushed Redis)."""
-    from marketplace.maintenance import recover_stalled
+    """Re-drive tasks that stopped moving (lost messages, dead nodes, a flushed Redis).
+
+    Each line counts tasks (their ids follow)."""
+    from marketplace.maintenance import not_yet_stalled_on_dead_nodes, recover_stalled
     from marketplace.settings import get_settings
 
+    settings = get_settings()
     if stall_seconds is not None:
-        get_settings().recovery_stall_seconds = stall_seconds
+        settings.recovery_stall_seconds = stall_seconds
     report = recover_stalled()
     for kind, ids in report.items():
         click.echo(f"{kind}: {len(ids)}" + (f" ({', '.join(ids[:10])}{' …' if len(ids) > 10 else ''})" if ids else ""))
+    waiting = not_yet_stalled_on_dead_nodes()
+    if waiting:
+        click.echo(f"{len(waiting)} task(s) have subtasks running on nodes with no heartbeat; they are re-sent once "
+                   f"they have not moved for {settings.recovery_stall_seconds:g} s "
+                   "(`marketplace recover --stall-seconds 0` re-sends them now)")
 
 
 @main.command()

@@ -149,6 +149,23 @@ def recover_stalled() -> dict[str, list[str]]:
     return report
 
 
+def not_yet_stalled_on_dead_nodes() -> list[str]:
+    """Active tasks with a subtask `Running` on a node that has no heartbeat, which the sweep
+    leaves alone until they have not moved for the stall deadline: what an operator who just
+    lost a node sees waiting (`marketplace recover` says so, and how to act at once)."""
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_workers
+
+    live = [w["hostname"] for w in live_workers(get_redis())]
+    with session_scope() as session:
+        return [str(t) for t in session.scalars(
+            select(SubTask.task_id).join(Task, Task.id == SubTask.task_id).where(
+                Task.status.in_((TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)),
+                SubTask.status == SubTaskStatus.RUNNING.value, SubTask.worker.not_in(live or [""]),
+            ).distinct().limit(100)
+        )]
+
+
 def resend_lost_webhooks(now: datetime) -> list[str]:
     """Re-send the deliveries of final tasks whose webhook message was lost (the broker was down
     when it was sent, or flushed while it waited): sent, never ended, past `webhooks.stall_seconds`.

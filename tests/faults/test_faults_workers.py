@@ -106,6 +106,19 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
                                                  "params": {"sleep_s": 1.5}})
         wait_until(lambda: _running(task_id), what="a running subtask on the doomed node")
         doomed.stop(signal.SIGKILL)  # the whole process group: main process and pool
+        # Its heartbeat expires (the TTL, cut short here): an operator running recover at once is
+        # told what waits for the deadline and how not to wait.
+        r.delete(f"marketplace:worker:{doomed.hostname}")
+        from click.testing import CliRunner
+
+        from marketplace.cli import main
+
+        out = CliRunner().invoke(main, ["recover", "--stall-seconds", "3600"])
+        assert out.exit_code == 0 and "redispatched: 0" in out.output, out.output
+        assert "1 task(s) have subtasks running on nodes with no heartbeat" in out.output, out.output
+        assert "--stall-seconds 0" in out.output
+        assert CliRunner().invoke(main, ["recover", "--stall-seconds", "-5"]).exit_code == 2
+        monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 2.0)  # the CLI set it to 3600
         survivor = _start(["cpu.generic"], "survivor", r)
         doc = _drive_recovery(client, user, task_id)
         assert doc["status"] == "Done", doc
