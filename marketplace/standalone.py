@@ -77,6 +77,24 @@ class Standalone:
             path.chmod(0o600)
         return path.read_text().strip()
 
+    # What a node started by hand beside this machine's needs to join it: the stores, and the
+    # secrets that its audit records are signed with (the dev key derives from the JWT secret).
+    NODE_ENV = ("MARKETPLACE_DATABASE_URL", "MARKETPLACE_REDIS_URL", "MARKETPLACE_STORAGE_DIR",
+                "MARKETPLACE_S3_ENDPOINT_URL", "MARKETPLACE_S3_BUCKET", "MARKETPLACE_SANDBOX",
+                "MARKETPLACE_JWT_SECRET", "MARKETPLACE_AUDIT_SIGNING_KEY", "MARKETPLACE_WEBHOOK_ALLOW_PRIVATE")
+
+    def _node_env(self) -> Path:
+        """`<data-dir>/node.env` (0600: it holds secrets), for `set -a; . node.env`."""
+        import shlex
+
+        path = self.data_dir / "node.env"
+        lines = [f"{name}={shlex.quote(os.environ[name])}" for name in self.NODE_ENV if os.environ.get(name)]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("# Environment for a node joining this standalone machine (see README, Adding a compute node)\n")
+            fh.write("\n".join(lines) + "\n")
+        return path
+
     def _admin(self) -> str:
         from sqlalchemy import select
 
@@ -225,6 +243,8 @@ class Standalone:
                        f"(user {s.flower_user}, password {s.flower_password.get_secret_value()})")
             click.echo(f"  Admin      {ADMIN_EMAIL} / {password}")
             click.echo(f"  Logs       {self.data_dir}/*.log")
+            click.echo(f"  More nodes set -a; . {self._node_env()}; set +a; "
+                       "celery -A marketplace worker -Q cpu.generic -E -n extra@%h")
             click.echo("Press Ctrl-C to stop.")
             while True:
                 for name, proc in self.children:

@@ -88,6 +88,7 @@ def test_one_sigterm_stops_every_process_standalone_started_its_embedded_redis_t
         assert vision["unavailable"] == {}, nodes
         assert not {"cpu.resnet50", "gpu.resnet50"} & set(nodes["standalone"]["queues"]), nodes
         assert "cpu.embedding" in nodes["standalone"]["queues"] and nodes["standalone"]["unavailable"] == {}, nodes
+        _a_node_started_from_node_env_joins(tmp_path / "data", log, port, f"redis://127.0.0.1:{found.group(1)}/0")
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
@@ -97,3 +98,41 @@ def test_one_sigterm_stops_every_process_standalone_started_its_embedded_redis_t
         if proc.poll() is None:
             proc.kill()
         pg.drop()
+
+
+def _a_node_started_from_node_env_joins(data: Path, log: Path, port: int, redis_url: str) -> None:
+    """The printed `set -a; . node.env` brings a hand-started node in, its audit records signed
+    with the machine's key (a node without the JWT secret signed them with another)."""
+    import json
+    import shlex
+    import stat
+
+    node_env = data / "node.env"
+    assert stat.S_IMODE(node_env.stat().st_mode) == 0o600 and f". {node_env}" in log.read_text()
+    extra = dict(shlex.split(line)[0].split("=", 1) for line in node_env.read_text().splitlines()
+                 if line and not line.startswith("#"))
+    assert {"MARKETPLACE_DATABASE_URL", "MARKETPLACE_REDIS_URL", "MARKETPLACE_JWT_SECRET"} <= set(extra), extra
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARKETPLACE_")}
+    node = subprocess.Popen([str(Path(sys.executable).parent / "celery"), "-A", "marketplace", "worker", "-Q",
+                             "cpu.generic", "-c", "1", "-n", "extra@%h"], cwd=ROOT, env={**env, **extra},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert "extra" in _nodes(redis_url, 3)
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+    password = re.search(r"Admin\s+\S+ / (\S+)", log.read_text()).group(1)
+    email = re.search(r"Admin\s+(\S+) /", log.read_text()).group(1)
+
+    def call(path: str, body: dict | None = None, token: str | None = None) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    token = call("/v1/auth/login", {"email": email, "password": password})["access_token"]
+    report = call("/v1/audit/verify", token=token)
+    assert report["valid"] is True, report
+    records = call("/v1/audit?limit=1000", token=token)["records"]
+    assert any(r["action"] == "worker.online" and "extra@" in r["subject"] for r in records), records[-5:]
