@@ -68,16 +68,16 @@ def _unauthorized(message: str) -> Any:
 
 def revoke_token(payload: dict[str, Any]) -> None:
     """Refuse this token from now until it would have expired anyway."""
-    tokens.revoke(str(payload["jti"]), ttl_seconds=int(payload.get("exp", 0) - time.time()) + 1)
+    tokens.revoke_payload(payload)
     from marketplace.audit.service import record as audit_record
 
     audit_record(actor=f"user:{payload.get('sub')}", action="user.logout", subject=f"user:{payload.get('sub')}",
-                 data={"jti": payload.get("jti"), "token_type": payload.get("type")})
+                 data={"jti": payload.get("jti"), "token_type": payload.get("type"), "session": payload.get("sid")})
 
 
 @jwt.token_in_blocklist_loader
 def _is_revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
-    return tokens.is_revoked(str(payload.get("jti", "")))
+    return tokens.is_revoked(str(payload.get("jti", "")), payload.get("sid"))
 
 
 @jwt.user_lookup_loader
@@ -132,8 +132,8 @@ def require_admin() -> User:
     return user
 
 
-def access_token(user_id: str, role: str) -> dict[str, Any]:
-    return tokens.access_token(user_id, role)
+def access_token(user_id: str, role: str, sid: str | None = None) -> dict[str, Any]:
+    return tokens.access_token(user_id, role, sid)
 
 
 def token_pair(user: User) -> dict[str, Any]:

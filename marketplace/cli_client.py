@@ -93,6 +93,26 @@ def login(url: str, email: str, password: str, config_dir: str) -> None:
     click.echo(f"logged in as {email}; credentials saved to {path}")
 
 
+@click.command()
+@config_dir_option
+def logout(config_dir: str) -> None:
+    """End this login (its access and refresh tokens are refused) and forget the saved credentials."""
+    path = credentials_path(config_dir)
+    if not path.exists():
+        click.echo("not logged in")
+        return
+    client, creds = load_client(config_dir)
+    try:
+        client.logout()
+    except ApiError as exc:
+        if exc.status != 401:  # a 401: the session has ended already
+            raise click.ClickException(str(exc)) from None
+    except requests.RequestException as exc:
+        raise _unreachable(client.base_url, exc) from None
+    path.unlink()
+    click.echo(f"logged out; removed {path}")
+
+
 def _parse_value(raw: str) -> Any:
     try:
         return json.loads(raw)
@@ -290,4 +310,4 @@ def users_create(email: str, password: str, admin: bool) -> None:
     click.echo(f"created {role} {email} ({uid})")
 
 
-COMMANDS = [login, submit, list_tasks, status, result, cancel, users]
+COMMANDS = [login, logout, submit, list_tasks, status, result, cancel, users]

@@ -74,7 +74,8 @@ class Client:
         return self.token
 
     def logout(self) -> None:
-        self._request("POST", "/v1/auth/logout", retry_auth=False)
+        """End this login: the access token, its refresh token and what it minted are refused after."""
+        self._request("POST", "/v1/auth/logout")
 
     def me(self) -> dict[str, Any]:
         return self._json("GET", "/v1/me")

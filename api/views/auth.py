@@ -41,11 +41,11 @@ def login():  # type: ignore[no-untyped-def]
 @jwt_required(refresh=True)
 def refresh():  # type: ignore[no-untyped-def]
     user = me()
-    return jsonify(access_token(str(user.id), user.role)), 200
+    return jsonify(access_token(str(user.id), user.role, get_jwt().get("sid"))), 200
 
 
 @bp.post("/logout")
-@api_doc(summary="Revoke the Bearer token (access or refresh); it is refused afterwards",
+@api_doc(summary="Log out: the Bearer token (access or refresh) and every token of its login are refused afterwards",
          responses={204: None}, tags=["accounts"])
 @jwt_required(verify_type=False)
 def logout():  # type: ignore[no-untyped-def]

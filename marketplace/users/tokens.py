@@ -21,10 +21,36 @@ def revoke(jti: str, *, ttl_seconds: int) -> None:
         get_redis().set(BLOCKLIST_PREFIX + jti, "1", ex=ttl_seconds)
 
 
-def is_revoked(jti: str) -> bool:
+def is_revoked(jti: str, sid: str | None = None) -> bool:
+    """Whether the token `jti`, or the login session `sid` it belongs to, was revoked (one call)."""
     from marketplace.redis_client import get_redis
 
-    return bool(get_redis().exists(BLOCKLIST_PREFIX + jti))
+    keys = [BLOCKLIST_PREFIX + jti] + ([SESSION_PREFIX + sid] if sid else [])
+    return bool(get_redis().exists(*keys))
+
+
+# A login's tokens share a session id (claim `sid`): the refresh token and every access token
+# minted from it. Logging out with any of them ends the session, so a refresh token kept by
+# whoever had the access token no longer mints working ones (it did, for its 30 days).
+SESSION_PREFIX = "marketplace:jwt:session-revoked:"
+
+
+def revoke_session(sid: str) -> None:
+    """Refuse every token of the session `sid`, for as long as its refresh token could live."""
+    from marketplace.redis_client import get_redis
+    from marketplace.settings import get_settings
+
+    ttl = int(timedelta(days=get_settings().refresh_token_days).total_seconds()) + 1
+    get_redis().set(SESSION_PREFIX + sid, "1", ex=ttl)
+
+
+def revoke_payload(payload: dict[str, Any]) -> None:
+    """Log out: refuse this token until it would have expired, and its login session for good."""
+    import time
+
+    revoke(str(payload["jti"]), ttl_seconds=int(payload.get("exp", 0) - time.time()) + 1)
+    if payload.get("sid"):
+        revoke_session(str(payload["sid"]))
 
 
 def configure(app: Any, settings: Any) -> None:
@@ -64,27 +90,31 @@ def _app_context() -> Any:
                    settings.refresh_token_days).app_context()
 
 
-def access_token(user_id: str, role: str) -> dict[str, Any]:
-    """A new access token (`POST /v1/auth/refresh`)."""
+def access_token(user_id: str, role: str, sid: str | None = None) -> dict[str, Any]:
+    """A new access token (`POST /v1/auth/refresh`: `sid` is the refresh token's session)."""
     from flask import current_app
     from flask_jwt_extended import create_access_token
 
+    claims = {"role": role, **({"sid": sid} if sid else {})}
     with _app_context():
         expires = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
         return {
-            "access_token": create_access_token(identity=user_id, additional_claims={"role": role}),
+            "access_token": create_access_token(identity=user_id, additional_claims=claims),
             "token_type": "Bearer",
             "expires_in": int(expires.total_seconds()),
         }
 
 
 def token_pair(user_id: str, role: str) -> dict[str, Any]:
-    """An access/refresh pair, as `POST /v1/auth/login` answers it."""
+    """An access/refresh pair of a new login session, as `POST /v1/auth/login` answers it."""
+    import uuid
+
     from flask_jwt_extended import create_refresh_token
 
+    sid = uuid.uuid4().hex
     with _app_context():
-        return {**access_token(user_id, role),
-                "refresh_token": create_refresh_token(identity=user_id, additional_claims={"role": role})}
+        return {**access_token(user_id, role, sid),
+                "refresh_token": create_refresh_token(identity=user_id, additional_claims={"role": role, "sid": sid})}
 
 
 def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
@@ -107,6 +137,6 @@ def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
         raise Unauthenticated(f"invalid token: expected an {expected_type} token")
     if not isinstance(payload.get("sub"), str) or not payload.get("jti"):
         raise Unauthenticated("invalid token: subject and id must be strings")
-    if is_revoked(str(payload["jti"])):
+    if is_revoked(str(payload["jti"]), payload.get("sid")):
         raise Unauthenticated("the token has been revoked")
     return payload

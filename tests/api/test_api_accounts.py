@@ -80,11 +80,23 @@ def test_logout_revokes_the_token_in_redis(client, redis_client):  # type: ignor
     payload = pyjwt.decode(u["tokens"]["access_token"], options={"verify_signature": False})
     ttl = redis_client.ttl(f"marketplace:jwt:revoked:{payload['jti']}")
     assert 0 < ttl <= payload["exp"] - int(time.time()) + 2
-    # the refresh token still works until it is logged out too
+    # Logging out ends the login: its refresh token mints no more access tokens (it did).
     refresh = u["tokens"]["refresh_token"]
-    assert client.post("/v1/auth/refresh", headers=_bearer(refresh)).status_code == 200
-    assert client.post("/v1/auth/logout", headers=_bearer(refresh)).status_code == 204
-    assert client.post("/v1/auth/refresh", headers=_bearer(refresh)).status_code == 401
+    again = client.post("/v1/auth/refresh", headers=_bearer(refresh))
+    assert again.status_code == 401 and "revoked" in again.get_json()["detail"]
+    # Another login of the same account is another session, untouched; logging out with its
+    # refresh token ends the access tokens minted from it too.
+    login = {"email": u["email"], "password": u["password"]}
+    second = client.post("/v1/auth/login", json=login).get_json()
+    minted = client.post("/v1/auth/refresh", headers=_bearer(second["refresh_token"])).get_json()["access_token"]
+    third = client.post("/v1/auth/login", json=login).get_json()
+    assert client.get("/v1/me", headers=_bearer(minted)).status_code == 200
+    assert client.post("/v1/auth/logout", headers=_bearer(second["refresh_token"])).status_code == 204
+    for token in (second["access_token"], minted, second["refresh_token"]):
+        path = "/v1/auth/refresh" if token == second["refresh_token"] else "/v1/me"
+        verb = client.post if path.endswith("refresh") else client.get
+        assert verb(path, headers=_bearer(token)).status_code == 401, path
+    assert client.get("/v1/me", headers=_bearer(third["access_token"])).status_code == 200
 
 
 def test_forged_and_expired_tokens_are_401(client, app):  # type: ignore[no-untyped-def]

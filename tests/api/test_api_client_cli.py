@@ -219,3 +219,16 @@ def test_a_wait_that_times_out_says_how_to_follow_the_task(cli, tmp_path):  # ty
     assert json.loads(cli("cancel", task_id).stdout)["status"] == "Cancelled"
     table = cli("list", "--limit", "1")
     assert "(est. " not in table.stdout  # cancelled: final, its cost alone
+
+
+def test_logout_ends_the_login_and_forgets_the_credentials(cli, live_api, tmp_path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "cfg" / "credentials.json"
+    creds = json.loads(path.read_text())
+    creds["access_token"] = "expired.or.garbage"  # the client refreshes, then logs that session out
+    path.write_text(json.dumps(creds))
+    out = cli("logout")
+    assert out.exit_code == 0 and "logged out" in out.output and not path.exists()
+    with pytest.raises(ApiError) as err:
+        Client(live_api, refresh_token=creds["refresh_token"]).refresh()
+    assert err.value.status == 401
+    assert cli("logout").output.strip() == "not logged in"
