@@ -34,10 +34,11 @@ class TaskRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description=(
         "Model parameters, checked at submit: `GET /v1/models` gives each model's `params_schema`."))
     device: Literal["any", "cpu", "gpu"] = "any"
-    batch_size: int | None = Field(default=None, ge=1, description=(
+    # strict: JSON `true` or "5" is a mistake to name, not a 1 or a 5 to guess.
+    batch_size: int | None = Field(default=None, ge=1, strict=True, description=(
         "At most this many items per subtask (model default if absent): the inputs are spread "
         "evenly over ceil(n / batch_size) subtasks."))
-    priority: int = Field(default=0, ge=0, le=9, description="0–9, 9 most urgent.")
+    priority: int = Field(default=0, ge=0, le=9, strict=True, description="0–9, 9 most urgent.")
     webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the task document on a final status.")
     max_cost: Decimal | None = Field(default=None, gt=0, max_digits=24, decimal_places=6)
 

@@ -25,6 +25,11 @@ def _fields(resp) -> set[str]:  # type: ignore[no-untyped-def]
         ({"model": "echo", "inputs": [1], "priority": 10}, "priority"),
         ({"model": "echo", "inputs": [1], "priority": -1}, "priority"),
         ({"model": "echo", "inputs": [1], "batch_size": 0}, "batch_size"),
+        # Not guessed at: a string or a boolean where a number belongs (true was priority 1).
+        ({"model": "echo", "inputs": [1], "priority": True}, "priority"),
+        ({"model": "echo", "inputs": [1], "priority": "5"}, "priority"),
+        ({"model": "echo", "inputs": [1], "batch_size": "5"}, "batch_size"),
+        ({"model": "echo", "inputs": [1], "batch_size": 2.5}, "batch_size"),
         ({"model": "echo", "inputs": [1], "webhook_url": "ftp://example.com/hook"}, "webhook_url"),
         ({"model": "echo", "inputs": [1], "webhook_url": "file:///etc/passwd"}, "webhook_url"),
         ({"model": "echo", "inputs": [1], "surprise": True}, "surprise"),
