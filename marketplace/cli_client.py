@@ -13,8 +13,10 @@ from marketplace.client import FINAL, ApiError, Client
 
 CONFIG_ENV = "MARKETPLACE_CONFIG_DIR"
 config_dir_option = click.option(
-    "--config-dir", envvar=CONFIG_ENV, default=lambda: str(Path.home() / ".config" / "marketplace"),
-    show_default="~/.config/marketplace", type=click.Path(file_okay=False), help="where credentials.json lives",
+    # click.get_app_dir follows XDG_CONFIG_HOME (~/.config without it), as Linux tools do.
+    "--config-dir", envvar=CONFIG_ENV, default=lambda: click.get_app_dir("marketplace"),
+    show_default="$XDG_CONFIG_HOME/marketplace or ~/.config/marketplace", type=click.Path(file_okay=False),
+    help="where credentials.json lives",
 )
 
 

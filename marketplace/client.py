@@ -82,9 +82,12 @@ class Client:
 
     # Files and tasks.
     def upload(self, path: str | Path, content_type: str | None = None) -> dict[str, Any]:
+        import mimetypes
+
         path = Path(path)
+        content_type = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         with path.open("rb") as fh:
-            files = {"file": (path.name, fh, content_type or "application/octet-stream")}
+            files = {"file": (path.name, fh, content_type)}
             return self._json("POST", "/v1/files", files=files)
 
     def submit(self, model: str, inputs: list[Any], *, params: dict[str, Any] | None = None, device: str = "any",

@@ -177,6 +177,19 @@ def test_an_upload_retried_after_a_token_refresh_sends_the_whole_file(live_api, 
     c.token = "expired.or.garbage"  # the first try is a 401 that has read the file to its end
     uploaded = c.upload(path)
     assert uploaded["size"] == len(data) and uploaded["sha256"] == hashlib.sha256(data).hexdigest()
+    assert uploaded["content_type"] == "application/octet-stream"
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"\xff\xd8\xff" + data[:100])
+    assert c.upload(image)["content_type"] == "image/jpeg"  # guessed from the name (always octet-stream before)
+
+
+def test_credentials_follow_xdg_config_home(live_api, account, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("MARKETPLACE_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    email, password = account
+    out = CliRunner().invoke(main, ["login", "--url", live_api, "--email", email, "--password", password])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "xdg" / "marketplace" / "credentials.json").exists()
 
 
 def test_a_down_api_or_broken_credentials_are_one_line_errors(live_api, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
