@@ -3,17 +3,29 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from marketplace import errors
 from marketplace.broker import queue_depths
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
+from marketplace.db import utcnow
 from marketplace.grpc_server import Call, rpc
 from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
 from marketplace.scheduling import service as scheduling
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTask, TaskStatus
+
+RESCHEDULE_IDLE_SECONDS = 30.0  # an owner's Reschedule re-sends a task that has not moved this long
+
+
+def _idle_seconds(session: Any, task: Any) -> float:
+    """Seconds since the task last moved: dispatched, or a subtask started or finished."""
+    moved = session.scalar(select(func.max(func.greatest(SubTask.started_at, SubTask.finished_at)))
+                           .where(SubTask.task_id == task.id))
+    last = max(t for t in (task.progress_at, moved) if t is not None)
+    return (utcnow() - last).total_seconds()
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -38,6 +50,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         task_id = str(task.id)
         if TaskStatus(task.status).final:
             raise errors.Conflict(f"task {task_id} is {task.status}; nothing to re-dispatch", task_status=task.status)
+        if not call.me.is_admin and task.status != TaskStatus.CREATED.value:
+            # Each call queued every open subtask again: an owner calling in a loop filled the queue
+            # with copies (skipped when they come up, but in the way of everyone's work).
+            idle = _idle_seconds(call.session, task)
+            if idle < RESCHEDULE_IDLE_SECONDS:
+                raise errors.Conflict(
+                    f"task {task_id} moved {idle:.0f} s ago; it can be re-dispatched once it has not moved for "
+                    f"{RESCHEDULE_IDLE_SECONDS:.0f} s (recovery does so by itself)", task_status=task.status)
         call.session.rollback()
         ids = scheduling.redispatch_missing(task_id)
         indexes = sorted(call.session.scalars(

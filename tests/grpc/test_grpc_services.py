@@ -278,12 +278,32 @@ def test_list_and_cancel_tasks(stubs, new_user, worker, rpc_error):  # type: ign
 
 # -- scheduler ---------------------------------------------------------------------------------------
 
-def test_schedule_and_reschedule(stubs, user, worker, rpc_error):  # type: ignore[no-untyped-def]
+def test_schedule_and_reschedule(stubs, user, admin, worker, rpc_error):  # type: ignore[no-untyped-def]
+    import time
+
     waiting = _waiting_task(stubs, user)
     resp = stubs.scheduler.Schedule(scheduler_pb2.ScheduleRequest(task_id=waiting), metadata=user["md"])
     assert resp.task_id == waiting and resp.status == "Created" and "gpu.embedding" in resp.status_reason
     again = stubs.scheduler.Reschedule(scheduler_pb2.RescheduleRequest(task_id=waiting), metadata=user["md"])
     assert again.status == "Created" and list(again.redispatched_indexes) == []
+
+    # A moving task: its owner may not queue copies of it (each call re-sent every open subtask),
+    # an admin may; the copies are skipped and charged nothing.
+    running = _create(stubs, user, [1, 2, 3, 4], batch_size=1, params_json='{"sleep_s": 0.4}').task.id
+    deadline = time.monotonic() + 60
+    while stubs.tasks.GetTask(task_pb2.GetTaskRequest(task_id=running), metadata=user["md"]).task.status != \
+            "InProgress":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    code, detail, _ = rpc_error(stubs.scheduler.Reschedule, scheduler_pb2.RescheduleRequest(task_id=running),
+                                metadata=user["md"])
+    assert code == C.FAILED_PRECONDITION and "has not moved for 30 s" in detail, detail
+    kicked = stubs.scheduler.Reschedule(scheduler_pb2.RescheduleRequest(task_id=running), metadata=admin["md"])
+    assert kicked.redispatched_indexes
+    assert _watch_to_end(stubs, user, running)[-1].status == "Done"
+    charges = stubs.billing.GetLedger(billing_pb2.GetLedgerRequest(task_id=running), metadata=user["md"]).entries
+    assert sorted(e.subtask_id for e in charges) == sorted(
+        s.id for s in stubs.tasks.GetSubTasks(task_pb2.GetSubTasksRequest(task_id=running), metadata=user["md"]).subtasks)
 
     done_id = _create(stubs, user, [1, 2, 3]).task.id
     assert _watch_to_end(stubs, user, done_id)[-1].status == "Done"

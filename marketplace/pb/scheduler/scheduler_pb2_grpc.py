@@ -67,7 +67,9 @@ class SchedulerServiceServicer:
 
     def Reschedule(self, request, context):
         """Re-dispatch the subtasks of a non-final task that are missing
-        (not Done/Failed) from the database, the source of truth.
+        (not Done/Failed) from the database, the source of truth. The owner may
+        do so once the task has not moved for 30 s (FAILED_PRECONDITION before);
+        an admin, at any time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
