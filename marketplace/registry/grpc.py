@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from marketplace import errors
+from marketplace.catalog import CONTROL_QUEUES, get_catalog
 from marketplace.grpc_server import Call, message, rpc, timestamp
 from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
 from marketplace.registry import service as registry
@@ -65,6 +66,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise errors.InvalidInput.field("hostname", "required")
         if not request.queues:
             raise errors.InvalidInput.field("queues", "at least one queue")
+        # As a node's own registration: the catalog's queues and models only (a made-up queue
+        # showed as capacity no task could ever use).
+        catalog = get_catalog()
+        unknown = [q for q in request.queues if q not in catalog.queues and q not in CONTROL_QUEUES]
+        if unknown:
+            raise errors.InvalidInput.field("queues", f"unknown queue(s): {', '.join(unknown)}")
+        served = {m for q in request.queues for m in catalog.models_for_queue(q)}
+        stray = [m for m in request.models if m not in served]
+        if stray:
+            raise errors.InvalidInput.field("models", f"not served by these queues: {', '.join(stray)}")
         info = {
             "hostname": request.hostname, "queues": sorted(request.queues), "models": sorted(request.models),
             "concurrency": request.concurrency or 1, "facts": facts_dict(request.facts), "unavailable": {},

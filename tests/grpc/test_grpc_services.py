@@ -342,6 +342,12 @@ def test_register_heartbeat_list_and_capabilities(stubs, user, admin, worker, rp
     reg = worker_pb2.RegisterRequest(hostname=hostname, queues=["cpu.resnet50"], models=["resnet50"], concurrency=3,
                                      facts=worker_pb2.WorkerFacts(cpu_count=8, memory_bytes=2**34))
     assert rpc_error(stubs.workers.Register, reg, metadata=user["md"])[0] == C.PERMISSION_DENIED
+    for bad, field in ((dict(queues=["bogus.queue"], models=["resnet50"]), "queues"),
+                       (dict(queues=["cpu.resnet50"], models=["zzz"]), "models"),
+                       (dict(queues=["cpu.resnet50"], models=["echo"]), "models")):
+        code, _, meta = rpc_error(stubs.workers.Register, worker_pb2.RegisterRequest(hostname=hostname, **bad),
+                                  metadata=admin["md"])
+        assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == field, bad
     resp = stubs.workers.Register(reg, metadata=admin["md"])
     assert resp.worker.hostname == hostname and resp.worker.status == "online" and resp.heartbeat_ttl_seconds > 0
     assert resp.worker.facts.cpu_count == 8 and resp.worker.concurrency == 3
