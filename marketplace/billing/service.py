@@ -298,6 +298,11 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     return task.cost
 
 
+def charge_detail(model: str, device: str, items: Any, seconds: float | None) -> str:
+    """A subtask charge's ledger `detail`, the same from every path that records one."""
+    return f"{model}/{device} {items} items {seconds or 0:.3f}s"
+
+
 def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None, hold_locked: bool = False) -> int:
     """Record charges for final subtasks that have none yet (the signal may not have run yet).
 
@@ -327,7 +332,8 @@ def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None, hol
         amount = subtask_cost(price, seconds=sub.seconds or 0.0, items=sub.items, ok=ok)
         added += record_subtask_charge(
             session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
-            detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s", hold_locked=hold_locked,
+            detail=charge_detail(spec.name, task.queue.split(".", 1)[0], sub.items, sub.seconds),
+            hold_locked=hold_locked,
         )
     return added
 
@@ -353,7 +359,7 @@ def charge_from_row(session: Session, *, subtask_id: uuid.UUID) -> bool:
                           items=sub.items, ok=ok)
     return record_subtask_charge(
         session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
-        detail=f"{spec.name}/{task.queue} {sub.items} items {sub.seconds or 0:.3f}s",
+        detail=charge_detail(spec.name, task.queue.split(".", 1)[0], sub.items, sub.seconds),
     )
 
 

@@ -72,7 +72,7 @@ def charge_outcome(result: dict[str, Any], *, audit_hostname: str | None = None)
 
 
 def _amount_and_detail(result: dict[str, Any], spec: Any) -> tuple[Any, str]:
-    detail = f"{result['model']}/{result['device']} {result.get('items')} items {result.get('seconds') or 0:.3f}s"
+    detail = service.charge_detail(result["model"], result["device"], result.get("items"), result.get("seconds"))
     if spec is None:
         return None, detail
     return service.subtask_cost(

@@ -118,6 +118,10 @@ def test_failed_subtask_is_charged_per_the_price_card(client, user):  # type: ig
     assert len({sid for _, sid, _, _ in state["charges"]}) == len(state["charges"])
     assert state["hold"][0] == "released"
     assert state["cost"] == -sum(c[2] for c in state["charges"])
+    # One form of detail whichever path wrote the charge (a failed one read echo/cpu.generic).
+    details = [e["detail"] for e in client.get(f"/v1/billing/ledger?task_id={task_id}",
+                                               headers=user["headers"]).get_json()["entries"]]
+    assert details and all(d.startswith("echo/cpu ") and " items " in d for d in details), details
 
 
 def test_insufficient_balance_is_402_naming_balance_and_estimate(client, user):  # type: ignore[no-untyped-def]
