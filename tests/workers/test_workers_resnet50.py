@@ -135,6 +135,22 @@ def test_resnet50_refuses_weights_whose_sha256_does_not_match(  # type: ignore[n
     assert "sha256" in doc["error"] and "0" * 64 in doc["error"], doc
 
 
+def test_a_file_that_is_not_an_image_fails_naming_it(stack, client, worker, vision_node, assets, tmp_path):  # type: ignore[no-untyped-def]
+    version = f"test-{uuid.uuid4().hex[:8]}"
+    _push(stack, assets / "weights.pt", version)
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"not an image at all " * 20)
+    user = register(client)
+    file_id = _upload(client, user, notes)
+    resp = client.post("/v1/tasks", json={"model": "resnet50", "device": "cpu", "inputs": [{"file": file_id}],
+                                          "params": {"version": version}}, headers=user["headers"])
+    doc = wait_for_task(client, user["headers"], resp.get_json()["id"], timeout=300)
+    assert doc["status"] == "Failed"
+    # PIL's own text named an object's address ("cannot identify image file <_io.BytesIO ...>").
+    assert f"item 0: file {file_id} is not an image (no format PIL reads" in doc["error"]
+    assert "BytesIO" not in doc["error"]
+
+
 _COMPARE_PREPROCESS = """
 import sys, torch
 from PIL import Image

@@ -178,7 +178,10 @@ class ResNet50Executor:
             try:
                 with Image.open(io.BytesIO(blob)) as img:
                     images[i] = pil_to_tensor(img.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as exc:
+            except UnidentifiedImageError as exc:  # its text is "cannot identify image file <_io.BytesIO ...>"
+                raise ExecutionError(f"resnet50: item {first + i}: file {files[i][0]} is not an image "
+                                     "(no format PIL reads: JPEG, PNG, WebP, ...)") from exc
+            except OSError as exc:  # a known format, cut short or corrupt
                 raise ExecutionError(f"resnet50: item {first + i}: file {files[i][0]} is not an image: {exc}") from exc
         return images
 
