@@ -103,13 +103,16 @@ def recover(stall_seconds: float | None) -> None:
     if stall_seconds is not None:
         settings.recovery_stall_seconds = stall_seconds
     report = recover_stalled()
+    def line(kind: str, ids: list[str]) -> str:
+        return f"{kind}: {len(ids)}" + (f" ({', '.join(ids[:10])}{' …' if len(ids) > 10 else ''})" if ids else "")
+
     for kind, ids in report.items():
-        click.echo(f"{kind}: {len(ids)}" + (f" ({', '.join(ids[:10])}{' …' if len(ids) > 10 else ''})" if ids else ""))
+        click.echo(line(kind, ids))
     waiting = not_yet_stalled_on_dead_nodes()
     if waiting:
-        click.echo(f"{len(waiting)} task(s) have subtasks running on nodes with no heartbeat; they are re-sent once "
-                   f"they have not moved for {settings.recovery_stall_seconds:g} s "
-                   "(`marketplace recover --stall-seconds 0` re-sends them now)")
+        click.echo(line("waiting on a dead node", waiting))
+        click.echo(f"  their subtasks run on nodes with no heartbeat; they are re-sent once the task has not moved "
+                   f"for {settings.recovery_stall_seconds:g} s (`marketplace recover --stall-seconds 0`: now)")
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """Audit log: records of a task, chain verification (admin), the public key."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -21,7 +22,8 @@ bp = Blueprint("audit", __name__, url_prefix="/v1/audit")
 class AuditQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task_id: str | None = Field(None, description="records of one task (its owner or an admin)")
+    # A UUID as GET /v1/billing/ledger takes it: a malformed one is a 422 there and here.
+    task_id: uuid.UUID | None = Field(None, description="records of one task (its owner or an admin)")
     limit: int = Field(100, ge=1, le=1000)
     cursor: int | None = Field(None, ge=0, description="next_cursor of the previous page (a seq)")
 

@@ -46,6 +46,8 @@ def test_chain_verifies_after_a_busy_run_and_tasks_show_their_records(client, ad
     other = register(client)
     assert client.get(f"/v1/audit?task_id={task_id}", headers=other["headers"]).status_code == 404
     assert client.get(f"/v1/audit?task_id={task_id}", headers=admin["headers"]).status_code == 200
+    bad = client.get("/v1/audit?task_id=not-a-uuid", headers=owner["headers"])  # as the ledger's filter: 422
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "task_id"
     assert client.get("/v1/audit/verify", headers=owner["headers"]).status_code == 403
     assert client.post("/v1/auth/logout", headers=other["headers"]).status_code == 204
     other["headers"] = {"Authorization": f"Bearer {client.post('/v1/auth/login', json={'email': other['email'], 'password': other['password']}).get_json()['access_token']}"}
