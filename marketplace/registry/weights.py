@@ -53,3 +53,31 @@ def push_weights(
 
 def read_manifest(store: ObjectStore, *, name: str, version: str) -> dict[str, Any]:
     return json.loads(store.get_bytes(manifest_key(name, version)))
+
+
+# Versions seen pushed, with when: a submit checks the store once a minute per version, not per task.
+_PUSHED: dict[tuple[str, str], float] = {}
+PUSHED_CACHE_SECONDS = 60.0
+
+
+def require_pushed(name: str, version: str) -> None:
+    """InvalidInput naming `params.version` when no weights were pushed for it: the job would
+    take a node's time and a start fee per subtask to fail with the same news. A store that
+    does not answer lets the task through (the node reports what it finds)."""
+    import logging
+    import time
+
+    from marketplace.storage import StorageError, get_store
+
+    seen = _PUSHED.get((name, version))
+    if seen is not None and time.monotonic() - seen < PUSHED_CACHE_SECONDS:
+        return
+    try:
+        pushed = get_store().exists(manifest_key(name, version))
+    except StorageError as exc:
+        logging.getLogger(__name__).warning("weights of %s %s not checked: %s", name, version, exc)
+        return
+    if not pushed:
+        raise InvalidInput.field("params.version", f"no weights pushed for {name} version {version!r} "
+                                 f"(an operator pushes them: marketplace models push {name} FILE --version {version})")
+    _PUSHED[(name, version)] = time.monotonic()

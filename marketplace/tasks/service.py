@@ -151,7 +151,12 @@ def create_task(
         if existing is not None:
             return existing, False
 
-    check_params(spec.name, {**spec.params, **request.params})
+    params = {**spec.params, **request.params}
+    check_params(spec.name, params)
+    if "version" in spec.params:  # a model whose weights are pushed (resnet50): they must be there
+        from marketplace.registry.weights import require_pushed
+
+        require_pushed(spec.name, str(params["version"]))
     batch_size = request.batch_size or spec.default_batch_size(_sizing_device(spec, request.device))
     if batch_size > spec.max_batch_size:
         raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")
@@ -171,7 +176,7 @@ def create_task(
     task = Task(
         id=uuid.uuid4(), user_id=user_id, model=spec.name, device=request.device, queue=None,
         status=TaskStatus.CREATED.value, status_reason=None, error=None,
-        params={**spec.params, **request.params}, batch_size=batch_size, priority=request.priority,
+        params=params, batch_size=batch_size, priority=request.priority,
         total_items=len(items), subtask_count=len(batches),
         webhook_url=str(request.webhook_url) if request.webhook_url else None,
         max_cost=request.max_cost, estimated_cost=estimate, cost=None, idempotency_key=idempotency_key,

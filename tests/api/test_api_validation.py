@@ -125,6 +125,9 @@ def test_bad_list_query_is_422(client, user):  # type: ignore[no-untyped-def]
         ({"model": "embedding", "inputs": ["a"], "params": {"normalize": "yes"}}, "params.normalize"),
         ({"model": "resnet50", "inputs": ["x"], "params": {"top_k": 50}}, "params.top_k"),
         ({"model": "resnet50", "inputs": ["x"], "params": {"version": "../../etc"}}, "params.version"),
+        # Never pushed: the job failed on the node, a start fee per subtask later.
+        ({"model": "resnet50", "inputs": [{"file": "00000000-0000-0000-0000-000000000000"}],
+          "params": {"version": "never-pushed"}}, "params.version"),
         ({"model": "generic", "inputs": [1]}, "params.command"),
         ({"model": "generic", "inputs": [1], "params": {"command": "echo hi"}}, "params.command"),
         ({"model": "generic", "inputs": [1], "params": {"command": ["echo", ""]}}, "params.command[1]"),
@@ -136,6 +139,15 @@ def test_bad_model_params_are_422_at_submit_not_a_failed_subtask_later(client, u
     resp = client.post("/v1/tasks", json=body, headers=user["headers"])
     assert resp.status_code == 422, resp.get_json()
     assert field in _fields(resp), resp.get_json()
+
+
+def test_a_weights_version_never_pushed_is_named_at_submit(client, user):  # type: ignore[no-untyped-def]
+    body = {"model": "resnet50", "inputs": [{"file": "00000000-0000-0000-0000-000000000000"}],
+            "params": {"version": "never-pushed"}}
+    error = client.post("/v1/tasks", json=body, headers=user["headers"]).get_json()["errors"][0]
+    assert error["field"] == "params.version"
+    assert "no weights pushed for resnet50 version 'never-pushed'" in error["message"]
+    assert "marketplace models push resnet50 FILE --version never-pushed" in error["message"]
 
 
 def test_good_model_params_are_accepted(client, user):  # type: ignore[no-untyped-def]
