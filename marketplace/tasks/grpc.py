@@ -125,16 +125,22 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         last, final_since = None, None
         while call.context.is_active():
             task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
+            done = False
+            if TaskStatus(task.status).final:
+                final_since = final_since or time.monotonic()
+                done = time.monotonic() - final_since > WATCH_SETTLE_SECONDS or not _settling(call.session, task.id)
+                if done:
+                    # Read again, after the check: each statement sees the commits before it (READ
+                    # COMMITTED), and a charge settled between the row's read and the check was missed.
+                    call.session.expire(task)
             doc = self._describe(call, task)
             state = (doc.status, doc.progress.done, doc.progress.failed, doc.progress.total, doc.cost)
             if state != last:
                 last = state
                 yield task_pb2.WatchTaskResponse(task=doc)
-            if TaskStatus(doc.status).final:
-                final_since = final_since or time.monotonic()
-                if time.monotonic() - final_since > WATCH_SETTLE_SECONDS or not _settling(call.session, task.id):
-                    return
-            call.session.rollback()  # end the snapshot so the next poll sees new commits
+            if done:
+                return
+            call.session.rollback()  # end the transaction so the next poll sees new commits
             time.sleep(WATCH_POLL_SECONDS)
 
     @rpc()
