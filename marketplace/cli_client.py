@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +311,87 @@ def users_create(email: str, password: str, admin: bool) -> None:
     except MarketplaceError as exc:
         raise click.ClickException(exc.detail) from None
     click.echo(f"created {role} {email} ({uid})")
+
+
+def _override(kind: type) -> click.ParamType:
+    """A quota override: a number, or `default` for the setting's (stored as NULL); converted to
+    ("set", value) so that an option left out (None) differs from one set to the default."""
+
+    class Override(click.ParamType):
+        name = f"{kind.__name__.upper()}|default"
+
+        def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+            if isinstance(value, tuple):
+                return value
+            if value == "default":
+                return ("set", None)
+            try:
+                parsed = kind(value)
+            except (ValueError, ArithmeticError):
+                self.fail(f"{value!r} is not a number or 'default'", param, ctx)
+            top = 2**31 - 1 if kind is int else 10**12  # an INTEGER column; credits
+            if isinstance(parsed, Decimal) and not parsed.is_finite() or not 0 <= parsed <= top:
+                self.fail(f"must be between 0 and {top}", param, ctx)
+            return ("set", parsed)
+
+    return Override()
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def users_list(as_json: bool) -> None:
+    """Every account: role, balance and quota overrides (blank: the settings' default)."""
+    from sqlalchemy import select
+
+    from marketplace.db import session_scope
+    from marketplace.users.models import User
+
+    with session_scope() as session:
+        rows = [{"id": str(u.id), "email": u.email, "role": u.role, "balance": str(u.balance),
+                 "max_active_tasks": u.max_active_tasks, "max_items_per_task": u.max_items_per_task,
+                 "daily_spend_limit": None if u.daily_spend_limit is None else str(u.daily_spend_limit),
+                 "created_at": u.created_at.isoformat()}
+                for u in session.scalars(select(User).order_by(User.created_at))]
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("email", "role", "balance", "max active", "max items", "daily spend", "created (UTC)")
+    for r in rows:
+        table.add_row(r["email"], r["role"], r["balance"], *(str(r[k] if r[k] is not None else "")
+                      for k in ("max_active_tasks", "max_items_per_task", "daily_spend_limit")),
+                      r["created_at"][:19].replace("T", " "))
+    Console(width=160).print(table)
+
+
+@users.command("set")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["user", "admin"]), default=None)
+@click.option("--max-active-tasks", type=_override(int), default=None)
+@click.option("--max-items-per-task", type=_override(int), default=None)
+@click.option("--daily-spend-limit", type=_override(Decimal), default=None)
+def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per_task: Any,
+              daily_spend_limit: Any) -> None:
+    """Change an account's role or quota overrides (a number, or `default` for the setting's)."""
+    from marketplace.db import session_scope
+    from marketplace.errors import MarketplaceError
+    from marketplace.users.service import update_user
+
+    changes: dict[str, Any] = {"role": role} if role else {}
+    for name, value in (("max_active_tasks", max_active_tasks), ("max_items_per_task", max_items_per_task),
+                        ("daily_spend_limit", daily_spend_limit)):
+        if value is not None:
+            changes[name] = value[1]
+    if not changes:
+        raise click.UsageError("nothing to change: give --role or a quota option")
+    try:
+        with session_scope() as session:
+            update_user(session, email=email, actor="operator:cli", changes=changes)
+    except MarketplaceError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(f"updated {email}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in changes.items()))
 
 
 COMMANDS = [login, logout, submit, list_tasks, status, result, cancel, users]

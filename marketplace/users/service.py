@@ -82,3 +82,27 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
         "usage": quotas.usage(session, user_id=user.id),
         "webhook_secret": user.webhook_secret,
     }
+
+
+# What an operator may change on an account (`marketplace users set`); None means the default.
+SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit")
+
+
+def update_user(session: Session, *, email: str, actor: str, changes: dict[str, object]) -> User:
+    """Change an account's role or quota overrides, under its row lock, audited as `user.updated`."""
+    unknown = set(changes) - set(SETTABLE)
+    if unknown:
+        raise ValueError(f"not settable: {', '.join(sorted(unknown))}")
+    user = session.scalar(select(User).where(User.email == normalize_email(email)).with_for_update())
+    if user is None:
+        raise NotFound(f"no account {normalize_email(email)}", field="email")
+    before = {name: getattr(user, name) for name in changes}
+    for name, value in changes.items():
+        setattr(user, name, value)
+    audit.append(session, actor=actor, action="user.updated", subject=f"user:{user.id}",
+                 data={name: {"from": _plain(before[name]), "to": _plain(value)} for name, value in changes.items()})
+    return user
+
+
+def _plain(value: object) -> object:
+    return None if value is None else value if isinstance(value, int | str) else str(value)

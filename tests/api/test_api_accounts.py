@@ -153,3 +153,36 @@ def test_users_create_cli_makes_an_admin_who_sees_all_tasks(client, stack):  # t
     # a plain user's all=1 still lists only their own
     other = register(client)
     assert client.get("/v1/tasks?all=1", headers=other["headers"]).get_json()["tasks"] == []
+
+
+def test_operators_list_accounts_and_set_roles_and_quotas(client, stack):  # type: ignore[no-untyped-def]
+    """Quota overrides lived on the row with nothing but SQL to set them."""
+    from marketplace.cli import main
+
+    u = register(client)
+    runner = CliRunner()
+    listed = runner.invoke(main, ["users", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    mine = next(r for r in json.loads(listed.output) if r["email"] == u["email"])
+    assert mine["role"] == "user" and mine["max_active_tasks"] is None
+
+    out = runner.invoke(main, ["users", "set", u["email"], "--max-active-tasks", "1", "--daily-spend-limit", "100.5"])
+    assert out.exit_code == 0 and "max_active_tasks=1" in out.output, out.output
+    quotas = client.get("/v1/me", headers=u["headers"]).get_json()["quotas"]
+    assert quotas["max_active_tasks"] == 1 and Decimal(str(quotas["daily_spend_limit"])) == Decimal("100.5")
+    body = {"model": "embedding", "inputs": ["x"], "device": "gpu"}  # no GPU node: stays active
+    first = client.post("/v1/tasks", json=body, headers=u["headers"])
+    assert first.status_code == 202, first.get_json()
+    assert client.post("/v1/tasks", json=body, headers=u["headers"]).status_code == 429
+
+    assert runner.invoke(main, ["users", "set", u["email"], "--max-active-tasks", "default", "--role", "admin"]) \
+        .exit_code == 0
+    me = client.get("/v1/me", headers=u["headers"]).get_json()
+    assert me["role"] == "admin" and me["quotas"]["max_active_tasks"] > 1
+    for args in (["--max-active-tasks", "-1"], ["--daily-spend-limit", "NaN"], ["--max-items-per-task", "many"], []):
+        bad = runner.invoke(main, ["users", "set", u["email"], *args])
+        assert bad.exit_code == 2, (args, bad.output)
+    missing = runner.invoke(main, ["users", "set", "nobody@example.com", "--role", "user"])
+    assert missing.exit_code == 1 and "no account nobody@example.com" in missing.output
+    records = client.get("/v1/audit", headers=u["headers"]).get_json()["records"]
+    assert [r for r in records if r["action"] == "user.updated"], records[-3:]
