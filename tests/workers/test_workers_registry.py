@@ -103,19 +103,6 @@ def test_killed_node_goes_offline_after_the_heartbeat_ttl(client, user, nodes, r
     status, deregistered_at, _ = _row(node.hostname)
     assert status == "offline" and deregistered_at is not None
 
-    # The filters gRPC ListWorkers has (REST ignored ?status=offline and answered every node).
-    def hostnames(query: str) -> set[str]:
-        resp = client.get(f"/v1/workers?{query}", headers=user["headers"])
-        assert resp.status_code == 200, resp.get_json()
-        return {w["hostname"] for w in resp.get_json()["workers"]}
-
-    assert node.hostname in hostnames("status=offline") and node.hostname not in hostnames("status=online")
-    assert node.hostname in hostnames("queue=cpu.generic") and node.hostname not in hostnames("queue=gpu.resnet50")
-    assert all(w["status"] == "offline" for w in client.get("/v1/workers?status=offline",
-                                                            headers=user["headers"]).get_json()["workers"])
-    bad = client.get("/v1/workers?status=bogus", headers=user["headers"])
-    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "status"
-
 
 def test_task_waits_for_a_missing_capability_then_starts_when_a_node_for_it_appears(  # type: ignore[no-untyped-def]
     client, user, worker, nodes, redis_client,
