@@ -428,7 +428,11 @@ def topup(session: Session, *, user_id: uuid.UUID | str, amount: Decimal, actor:
         uid = uuid.UUID(str(user_id))
     except ValueError:
         raise NotFound(f"user {user_id} not found", field="user_id") from None
-    user = session.execute(select(User).where(User.id == uid).with_for_update(key_share=True)).scalar_one_or_none()
+    # populate_existing: an admin topping up their own account has this row in the session already
+    # (the request's user), and the locked read handed back that object with its stale balance:
+    # concurrent top-ups overwrote each other (8 x 25 of 1 credit left 38 of 200).
+    user = session.execute(select(User).where(User.id == uid).with_for_update(key_share=True)
+                           .execution_options(populate_existing=True)).scalar_one_or_none()
     if user is None:
         raise NotFound(f"user {user_id} not found", field="user_id")
     entry = LedgerEntry(user_id=uid, kind="topup", amount=q(amount), settled=True, detail=f"top-up by {actor}",

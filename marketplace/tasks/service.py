@@ -336,8 +336,8 @@ def get_task(session: Session, *, task_id: uuid.UUID | str, user: User | None = 
     except ValueError as exc:
         raise NotFound(f"task {task_id} not found") from exc
     stmt = select(Task).where(Task.id == tid)
-    if lock:
-        stmt = stmt.with_for_update()
+    if lock:  # the locked row's values, not those of an object the session already holds
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     task = session.scalar(stmt)
     if task is None or (user is not None and not user.is_admin and task.user_id != user.id):
         raise NotFound(f"task {task_id} not found")

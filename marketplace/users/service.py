@@ -93,7 +93,8 @@ def update_user(session: Session, *, email: str, actor: str, changes: dict[str, 
     unknown = set(changes) - set(SETTABLE)
     if unknown:
         raise ValueError(f"not settable: {', '.join(sorted(unknown))}")
-    user = session.scalar(select(User).where(User.email == normalize_email(email)).with_for_update())
+    user = session.scalar(select(User).where(User.email == normalize_email(email)).with_for_update()
+                          .execution_options(populate_existing=True))
     if user is None:
         raise NotFound(f"no account {normalize_email(email)}", field="email")
     before = {name: getattr(user, name) for name in changes}

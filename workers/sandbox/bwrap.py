@@ -4,7 +4,9 @@
   space (bwrap is pid 1 inside; when it dies the kernel kills everything in the
   sandbox), `--die-with-parent`, `--new-session` (no TIOCSTI into our terminal).
 - The root is a tmpfs holding read-only binds of /usr, the lib links and a few
-  /etc files; /tmp is a private tmpfs of `memory_mb`; `--clearenv`.
+  /etc files; /tmp and /dev/shm are private tmpfs of `memory_mb` each; `--clearenv`, and
+  bwrap itself starts with `SANDBOX_ENV` only (it is pid 1 inside: its environ is readable).
+- No further user namespaces (`--disable-userns`).
 - When the worker is root, bwrap itself is started as uid 65534: RLIMIT_NPROC
   is never enforced for host uid 0, and under a user namespace created by root
   the inner uid maps back to 0. Started unprivileged, bwrap makes its own user
@@ -72,6 +74,10 @@ class BwrapSandbox(ProbedSandbox):
             start_new_session=True,
             close_fds=True,
             cwd="/",
+            # bwrap is pid 1 inside, as the sandbox's uid, and its /proc/1/environ is readable there:
+            # with the worker's environment it handed user code the JWT secret, the database URL and
+            # the store's keys (`--clearenv` clears only the command's). It needs none of it.
+            env=dict(SANDBOX_ENV),
             **drop,
         )
         outcome = supervise(
@@ -90,6 +96,9 @@ class BwrapSandbox(ProbedSandbox):
         argv = [
             self.bwrap,
             "--unshare-all",
+            # No user namespaces inside: `unshare -Ur` made the command root of one (mounts and
+            # the kernel's namespaced code within reach).
+            "--unshare-user", "--disable-userns",
             "--die-with-parent",
             "--new-session",
             "--uid", str(SANDBOX_UID),
@@ -105,6 +114,8 @@ class BwrapSandbox(ProbedSandbox):
         argv += [
             "--proc", "/proc",
             "--dev", "/dev",
+            # Sized: --dev's /dev/shm is a tmpfs as large as half the host's memory.
+            "--size", str(limits.memory_bytes), "--perms", "1777", "--tmpfs", "/dev/shm",
             "--size", str(limits.memory_bytes), "--perms", "1777", "--tmpfs", "/tmp",
             "--remount-ro", "/",
             "--chdir", "/tmp",

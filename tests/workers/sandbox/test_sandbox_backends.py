@@ -235,6 +235,50 @@ def test_sees_no_host_private_dirs(sandbox, marker: str) -> None:  # type: ignor
     }
 
 
+def test_no_process_inside_sees_the_workers_environment(sandbox, marker: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """bwrap is pid 1 inside, readable by the command: its environment was the worker's (the JWT
+    secret, the database URL, the store's keys)."""
+    monkeypatch.setenv("MARKETPLACE_JWT_SECRET", f"secret-{marker}")
+    code = """
+    import glob, json, sys
+    for line in sys.stdin:
+        found = []
+        for path in glob.glob("/proc/[0-9]*/environ"):
+            try:
+                with open(path, "rb") as f:
+                    found += [path for var in f.read().split(b"\\0") if b"MARKETPLACE_" in var]
+            except OSError:
+                pass
+        print(json.dumps(found), flush=True)
+    """
+    assert sandbox.run(py(code, marker), [1], Limits(timeout_s=10)) == [ItemResult(ok=True, value=[])]
+
+
+def test_no_nested_user_namespace_and_a_bounded_dev_shm(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    code = """
+    import json, subprocess, sys
+    for line in sys.stdin:
+        nested = subprocess.run(["unshare", "-Ur", "true"], capture_output=True).returncode == 0
+        written = 0
+        try:  # one MiB at a time, up to memory_mb + 1 MiB
+            with open("/dev/shm/fill", "wb") as f:
+                while written <= json.loads(line):
+                    f.write(b"x" * 2**20)
+                    f.flush()
+                    written += 2**20
+        except OSError:
+            pass
+        print(json.dumps([nested, written]), flush=True)
+    """
+    limits = Limits(timeout_s=20, memory_mb=64)
+    [result] = sandbox.run(py(code, marker), [limits.memory_bytes], limits)
+    nested, written = result.value
+    if sandbox.name == "bwrap":  # under gVisor a namespace is the sentry's, not the host kernel's
+        assert nested is False  # `unshare -Ur` made the command root of a namespace of its own
+    # bwrap's /dev/shm took 960 MB from a job of 64 (half the host's memory); gVisor's is read-only.
+    assert written <= limits.memory_bytes, written
+
+
 # --- limits ---------------------------------------------------------------------------------
 
 
