@@ -50,7 +50,8 @@ class ResNet50Params(_Params):
 
 class GenericParams(_Params):
     command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="argv run in the sandbox.")
-    timeout_s: float = Field(10, gt=0, le=MAX_TIMEOUT_S, description="Wall-clock limit per subtask.")
+    timeout_s: float = Field(10, gt=0, le=MAX_TIMEOUT_S, description=(
+        "Wall-clock limit per subtask; at most the model's time limit less a margin (590 s as shipped)."))
     memory_mb: int = Field(256, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB, description="Address-space limit.")
 
 

@@ -51,7 +51,17 @@ def _limits(params: dict[str, Any]) -> Limits:
     memory_mb = params.get("memory_mb", 256)
     if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB:
         raise ExecutionError(f"params.memory_mb must be an integer in [{MIN_MEMORY_MB}, {MAX_MEMORY_MB}]")
-    return Limits(timeout_s=float(timeout_s), memory_mb=memory_mb)
+    return Limits(timeout_s=min(float(timeout_s), _wall_clock_cap()), memory_mb=memory_mb)
+
+
+def _wall_clock_cap() -> float:
+    """The sandbox's wall clock must run out before Celery's soft limit (the catalog's time_limit,
+    counted from the task's start): at `timeout_s` = time_limit the soft limit came first, was
+    taken for a crash and retried, and a command that hangs ran four times."""
+    from marketplace.catalog import get_catalog
+
+    limit = get_catalog().time_limit("generic")
+    return limit - max(1.0, min(10.0, limit * 0.05))
 
 
 def _is_number(value: Any) -> bool:

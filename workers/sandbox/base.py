@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -141,6 +142,13 @@ def encode_items(items: list[Any]) -> bytes:
     return b"".join(json.dumps(item, ensure_ascii=False).encode() + b"\n" for item in items)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -157,7 +165,12 @@ def decode_outputs(outcome: Outcome, n_items: int) -> list[ItemResult]:
     results = []
     for index, line in enumerate(lines):
         try:
-            value = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+            # parse_float: 1e999 overflows to inf, which the result would carry as `Infinity`
+            # (not JSON); RecursionError: nesting past the parser's stack, which was retried as a crash.
+            value = json.loads(line.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        except RecursionError:
+            results.append(ItemResult(ok=False, error=f"output line {index + 1} is nested too deeply"))
+            continue
         except (UnicodeDecodeError, ValueError) as err:
             preview = line[:80].decode("utf-8", "replace")
             results.append(

@@ -147,6 +147,14 @@ def test_non_json_line_is_an_item_error(sandbox, marker: str) -> None:  # type: 
     assert not results[0].ok and "'hello'" in results[0].error
     assert results[1] == ItemResult(ok=True, value=2)
 
+    # A number past a float (it became Infinity in the result, which is not JSON) and nesting past
+    # the parser's stack (a RecursionError, retried as a crash): item errors, like any bad line.
+    lines = "print('1e999'); print('[' * 100000 + ']' * 100000); print(-2.5e3)"
+    results = sandbox.run([PY, "-c", lines, marker], [1, 2, 3], Limits(timeout_s=10))
+    assert not results[0].ok and "out of range" in results[0].error
+    assert not results[1].ok and "nested too deeply" in results[1].error
+    assert results[2] == ItemResult(ok=True, value=-2500.0)
+
 
 def test_early_exit_names_code_and_stderr(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
     code = """

@@ -51,6 +51,17 @@ def test_a_limit_fails_the_subtask_for_good(name: str, use_sandbox) -> None:  # 
     assert caught.value.retryable is False
 
 
+def test_the_wall_clock_runs_out_before_celerys_soft_limit() -> None:
+    """At timeout_s = the catalog's time_limit the soft limit came first, was taken for a crash and
+    retried: a command that hangs ran four times (40 minutes of node time, as shipped)."""
+    from marketplace.catalog import get_catalog
+    from workers.executors.generic import _limits
+
+    limit = get_catalog().time_limit("generic")
+    assert _limits({"timeout_s": limit}).timeout_s == limit - 10 < limit
+    assert _limits({"timeout_s": 5}).timeout_s == 5
+
+
 def test_memory_param_is_the_limit(use_sandbox) -> None:  # type: ignore[no-untyped-def]
     use_sandbox("bwrap")
     hog = ["/usr/bin/python3", "-c", "import sys; sys.stdin.read(); x = bytearray(100 << 20); print(1)"]
