@@ -122,3 +122,27 @@ def test_a_late_charge_whose_settlement_was_lost_is_settled_by_recovery(client):
         assert session.get(User, uid).balance == balance - Decimal("0.5")
         assert session.get(Task, tid).cost == cost + Decimal("0.5")
     assert recover_stalled()["settled"] == [], "settled once"
+
+
+def test_concurrent_top_ups_of_an_admins_own_account_all_count(app, admin):  # type: ignore[no-untyped-def]
+    """The request's user row was in the session already, and the locked read handed back that
+    object with its stale balance: 8 threads x 25 top-ups of 1 credit to oneself left 38 of 200."""
+    from tests.support.accounts import balance_of
+
+    before = balance_of(admin["id"])
+    errors: list[str] = []
+
+    def top_ups() -> None:
+        c = app.test_client()
+        for _ in range(10):
+            resp = c.post("/v1/billing/topup", json={"user_id": admin["id"], "amount": "1"}, headers=admin["headers"])
+            if resp.status_code != 201:
+                errors.append(f"{resp.status_code} {resp.get_json()}")
+
+    threads = [threading.Thread(target=top_ups) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert balance_of(admin["id"]) == before + Decimal(60)
