@@ -78,27 +78,44 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> t
     return False, retry, f"HTTP {resp.status_code}"
 
 
+# A cancelled task's running subtasks finish, and are charged, after the cancel: the document is
+# built once nothing is left to settle (polled this often, for at most this long), or a receiver
+# stored a cost that then went up.
+SETTLE_POLL_SECONDS, SETTLE_WAIT_SECONDS = 1.0, 60.0
+
+
 @app.task(name="marketplace.webhooks.deliver", bind=True, acks_late=True, max_retries=None)
-def deliver(self: Any, task_id: str) -> dict[str, Any]:
+def deliver(self: Any, task_id: str, settle_waits: int = 0) -> dict[str, Any]:
     from marketplace.settings import get_settings
 
     settings = get_settings()
+    if settle_waits * SETTLE_POLL_SECONDS < SETTLE_WAIT_SECONDS and _settling(task_id):
+        raise self.retry(countdown=SETTLE_POLL_SECONDS, kwargs={"task_id": task_id, "settle_waits": settle_waits + 1})
     delivery = build_delivery(task_id)
     if delivery is None:
         return {"ok": False, "skipped": True}
     url, body, headers = delivery
     ok, retry, note = post(url, body, headers, timeout=settings.webhook_timeout)
-    attempt = self.request.retries + 1
+    failures = self.request.retries - settle_waits  # the delivery's own retries, not the waits
+    attempt = failures + 1
     if ok:
         _done(task_id)
         return {"ok": True, "attempts": attempt, "status": note}
-    if retry and self.request.retries < settings.webhook_max_retries:
-        countdown = settings.webhook_retry_backoff * (2 ** self.request.retries)
+    if retry and failures < settings.webhook_max_retries:
+        countdown = settings.webhook_retry_backoff * (2 ** failures)
         logger.warning("webhook for task %s failed (%s); retry %d in %.1fs", task_id, note, attempt, countdown)
-        raise self.retry(countdown=countdown)
+        raise self.retry(countdown=countdown, kwargs={"task_id": task_id, "settle_waits": settle_waits})
     logger.error("webhook for task %s not delivered after %d attempt(s): %s", task_id, attempt, note)
     _done(task_id)
     return {"ok": False, "attempts": attempt, "error": note}
+
+
+def _settling(task_id: str) -> bool:
+    from marketplace.billing.service import still_settling
+    from marketplace.db import session_scope
+
+    with session_scope() as session:
+        return still_settling(session, task_id=uuid.UUID(task_id))
 
 
 def _done(task_id: str) -> None:
@@ -119,4 +136,5 @@ def stall_seconds() -> float:
 
     s = get_settings()
     backoffs = sum(s.webhook_retry_backoff * 2**i for i in range(s.webhook_max_retries))
-    return max(s.recovery_stall_seconds, backoffs + (s.webhook_max_retries + 1) * s.webhook_timeout + 30)
+    return max(s.recovery_stall_seconds,
+               SETTLE_WAIT_SECONDS + backoffs + (s.webhook_max_retries + 1) * s.webhook_timeout + 30)

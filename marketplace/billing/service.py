@@ -198,6 +198,17 @@ def settle_late(session: Session, *, task_id: uuid.UUID) -> None:
         settle_task(session, task=task)
 
 
+def still_settling(session: Session, *, task_id: uuid.UUID) -> bool:
+    """Whether a final task's cost may still change: a subtask still running (a cancelled task's
+    finish and are charged afterwards), or a charge not yet in its cost (`settle_late`, the
+    transaction after the subtask's own). WatchTask and webhooks wait for it to be over."""
+    from marketplace.tasks.models import SubTask, SubTaskStatus
+
+    running = select(SubTask.id).where(SubTask.task_id == task_id, SubTask.status == SubTaskStatus.RUNNING.value)
+    unsettled = select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.settled.is_(False))
+    return bool(session.scalar(select(running.exists() | unsettled.exists())))
+
+
 def tasks_with_stray_charges(session: Session, *, recorded_before: datetime, limit: int = 200) -> list[uuid.UUID]:
     """Tasks whose hold is released but which hold charges still unsettled, recorded before the cutoff.
 

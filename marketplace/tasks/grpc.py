@@ -9,12 +9,13 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from marketplace import errors
+from marketplace.billing import service as billing
 from marketplace.grpc_server import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
 from marketplace.pb.task import task_pb2, task_pb2_grpc
 from marketplace.storable import check_storable
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
-from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
 
 WATCH_POLL_SECONDS = 0.25
@@ -68,16 +69,6 @@ def task_request(request: task_pb2.CreateTaskRequest) -> TaskRequest:
         raise validation_error(exc) from None
 
 
-def _settling(session: Any, task_id: Any) -> bool:
-    """A subtask still running, or a charge that landed after the task settled and is not yet in
-    its cost (`billing.settle_late`, the transaction after the subtask's own)."""
-    from marketplace.billing.models import LedgerEntry
-
-    running = select(SubTask.id).where(SubTask.task_id == task_id, SubTask.status == SubTaskStatus.RUNNING.value)
-    unsettled = select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.settled.is_(False))
-    return bool(session.scalar(select(running.exists() | unsettled.exists())))
-
-
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     def _describe(self, call: Call, task: Task) -> task_pb2.Task:
         return task_message(task, tasks.describe_task(call.session, task=task))
@@ -128,7 +119,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             done = False
             if TaskStatus(task.status).final:
                 final_since = final_since or time.monotonic()
-                done = time.monotonic() - final_since > WATCH_SETTLE_SECONDS or not _settling(call.session, task.id)
+                done = (time.monotonic() - final_since > WATCH_SETTLE_SECONDS
+                        or not billing.still_settling(call.session, task_id=task.id))
                 if done:
                     # Read again, after the check: each statement sees the commits before it (READ
                     # COMMITTED), and a charge settled between the row's read and the check was missed.

@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -98,6 +99,29 @@ def test_cancelled_task_fires_the_webhook(client, user, worker, receiver):  # ty
     assert client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"]).status_code == 202
     headers, body = receiver.wait(1)[0]
     assert headers["X-Marketplace-Event"] == "task.cancelled" and json.loads(body)["status"] == "Cancelled"
+
+
+def test_a_task_cancelled_mid_run_is_posted_with_the_cost_it_settles_at(client, user, worker, receiver):  # type: ignore[no-untyped-def]
+    """Its running subtasks finish, and are charged, after the cancel: the delivery waits for them
+    (it carried the cost at the cancel, which then went up)."""
+    from tests.support.wait import wait_until
+
+    # Subtasks of 2 and 1 items at 1 s each, both running when the cancel lands: the short one's
+    # end frees a pool slot for the delivery while the long one still runs.
+    task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2, 3], "batch_size": 2,
+                                          "params": {"sleep_s": 1.0}, "webhook_url": receiver.url},
+                       headers=user["headers"]).get_json()
+    subtasks = f"/v1/tasks/{task['id']}/subtasks"
+    wait_until(lambda: [s["status"] for s in client.get(subtasks, headers=user["headers"]).get_json()["subtasks"]]
+               == ["Running", "Running"], 60, "both subtasks running")
+    assert client.post(f"/v1/tasks/{task['id']}/cancel", headers=user["headers"]).status_code == 202
+    headers, body = receiver.wait(1)[0]
+    posted = json.loads(body)
+    assert posted["status"] == "Cancelled"
+    assert not any(s["status"] == "Running" for s in client.get(subtasks, headers=user["headers"]).get_json()["subtasks"])
+    settled = client.get(f"/v1/tasks/{task['id']}", headers=user["headers"]).get_json()
+    assert posted["cost"] == settled["cost"] and Decimal(settled["cost"]) > 0, (posted["cost"], settled["cost"])
+    assert posted["progress"] == settled["progress"]
 
 
 def test_failing_receiver_is_retried_with_backoff(client, user, worker):  # type: ignore[no-untyped-def]
