@@ -228,6 +228,10 @@ def classify_failure(outcome: Outcome, limits: Limits, n_items: int) -> str | No
         return f"sandbox: memory limit of {limits.memory_mb} MB exceeded"
     if any(marker in outcome.stderr_tail for marker in _PROCESS_MARKERS):
         return f"sandbox: process limit of {limits.max_procs} reached"
+    if not outcome.stdout.strip():
+        # Nothing ran (a missing binary, a crash at start): a failed subtask with the reason, where
+        # it was a Done one whose every output was the same {"error": ...}.
+        return f"sandbox: the command {describe_exit(outcome.returncode)} before printing anything"
     return None
 
 

@@ -170,6 +170,18 @@ def test_early_exit_names_code_and_stderr(sandbox, marker: str) -> None:  # type
         assert "exited with code 3" in result.error and "giving up on the rest" in result.error
 
 
+def test_a_command_that_prints_nothing_and_fails_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    """A missing binary or a crash at start: the run fails with the reason (every item was an
+    {"error": ...} output of a Done subtask)."""
+    message = expect_error(sandbox, [PY, "-c", "import sys; print('no module x', file=sys.stderr); sys.exit(2)",
+                                     marker], Limits(timeout_s=5), "the command exited with code 2 before printing")
+    assert "no module x" in message
+    expect_error(sandbox, ["/nonexistent/bin", marker], Limits(timeout_s=5), "before printing anything")
+    # Nothing printed but a clean exit (a filter that drops everything): items without output.
+    results = sandbox.run([PY, "-c", "pass", marker], [1], Limits(timeout_s=5))
+    assert not results[0].ok and "no output for this item" in results[0].error
+
+
 def test_more_lines_than_items_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SandboxError, match="printed 2 lines for 1 items"):
         sandbox.run([PY, "-c", "print(1); print(2)", marker], [1], Limits(timeout_s=5))
