@@ -260,6 +260,8 @@ def parse_json(value: str, *, field: str, default: Any = None) -> Any:
         return json.loads(value)
     except ValueError as exc:
         raise errors.InvalidInput.field(field, f"not valid JSON: {exc}") from None
+    except RecursionError:  # valid JSON nested past the parser's stack (a Kafka record retried it forever)
+        raise errors.InvalidInput.field(field, "nested too deeply") from None
 
 
 def validation_error(exc: Any) -> errors.InvalidInput:

@@ -49,7 +49,7 @@ class Bridge:
 
         while not self.stop.wait(self.prune_interval):
             try:
-                prune()
+                prune(include_unsent=False)  # this bridge relays them
             except Exception as exc:  # the next round tries again
                 logger.warning("outbox prune failed: %s", exc)
 

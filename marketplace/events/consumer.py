@@ -10,7 +10,8 @@
   token, unknown user, invalid fields, insufficient balance, quota, a reused
   key with a different body) goes to the DLQ as a `DeadLetter` with the reason.
 - An outage (database, Redis, broker) is not the record's fault: the offset is
-  not committed, the consumer seeks back and retries after a pause.
+  not committed, the consumer seeks back and retries after a pause. Any other error
+  would fail the same way every time: the record is dead-lettered with it.
 - Offsets are committed only after the record was handled (task committed or
   dead letter delivered): at-least-once, made exactly-once by the dedupe key.
 """
@@ -72,33 +73,39 @@ def handle_submission(value: bytes | None) -> Outcome:
     session = new_session()
     try:
         try:
+            # The key before any lookup by it (a NUL in it failed the query: taken for an outage,
+            # the record was retried forever and its partition stood still).
+            tasks.check_idempotency_key(submit.idempotency_key)
             user_id = _principal(session, submit)
             dedupe_key = f"{user_id}:{submit.idempotency_key}"
-            done = session.scalar(select(ProcessedSubmission).where(ProcessedSubmission.dedupe_key == dedupe_key))
-            if done is not None:
-                return Outcome("duplicate", done.task_id or "")
             request = task_request(submit)
+            done = session.scalar(select(ProcessedSubmission).where(ProcessedSubmission.dedupe_key == dedupe_key))
+            # A replay finds its task through the key; the same key with another body is a Conflict
+            # (the shortcut on `done` answered "duplicate" and dropped the new body).
             task, created = tasks.create_task(session, user_id=user_id, request=request,
                                               idempotency_key=submit.idempotency_key)
         except errors.Unavailable:
             raise
         except errors.MarketplaceError as exc:
             raise Rejected(f"{exc.title}: {exc.detail}") from None
-        session.add(ProcessedSubmission(dedupe_key=dedupe_key, task_id=str(task.id)))
+        if done is None:
+            session.add(ProcessedSubmission(dedupe_key=dedupe_key, task_id=str(task.id)))
         try:
             session.commit()
         except IntegrityError:  # another consumer handled the same submission first
             session.rollback()
             return Outcome("duplicate", str(task.id))
-        if created:
+        # Created, or a replay of a task still Created (a crash between its commit and the offset's
+        # left it to recovery's sweep): scheduling is idempotent under the row lock.
+        if created or task.status == "Created":
             tasks.schedule_accepted(task)
         return Outcome("created" if created else "duplicate", str(task.id))
     finally:
         session.close()
 
 
-def dead_letter(msg: Any, reason: str) -> bytes:
-    letter = pb.DeadLetter(payload=msg.value() or b"", key=msg.key() or b"", reason=reason,
+def dead_letter(msg: Any, reason: str, *, payload: bool = True) -> bytes:
+    letter = pb.DeadLetter(payload=(msg.value() or b"") if payload else b"", key=msg.key() or b"", reason=reason,
                            source_topic=msg.topic() or "", partition=msg.partition(), offset=msg.offset())
     letter.occurred_at.FromDatetime(utcnow())
     return letter.SerializeToString()
@@ -145,14 +152,18 @@ class SubmissionConsumer:
             if not self._send_dead_letter(msg, str(exc)):
                 return self._retry(msg, TopicPartition)
             result = "dead-lettered"
-        except Exception as exc:  # an outage: keep the record and try it again
+        except Exception as exc:
             from marketplace.errors import unavailable_dependency
 
-            if not (isinstance(exc, errors.Unavailable) or unavailable_dependency(exc)):
-                logger.exception("submissions: unexpected error at offset %d; retrying", msg.offset())
-            else:
+            if isinstance(exc, errors.Unavailable) or unavailable_dependency(exc):  # an outage: try it again
                 logger.warning("submissions: %s; retrying offset %d", exc, msg.offset())
-            return self._retry(msg, TopicPartition)
+                return self._retry(msg, TopicPartition)
+            # Anything else fails the same way every time: retried, it stopped its partition for
+            # good. The dead letter keeps the record, with the error, for an operator to replay.
+            logger.exception("submissions: unexpected error at offset %d; dead-lettering it", msg.offset())
+            if not self._send_dead_letter(msg, f"internal error: {type(exc).__name__}: {exc}"[:2000]):
+                return self._retry(msg, TopicPartition)
+            result = "dead-lettered"
         self.consumer.commit(message=msg, asynchronous=False)
         return result
 
@@ -164,10 +175,25 @@ class SubmissionConsumer:
         return "retry"
 
     def _send_dead_letter(self, msg: Any, reason: str) -> bool:
+        """Deliver the dead letter; False (the record is retried, not committed past) if it was not."""
+        from confluent_kafka import KafkaException
+
         delivered: list[Any] = []
-        self.producer.produce(self.dlq_topic, key=msg.key(), value=dead_letter(msg, reason),
-                              headers=[("reason", reason.encode()[:1000]), ("source_topic", msg.topic().encode())],
-                              on_delivery=lambda err, _m: delivered.append(err))
+        headers = [("reason", reason.encode()[:1000]), ("source_topic", msg.topic().encode())]
+        try:
+            self.producer.produce(self.dlq_topic, key=msg.key(), value=dead_letter(msg, reason), headers=headers,
+                                  on_delivery=lambda err, _m: delivered.append(err))
+        except KafkaException as exc:  # too large with the payload: the letter without it, saying so
+            size = len(msg.value() or b"")
+            logger.warning("submissions: dead letter of offset %d refused (%s); sending it without its "
+                           "%d-byte payload", msg.offset(), exc, size)
+            reason = f"{reason} (payload of {size} bytes left out of this letter: {exc})"
+            try:
+                self.producer.produce(self.dlq_topic, key=msg.key(), value=dead_letter(msg, reason, payload=False),
+                                      headers=headers, on_delivery=lambda err, _m: delivered.append(err))
+            except KafkaException as again:
+                logger.warning("submissions: dead letter of offset %d not sent: %s", msg.offset(), again)
+                return False
         self.producer.flush(30)
         if not delivered or delivered[0] is not None:
             logger.warning("submissions: dead letter not delivered: %s", delivered[0] if delivered else "timeout")

@@ -169,23 +169,26 @@ def prune_outbox(session: Session, *, older_than: timedelta, include_unsent: boo
             return deleted
 
 
-def prune(*, retention_hours: float | None = None) -> int:
-    """Prune by the configured retention; with no Kafka configured, unsent rows age out too."""
+def prune(*, retention_hours: float | None = None, include_unsent: bool | None = None) -> int:
+    """Prune by the configured retention; with no Kafka configured, unsent rows age out too.
+    A bridge passes `include_unsent=False`: it relays them, whatever this process's settings say
+    (`bridge --bootstrap-servers` without the setting deleted rows it had yet to send)."""
     from marketplace.db import session_scope
     from marketplace.settings import get_settings
 
     settings = get_settings()
     hours = settings.outbox_retention_hours if retention_hours is None else retention_hours
+    if include_unsent is None:
+        include_unsent = not settings.kafka_bootstrap_servers
     with session_scope() as session:
-        n = prune_outbox(session, older_than=timedelta(hours=hours),
-                         include_unsent=not settings.kafka_bootstrap_servers)
+        n = prune_outbox(session, older_than=timedelta(hours=hours), include_unsent=include_unsent)
     if n:
         logger.info("outbox: pruned %d event(s) older than %gh", n, hours)
     return n
 
 
 def wait_idle(relay: Relay, *, timeout: float = 30.0) -> None:
-    """Run rounds until a round finds nothing to send (tests and `bridge --once`)."""
+    """Run rounds until a round finds nothing to send (tests)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         report = relay.run_batch()

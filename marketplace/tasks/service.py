@@ -44,6 +44,11 @@ def _request_hash(request: TaskRequest) -> str:
     return hashlib.sha256(canonical_json(request.model_dump(mode="json")).encode()).hexdigest()
 
 
+def check_idempotency_key(key: str) -> None:
+    if not _KEY_RE.match(key):
+        raise InvalidInput.field("Idempotency-Key", "1 to 255 printable ASCII characters without spaces")
+
+
 def resolve_model(request: TaskRequest) -> tuple[ModelSpec, list[str]]:
     """The catalog entry and the devices the task may run on; InvalidInput naming the field."""
     catalog = get_catalog()
@@ -144,8 +149,8 @@ def create_task(
     settings = get_settings()
     spec, devices = resolve_model(request)
     request_hash = _request_hash(request)
-    if idempotency_key is not None and not _KEY_RE.match(idempotency_key):
-        raise InvalidInput.field("Idempotency-Key", "1 to 255 printable ASCII characters without spaces")
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     if idempotency_key:
         existing = _keyed_task(session, user_id=user_id, idempotency_key=idempotency_key, request_hash=request_hash)
         if existing is not None:

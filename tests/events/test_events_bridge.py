@@ -217,6 +217,42 @@ def test_garbage_and_invalid_submissions_go_to_the_dlq_with_a_reason(stack, clie
     assert "inputs[0]" in letters[b"g6"].reason
 
 
+def test_poison_submissions_are_dead_lettered_and_the_partition_moves_on(stack, client, kafka_bootstrap,  # type: ignore[no-untyped-def]
+                                                                          kafka_produce, kafka_consume):
+    """A NUL in the key failed the dedupe query and nesting past the parser's stack raised
+    RecursionError: both were taken for outages and retried forever, and the valid submission
+    behind them never ran. A key reused with another body was answered "duplicate" and dropped."""
+    from marketplace.db import session_scope
+    from marketplace.tasks.models import Task
+
+    topic, dlq = f"submissions-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
+    user = register(client)
+    records = [
+        (b"p1", _submit(user_id=user["id"], idempotency_key="a\x00b", model="echo", inputs=["1"])),
+        (b"p2", _submit(user_id=user["id"], idempotency_key="p2", model="echo", inputs=["[" * 5000 + "]" * 5000])),
+        # One Kafka key, one partition: the first body is the task, the second a conflict.
+        (b"same", _submit(user_id=user["id"], idempotency_key="same", model="echo", inputs=["1"])),
+        (b"same", _submit(user_id=user["id"], idempotency_key="same", model="echo", inputs=["2", "3"])),
+        (b"p5", _submit(user_id=user["id"], idempotency_key="valid", model="echo", inputs=["4"])),
+    ]
+    kafka_produce(topic, records)
+    consumer = _consumer(kafka_bootstrap, topic, dlq)
+    consumer.retry_backoff = 0.1
+    try:  # keys spread over partitions: the order across keys is Kafka's
+        assert sorted(_drain(consumer, len(records), timeout=30)) == ["created"] * 2 + ["dead-lettered"] * 3
+    finally:
+        consumer.close()
+    letters = {r.key(): pb.DeadLetter.FromString(r.value())
+               for r in kafka_consume([dlq], until=lambda recs: len(recs) >= 3)}
+    assert "Idempotency-Key" in letters[b"p1"].reason
+    assert "inputs[0]" in letters[b"p2"].reason and "nested too deeply" in letters[b"p2"].reason
+    assert "Idempotency-Key" in letters[b"same"].reason and "different" in letters[b"same"].reason
+    assert pb.SubmitTask.FromString(letters[b"same"].payload).inputs == ["2", "3"]
+    with session_scope() as session:
+        keys = sorted(session.scalars(select(Task.idempotency_key).where(Task.user_id == uuid.UUID(user["id"]))))
+    assert keys == ["same", "valid"]
+
+
 # -- codec and pruning (no Kafka needed) -------------------------------------------------------------------
 
 def test_codec_maps_every_outbox_type_to_an_envelope():  # type: ignore[no-untyped-def]
@@ -259,6 +295,10 @@ def test_prune_deletes_old_relayed_rows_and_old_unsent_rows_only_when_kafka_is_o
     with session_scope() as session:
         prune_outbox(session, older_than=timedelta(hours=24))
     assert count() == 3  # only the old relayed row went; the unsent one still waits for Kafka
+    # A bridge relays the unsent ones whatever its settings say (`bridge --bootstrap-servers X`
+    # without the setting deleted rows it had yet to send).
+    prune(include_unsent=False)
+    assert count() == 3
     prune()  # no MARKETPLACE_KAFKA_BOOTSTRAP_SERVERS in tests: the old unsent row ages out too
     assert count() == 2
 
