@@ -162,6 +162,8 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
         return -1
     head = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
     seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
+    entries = list(entries)
+    owners = _task_owners(session, {e.task_id for e in entries if e.task_id})
     rows, events = [], []
     for e in entries:
         seq += 1
@@ -171,7 +173,9 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
                "task_id": e.task_id, "data": e.data, "prev_hash": prev, "hash": digest,
                "signature": signing.sign(digest)}
         rows.append(row)
-        events.append((e.task_id or e.subject, _document(row)))
+        # The AuditEvent names the user a task's records are about, whoever wrote them (a worker,
+        # the scheduler); the Kafka message read empty for those.
+        events.append((e.task_id or e.subject, {**_document(row), "user_id": owners.get(e.task_id or "")}))
         prev = digest
     if rows:  # one INSERT each for the records and their AuditEvents (a batch is up to CHAIN_BATCH)
         session.execute(insert(AuditRecord.__table__), rows)
@@ -181,6 +185,15 @@ def _chain(session: Session, entries: Iterable[_Entry]) -> int:
         if root:
             anchor.remember(session, root=root, seq=seq, head=prev)
     return len(rows)
+
+
+def _task_owners(session: Session, task_ids: set[str]) -> dict[str, str]:
+    from marketplace.tasks.models import Task
+
+    ids = [u for u in (_uuid(t) for t in task_ids) if u is not None]
+    if not ids:
+        return {}
+    return {str(tid): str(uid) for tid, uid in session.execute(select(Task.id, Task.user_id).where(Task.id.in_(ids)))}
 
 
 # A transaction's buffered records, in one prepared statement at its commit (the executemany

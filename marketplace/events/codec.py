@@ -13,7 +13,7 @@ whose keys mostly match the proto fields; `ALIASES` maps the few that differ.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -88,7 +88,24 @@ def to_message(*, event_id: int, type: str, key: str, payload: dict[str, Any], c
         msg.task_id = key
     if type == "TaskCancelled" and not msg.status:
         msg.status = "Cancelled"
+    if type == "AuditEvent":
+        _audit_fields(msg, payload)
     return msg
+
+
+def _audit_fields(msg: Any, payload: dict[str, Any]) -> None:
+    """An audit record's own time (the hash covers it, not when it was chained: a consumer can
+    check the hash again) and the user it is about (its data's, else its actor's)."""
+    ts = payload.get("ts")
+    if isinstance(ts, str):
+        msg.occurred_at.FromDatetime(datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC))
+    data = payload.get("data")
+    user = data.get("user_id") if isinstance(data, dict) else None
+    actor = str(payload.get("actor") or "")
+    if not user and actor.startswith("user:"):
+        user = actor[len("user:"):]
+    if user and not msg.user_id:
+        msg.user_id = str(user)
 
 
 def encode(*, event_id: int, type: str, key: str, payload: dict[str, Any],

@@ -55,11 +55,12 @@ COMPLETE_CTES = """
     ), o AS (
         INSERT INTO outbox_events (topic, key, type, payload, created_at)
         SELECT :topic, s.task_id::text, 'SubTaskCompleted',
-               jsonb_build_object('task_id', s.task_id::text, 'subtask_id', :sid, 'index', s.index, 'status', 'Done',
-                                  'items', s.items, 'seconds', :seconds, 'worker', s.worker, 'attempts', s.attempts,
-                                  'result_key', :key, 'result_sha256', :sha),
+               jsonb_build_object('task_id', s.task_id::text, 'user_id', t.user_id::text, 'subtask_id', :sid,
+                                  'index', s.index, 'status', 'Done', 'items', s.items, 'seconds', :seconds,
+                                  'worker', s.worker, 'attempts', s.attempts, 'result_key', :key,
+                                  'result_sha256', :sha),
                :now
-        FROM s
+        FROM s JOIN tasks t ON t.id = s.task_id
         RETURNING id
     )
 """
@@ -262,11 +263,12 @@ def fail_subtask(subtask_id: str, *, error: str, seconds: float, index: int) -> 
         if sub is None:
             return []
         sub.status, sub.error, sub.seconds, sub.finished_at = "Failed", error, seconds, utcnow()
-        emit(session, type="SubTaskCompleted", key=str(sub.task_id), payload={
-            "task_id": str(sub.task_id), "subtask_id": subtask_id, "index": sub.index, "status": "Failed",
-            "items": sub.items, "seconds": seconds, "worker": sub.worker, "attempts": sub.attempts, "error": error,
-        })
         task = session.scalar(select(Task).where(Task.id == sub.task_id).with_for_update())
+        emit(session, type="SubTaskCompleted", key=str(sub.task_id), payload={
+            "task_id": str(sub.task_id), "user_id": str(task.user_id) if task is not None else None,
+            "subtask_id": subtask_id, "index": sub.index, "status": "Failed", "items": sub.items,
+            "seconds": seconds, "worker": sub.worker, "attempts": sub.attempts, "error": error,
+        })
         if task is not None:
             fail_task(session, task=task, error=f"subtask {index} failed: {error}")
         return session.info.pop("after_commit", [])

@@ -50,7 +50,9 @@ def test_finished_task_events_arrive_in_order_and_decode(stack, client, worker, 
                        headers=user["headers"])
     task_id = resp.get_json()["id"]
     assert wait_for_task(client, user["headers"], task_id)["status"] == "Done"
+    from marketplace.audit.service import chain_pending
 
+    chain_pending()  # the task's buffered audit records into the chain, and their AuditEvents out
     wait_idle(_relay(kafka_bootstrap))
     rows = _rows(task_id)
     assert rows and all(r.sent_at is not None for r in rows)
@@ -77,8 +79,20 @@ def test_finished_task_events_arrive_in_order_and_decode(stack, client, worker, 
     subs = [e for e, r in zip(events, mine, strict=True) if r.topic() == s.topic_subtasks]
     assert sorted(e.index for e in subs) == [0, 1, 2]
     assert all(isinstance(e, pb.SubTaskCompleted) and e.status == "Done" and e.items == 2 for e in subs)
+    assert all(e.user_id == user["id"] for e in subs)  # it was never filled
     audits = [e for e, r in zip(events, mine, strict=True) if r.topic() == s.topic_audit]
     assert all(isinstance(e, pb.AuditEvent) and e.task_id == task_id for e in audits)
+    # Each record's user, and its own time: a consumer checks its hash again from the message
+    # alone (occurred_at was when it was chained, which the hash does not cover).
+    from datetime import UTC
+
+    from marketplace.audit.service import record_hash
+
+    assert audits and all(e.user_id == user["id"] for e in audits), {(e.action, e.user_id) for e in audits}
+    for e in audits:
+        ts = e.occurred_at.ToDatetime().replace(tzinfo=UTC)
+        assert record_hash(prev_hash=e.prev_hash, seq=e.seq, ts=ts, actor=e.actor, action=e.action,
+                           subject=e.subject, task_id=e.task_id or None, data=e.data_json) == e.hash, e.action
     assert len(lifecycle) + len(subs) + len(audits) == want
     # One partition per task: every record of the task landed on the same partition of its topic.
     assert len({(r.topic(), r.partition()) for r in mine}) == len({r.topic() for r in mine})
