@@ -103,6 +103,7 @@ def recover(stall_seconds: float | None) -> None:
     if stall_seconds is not None:
         settings.recovery_stall_seconds = stall_seconds
     report = recover_stalled()
+
     def line(kind: str, ids: list[str]) -> str:
         return f"{kind}: {len(ids)}" + (f" ({', '.join(ids[:10])}{' …' if len(ids) > 10 else ''})" if ids else "")
 

@@ -20,13 +20,13 @@ ADMIN_EMAIL = "admin@marketplace.local"
 VISION_VENV = Path(__file__).resolve().parents[1] / ".venv-vision"  # `make vision` builds it
 
 
-
 def _metrics_port(offset: int) -> str:
     """A child's own /metrics port beside the main node's MARKETPLACE_METRICS_PORT (0 stays off)."""
     from marketplace.settings import get_settings
 
     base = get_settings().metrics_port
     return str(base + offset) if base else "0"
+
 
 class Standalone:
     def __init__(self, *, port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int = 2) -> None:

@@ -15,6 +15,7 @@ import logging
 import uuid
 from typing import Any
 
+from marketplace.billing.service import SETTLE_WAIT_SECONDS
 from marketplace.celery_app import app
 from marketplace.webhook_targets import public_session, resolved_refusal
 
@@ -79,9 +80,9 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> t
 
 
 # A cancelled task's running subtasks finish, and are charged, after the cancel: the document is
-# built once nothing is left to settle (polled this often, for at most this long), or a receiver
-# stored a cost that then went up.
-SETTLE_POLL_SECONDS, SETTLE_WAIT_SECONDS = 1.0, 60.0
+# built once nothing is left to settle (polled this often, for at most billing's
+# SETTLE_WAIT_SECONDS), or a receiver stored a cost that then went up.
+SETTLE_POLL_SECONDS = 1.0
 
 
 @app.task(name="marketplace.webhooks.deliver", bind=True, acks_late=True, max_retries=None)

@@ -35,7 +35,4 @@ def list_workers():  # type: ignore[no-untyped-def]
 
     q = parse_query(WorkerQuery)
     me()
-    nodes = registry.list_workers(db(), r=get_redis(), include_offline=q.status != "online")
-    nodes = [n for n in nodes if (q.status is None or n["status"] == q.status)
-             and (q.queue is None or q.queue in (n.get("queues") or []))]
-    return jsonify({"workers": nodes})
+    return jsonify({"workers": registry.list_workers(db(), r=get_redis(), status=q.status, queue=q.queue)})

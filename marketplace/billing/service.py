@@ -198,10 +198,15 @@ def settle_late(session: Session, *, task_id: uuid.UUID) -> None:
         settle_task(session, task=task)
 
 
+# How long WatchTask and a webhook delivery wait for a final task to settle before they go on.
+SETTLE_WAIT_SECONDS = 60.0
+
+
 def still_settling(session: Session, *, task_id: uuid.UUID) -> bool:
     """Whether a final task's cost may still change: a subtask still running (a cancelled task's
     finish and are charged afterwards), or a charge not yet in its cost (`settle_late`, the
-    transaction after the subtask's own). WatchTask and webhooks wait for it to be over."""
+    transaction after the subtask's own). WatchTask and webhooks wait for it to be over, at most
+    SETTLE_WAIT_SECONDS."""
     from marketplace.tasks.models import SubTask, SubTaskStatus
 
     running = select(SubTask.id).where(SubTask.task_id == task_id, SubTask.status == SubTaskStatus.RUNNING.value)

@@ -103,9 +103,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         call.me  # noqa: B018 - any authenticated user
         if request.status and request.status not in ("online", "offline"):
             raise errors.InvalidInput.field("status", "online or offline")
-        docs = registry.list_workers(call.session, r=_redis())
-        docs = [d for d in docs if (not request.status or d["status"] == request.status)
-                and (not request.queue or request.queue in (d.get("queues") or []))]
+        docs = registry.list_workers(call.session, r=_redis(), status=request.status or None,
+                                     queue=request.queue or None)
         return worker_pb2.ListWorkersResponse(workers=[worker_message(d) for d in docs])
 
     @rpc()

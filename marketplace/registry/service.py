@@ -187,15 +187,17 @@ def _live_doc(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def list_workers(session: Session, *, r: redis.Redis, include_offline: bool = True) -> list[dict[str, Any]]:
-    """Live nodes from Redis, plus nodes that left within the last day from the table.
+def list_workers(session: Session, *, r: redis.Redis, status: str | None = None,
+                 queue: str | None = None) -> list[dict[str, Any]]:
+    """Live nodes from Redis, plus nodes that left within the last day from the table; only those
+    with `status` (online/offline) and consuming `queue` when given (REST and gRPC filter alike).
 
     Status is derived from the heartbeat key, not the row: a node whose key
     expired is offline even before the sweep job has written that down.
     """
     live = {w["hostname"]: _live_doc(w) for w in live_workers(r) if w.get("hostname")}
     out = list(live.values())
-    if include_offline:
+    if status != "online":
         since = utcnow() - OFFLINE_VISIBLE
         rows = session.scalars(
             select(Worker).where(Worker.last_heartbeat >= since).order_by(Worker.hostname)
@@ -212,6 +214,8 @@ def list_workers(session: Session, *, r: redis.Redis, include_offline: bool = Tr
                 "deregistered_at": row.deregistered_at.isoformat() if row.deregistered_at else None,
                 "unavailable": unavailable, "facts": facts,
             })
+    out = [w for w in out if (status is None or w["status"] == status)
+           and (queue is None or queue in (w.get("queues") or []))]
     return sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from marketplace.db import utcnow
 from marketplace.errors import InvalidInput
 from marketplace.storage import ObjectStore
 
+logger = logging.getLogger(__name__)
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -64,7 +66,6 @@ def require_pushed(name: str, version: str) -> None:
     """InvalidInput naming `params.version` when no weights were pushed for it: the job would
     take a node's time and a start fee per subtask to fail with the same news. A store that
     does not answer lets the task through (the node reports what it finds)."""
-    import logging
     import time
 
     from marketplace.storage import StorageError, get_store
@@ -75,7 +76,7 @@ def require_pushed(name: str, version: str) -> None:
     try:
         pushed = get_store().exists(manifest_key(name, version))
     except StorageError as exc:
-        logging.getLogger(__name__).warning("weights of %s %s not checked: %s", name, version, exc)
+        logger.warning("weights of %s %s not checked: %s", name, version, exc)
         return
     if not pushed:
         raise InvalidInput.field("params.version", f"no weights pushed for {name} version {version!r} "

@@ -19,7 +19,6 @@ from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
 
 WATCH_POLL_SECONDS = 0.25
-WATCH_SETTLE_SECONDS = 60.0  # a final task's running subtasks are waited for this long at most
 DEFAULT_PAGE, MAX_PAGE = 20, 100  # as REST GET /v1/tasks
 SUBTASK_STATUSES = [s.value for s in SubTaskStatus]
 
@@ -110,7 +109,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc_stream()
     def WatchTask(self, request: task_pb2.WatchTaskRequest, call: Call) -> Iterator[task_pb2.WatchTaskResponse]:
         """The document now, then on each change of status, progress or cost, until a final status
-        with nothing left to settle (at most WATCH_SETTLE_SECONDS past it): a cancelled task's
+        with nothing left to settle (at most billing's SETTLE_WAIT_SECONDS past it): a cancelled task's
         running subtasks finish and are charged afterwards, so the first Cancelled document's
         cost was not the one the task settled at."""
         last, final_since = None, None
@@ -119,7 +118,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             done = False
             if TaskStatus(task.status).final:
                 final_since = final_since or time.monotonic()
-                done = (time.monotonic() - final_since > WATCH_SETTLE_SECONDS
+                done = (time.monotonic() - final_since > billing.SETTLE_WAIT_SECONDS
                         or not billing.still_settling(call.session, task_id=task.id))
                 if done:
                     # Read again, after the check: each statement sees the commits before it (READ

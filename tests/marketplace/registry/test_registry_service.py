@@ -68,7 +68,7 @@ def test_online_then_expired_then_swept(stack, redis_client, hostname):  # type:
         row = session.get(Worker, hostname)
         assert row.status == "offline" and row.deregistered_at is not None
         assert hostname not in sweep(session, r=redis_client)["offline"]  # once only
-        assert not [w for w in list_workers(session, r=redis_client, include_offline=False)
+        assert not [w for w in list_workers(session, r=redis_client, status="online")
                     if w["hostname"] == hostname]
 
     # The same hostname coming back is one row again, online, with the departure cleared.
