@@ -325,11 +325,18 @@ def _publish(task_id: str, subtask_ids: list[str], *, queue: str, priority: int,
 
 
 def _finalize(task_id: str, **options: Any) -> Any:
-    return signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True, **options)
+    from marketplace.celery_app import app
+
+    return signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True, app=app, **options)
 
 
 def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float,
                     attempt: int) -> None:
+    # Every signature names the app: unbound ones take the thread's current app, which in any thread
+    # but the one that made ours (gRPC's, e.g. Reschedule) is Celery's fallback app, configured on
+    # its own, and not the producer that `batched_publishing` holds.
+    from marketplace.celery_app import app
+
     if not subtask_ids:
         _finalize(task_id).apply_async(task_id=callback_id(task_id, attempt, 0))
         return
@@ -339,20 +346,21 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
     # A run killed at its hard limit fails its message (see scheduling/lost.py): `lost` retries
     # or fails the subtask (a second later, once the pool has killed the process), and the
     # chord it broke still calls finalize.
-    lost = signature(LOST_RUN, queue="marketplace.scheduler", countdown=1.0)
+    lost = signature(LOST_RUN, queue="marketplace.scheduler", countdown=1.0, app=app)
     finish_anyway = _finalize(task_id)
     for chunk, start in enumerate(range(0, len(subtask_ids), size)):
         # ignore_result: nothing reads a subtask's Celery result (the row is the truth and finalize
         # is immutable), and Celery still counts it into the chord without it. Storing it cost a
         # Redis write per subtask kept for `result_expires` (measured: 8% of a fan-out's CPU).
         header = group(
-            signature(RUN_SUBTASK, args=[sid], queue=queue, priority=broker_priority, ignore_result=True,
-                      soft_time_limit=time_limit, time_limit=hard, link_error=[lost])
-            .set(task_id=celery_subtask_id(sid, attempt))
-            for sid in subtask_ids[start : start + size]
+            (signature(RUN_SUBTASK, args=[sid], queue=queue, priority=broker_priority, ignore_result=True,
+                       soft_time_limit=time_limit, time_limit=hard, link_error=[lost], app=app)
+             .set(task_id=celery_subtask_id(sid, attempt))
+             for sid in subtask_ids[start : start + size]),
+            app=app,
         )
         callback = _finalize(task_id, link_error=[finish_anyway]).set(task_id=callback_id(task_id, attempt, chunk))
-        chord(header, callback).apply_async()
+        chord(header, callback, app=app).apply_async()
 
 
 def redispatch_missing(task_id: str) -> list[str]:
