@@ -13,7 +13,6 @@ from marketplace.celery_app import app
 from marketplace.db import session_scope, utcnow
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
-from marketplace.tasks.progress import RUNNING_MARGIN
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,9 @@ def recover_stalled() -> dict[str, list[str]]:
       found emptied after the task's last dispatch (`broker.lost_before`), or its message
       is held unacknowledged since before the deadline by a consumer that never started
       it (a node that died: `broker.held_since`).
+    - `Running` subtasks whose node restarted under the same name (its heartbeat names
+      another process than the one that claimed them): sent again at once, whatever the
+      stall deadline (`scheduling/orphans.py`; the new node's `wake` does it first).
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     - Webhook deliveries whose message was lost: send them again (`resend_lost_webhooks`).
@@ -52,17 +54,16 @@ def recover_stalled() -> dict[str, list[str]]:
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task, run_after_commit
-    from marketplace.scheduling import stranded
+    from marketplace.scheduling import orphans, stranded
     from marketplace.scheduling.service import dispatch, emit_assigned
     from marketplace.tasks.service import enqueue_schedule
 
     settings = get_settings()
     workers = live_workers(get_redis())
-    live_nodes = [w["hostname"] for w in workers]
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
-    report: dict[str, list[str]] = {"rescheduled": [], "redispatched": [], "finalized": [], "settled": [],
-                                    "stranded": [], "rerouted": [], "failed": []}
+    report: dict[str, list[str]] = {"rescheduled": [], "taken_over": [], "redispatched": [], "finalized": [],
+                                    "settled": [], "stranded": [], "rerouted": [], "failed": []}
     with session_scope() as session:
         created = session.execute(
             select(Task.id, Task.trace_id).where(Task.status == TaskStatus.CREATED.value, Task.progress_at < cutoff)
@@ -76,6 +77,8 @@ def recover_stalled() -> dict[str, list[str]]:
         with job_trace(trace_id, "reschedule"):  # the job's trace, not this sweep's
             enqueue_schedule(task_id)
         report["rescheduled"].append(str(task_id))
+    # Before the stalled tasks are read: these are sent now, and so have moved.
+    report["taken_over"] = orphans.take_over(workers=workers)
 
     with session_scope() as session:
         last_move = (
@@ -101,7 +104,6 @@ def recover_stalled() -> dict[str, list[str]]:
                 if unserved == "failed":
                     continue
             limit = get_catalog().time_limit(task.model)
-            running_cutoff = now - timedelta(seconds=limit + RUNNING_MARGIN)
             # Pending subtasks whose queue still holds messages are waiting their turn behind
             # other work, not lost: re-sending them would only queue duplicates. Unless the
             # broker lost everything since they were sent: the queue holds others' newer work.
@@ -114,12 +116,7 @@ def recover_stalled() -> dict[str, list[str]]:
                 pending_lost = pending_lost & SubTask.id.in_(silent) if silent else false()
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(
-                    SubTask.task_id == task.id,
-                    pending_lost
-                    | (
-                        (SubTask.status == SubTaskStatus.RUNNING.value)
-                        & ((SubTask.started_at < running_cutoff) | SubTask.worker.not_in(live_nodes or [""]))
-                    ),
+                    SubTask.task_id == task.id, pending_lost | orphans.lost(workers, now=now, time_limit=limit),
                 ).order_by(SubTask.index)
             )]
             unfinished = session.scalar(select(func.count()).select_from(SubTask).where(

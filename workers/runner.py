@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from marketplace.billing import signals as billing
 from marketplace.errors import database_unavailable
+from marketplace.registry.signals import incarnation
 from marketplace.results.service import encode_part, part_key, run_after_commit
 from marketplace.storage import StorageError, get_store
 from marketplace.tasks import progress
@@ -36,7 +37,8 @@ def execute(
 ) -> dict[str, Any] | Retry:
     """Run a subtask to a final outcome dict, or return Retry."""
     try:
-        early, work = progress.claim_subtask(subtask_id, hostname=hostname, message_id=message_id)
+        early, work = progress.claim_subtask(subtask_id, hostname=hostname, message_id=message_id,
+                                             incarnation=incarnation())
     except DBAPIError as exc:
         if not database_unavailable(exc):
             raise

@@ -52,9 +52,27 @@ def deregister(r: redis.Redis, *, hostname: str) -> None:
     pipe.execute()
 
 
-def is_live(r: redis.Redis, *, hostname: str) -> bool:
-    """Whether the node's heartbeat is current."""
-    return bool(r.exists(_key(hostname)))
+def claim_alive(r: redis.Redis, *, hostname: str, incarnation: str | None) -> bool:
+    """Whether the node process that claimed work as `hostname` (`incarnation`: its id, None for a
+    claim that recorded none) may still be running it: the node's heartbeat is current and, where
+    both sides know theirs, names that process. A node restarted under the same name heartbeats a
+    new incarnation at once: its predecessor is known dead without waiting for the TTL."""
+    raw = r.get(_key(hostname))
+    if raw is None:
+        return False
+    live = incarnation_of(raw)
+    return not incarnation or not live or live == incarnation
+
+
+def incarnation_of(record: str | bytes | dict[str, Any]) -> str | None:
+    """The process id a live record carries (None from a node that heartbeats none)."""
+    if not isinstance(record, dict):
+        try:
+            record = json.loads(record)
+        except ValueError:
+            return None
+    value = record.get("incarnation") if isinstance(record, dict) else None
+    return str(value) if value else None
 
 
 # The index and the records in one round trip (every scheduling step asks): SMEMBERS, then an MGET

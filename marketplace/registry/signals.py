@@ -7,6 +7,12 @@ reports the result *or dies*, so the count heals itself after a SIGKILLed
 child. A Redis counter bumped by `task_prerun`/`task_postrun` in the children
 would leak one on every killed child (postrun never fires) and costs two
 writes per subtask.
+
+Each worker main process is an incarnation of its node: an id made at `worker_init`, before the
+pool forks (its children inherit it and write it with every claim), and heartbeated with the
+node's record. A node restarted under the same name heartbeats a new one, so the Running rows
+its killed predecessor left are known dead at once (`registry.service.claim_alive`), and its
+`wake` has them taken over (`scheduling.orphans`).
 """
 from __future__ import annotations
 
@@ -14,10 +20,11 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from marketplace.catalog import get_catalog
 from marketplace.settings import get_settings
@@ -27,6 +34,7 @@ RUN_SUBTASK = "workers.run_subtask"
 WAKE_TASK = "marketplace.scheduling.wake"
 _stop = threading.Event()
 _info: dict[str, Any] = {}
+_process: dict[str, str] = {}  # this node process's incarnation, once the worker starts
 
 # Probes say which served models this node cannot run, and why: {model: reason}.
 # `workers` adds the sandbox probe; `marketplace` never imports `workers`.
@@ -48,6 +56,17 @@ def unavailable_models(queues: list[str]) -> dict[str, str]:
             logger.exception("registry: capability probe %r failed", probe)
             out.setdefault("?", f"probe failed: {exc}")
     return out
+
+
+def incarnation() -> str | None:
+    """This node process's id (inherited by its pool children); None outside a worker."""
+    return _process.get("incarnation")
+
+
+@worker_init.connect
+def _new_incarnation(**_: Any) -> None:
+    """In the main process, before the pool forks: its children claim with this id."""
+    _process["incarnation"] = uuid.uuid4().hex
 
 
 def running_subtasks() -> int:
@@ -81,22 +100,26 @@ def node_info(consumer: Any) -> dict[str, Any]:
         "unavailable": unavailable,
         "concurrency": int(concurrency or 1),
         "pid": os.getpid(),
+        "incarnation": incarnation(),
         "started_at": time.time(),
         "facts": node_facts(),
     }
 
 
-def _beat_forever() -> None:
+def _beat_once() -> None:
     from marketplace.redis_client import get_redis
     from marketplace.registry.service import heartbeat
 
+    try:
+        heartbeat(get_redis(), info={**_info, "running": running_subtasks()})
+    except Exception as exc:  # a Redis blip must stop neither the start nor the heartbeat thread
+        logger.warning("registry: heartbeat failed: %s", exc)
+
+
+def _beat_forever() -> None:
     interval = get_settings().heartbeat_interval
-    while not _stop.is_set():
-        try:
-            heartbeat(get_redis(), info={**_info, "running": running_subtasks()})
-        except Exception as exc:  # Redis blips must not kill the heartbeat thread
-            logger.warning("registry: heartbeat failed: %s", exc)
-        _stop.wait(interval)
+    while not _stop.wait(interval):
+        _beat_once()
 
 
 def _record_online(info: dict[str, Any]) -> None:
@@ -111,7 +134,8 @@ def _record_online(info: dict[str, Any]) -> None:
 
 
 def _wake_waiting(info: dict[str, Any]) -> None:
-    """Tasks waiting for what this node serves need not sit out their backoff."""
+    """Tasks waiting for what this node serves need not sit out their backoff, and the subtasks a
+    predecessor under this name left Running are re-sent now (it is gone: this process replaced it)."""
     runnable = [m for m in info["models"] if m not in info["unavailable"]]
     compute = [q for q in info["queues"] if q not in ("marketplace.scheduler", "marketplace.results",
                                                       "marketplace.maintenance")]
@@ -120,7 +144,8 @@ def _wake_waiting(info: dict[str, Any]) -> None:
     try:
         from marketplace.celery_app import app
 
-        app.send_task(WAKE_TASK, args=[compute, runnable], queue="marketplace.scheduler", ignore_result=True)
+        app.send_task(WAKE_TASK, args=[compute, runnable], kwargs={"hostname": info["hostname"]},
+                      queue="marketplace.scheduler", ignore_result=True)
     except Exception as exc:
         logger.warning("registry: could not wake waiting tasks: %s", exc)
 
@@ -132,6 +157,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     # The row first: once the heartbeat key is visible the durable record exists too.
     _record_online(_info)
     _stop.clear()
+    _beat_once()  # before `wake`: it tells the predecessor's rows from ours by the live record
     threading.Thread(target=_beat_forever, name="marketplace-heartbeat", daemon=True).start()
     _wake_waiting(_info)
     logger.info("registry: node %s online for %s", _info["hostname"], ",".join(_info["queues"]))

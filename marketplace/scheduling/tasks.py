@@ -36,12 +36,20 @@ def schedule(self, task_id: str, model: str | None = None) -> dict:  # type: ign
 
 
 @app.task(name="marketplace.scheduling.wake", acks_late=True, ignore_result=True)
-def wake(queues: list[str], models: list[str]) -> dict:
-    """A node for `queues` came online: try its waiting tasks now, once each.
+def wake(queues: list[str], models: list[str], hostname: str | None = None) -> dict:
+    """A node for `queues` came online: try its waiting tasks now, once each, and send again what
+    a predecessor under its name (`hostname`) left Running (`orphans.take_over`).
 
     One attempt, no retry chain of its own: each waiting task already has its
     `schedule` retry pending, so this only shortens the wait.
     """
+    if hostname:
+        from marketplace.scheduling.orphans import take_over
+
+        taken = take_over(hostname=hostname)
+        if taken:
+            logger.warning("wake: %s restarted; its predecessor's subtasks sent again for %d task(s)", hostname,
+                           len(taken))
     _clear_stranded()
     scheduled = []
     for task_id in service.waiting_tasks(models=models):

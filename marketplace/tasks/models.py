@@ -101,6 +101,9 @@ class SubTask(Base):
     items: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # The claiming node process (its id in the registry's heartbeat): a node restarted under the
+    # same `worker` name makes a new one, so its predecessor's Running rows are known dead.
+    worker_incarnation: Mapped[str | None] = mapped_column(String(32))
     celery_id: Mapped[str | None] = mapped_column(String(64))
     result_key: Mapped[str | None] = mapped_column(Text)
     result_sha256: Mapped[str | None] = mapped_column(String(64))

@@ -19,7 +19,7 @@ from marketplace.settings import get_settings
 
 _LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error, s.worker,
-           s.celery_id, s.started_at, s.attempts,
+           s.worker_incarnation, s.celery_id, s.started_at, s.attempts,
            t.status AS task_status, t.user_id, t.model, t.queue, t.params
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
@@ -28,8 +28,8 @@ _LOAD = text("""
 # Running, and the task InProgress; the WHERE on the task makes the second part a no-op after the first.
 _CLAIM = text("""
     WITH s AS (
-        UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker, celery_id = :mid,
-               started_at = :now, error = NULL
+        UPDATE subtasks SET status = 'Running', attempts = attempts + 1, worker = :worker,
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         WHERE id = :id AND status IN ('Pending', 'Running')
         RETURNING task_id, attempts
     ), t AS (
@@ -101,8 +101,8 @@ def was_last(conn: Any, row: Any) -> bool:
 # none) is written. Anything else (redelivery, a task that ended) takes the checked path below.
 _CLAIM_PENDING = Prepared("mp_claim_pending", """
     WITH s AS (
-        UPDATE subtasks SET status = 'Running', attempts = subtasks.attempts + 1, worker = :worker, celery_id = :mid,
-               started_at = :now, error = NULL
+        UPDATE subtasks SET status = 'Running', attempts = subtasks.attempts + 1, worker = :worker,
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         FROM tasks t
         WHERE subtasks.id = :id AND subtasks.status = 'Pending'
           AND t.id = subtasks.task_id AND t.status IN ('Scheduled', 'InProgress')
@@ -120,7 +120,7 @@ _CLAIM_PENDING = Prepared("mp_claim_pending", """
     )
     SELECT * FROM s
 """, types={
-    "id": "uuid", "worker": "text", "mid": "text", "now": "timestamptz",
+    "id": "uuid", "worker": "text", "inc": "text", "mid": "text", "now": "timestamptz",
     "ts": "timestamptz", "actor": "text", "action": "text", "subject": "text", "data": "text",
 })
 
@@ -136,12 +136,20 @@ def _outcome(subtask_id: str, row: Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _alive(hostname: str) -> bool:
-    from marketplace.redis_client import get_redis
-    from marketplace.registry.service import is_live
+def _still_running(row: Any, *, hostname: str, incarnation: str | None) -> bool:
+    """Whether the node process that claimed `row` may still be running it.
 
+    A claim by another process of this very node (same name, another incarnation) was made by a
+    predecessor this process replaced: dead, with no registry read (this node's own heartbeat may
+    not be written yet when its first messages arrive). Otherwise the registry says: the node's
+    heartbeat is current and names the claiming process (`registry.service.claim_alive`)."""
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import claim_alive
+
+    if row.worker == hostname and row.worker_incarnation and incarnation:
+        return row.worker_incarnation == incarnation
     try:
-        return is_live(get_redis(), hostname=hostname)
+        return claim_alive(get_redis(), hostname=row.worker, incarnation=row.worker_incarnation)
     except Exception:  # registry unreachable: assume the other node is gone, like recovery does
         return False
 
@@ -160,9 +168,13 @@ def _outlived(row: Any, now: Any) -> bool:
 
 
 def claim_subtask(
-    subtask_id: str, *, hostname: str, message_id: str | None = None
+    subtask_id: str, *, hostname: str, message_id: str | None = None, incarnation: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do)."""
+    """Mark the subtask Running; returns (final outcome if there is nothing to run, work to do).
+
+    `incarnation`: the claiming node process's id (`registry.signals.incarnation`), written with
+    the hostname so that a successor under the same name knows this claim's process from its own.
+    """
     from marketplace.audit.service import take_carried
 
     sid = uuid.UUID(subtask_id)
@@ -171,25 +183,25 @@ def claim_subtask(
     if len(carried) <= 1:  # the common case: one statement, committed by itself
         one = carried[0] if carried else {"ts": None, "actor": None, "action": None, "subject": None, "data": None}
         with autocommit() as conn:
-            row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
-                                                **one}).first()
+            row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "inc": incarnation, "mid": message_id,
+                                                "now": now, **one}).first()
         if row is not None:
             return None, _work(subtask_id, row, row.attempts)
     with get_engine().begin() as conn:
-        return _claim_checked(conn, sid, subtask_id, hostname=hostname, message_id=message_id, now=now,
-                              carried=carried)
+        return _claim_checked(conn, sid, subtask_id, hostname=hostname, incarnation=incarnation,
+                              message_id=message_id, now=now, carried=carried)
 
 
 def _claim_checked(
-    conn: Any, sid: uuid.UUID, subtask_id: str, *, hostname: str, message_id: str | None, now: Any,
-    carried: list[dict[str, Any]],
+    conn: Any, sid: uuid.UUID, subtask_id: str, *, hostname: str, incarnation: str | None, message_id: str | None,
+    now: Any, carried: list[dict[str, Any]],
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Redelivery, a copy from recovery, a task that ended: decide from the row, in a transaction."""
     from marketplace.audit.service import write_carried
 
     if len(carried) > 1:  # several carried records: the one-statement claim, then the rest beside it
-        row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "mid": message_id, "now": now,
-                                            "ts": None, "actor": None, "action": None, "subject": None,
+        row = _CLAIM_PENDING.execute(conn, {"id": sid, "worker": hostname, "inc": incarnation, "mid": message_id,
+                                            "now": now, "ts": None, "actor": None, "action": None, "subject": None,
                                             "data": None}).first()
         if row is not None:
             write_carried(conn, task_id=row.task_id, rows=carried)
@@ -208,19 +220,22 @@ def _claim_checked(
     if row.status == "Running" and row.celery_id and row.celery_id != message_id and row.worker:
         # Another message (recovery re-sent the subtask) while a live node still runs the first:
         # let that one finish rather than run the subtask twice at once. The same message coming
-        # back is a redelivery after its process died, and runs. So does a copy of one that has
-        # outlived its hard time limit: nothing runs that any more (its message ended, e.g. with
-        # a kill at the limit that left the row Running), however live its node is; but not
-        # without end: one that keeps outliving its limit fails with the reason.
+        # back is a redelivery after its process died, and runs. So does a copy of one whose node
+        # died or restarted under the same name: its claim names a process that is gone (Celery's
+        # pool children die with their main process). So does a copy of one that has outlived its
+        # hard time limit: nothing runs that any more (its message ended, e.g. with a kill at the
+        # limit that left the row Running), however live its node is; but not without end: one
+        # that keeps outliving its limit fails with the reason.
         outlived = _outlived(row, now)
-        if not outlived and _alive(row.worker):
+        if not outlived and _still_running(row, hostname=hostname, incarnation=incarnation):
             return _outcome(subtask_id, row, ok=False, skipped=True, error=f"running on {row.worker}"), {}
         if outlived and row.attempts > get_settings().subtask_max_retries:
             limit = get_catalog().time_limit(row.model)
             return _outcome(subtask_id, row, ok=False, abandoned=True, error=(
                 f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
                 f"the last ran on {row.worker}")), {}
-    attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "mid": message_id, "now": now}).scalar()
+    attempts = conn.execute(_CLAIM, {"id": sid, "worker": hostname, "inc": incarnation, "mid": message_id,
+                                     "now": now}).scalar()
     return None, _work(subtask_id, row, attempts)
 
 

@@ -1,6 +1,7 @@
 """Real servers for tests: PostgreSQL (alone or behind PgBouncer), Redis, an S3 API and Celery workers, on free ports."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -201,13 +202,15 @@ class CeleryWorker:
         return f"{self.name}@{socket.gethostname()}"
 
     def wait_ready(self, redis_client, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-        """Ready once the node's registry heartbeat appears (sent on worker_ready)."""
+        """Ready once this process's registry heartbeat appears (sent on worker_ready); not a
+        predecessor's under the same name, whose record outlives it by the TTL."""
         deadline = time.monotonic() + timeout
         key = f"marketplace:worker:{self.hostname}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
-            if redis_client.exists(key):
+            raw = redis_client.get(key)
+            if raw is not None and json.loads(raw).get("pid") == self.proc.pid:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker {self.hostname} not ready:\n{self.tail()}")
