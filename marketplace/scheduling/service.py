@@ -364,19 +364,35 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
 
 
 def redispatch_missing(task_id: str) -> list[str]:
-    """Re-publish the subtasks that are not final (recovery); returns their ids."""
+    """Re-publish the subtasks that are not final and not running (gRPC `Reschedule`, a dispatch
+    the broker cut short); returns their ids, which is what was sent.
+
+    `Pending` ones, and `Running` ones that nothing runs any more (`orphans.lost`: the node is gone
+    or restarted, or the run outlived its time limit). A subtask a live node runs is left to it:
+    its copy would be skipped at its claim, so it is not sent, nor reported as sent. With none
+    open the callback runs again (all final, the task not yet)."""
+    from marketplace.redis_client import get_redis
+    from marketplace.registry.service import live_workers
+    from marketplace.scheduling.orphans import lost
+
+    workers = live_workers(get_redis())  # before the row lock, as scheduling does
     with session_scope() as session:
         task = session.get(Task, uuid.UUID(task_id))
         if task is None or task.status not in (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value):
             return []
         limit = get_catalog().time_limit(task.model)
-        ids = [str(i) for i in session.scalars(
-            select(SubTask.id).where(
+        now = utcnow()
+        open_ = session.execute(
+            select(SubTask.id, (SubTask.status == SubTaskStatus.PENDING.value)
+                   | lost(workers, now=now, time_limit=limit)).where(
                 SubTask.task_id == task.id,
                 SubTask.status.in_((SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value)),
             ).order_by(SubTask.index)
-        )]
-        task.progress_at = utcnow()
+        ).all()
+        ids = [str(sid) for sid, resend in open_ if resend]
+        if open_ and not ids:
+            return []  # every open subtask runs on a live node
+        task.progress_at = now
         task.dispatch_count += 1
         queue, priority, attempt, trace_id = task.queue, task.priority, task.dispatch_count, task.trace_id
     if queue:

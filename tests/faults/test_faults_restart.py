@@ -118,7 +118,7 @@ def test_a_claim_without_an_incarnation_is_judged_by_the_node_name_as_before(cli
     assert early is not None and early["skipped"], "node-a is live: its run is left to it"
 
 
-# -- recovery --------------------------------------------------------------------------------------
+# -- recovery and Reschedule ----------------------------------------------------------------------
 
 def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the_stall(client, own_broker):  # type: ignore[no-untyped-def]
     from marketplace.maintenance import recover_stalled
@@ -142,6 +142,57 @@ def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the
     queued = _queued_ids()
     assert f"{orphan}:2" in queued and not [m for m in queued if m and m.startswith(busy)], queued
     assert task_id not in recover_stalled()["taken_over"], "sent once"
+
+
+def test_reschedule_answers_only_the_subtasks_it_really_sent(client, own_broker):  # type: ignore[no-untyped-def]
+    """gRPC Reschedule answered every open subtask, those a live node runs (whose copies the claim
+    skips) included: [0, 1] while nothing ran."""
+    import grpc
+
+    from marketplace.grpc_server import build_server
+    from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
+
+    node_a, node_c = _names("a", "c")
+    task_id, (pending, busy, orphan, gone, done), user = _stored_task(client, 5)
+    _heartbeat(node_a, "first")
+    _heartbeat(node_c, "c")
+    for sid, host, inc in ((busy, node_c, "c"), (orphan, node_a, "first"),
+                           (gone, "gone@test", "g"), (done, node_c, "c")):
+        assert _claim(sid, host, inc, 1)[0] is None
+    _heartbeat(node_a, "second")  # restarted; gone@test never heartbeat
+    _db_exec("UPDATE subtasks SET status = 'Done' WHERE id = :s", s=done)
+    # The owner may re-dispatch a task that has not moved for 30 s (well within echo's time limit).
+    _db_exec("UPDATE subtasks SET started_at = now() - interval '40 seconds' WHERE task_id = :t", t=task_id)
+    _db_exec("UPDATE tasks SET progress_at = now() - interval '40 seconds' WHERE id = :t", t=task_id)
+
+    server = build_server(host="127.0.0.1", port=0, max_workers=2)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            md = (("authorization", f"Bearer {user['tokens']['access_token']}"),)
+            resp = stub.Reschedule(scheduler_pb2.RescheduleRequest(task_id=task_id), metadata=md)
+            assert list(resp.redispatched_indexes) == [0, 2, 3], resp
+            queued = {m for m in _queued_ids() if m}
+            assert {f"{pending}:2", f"{orphan}:2", f"{gone}:2"} <= queued
+            assert not [m for m in queued if m.startswith((busy, done))], queued
+
+            for sid in (pending, orphan, gone):  # now all of them run on node-c
+                assert _claim(sid, node_c, "c", 2)[0] is None
+            _db_exec("UPDATE subtasks SET started_at = now() - interval '40 seconds' WHERE task_id = :t", t=task_id)
+            _db_exec("UPDATE tasks SET progress_at = now() - interval '40 seconds' WHERE id = :t", t=task_id)
+            resp = stub.Reschedule(scheduler_pb2.RescheduleRequest(task_id=task_id), metadata=md)
+            assert list(resp.redispatched_indexes) == [], "nothing to send: a live node runs every open one"
+            assert _db("SELECT dispatch_count FROM tasks WHERE id = :t", t=task_id)[0].dispatch_count == 2
+    finally:
+        server.stop(grace=1)
+
+
+def _db_exec(sql: str, **params) -> None:  # type: ignore[no-untyped-def]
+    from marketplace.db import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text(sql), params)
 
 
 # -- a real node, killed and started again ----------------------------------------------------------

@@ -288,8 +288,9 @@ def test_schedule_and_reschedule(stubs, user, admin, worker, rpc_error):  # type
     assert again.status == "Created" and list(again.redispatched_indexes) == []
 
     # A moving task: its owner may not queue copies of it (each call re-sent every open subtask),
-    # an admin may; the copies are skipped and charged nothing.
-    running = _create(stubs, user, [1, 2, 3, 4], batch_size=1, params_json='{"sleep_s": 0.4}').task.id
+    # an admin may; the copies are skipped and charged nothing. Only subtasks still waiting are sent
+    # (those the node runs are its own): enough of them that some still wait at the call.
+    running = _create(stubs, user, [1, 2, 3, 4, 5, 6, 7, 8], batch_size=1, params_json='{"sleep_s": 0.4}').task.id
     deadline = time.monotonic() + 60
     while stubs.tasks.GetTask(task_pb2.GetTaskRequest(task_id=running), metadata=user["md"]).task.status != \
             "InProgress":
