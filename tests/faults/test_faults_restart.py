@@ -29,6 +29,13 @@ def _db(sql: str, **params):  # type: ignore[no-untyped-def]
         return conn.execute(text(sql), params).all()
 
 
+def _db_exec(sql: str, **params) -> None:  # type: ignore[no-untyped-def]
+    from marketplace.db import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text(sql), params)
+
+
 def _names(*letters: str) -> list[str]:
     """Node names of this test alone: the database is shared, and recovery looks at every task."""
     run = uuid.uuid4().hex[:6]
@@ -43,20 +50,31 @@ def _heartbeat(hostname: str, incarnation: str | None) -> None:
     heartbeat(get_redis(), info={**info, "incarnation": incarnation} if incarnation else info)
 
 
-def _stored_task(client, n: int) -> tuple[str, list[str], dict]:  # type: ignore[no-untyped-def]
-    """A task no worker consumes (own broker, no node), Scheduled on cpu.generic and just moved."""
+@pytest.fixture()
+def stored_task(client):  # type: ignore[no-untyped-def]
+    """make(n) -> (task id, subtask ids, user): an echo task no worker consumes (own broker, no
+    node), Scheduled on cpu.generic and just moved. Its rows are made up (claims by nodes that do
+    not exist): the task ends Cancelled, so that no later test's recovery in the shared database
+    sends or finalizes it."""
     from marketplace.db import get_engine
 
-    user = register(client)
-    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(n)), "batch_size": 1},
-                       headers=user["headers"])
-    task_id = resp.get_json()["id"]
-    with get_engine().begin() as conn:
-        conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1, "
-                          "progress_at = now() WHERE id = :t"), {"t": task_id})
-        ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
-                                               {"t": task_id})]
-    return task_id, ids, user
+    made: list[str] = []
+
+    def make(n: int) -> tuple[str, list[str], dict]:
+        user = register(client)
+        resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(n)), "batch_size": 1},
+                           headers=user["headers"])
+        task_id = resp.get_json()["id"]
+        made.append(task_id)
+        with get_engine().begin() as conn:
+            conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1, "
+                              "progress_at = now() WHERE id = :t"), {"t": task_id})
+            ids = [str(r.id) for r in conn.execute(
+                text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"), {"t": task_id})]
+        return task_id, ids, user
+
+    yield make
+    _db_exec("UPDATE tasks SET status = 'Cancelled', finished_at = now() WHERE id::text = ANY(:ids)", ids=made)
 
 
 def _claim(sid: str, hostname: str, incarnation: str | None, message: int):  # type: ignore[no-untyped-def]
@@ -79,9 +97,9 @@ def _queued_ids(queue: str = "cpu.generic") -> list[str]:
 
 # -- the claim ------------------------------------------------------------------------------------
 
-def test_a_copy_takes_over_at_once_from_the_predecessor_of_a_restarted_node(client, own_broker):  # type: ignore[no-untyped-def]
+def test_a_copy_takes_over_at_once_from_the_predecessor_of_a_restarted_node(stored_task, own_broker):  # type: ignore[no-untyped-def]
     node_a, node_b = _names("a", "b")
-    _task, (sid,), _ = _stored_task(client, 1)
+    _task, (sid,), _ = stored_task(1)
     _heartbeat(node_a, "first")
     early, work = _claim(sid, node_a, "first", 1)
     assert early is None and work["attempts"] == 1
@@ -95,11 +113,11 @@ def test_a_copy_takes_over_at_once_from_the_predecessor_of_a_restarted_node(clie
     assert (row.status, row.worker, row.worker_incarnation) == ("Running", node_b, "b")
 
 
-def test_a_restarted_node_takes_over_its_predecessors_claim_before_its_own_heartbeat_is_written(client, own_broker):  # type: ignore[no-untyped-def]
+def test_a_restarted_node_takes_over_its_predecessors_claim_before_its_own_heartbeat_is_written(stored_task, own_broker):  # type: ignore[no-untyped-def]
     """A new node's first messages may come before its heartbeat replaces its predecessor's
     record: a claim by another process of its own name is still known dead."""
     node_a = _names("a")[0]
-    _task, (sid,), _ = _stored_task(client, 1)
+    _task, (sid,), _ = stored_task(1)
     _heartbeat(node_a, "first")
     assert _claim(sid, node_a, "first", 1)[0] is None
     early, work = _claim(sid, node_a, "second", 2)  # the registry still shows "first"
@@ -108,10 +126,10 @@ def test_a_restarted_node_takes_over_its_predecessors_claim_before_its_own_heart
     assert early is not None and early["skipped"], early
 
 
-def test_a_claim_without_an_incarnation_is_judged_by_the_node_name_as_before(client, own_broker):  # type: ignore[no-untyped-def]
+def test_a_claim_without_an_incarnation_is_judged_by_the_node_name_as_before(stored_task, own_broker):  # type: ignore[no-untyped-def]
     """Rows claimed before the migration, or by a node that heartbeats none."""
     node_a, node_b = _names("a", "b")
-    _task, (sid,), _ = _stored_task(client, 1)
+    _task, (sid,), _ = stored_task(1)
     _heartbeat(node_a, "now")
     assert _claim(sid, node_a, None, 1)[0] is None
     early, _ = _claim(sid, node_b, "b", 2)
@@ -120,13 +138,13 @@ def test_a_claim_without_an_incarnation_is_judged_by_the_node_name_as_before(cli
 
 # -- recovery and Reschedule ----------------------------------------------------------------------
 
-def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the_stall(client, own_broker):  # type: ignore[no-untyped-def]
+def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the_stall(stored_task, own_broker):  # type: ignore[no-untyped-def]
     from marketplace.maintenance import recover_stalled
     from marketplace.settings import get_settings
 
     node_a, node_c = _names("a", "c")
     assert get_settings().recovery_stall_seconds >= 60  # the default deadline: this task just moved
-    task_id, (orphan, busy), _ = _stored_task(client, 2)
+    task_id, (orphan, busy), _ = stored_task(2)
     _heartbeat(node_a, "first")
     _heartbeat(node_c, "c")
     assert _claim(orphan, node_a, "first", 1)[0] is None
@@ -144,7 +162,7 @@ def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the
     assert task_id not in recover_stalled()["taken_over"], "sent once"
 
 
-def test_reschedule_answers_only_the_subtasks_it_really_sent(client, own_broker):  # type: ignore[no-untyped-def]
+def test_reschedule_answers_only_the_subtasks_it_really_sent(stored_task, own_broker):  # type: ignore[no-untyped-def]
     """gRPC Reschedule answered every open subtask, those a live node runs (whose copies the claim
     skips) included: [0, 1] while nothing ran."""
     import grpc
@@ -153,7 +171,7 @@ def test_reschedule_answers_only_the_subtasks_it_really_sent(client, own_broker)
     from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
 
     node_a, node_c = _names("a", "c")
-    task_id, (pending, busy, orphan, gone, done), user = _stored_task(client, 5)
+    task_id, (pending, busy, orphan, gone, done), user = stored_task(5)
     _heartbeat(node_a, "first")
     _heartbeat(node_c, "c")
     for sid, host, inc in ((busy, node_c, "c"), (orphan, node_a, "first"),
@@ -186,13 +204,6 @@ def test_reschedule_answers_only_the_subtasks_it_really_sent(client, own_broker)
             assert _db("SELECT dispatch_count FROM tasks WHERE id = :t", t=task_id)[0].dispatch_count == 2
     finally:
         server.stop(grace=1)
-
-
-def _db_exec(sql: str, **params) -> None:  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
-
-    with get_engine().begin() as conn:
-        conn.execute(text(sql), params)
 
 
 # -- a real node, killed and started again ----------------------------------------------------------
