@@ -47,11 +47,12 @@ def subtask_cost(price: Price, *, seconds: float, items: int, ok: bool) -> Decim
     return Decimal("0")
 
 
-def estimate_cost(spec: ModelSpec, device: str, batch_items: list[int]) -> Decimal:
-    """The most a task can cost: every subtask running to its time limit."""
+def estimate_cost(spec: ModelSpec, device: str, *, items: int, subtasks: int) -> Decimal:
+    """The most a task of `items` items in `subtasks` subtasks can cost: every subtask running to
+    its time limit. Counts only, so a submit knows it before it reads an item."""
     price = price_for(spec, device)
     per_subtask = price.start_fee + Decimal(str(spec.time_limit)) * price.per_second
-    return q(per_subtask * len(batch_items) + price.per_item * sum(batch_items))
+    return q(per_subtask * subtasks + price.per_item * items)
 
 
 def grant_signup_credits(session: Session, *, user: User) -> None:
@@ -86,21 +87,62 @@ def lock_balance_sql(user_param: str) -> str:
 
 
 _LOCK_BALANCE = Prepared("mp_lock_balance", lock_balance_sql("uid"), types={"uid": "uuid"})
+# The user's active holds (`_held_sum`), the settled charges of the day (one `daily_spend` row,
+# kept by settlement) and the active tasks (`quotas.active_tasks_count`).
+_SUMS = f"""
+    (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = :uid AND status = '{HOLD_ACTIVE}') AS held,
+    (SELECT COALESCE(MAX(charged), 0) FROM daily_spend WHERE user_id = :uid AND day = :today) AS settled,
+    (SELECT count(*) FROM tasks WHERE user_id = :uid
+       AND status IN ({", ".join(sorted(f"'{s.value}'" for s in ACTIVE_TASK_STATUSES))})) AS active
+"""
 # The hold is inserted by the same statement: its sums read the snapshot from before it, so they
 # count the user's *other* holds; if a check in place_hold fails the transaction rolls back.
-# The sums: the user's active holds (`_held_sum`), the settled charges of the day (one `daily_spend`
-# row, kept by settlement) and the active tasks (`quotas.active_tasks_count`).
 _HOLD_AND_SUMS = Prepared("mp_hold_and_sums", f"""
     WITH new_hold AS (
         INSERT INTO holds (user_id, task_id, amount, status, created_at)
         VALUES (:uid, :tid, :amount, '{HOLD_ACTIVE}', :now)
         RETURNING id
     )
-    SELECT (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE user_id = :uid AND status = '{HOLD_ACTIVE}') AS held,
-           (SELECT COALESCE(MAX(charged), 0) FROM daily_spend WHERE user_id = :uid AND day = :today) AS settled,
-           (SELECT count(*) FROM tasks WHERE user_id = :uid
-              AND status IN ({", ".join(sorted(f"'{s.value}'" for s in ACTIVE_TASK_STATUSES))})) AS active
+    SELECT {_SUMS}
 """, types={"uid": "uuid", "tid": "uuid", "amount": "numeric", "now": "timestamptz", "today": "date"})
+# `check_hold`'s read: the balance and the same sums, no lock, nothing written.
+_HOLD_CHECK = Prepared("mp_hold_check", f"""
+    SELECT (SELECT balance FROM users WHERE id = :uid) AS balance, {_SUMS}
+""", types={"uid": "uuid", "today": "date"})
+
+
+def check_hold(session: Session, *, user_id: uuid.UUID, amount: Decimal) -> None:
+    """`place_hold`'s refusals (402, the daily spend and active task quotas' 429), read without
+    its lock and without writing: a big submit asks first, before it builds a row, so what the
+    balance cannot cover is refused in milliseconds and never waits on the user's lock. Passing
+    promises nothing; `place_hold` decides, under the lock."""
+    from marketplace.billing import quotas
+
+    balance, held, settled_today, active = _HOLD_CHECK.execute(session.connection(), {
+        "uid": user_id, "today": quotas.today_start().date()}).one()
+    user = session.get(User, user_id)
+    if balance is None or user is None:  # no such user: place_hold's lock says so
+        return
+    # The new task is not stored yet: every active task is another.
+    _refuse_unless_covered(user, amount=amount, balance=balance, held=Decimal(held or 0),
+                           settled_today=Decimal(settled_today or 0), other_active=active or 0)
+
+
+def _refuse_unless_covered(
+    user: User, *, amount: Decimal, balance: Decimal, held: Decimal, settled_today: Decimal, other_active: int
+) -> None:
+    """PaymentRequired naming balance and estimate, or QuotaExceeded (daily spend, active tasks)."""
+    from marketplace.billing import quotas
+
+    available = q(balance - held)
+    if amount > available:
+        raise PaymentRequired(
+            f"estimated cost {amount} exceeds available balance {available}",
+            balance=str(available),
+            estimate=str(amount),
+        )
+    quotas.check_daily_spend(user=user, amount=amount, held=held, settled_today=settled_today)
+    quotas.check_active_tasks(user, active=other_active)
 
 
 def place_hold(
@@ -127,17 +169,9 @@ def place_hold(
     held, settled_today, active = _HOLD_AND_SUMS.execute(conn, {
         "uid": user_id, "today": quotas.today_start().date(), "tid": task_id, "amount": q(amount), "now": utcnow(),
     }).one()
-    held, settled_today = Decimal(held or 0), Decimal(settled_today or 0)
-    available = q(balance - held)
-    if amount > available:
-        raise PaymentRequired(
-            f"estimated cost {amount} exceeds available balance {available}",
-            balance=str(available),
-            estimate=str(amount),
-        )
-    quotas.check_daily_spend(user=user, amount=amount, held=held, settled_today=settled_today)
     # The new task is already in this transaction and counts itself: the others are active - 1.
-    quotas.check_active_tasks(user, active=(active or 0) - 1)
+    _refuse_unless_covered(user, amount=amount, balance=balance, held=Decimal(held or 0),
+                           settled_today=Decimal(settled_today or 0), other_active=(active or 0) - 1)
 
 
 def record_subtask_charge(

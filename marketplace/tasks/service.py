@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
 SCHEDULE_TASK = "marketplace.scheduling.schedule"
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+# From this many items, reading the items and inserting the rows are most of a submit's work
+# (200,000 one-item subtasks: ~2 s here). Such a submit asks `billing.check_hold` first, unlocked,
+# so one its balance cannot cover is refused in milliseconds, and takes the balance lock only
+# after its rows are in. With the lock taken first and held through the insert, one user's eight
+# unfunded submits of that size queued on it, each refused in turn, until the last ones passed
+# the statement timeout and were 503s. A smaller submit keeps the one-statement insert and lock:
+# its check would be one more round trip than the work it saves.
+BIG_SUBMIT_ITEMS = 1_000
 
 
 def canonical_json(value: Any) -> str:
@@ -105,13 +113,18 @@ def validate_items(session: Session, *, spec: ModelSpec, inputs: list[Any], user
     return items
 
 
+def _chunk_count(items: int, size: int) -> int:
+    """How many subtasks `_chunks` cuts `items` items into."""
+    return -(-items // size)
+
+
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     """ceil(n / size) subtasks of at most `size` items whose sizes differ by at most one.
 
     Even sizes let parallel lanes end together: cut at exactly `size`, 2,000 sentences at 64
     were 31 subtasks of 64 and one of 16, and one lane idled through the other's last subtask
     (that job on a node of 2 lanes: ~3% more sentences/s even, interleaved A/B)."""
-    count = -(-len(items) // size)
+    count = _chunk_count(len(items), size)
     bounds = [i * len(items) // count for i in range(count + 1)] if count else [0]
     return [items[a:b] for a, b in pairwise(bounds)]
 
@@ -148,11 +161,12 @@ def create_task(
     """
     settings = get_settings()
     spec, devices = resolve_model(request)
-    request_hash = _request_hash(request)
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key)
+    keyed_hash = None
     if idempotency_key:
-        existing = _keyed_task(session, user_id=user_id, idempotency_key=idempotency_key, request_hash=request_hash)
+        keyed_hash = _request_hash(request)
+        existing = _keyed_task(session, user_id=user_id, idempotency_key=idempotency_key, request_hash=keyed_hash)
         if existing is not None:
             return existing, False
 
@@ -165,16 +179,23 @@ def create_task(
     batch_size = request.batch_size or spec.default_batch_size(_sizing_device(spec, request.device))
     if batch_size > spec.max_batch_size:
         raise InvalidInput.field("batch_size", f"at most {spec.max_batch_size} for model {spec.name}")
-    if len(request.inputs) > settings.max_inputs:
+    count = len(request.inputs)
+    if count > settings.max_inputs:
         raise InvalidInput.field("inputs", f"at most {settings.max_inputs} items per task")
     from marketplace.billing import quotas
 
-    quotas.check_submit(session, user_id=user_id, items=len(request.inputs))
-    items = validate_items(session, spec=spec, inputs=request.inputs, user_id=user_id)
-    batches = _chunks(items, batch_size)
-    estimate = max(billing.estimate_cost(spec, d, [len(b) for b in batches]) for d in devices)
+    quotas.check_submit(session, user_id=user_id, items=count)
+    # The estimate is a matter of counts: known, and checked, before any item is read.
+    estimate = max(billing.estimate_cost(spec, d, items=count, subtasks=_chunk_count(count, batch_size))
+                   for d in devices)
     if request.max_cost is not None and estimate > request.max_cost:
         raise InvalidInput.field("max_cost", f"estimated cost {estimate} exceeds max_cost {request.max_cost}")
+    big = count >= BIG_SUBMIT_ITEMS
+    if big:  # what its hold would refuse, refused before the items are read and the rows built
+        billing.check_hold(session, user_id=user_id, amount=estimate)
+    items = validate_items(session, spec=spec, inputs=request.inputs, user_id=user_id)
+    batches = _chunks(items, batch_size)
+    request_hash = keyed_hash or _request_hash(request)
 
     now = utcnow()
     # Every column set here, defaults included: the unkeyed path inserts the row itself.
@@ -194,8 +215,8 @@ def create_task(
             return winner, False
         _INSERT_SUBTASKS.execute(session.connection(), {"id": task.id, "now": now, "batches": json.dumps(batches)})
         balance = None
-    else:  # no key, no race to lose: no savepoint, and the task, its subtasks and the balance lock in one statement
-        balance = _insert_task(session, task, batches)
+    else:  # no key, no race to lose: no savepoint, and the task, its subtasks (and the balance lock) in one statement
+        balance = _insert_task(session, task, batches, lock=not big)
     billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate, balance=balance)
     emit(
         session,
@@ -231,7 +252,10 @@ _INSERT_SUBTASKS = Prepared("mp_insert_subtasks", _SUBTASKS_SQL, types=_SUBTASK_
 # executemany of the subtasks and the lock: three round trips. The lock is taken before the
 # foreign key's KEY SHARE on the same row (checked at the statement's end); both are this
 # transaction's and FOR NO KEY UPDATE does not conflict with a KEY SHARE (see billing.service).
-_INSERT_TASK = Prepared("mp_insert_task", f"""
+# The lock comes first (the rows' CTEs run after the statement's own SELECT) and is held through
+# the insert: a big submit's rows go in by `_INSERT_TASK_ROWS`, and `place_hold` locks after them.
+def _insert_task_sql(*, lock: bool) -> str:
+    return f"""
     WITH t AS (
         INSERT INTO tasks (id, user_id, model, device, status, params, batch_size, priority, total_items,
                            subtask_count, webhook_url, max_cost, estimated_cost, request_hash, trace_id,
@@ -240,19 +264,25 @@ _INSERT_TASK = Prepared("mp_insert_task", f"""
                 :total_items, :subtask_count, :webhook_url, :max_cost, :estimated_cost, :request_hash,
                 :trace_id, :now, :now, 0)
     ), s AS ({_SUBTASKS_SQL})
-    {billing.lock_balance_sql("user_id")}
-""", types={**_SUBTASK_TYPES, "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
-            "batch_size": "integer", "priority": "integer", "total_items": "integer", "subtask_count": "integer",
-            "webhook_url": "text", "max_cost": "numeric", "estimated_cost": "numeric", "request_hash": "text",
-            "trace_id": "text"})
+    {billing.lock_balance_sql("user_id") if lock else "SELECT NULL"}
+"""
 
 
-def _insert_task(session: Session, task: Task, batches: list[list[Any]]) -> Decimal:
+_TASK_TYPES = {**_SUBTASK_TYPES, "user_id": "uuid", "model": "text", "device": "text", "params": "jsonb",
+               "batch_size": "integer", "priority": "integer", "total_items": "integer", "subtask_count": "integer",
+               "webhook_url": "text", "max_cost": "numeric", "estimated_cost": "numeric", "request_hash": "text",
+               "trace_id": "text"}
+_INSERT_TASK = Prepared("mp_insert_task", _insert_task_sql(lock=True), types=_TASK_TYPES)
+_INSERT_TASK_ROWS = Prepared("mp_insert_task_rows", _insert_task_sql(lock=False), types=_TASK_TYPES)
+
+
+def _insert_task(session: Session, task: Task, batches: list[list[Any]], *, lock: bool = True) -> Decimal | None:
     """Insert `task` (every column set) and its subtasks; `task` becomes persistent in `session`.
 
-    Returns the user's balance, locked for `billing.place_hold`."""
+    `lock`: returns the user's balance, locked for `billing.place_hold`; else None, and
+    `place_hold` takes the lock itself."""
     session.flush()  # what session.execute would do first
-    balance = _INSERT_TASK.execute(session.connection(), {
+    balance = (_INSERT_TASK if lock else _INSERT_TASK_ROWS).execute(session.connection(), {
         "id": task.id, "user_id": task.user_id, "model": task.model, "device": task.device,
         "params": json.dumps(task.params), "batch_size": task.batch_size, "priority": task.priority,
         "total_items": task.total_items, "subtask_count": task.subtask_count, "webhook_url": task.webhook_url,

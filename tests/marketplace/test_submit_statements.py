@@ -56,3 +56,17 @@ def test_a_keyed_submit_takes_the_lock_on_its_own_and_both_still_refuse_what_the
         refused = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=headers)
         assert refused.status_code == 402, refused.get_json()
         assert Decimal(refused.get_json()["balance"]) <= 0
+
+
+def test_a_big_submit_checks_the_balance_before_its_rows_and_locks_it_after_them(client):  # type: ignore[no-untyped-def]
+    """From BIG_SUBMIT_ITEMS items: an unlocked read of what the hold will check, the rows without
+    the lock, then place_hold's lock and hold (tests/api/test_api_big_submits.py: why)."""
+    from marketplace.tasks.service import BIG_SUBMIT_ITEMS
+
+    user = register(client)
+    resp, statements = statements_of(lambda: client.post(
+        "/v1/tasks", json={"model": "echo", "inputs": list(range(BIG_SUBMIT_ITEMS))}, headers=user["headers"]))
+    assert resp.status_code == 202, resp.get_json()
+    assert _executed(statements) == ["mp_hold_check", "mp_insert_task_rows", "mp_lock_balance", "mp_hold_and_sums",
+                                     "mp_audit_pending_events"]
+    _assert_recorded(resp.get_json()["id"])
