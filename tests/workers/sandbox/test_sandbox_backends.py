@@ -29,6 +29,14 @@ def expect_error(sandbox, command: list[str], limits: Limits, message: str) -> s
     return str(caught.value)
 
 
+def expect_error3(sandbox, command: list[str], message: str) -> str:  # type: ignore[no-untyped-def]
+    """The run of `command` over three items fails, and says `message` of the command."""
+    with pytest.raises(SandboxError) as caught:
+        sandbox.run(command, [7, 8, 9], Limits(timeout_s=10))
+    assert f"sandbox: the command {message}" in str(caught.value)
+    return str(caught.value)
+
+
 # --- the protocol ---------------------------------------------------------------------------
 
 
@@ -71,23 +79,28 @@ def test_early_exit_names_code_and_stderr(sandbox, marker: str) -> None:  # type
     print("giving up on the rest", file=sys.stderr)
     sys.exit(3)
     """
-    results = sandbox.run(py(code, marker), [7, 8, 9], Limits(timeout_s=5))
-    assert results[0] == ItemResult(ok=True, value=7)
-    for result in results[1:]:
-        assert not result.ok
-        assert "exited with code 3" in result.error and "giving up on the rest" in result.error
+    message = expect_error3(sandbox, py(code, marker), "printed 1 output line for 3 items and exited with code 3")
+    assert "giving up on the rest" in message
 
 
-def test_a_command_that_prints_nothing_and_fails_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_command_that_prints_nothing_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
     """A missing binary or a crash at start: the run fails with the reason (every item was an
     {"error": ...} output of a Done subtask)."""
     message = expect_error(sandbox, [PY, "-c", "import sys; print('no module x', file=sys.stderr); sys.exit(2)",
-                                     marker], Limits(timeout_s=5), "the command exited with code 2 before printing")
+                                     marker], Limits(timeout_s=5), "printed 0 output lines for 1 item and exited with code 2")
     assert "no module x" in message
-    expect_error(sandbox, ["/nonexistent/bin", marker], Limits(timeout_s=5), "before printing anything")
-    # Nothing printed but a clean exit (a filter that drops everything): items without output.
-    results = sandbox.run([PY, "-c", "pass", marker], [1], Limits(timeout_s=5))
-    assert not results[0].ok and "no output for this item" in results[0].error
+    message = expect_error(sandbox, ["/nonexistent/bin", marker], Limits(timeout_s=5), "printed 0 output lines for 1 item")
+    assert "/nonexistent/bin" in message
+
+
+def test_fewer_lines_than_items_fail_the_run_whatever_the_exit_code(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    """Nothing printed but a clean exit (a filter that drops everything, a contained fork bomb) ended
+    Done, every output an {"error": ...}; each item needs its line."""
+    expect_error3(sandbox, [PY, "-c", "pass", marker], "printed 0 output lines for 3 items and exited with code 0")
+    expect_error3(sandbox, [PY, "-c", "print(1); print(2)", marker],
+                  "printed 2 output lines for 3 items and exited with code 0")
+    bomb = "import os, sys\nfor _ in range(3):\n    if os.fork() == 0: sys.exit(0)\nos.wait()"
+    expect_error3(sandbox, [PY, "-c", bomb, marker], "printed 0 output lines for 3 items and exited with code 0")
 
 
 def test_more_lines_than_items_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
