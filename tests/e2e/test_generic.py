@@ -35,3 +35,19 @@ def test_user_code_runs_in_the_sandbox_and_hostile_code_is_stopped(client, user)
     again = _run(client, user, DOUBLE, [21])
     assert again["status"] == "Done"
     assert client.get(f"/v1/tasks/{again['id']}/result", headers=user["headers"]).get_json()["outputs"] == [42]
+
+
+def test_every_item_needs_its_output_line_whatever_the_exit_code(client, user):  # type: ignore[no-untyped-def]
+    """A command that exits 0 having printed nothing (`true`, a contained fork bomb) ended Done, every
+    output an {"error": ...}; it fails its subtask with the reason, at its first attempt: the same
+    command would print the same again."""
+    quiet = _run(client, user, ["/bin/true"], [1, 2, 3])
+    assert quiet["status"] == "Failed", quiet
+    assert "the command printed 0 output lines for 3 items and exited with code 0" in quiet["error"], quiet["error"]
+    bomb = "import os, sys\nfor _ in range(8):\n    if os.fork() == 0: sys.exit(0)\nos.wait()"
+    short = _run(client, user, ["/usr/bin/python3", "-c", bomb], [1, 2, 3])
+    assert short["status"] == "Failed", short
+    assert "printed 0 output lines for 3 items and exited with code 0" in short["error"], short["error"]
+    for doc in (quiet, short):
+        [subtask] = client.get(f"/v1/tasks/{doc['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+        assert (subtask["status"], subtask["attempts"]) == ("Failed", 1), subtask

@@ -1,8 +1,10 @@
 """What every sandbox shares: the types, the JSON-lines protocol, failure messages, the host view.
 
 A run starts the command once; each item goes in as one JSON line on stdin,
-and the command answers one JSON line per item on stdout, in order. The loop
-that drives a run on this host (bwrap, gVisor) is in `supervise`.
+and the command answers one JSON line per item on stdout, in order. A line
+that is not JSON is that item's error; fewer or more lines than items fail
+the run, whatever the exit code. The loop that drives a run on this host
+(bwrap, gVisor) is in `supervise`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL_BYTES = 2048
-ITEM_ERROR_TAIL_CHARS = 500
 
 # Seen on stderr when an allocation hits RLIMIT_AS (Python, glibc, C++, Go, Node).
 _MEMORY_MARKERS = (
@@ -162,6 +163,15 @@ def decode_outputs(outcome: Outcome, n_items: int) -> list[ItemResult]:
         raise SandboxError(
             with_tail(f"sandbox: command printed {len(lines)} lines for {n_items} items", outcome.stderr_tail)
         )
+    if len(lines) < n_items:
+        # Every item needs its line, whatever the exit code: a command that printed nothing and
+        # exited 0 (a filter that drops everything, a fork bomb stopped at its cap) ended Done.
+        # The user's command decides this, so running it again would print the same.
+        raise SandboxError(with_tail(
+            f"sandbox: the command printed {_count(len(lines), 'output line')} for {_count(n_items, 'item')}"
+            f" and {describe_exit(outcome.returncode)}",
+            outcome.stderr_tail,
+        ))
     results = []
     for index, line in enumerate(lines):
         try:
@@ -178,12 +188,11 @@ def decode_outputs(outcome: Outcome, n_items: int) -> list[ItemResult]:
             )
         else:
             results.append(ItemResult(ok=True, value=value))
-    if len(results) < n_items:
-        reason = f"no output for this item: the command {describe_exit(outcome.returncode)}"
-        tail = outcome.stderr_tail[-ITEM_ERROR_TAIL_CHARS:]
-        error = f"{reason}; stderr: {tail}" if tail else reason
-        results.extend(ItemResult(ok=False, error=error) for _ in range(n_items - len(results)))
     return results
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def describe_exit(returncode: int) -> str:
@@ -228,11 +237,7 @@ def classify_failure(outcome: Outcome, limits: Limits, n_items: int) -> str | No
         return f"sandbox: memory limit of {limits.memory_mb} MB exceeded"
     if any(marker in outcome.stderr_tail for marker in _PROCESS_MARKERS):
         return f"sandbox: process limit of {limits.max_procs} reached"
-    if not outcome.stdout.strip():
-        # Nothing ran (a missing binary, a crash at start): a failed subtask with the reason, where
-        # it was a Done one whose every output was the same {"error": ...}.
-        return f"sandbox: the command {describe_exit(outcome.returncode)} before printing anything"
-    return None
+    return None  # decode_outputs names the missing lines and the exit
 
 
 # --- what the sandboxed command sees of the host --------------------------------------

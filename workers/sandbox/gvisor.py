@@ -23,6 +23,9 @@ What works on the Debian `runsc` package (release 20221219) as root, and why thi
 - Stopping: `runsc kill --all <id> KILL`, then the supervisor SIGKILLs the host
   tree (the sandbox is started `--attached`, so it dies with `runsc run`, and
   `runsc run` gets SIGKILL through `setpriv --pdeathsig` if the worker dies).
+- Bundles (the user's command is in config.json) live in the node's 0700 run
+  directory, named after the process running them; `rundir` removes those a
+  killed worker left behind.
 - Inside, coreutils `ls` of a directory fails with EINVAL under this release
   (Python's os.listdir and the shell work); nothing here depends on it.
 """
@@ -32,11 +35,12 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+from workers.sandbox import rundir
 from workers.sandbox.base import (
     SANDBOX_ENV,
     SANDBOX_UID,
@@ -44,6 +48,7 @@ from workers.sandbox.base import (
     Limits,
     ProbedSandbox,
     SandboxError,
+    SandboxUnavailable,
     Usage,
     classify_failure,
     decode_outputs,
@@ -63,9 +68,13 @@ _PS_INTERVAL_S = 0.3
 class GVisorSandbox(ProbedSandbox):
     name = "gvisor"
 
-    def __init__(self, runsc: str | None = None) -> None:
+    def __init__(self, runsc: str | None = None, run_dir: Path | None = None) -> None:
         super().__init__()
         self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
+        self.run_dir = run_dir  # None: rundir.default_run_dir(), read at each run
+
+    def _bundles(self) -> Path:
+        return self.run_dir or rundir.default_run_dir()
 
     def _probe(self) -> str | None:
         if not os.access(self.runsc, os.X_OK):
@@ -74,6 +83,10 @@ class GVisorSandbox(ProbedSandbox):
             return f"gvisor: {SETPRIV} not found (install util-linux)"
         if os.geteuid() != 0:
             return "gvisor: runsc must run as root here"
+        try:  # also removes the bundles of runs that died with their worker
+            rundir.prepare(self._bundles())
+        except (SandboxUnavailable, OSError) as err:
+            return f"gvisor: no private directory for run bundles: {err}"
         try:
             results = self._run(["/bin/sh", "-c", 'read line; echo "$line"'], ["ping"], Limits(timeout_s=30))
         except (SandboxError, OSError) as err:
@@ -83,7 +96,7 @@ class GVisorSandbox(ProbedSandbox):
         return None
 
     def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
-        bundle = tempfile.mkdtemp(prefix="mp-gvisor-")
+        bundle = rundir.new_bundle(self._bundles(), "gvisor")
         container_id = f"mp-{uuid.uuid4().hex[:16]}"
         state = os.path.join(bundle, "state")
         base = [self.runsc, "--root", state, *RUNSC_FLAGS]

@@ -7,106 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
-import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from workers.sandbox import ItemResult, Limits, SandboxError, SandboxUnavailable, get_sandbox
+from tests.workers.sandbox.sandbox_support import ECHO, PY, py
+from workers.sandbox import ItemResult, Limits, SandboxError, SandboxUnavailable
 from workers.sandbox.bwrap import BwrapSandbox
 from workers.sandbox.gvisor import GVisorSandbox
-from workers.sandbox.supervise import process_state, scan_processes
-
-PY = "/usr/bin/python3"  # Debian's interpreter; /usr is what both sandboxes show of the host
-
-ECHO = """
-import json, sys
-for line in sys.stdin:
-    item = json.loads(line)
-    print(json.dumps(ITEM_EXPR), flush=True)
-"""
-
-
-def py(code: str, marker: str, expr: str = "item") -> list[str]:
-    """A python3 command; `marker` rides in argv so leftovers are recognisable on the host."""
-    return [PY, "-c", textwrap.dedent(code).replace("ITEM_EXPR", expr), marker]
-
-
-@pytest.fixture(params=["gvisor", "bwrap"])
-def sandbox(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    box = get_sandbox(request.param)
-    box.check()  # fails (not skips) when the sandbox does not work here
-    return box
-
-
-@pytest.fixture()
-def marker(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A unique tag; after the test no live process may carry it, descend from us, or be a gVisor
-    stub, and no child of ours may be left unreaped."""
-    # runsc bundles go under tmp_path, so its host processes carry the tag in argv too.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    tag = f"mp-test-{uuid.uuid4().hex[:12]}"
-    before = {(p.pid, p.start) for p in scan_processes().values()}
-    yield tag
-    deadline = time.monotonic() + 1.0
-    while True:
-        left = _leftovers(tag, str(tmp_path), before)
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == [], f"sandboxed processes outlived the run: {left}"
-
-
-def _leftovers(tag: str, tmp: str, before: set[tuple[int, int]]) -> list[str]:
-    procs = scan_processes()
-    mine = {os.getpid()}
-    changed = True
-    while changed:  # our descendants
-        new = {p.pid for p in procs.values() if p.ppid in mine} - mine
-        changed = bool(new)
-        mine |= new
-    found = []
-    for info in procs.values():
-        if info.pid == os.getpid() or (info.pid, info.start) in before:
-            continue
-        if process_state(info.pid) in ("Z", "X", "gone") and info.ppid != os.getpid():
-            continue  # dead; only a zombie we failed to reap counts
-        cmdline = _cmdline(info.pid)
-        stub = info.comm == "exe" and _uid(info.pid) == 65534 and not _of_another_run(info, procs, tmp)  # gVisor
-        if info.pid in mine or tag in cmdline or tmp in cmdline or stub:
-            found.append(f"{info.pid} {info.comm} {cmdline[:120]}")
-    return found
-
-
-def _of_another_run(info, procs, tmp: str) -> bool:  # type: ignore[no-untyped-def]
-    """A gVisor stub under a runsc whose state lives in another test run's tmp (a suite running
-    beside this one); a stub whose runsc is gone (orphaned: a leak) is not."""
-    seen: set[int] = set()
-    while info is not None and info.pid not in seen and info.pid > 1:
-        seen.add(info.pid)
-        cmdline = _cmdline(info.pid)
-        if "--root=" in cmdline and tmp not in cmdline:
-            return True
-        info = procs.get(info.ppid)
-    return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
-def _uid(pid: int) -> int:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return -1
 
 
 def expect_error(sandbox, command: list[str], limits: Limits, message: str) -> str:  # type: ignore[no-untyped-def]
@@ -118,6 +26,14 @@ def expect_error(sandbox, command: list[str], limits: Limits, message: str) -> s
     # Other limits than the wall clock get a generous one, and must beat it.
     bound = limits.timeout_s + 3 if "wall time" in message else limits.timeout_s
     assert elapsed < bound, f"took {elapsed:.1f}s to stop"
+    return str(caught.value)
+
+
+def expect_error3(sandbox, command: list[str], message: str) -> str:  # type: ignore[no-untyped-def]
+    """The run of `command` over three items fails, and says `message` of the command."""
+    with pytest.raises(SandboxError) as caught:
+        sandbox.run(command, [7, 8, 9], Limits(timeout_s=10))
+    assert f"sandbox: the command {message}" in str(caught.value)
     return str(caught.value)
 
 
@@ -163,23 +79,28 @@ def test_early_exit_names_code_and_stderr(sandbox, marker: str) -> None:  # type
     print("giving up on the rest", file=sys.stderr)
     sys.exit(3)
     """
-    results = sandbox.run(py(code, marker), [7, 8, 9], Limits(timeout_s=5))
-    assert results[0] == ItemResult(ok=True, value=7)
-    for result in results[1:]:
-        assert not result.ok
-        assert "exited with code 3" in result.error and "giving up on the rest" in result.error
+    message = expect_error3(sandbox, py(code, marker), "printed 1 output line for 3 items and exited with code 3")
+    assert "giving up on the rest" in message
 
 
-def test_a_command_that_prints_nothing_and_fails_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_command_that_prints_nothing_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
     """A missing binary or a crash at start: the run fails with the reason (every item was an
     {"error": ...} output of a Done subtask)."""
     message = expect_error(sandbox, [PY, "-c", "import sys; print('no module x', file=sys.stderr); sys.exit(2)",
-                                     marker], Limits(timeout_s=5), "the command exited with code 2 before printing")
+                                     marker], Limits(timeout_s=5), "printed 0 output lines for 1 item and exited with code 2")
     assert "no module x" in message
-    expect_error(sandbox, ["/nonexistent/bin", marker], Limits(timeout_s=5), "before printing anything")
-    # Nothing printed but a clean exit (a filter that drops everything): items without output.
-    results = sandbox.run([PY, "-c", "pass", marker], [1], Limits(timeout_s=5))
-    assert not results[0].ok and "no output for this item" in results[0].error
+    message = expect_error(sandbox, ["/nonexistent/bin", marker], Limits(timeout_s=5), "printed 0 output lines for 1 item")
+    assert "/nonexistent/bin" in message
+
+
+def test_fewer_lines_than_items_fail_the_run_whatever_the_exit_code(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]
+    """Nothing printed but a clean exit (a filter that drops everything, a contained fork bomb) ended
+    Done, every output an {"error": ...}; each item needs its line."""
+    expect_error3(sandbox, [PY, "-c", "pass", marker], "printed 0 output lines for 3 items and exited with code 0")
+    expect_error3(sandbox, [PY, "-c", "print(1); print(2)", marker],
+                  "printed 2 output lines for 3 items and exited with code 0")
+    bomb = "import os, sys\nfor _ in range(3):\n    if os.fork() == 0: sys.exit(0)\nos.wait()"
+    expect_error3(sandbox, [PY, "-c", bomb, marker], "printed 0 output lines for 3 items and exited with code 0")
 
 
 def test_more_lines_than_items_fails_the_run(sandbox, marker: str) -> None:  # type: ignore[no-untyped-def]

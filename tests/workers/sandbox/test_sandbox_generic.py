@@ -51,6 +51,16 @@ def test_a_limit_fails_the_subtask_for_good(name: str, use_sandbox) -> None:  # 
     assert caught.value.retryable is False
 
 
+@pytest.mark.parametrize("name", ["gvisor", "bwrap"])
+def test_missing_output_lines_fail_the_subtask_for_good(name: str, use_sandbox) -> None:  # type: ignore[no-untyped-def]
+    """Exit 0 with nothing printed was a Done subtask whose every output was an {"error": ...}."""
+    use_sandbox(name)
+    with pytest.raises(ExecutionError) as caught:
+        GenericExecutor().run([1, 2, 3], {"command": ["/bin/true"], "timeout_s": 5}, CTX)
+    assert str(caught.value) == "sandbox: the command printed 0 output lines for 3 items and exited with code 0"
+    assert caught.value.retryable is False
+
+
 def test_the_wall_clock_runs_out_before_celerys_soft_limit() -> None:
     """At timeout_s = the catalog's time_limit the soft limit came first, was taken for a crash and
     retried: a command that hangs ran four times (40 minutes of node time, as shipped)."""
