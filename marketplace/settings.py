@@ -61,9 +61,13 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path("~/.cache/marketplace")  # verified model weights, per node
     warmup_models: bool = True  # load served models in worker_process_init
 
-    # API.
-    rate_limit: str = "1200/minute"
-    anonymous_rate_limit: str = "120/minute"
+    # API. Rate limits (`marketplace/ratelimit.py`) hold for REST and gRPC together, on the same
+    # Redis counters: a client does not get a second budget by using the other door.
+    rate_limit: str = "1200/minute"  # requests per user (a valid access token)
+    anonymous_rate_limit: str = "120/minute"  # requests per address without one
+    signup_rate_limit: str = "5/hour"  # accounts created per address: each gets signup_credits
+    login_failure_rate_limit: str = "20/hour"  # failed logins per account, then every login refused till the window ends
+    grpc_streams_per_user: int = 4  # open gRPC server streams (WatchTask, ...) per user or address
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 200_000
     webhook_timeout: float = 10.0
