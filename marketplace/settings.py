@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -73,9 +73,11 @@ class Settings(BaseSettings):
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 5  # retries after the first attempt, backoff doubling each time
     webhook_retry_backoff: float = 1.0  # seconds before the first retry
-    # Deliver to loopback, private and link-local addresses too (single machine, tests): off, so a
-    # user's webhook cannot reach what only the cluster reaches (`marketplace/webhook_targets.py`).
-    webhook_allow_private: bool = False
+    # Whose webhooks may go to loopback, private and link-local addresses: nobody's (`none`), so a
+    # user's webhook cannot reach what only the cluster reaches (`marketplace/webhook_targets.py`);
+    # `admins` (also spelled `true`): admins' tasks only, what `marketplace standalone` sets; `all`:
+    # every user's (tests, a machine with one trusted user).
+    webhook_allow_private: Literal["none", "admins", "all"] = "none"
     signup_credits: Decimal = Decimal("100")
     default_max_active_tasks: int = 20
     default_max_items_per_task: int = 200_000
@@ -114,6 +116,17 @@ class Settings(BaseSettings):
     topic_submissions: str = "marketplace.submissions"
     topic_submissions_dlq: str = "marketplace.submissions.dlq"
     outbox_retention_hours: float = 24.0
+
+    @field_validator("webhook_allow_private", mode="before")
+    @classmethod
+    def _private_webhooks(cls, value: object) -> object:
+        # The setting was a boolean: its spellings keep working, `true` as the safe reading.
+        spelled = str(value).strip().lower()
+        if spelled in ("false", "0", "no", "off", ""):
+            return "none"
+        if spelled in ("true", "1", "yes", "on"):
+            return "admins"
+        return spelled
 
     @property
     def celery_broker_url(self) -> str:

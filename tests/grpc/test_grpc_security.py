@@ -1,5 +1,6 @@
 """gRPC under abuse, over real channels: the rate limits it shares with REST (the same Redis
-counters), and stream slots that keep WatchTask streams from starving unary calls."""
+counters), stream slots that keep WatchTask streams from starving unary calls, and webhooks
+aimed inside the network."""
 from __future__ import annotations
 
 import json
@@ -205,3 +206,36 @@ def test_watch_streams_past_the_pool_size_leave_unary_calls_their_threads(  # ty
     finally:
         for stream in opened:
             stream.cancel()
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+
+def test_with_the_allowance_for_admins_a_user_s_loopback_webhook_is_refused_on_both_doors(  # type: ignore[no-untyped-def]
+    client, stubs, user, admin, rpc_error, monkeypatch,
+):
+    """What `marketplace standalone` sets: its admin may try webhooks on localhost, the users who
+    sign up there may not (a loopback hook submitted over gRPC was called)."""
+    from marketplace.settings import get_settings
+    from tests.api.test_api_webhooks import Receiver
+
+    monkeypatch.setattr(get_settings(), "webhook_allow_private", "admins")
+    receiver = Receiver()
+    try:
+        req = task_pb2.CreateTaskRequest(model="embedding", device="gpu", inputs=[json.dumps("x")],
+                                         webhook_url=receiver.url)
+        code, detail, meta = rpc_error(stubs.tasks.CreateTask, req, metadata=user["md"])
+        assert code == C.INVALID_ARGUMENT, detail
+        fields = json.loads(meta["error-fields"])
+        assert [f["field"] for f in fields] == ["webhook_url"] and "public addresses only" in fields[0]["message"]
+        body = {"model": "embedding", "device": "gpu", "inputs": ["x"], "webhook_url": receiver.url}
+        resp = client.post("/v1/tasks", json=body, headers={"Authorization": f"Bearer {user['token']}"})
+        assert resp.status_code == 422 and resp.get_json()["errors"][0]["field"] == "webhook_url", resp.get_json()
+
+        created = stubs.tasks.CreateTask(req, metadata=admin["md"]).task
+        assert created.status == "Created"
+        resp = client.post("/v1/tasks", json=body, headers={"Authorization": f"Bearer {admin['token']}"})
+        assert resp.status_code == 202, resp.get_json()
+        for task_id in (created.id, resp.get_json()["id"]):  # never run: nothing is posted
+            stubs.tasks.CancelTask(task_pb2.CancelTaskRequest(task_id=task_id), metadata=admin["md"])
+    finally:
+        receiver.stop()
