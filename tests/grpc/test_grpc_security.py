@@ -1,6 +1,6 @@
 """gRPC under abuse, over real channels: the rate limits it shares with REST (the same Redis
-counters), stream slots that keep WatchTask streams from starving unary calls, and webhooks
-aimed inside the network."""
+counters), stream slots that keep WatchTask streams from starving unary calls, webhooks aimed
+inside the network, and what a user (not an admin) sees of the compute nodes."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import pytest
 
 from marketplace.pb.task import task_pb2
 from marketplace.pb.user import user_pb2
+from marketplace.pb.worker import worker_pb2
 from tests.support.wait import wait_until
 
 C = grpc.StatusCode
@@ -239,3 +240,47 @@ def test_with_the_allowance_for_admins_a_user_s_loopback_webhook_is_refused_on_b
             stubs.tasks.CancelTask(task_pb2.CancelTaskRequest(task_id=task_id), metadata=admin["md"])
     finally:
         receiver.stop()
+
+
+# -- compute nodes ------------------------------------------------------------------------------
+
+def test_a_node_s_platform_memory_and_paths_are_for_admins_on_both_doors(  # type: ignore[no-untyped-def]
+    client, stubs, user, admin, redis_client,
+):
+    from marketplace.registry.service import deregister, heartbeat
+
+    hostname = f"details-{uuid.uuid4().hex[:8]}@test"
+    reason = "gvisor: /opt/secret-place/bin/runsc not found (install the Debian package runsc)"
+    heartbeat(redis_client, info={
+        "hostname": hostname, "queues": ["cpu.generic"], "models": ["echo", "generic"], "concurrency": 2,
+        "running": 1, "unavailable": {"generic": reason},
+        "facts": {"cpu_count": 8, "memory_bytes": 2**34, "platform": "Linux-6.1.0-99-amd64-x86_64-with-glibc2.36",
+                  "python": "3.11.2", "gpus": [], "gpu_count": 0},
+    })
+    try:
+        def rest(who: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            resp = client.get("/v1/workers?status=online", headers={"Authorization": f"Bearer {who['token']}"})
+            assert resp.status_code == 200, resp.get_json()
+            return next(w for w in resp.get_json()["workers"] if w["hostname"] == hostname), resp.get_data(True)
+
+        seen, raw = rest(user)
+        assert seen == {"hostname": hostname, "queues": ["cpu.generic"], "models": ["echo", "generic"],
+                        "status": "online", "capacity": 2, "running": 1, "free": 1,
+                        "last_heartbeat": seen["last_heartbeat"], "unavailable": {"generic": "not run on this node"}}
+        assert "secret-place" not in raw and "Linux-6.1.0-99" not in raw and str(2**34) not in raw
+        seen, _ = rest(admin)
+        assert seen["unavailable"] == {"generic": reason}
+        assert seen["facts"]["platform"] == "Linux-6.1.0-99-amd64-x86_64-with-glibc2.36"
+        assert seen["facts"]["memory_bytes"] == 2**34
+
+        def grpc_node(who: dict[str, Any]) -> Any:
+            listed = stubs.workers.ListWorkers(worker_pb2.ListWorkersRequest(status="online"), metadata=who["md"])
+            return next(w for w in listed.workers if w.hostname == hostname)
+
+        node = grpc_node(user)
+        assert (list(node.queues), node.concurrency, node.running, node.status) == (["cpu.generic"], 2, 1, "online")
+        assert not node.HasField("facts") and b"secret-place" not in node.SerializeToString()
+        node = grpc_node(admin)
+        assert node.facts.memory_bytes == 2**34 and node.facts.cpu_count == 8
+    finally:
+        deregister(redis_client, hostname=hostname)
