@@ -7,7 +7,7 @@ from typing import Any
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from marketplace.errors import InvalidInput, MarketplaceError, unavailable_dependency
+from marketplace.errors import InvalidInput, MarketplaceError, QuotaExceeded, unavailable_dependency
 
 logger = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -37,9 +37,8 @@ def register_error_handlers(app: Flask) -> None:
         resp = problem(exc.status, exc.title, exc.detail, **extra)
         if exc.status == 401:
             resp.headers["WWW-Authenticate"] = "Bearer"
-        if exc.status == 429:
-            # A quota frees up as tasks finish; a hint, not a promise.
-            resp.headers["Retry-After"] = "10"
+        if isinstance(exc, QuotaExceeded):
+            resp.headers["Retry-After"] = str(exc.retry_after)
         return resp
 
     @app.errorhandler(HTTPException)

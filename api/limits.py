@@ -1,36 +1,52 @@
-"""Rate limits (flask-limiter on Redis): per user by token identity, per IP when anonymous."""
+"""Rate limits (flask-limiter on Redis): per user by token identity, per IP when anonymous.
+
+The counters are shared with gRPC (`marketplace/ratelimit.py`): the same storage, strategy and
+keys. Sign-ups per address and failed logins per account are counted by the views through
+`rate_limits()`, the same calls gRPC's UserService makes.
+"""
 from __future__ import annotations
 
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_limiter import HeaderNames, Limiter
 from flask_limiter.errors import RateLimitExceeded
 
+from marketplace import ratelimit
 from marketplace.settings import Settings
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _LIMITER_RETRY_AFTER = "X-Limiter-Retry-After"
 
 
+def client_address() -> str:
+    return request.remote_addr or "unknown"
+
+
 def rate_key() -> str:
     """`user:<id>` for a request carrying a valid access token, else `ip:<address>`."""
     if "rate_key" not in g:
-        g.rate_key = f"ip:{request.remote_addr or 'unknown'}"
+        user_id = None
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             from flask_jwt_extended import decode_token
 
             try:
-                g.rate_key = f"user:{decode_token(header[7:].strip())['sub']}"
+                user_id = decode_token(header[7:].strip())["sub"]
             except Exception:  # noqa: BLE001 - an invalid token is limited by IP; auth answers 401 later
                 pass
+        g.rate_key = ratelimit.request_identity(user_id=user_id, address=client_address())
     return g.rate_key
+
+
+def rate_limits() -> ratelimit.RateLimits:
+    """This app's sign-up and login limits (shared with gRPC)."""
+    return current_app.extensions["marketplace.rate_limits"]
 
 
 def init_limiter(app: Flask, settings: Settings) -> Limiter:
     def current_limit() -> str:
-        return settings.rate_limit if rate_key().startswith("user:") else settings.anonymous_rate_limit
+        return ratelimit.request_limit(settings, rate_key())
 
     # flask-limiter sets Retry-After on every response (the window's reset, even on a 200) and
     # raises an answer's own to it: a quota 429's 10 s or a 503's 5 s read as up to a minute. Its
@@ -46,11 +62,12 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
         app=app,
         header_name_mapping={HeaderNames.RETRY_AFTER: _LIMITER_RETRY_AFTER},
         application_limits=[current_limit],
-        storage_uri=settings.redis_url,
-        storage_options={"socket_connect_timeout": 3, "socket_timeout": 5},
-        strategy="fixed-window",
+        # Storage, strategy and prefix as `marketplace.ratelimit` counts them: gRPC shares the counters.
+        storage_uri=ratelimit.storage_uri(settings),
+        storage_options=dict(ratelimit.STORAGE_OPTIONS),
+        strategy=ratelimit.STRATEGY,
         headers_enabled=True,
-        key_prefix="marketplace",
+        key_prefix=ratelimit.PREFIX,
         # Redis down must not take the API down with it: limits fall back to memory.
         in_memory_fallback_enabled=True,
         swallow_errors=True,
@@ -73,4 +90,5 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
         return resp
 
     app.extensions["marketplace.limiter"] = limiter
+    app.extensions["marketplace.rate_limits"] = ratelimit.RateLimits(settings)
     return limiter

@@ -34,6 +34,7 @@ def stack(extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
         "MARKETPLACE_LOG_LEVEL": "WARNING",
         "MARKETPLACE_RATE_LIMIT": "1000000/minute",
         "MARKETPLACE_ANONYMOUS_RATE_LIMIT": "1000000/minute",
+        "MARKETPLACE_SIGNUP_RATE_LIMIT": "1000000/minute",  # the benches sign up many accounts from 127.0.0.1
         "MARKETPLACE_SIGNUP_CREDITS": "1000000",
         "MARKETPLACE_DEFAULT_MAX_ACTIVE_TASKS": "100000",
         "MARKETPLACE_DEFAULT_DAILY_SPEND": "100000000",

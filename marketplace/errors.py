@@ -59,6 +59,17 @@ class PaymentRequired(MarketplaceError):
 class QuotaExceeded(MarketplaceError):
     status = 429
     title = "Quota exceeded"
+    retry_after = 10  # seconds (Retry-After, gRPC `retry-after`): a quota frees up as tasks finish; a hint
+
+
+class RateLimited(QuotaExceeded):
+    """A rate limit ran out (`marketplace.ratelimit`): `retry_after` is when its window resets."""
+
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
 
 
 class Unavailable(MarketplaceError):

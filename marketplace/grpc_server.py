@@ -6,6 +6,8 @@ Servicers (`marketplace/<domain>/grpc.py`) are thin adapters over the same
 - authentication by the REST JWT (flask-jwt-extended format: HS256, `sub` = user
   id string, `type` = access, `jti`), sent as `authorization: Bearer <token>`;
 - one DB session per call (`@rpc` / `@rpc_stream`);
+- before any method, `marketplace/grpc_guard.py`: REST's rate limits on the same counters, and
+  stream slots that keep server streams from taking every thread;
 - the one table mapping `marketplace.errors` to gRPC status codes (`ERROR_CODES`).
 
 Error mapping (the gRPC twin of `api/errors.py`):
@@ -16,7 +18,7 @@ Error mapping (the gRPC twin of `api/errors.py`):
 | NotFound           | 404  | NOT_FOUND           |
 | PermissionDenied   | 403  | PERMISSION_DENIED   |
 | Unauthenticated    | 401  | UNAUTHENTICATED     |
-| QuotaExceeded      | 429  | RESOURCE_EXHAUSTED  |
+| QuotaExceeded, RateLimited | 429 | RESOURCE_EXHAUSTED (`retry-after` seconds in the trailing metadata, as REST's Retry-After) |
 | PaymentRequired    | 402  | FAILED_PRECONDITION |
 | Conflict           | 409  | FAILED_PRECONDITION (ALREADY_EXISTS when a servicer says so, e.g. a duplicate email) |
 | Unavailable, DB/Redis/broker/store down | 503 | UNAVAILABLE |
@@ -93,6 +95,8 @@ class Failure:
 def to_failure(exc: BaseException) -> Failure:
     if isinstance(exc, errors.MarketplaceError):
         meta = [("error-title", exc.title)]
+        if isinstance(exc, errors.QuotaExceeded):  # REST's Retry-After
+            meta.append(("retry-after", str(exc.retry_after)))
         if isinstance(exc, errors.InvalidInput) and exc.errors:
             meta.append(("error-fields", json.dumps(exc.errors, default=str)))
         return Failure(status_code_for(exc), exc.detail, meta)
@@ -315,6 +319,7 @@ class GrpcServer:
     port: int
     health: Any
     service_names: list[str]
+    slots: Any = None  # the stream slots (grpc_guard.StreamSlots)
 
     def start(self) -> None:
         from grpc_health.v1 import health_pb2
@@ -337,8 +342,14 @@ def build_server(*, host: str = "0.0.0.0", port: int = 50051, max_workers: int =
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from marketplace import ratelimit
+    from marketplace.grpc_guard import GuardInterceptor, StreamSlots, stream_capacity
+
+    # Rate limits shared with REST, and streams capped below the pool size (marketplace/grpc_guard.py).
+    slots = StreamSlots(total=stream_capacity(max_workers), per_caller=lambda: get_settings().grpc_streams_per_user)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[GuardInterceptor(limits=ratelimit.shared(), slots=slots)],
         options=[("grpc.max_receive_message_length", get_settings().max_body_bytes)],
     )
     names = []
@@ -353,7 +364,7 @@ def build_server(*, host: str = "0.0.0.0", port: int = 50051, max_workers: int =
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise RuntimeError(f"could not bind the gRPC server to {host}:{port}")
-    return GrpcServer(server=server, port=bound, health=health_servicer, service_names=names)
+    return GrpcServer(server=server, port=bound, health=health_servicer, service_names=names, slots=slots)
 
 
 def serve(*, host: str = "0.0.0.0", port: int = 50051, max_workers: int = 16) -> None:

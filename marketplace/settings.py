@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -61,17 +61,23 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path("~/.cache/marketplace")  # verified model weights, per node
     warmup_models: bool = True  # load served models in worker_process_init
 
-    # API.
-    rate_limit: str = "1200/minute"
-    anonymous_rate_limit: str = "120/minute"
+    # API. Rate limits (`marketplace/ratelimit.py`) hold for REST and gRPC together, on the same
+    # Redis counters: a client does not get a second budget by using the other door.
+    rate_limit: str = "1200/minute"  # requests per user (a valid access token)
+    anonymous_rate_limit: str = "120/minute"  # requests per address without one
+    signup_rate_limit: str = "5/hour"  # accounts created per address: each gets signup_credits
+    login_failure_rate_limit: str = "20/hour"  # failed logins per account, then every login refused till the window ends
+    grpc_streams_per_user: int = 4  # open gRPC server streams (WatchTask, ...) per user or address
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 200_000
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 5  # retries after the first attempt, backoff doubling each time
     webhook_retry_backoff: float = 1.0  # seconds before the first retry
-    # Deliver to loopback, private and link-local addresses too (single machine, tests): off, so a
-    # user's webhook cannot reach what only the cluster reaches (`marketplace/webhook_targets.py`).
-    webhook_allow_private: bool = False
+    # Whose webhooks may go to loopback, private and link-local addresses: nobody's (`none`), so a
+    # user's webhook cannot reach what only the cluster reaches (`marketplace/webhook_targets.py`);
+    # `admins` (also spelled `true`): admins' tasks only, what `marketplace standalone` sets; `all`:
+    # every user's (tests, a machine with one trusted user).
+    webhook_allow_private: Literal["none", "admins", "all"] = "none"
     signup_credits: Decimal = Decimal("100")
     default_max_active_tasks: int = 20
     default_max_items_per_task: int = 200_000
@@ -110,6 +116,17 @@ class Settings(BaseSettings):
     topic_submissions: str = "marketplace.submissions"
     topic_submissions_dlq: str = "marketplace.submissions.dlq"
     outbox_retention_hours: float = 24.0
+
+    @field_validator("webhook_allow_private", mode="before")
+    @classmethod
+    def _private_webhooks(cls, value: object) -> object:
+        # The setting was a boolean: its spellings keep working, `true` as the safe reading.
+        spelled = str(value).strip().lower()
+        if spelled in ("false", "0", "no", "off", ""):
+            return "none"
+        if spelled in ("true", "1", "yes", "on"):
+            return "admins"
+        return spelled
 
     @property
     def celery_broker_url(self) -> str:

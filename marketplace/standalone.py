@@ -62,7 +62,7 @@ class Standalone:
                     os.environ["MARKETPLACE_SANDBOX"] = name
                     break
         # One machine: a webhook receiver on localhost is the usual way to try webhooks here.
-        os.environ.setdefault("MARKETPLACE_WEBHOOK_ALLOW_PRIVATE", "true")
+        os.environ.setdefault("MARKETPLACE_WEBHOOK_ALLOW_PRIVATE", "admins")  # admins' tasks only (webhook_targets)
         os.environ.setdefault("MARKETPLACE_FLOWER_PASSWORD", self._secret("flower-password"))
         os.environ.setdefault("MARKETPLACE_JWT_SECRET", self._secret("jwt-secret", 48))
         from marketplace.settings import reset_settings

@@ -4,7 +4,7 @@
 webhook_secret>` (shown in `GET /v1/me`). Delivery is a Celery task on
 `marketplace.maintenance`, sent after the final status commits, retried with
 exponential backoff a bounded number of times. Only to public addresses, unless the
-deployment allows more (`marketplace/webhook_targets.py`).
+deployment allows more for the task's owner (`marketplace/webhook_targets.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from marketplace.billing.service import SETTLE_WAIT_SECONDS
 from marketplace.celery_app import app
-from marketplace.webhook_targets import public_session, resolved_refusal
+from marketplace.webhook_targets import private_allowed, public_session, resolved_refusal
 
 logger = logging.getLogger(__name__)
 EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
@@ -32,8 +32,9 @@ def verify(secret: str, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(secret, body), header or "")
 
 
-def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str]] | None:
-    """(url, body, headers) for a finished task with a webhook, else None."""
+def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str], bool] | None:
+    """(url, body, headers, private_ok) for a finished task with a webhook, else None;
+    `private_ok`: its owner may deliver to non-public addresses (`private_allowed`)."""
     from marketplace.db import session_scope
     from marketplace.tasks.models import Task, TaskStatus
     from marketplace.tasks.service import describe_task
@@ -55,21 +56,22 @@ def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str]] | None:
             "X-Marketplace-Delivery": task_id,
             "X-Marketplace-Signature": sign(user.webhook_secret, body),
         }
-        return task.webhook_url, body, headers
+        return task.webhook_url, body, headers, private_allowed(owner_is_admin=user.is_admin)
 
 
-def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float) -> tuple[bool, bool, str]:
-    """POST once: (delivered, worth retrying, what happened)."""
+def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
+         private_ok: bool = False) -> tuple[bool, bool, str]:
+    """POST once: (delivered, worth retrying, what happened); to public addresses only unless `private_ok`."""
     import requests
 
     try:
-        refused = resolved_refusal(url)
+        refused = resolved_refusal(url, private_ok=private_ok)
     except OSError as exc:  # the name does not resolve now: worth a retry, like a refused connection
         return False, True, f"cannot resolve the webhook host: {exc}"
     if refused:
         return False, False, refused
     try:
-        with public_session() as session:
+        with public_session(private_ok=private_ok) as session:
             resp = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         return False, True, f"{type(exc).__name__}: {exc}"
@@ -95,8 +97,8 @@ def deliver(self: Any, task_id: str, settle_waits: int = 0) -> dict[str, Any]:
     delivery = build_delivery(task_id)
     if delivery is None:
         return {"ok": False, "skipped": True}
-    url, body, headers = delivery
-    ok, retry, note = post(url, body, headers, timeout=settings.webhook_timeout)
+    url, body, headers, private_ok = delivery
+    ok, retry, note = post(url, body, headers, timeout=settings.webhook_timeout, private_ok=private_ok)
     failures = self.request.retries - settle_waits  # the delivery's own retries, not the waits
     attempt = failures + 1
     if ok:

@@ -6,6 +6,7 @@ from flask_jwt_extended import get_jwt, jwt_required
 
 from api.auth import access_token, me, revoke_token, token_pair
 from api.db import db
+from api.limits import client_address, rate_limits
 from api.openapi import api_doc
 from api.schemas import AccessToken, LoginRequest, MeOut, TokenPair, UserOut
 from api.validation import parse_body
@@ -17,9 +18,12 @@ me_bp = Blueprint("me", __name__, url_prefix="/v1")
 
 
 @bp.post("/register")
-@api_doc(summary="Create an account", request=Credentials, responses={201: UserOut}, auth=False, tags=["accounts"])
+@api_doc(summary="Create an account", request=Credentials, responses={201: UserOut}, auth=False, tags=["accounts"],
+         description="Sign-ups are limited per address (MARKETPLACE_SIGNUP_RATE_LIMIT, default 5/hour, REST and "
+                     "gRPC together): over it, 429 naming the limit, with Retry-After.")
 def register():  # type: ignore[no-untyped-def]
     body = parse_body(Credentials)
+    rate_limits().signup(client_address())
     session = db()
     user = users.create_user(session, email=body.email, password=body.password)
     session.commit()
@@ -28,10 +32,12 @@ def register():  # type: ignore[no-untyped-def]
 
 @bp.post("/login")
 @api_doc(summary="Log in: an access and a refresh token", request=LoginRequest, responses={200: TokenPair},
-         auth=False, tags=["accounts"])
+         auth=False, tags=["accounts"],
+         description="Failed logins are limited per account (MARKETPLACE_LOGIN_FAILURE_RATE_LIMIT, default 20/hour, "
+                     "REST and gRPC together): once spent, every login to the account is 429 until the window ends.")
 def login():  # type: ignore[no-untyped-def]
     body = parse_body(LoginRequest)
-    user = users.authenticate(db(), email=body.email, password=body.password)
+    user = rate_limits().login(body.email, lambda: users.authenticate(db(), email=body.email, password=body.password))
     return jsonify(token_pair(user)), 200
 
 

@@ -28,11 +28,15 @@ class WorkerQuery(BaseModel):
 
 @bp.get("")
 @api_doc(summary="Compute nodes: live ones, and those that went offline within the last day", query=WorkerQuery,
-         tags=["workers"])
+         tags=["workers"], description=(
+             "Each node: hostname, queues, models, status, capacity, running, free, last_heartbeat "
+             "(deregistered_at once offline) and `unavailable`, the models it refuses. Admins also see "
+             "`facts` (platform, CPUs, memory, GPUs) and why each model is refused; for other users "
+             f"every reason reads {registry.REFUSED_FOR_USERS!r}."))
 @jwt_required()
 def list_workers():  # type: ignore[no-untyped-def]
     from marketplace.redis_client import get_redis
 
     q = parse_query(WorkerQuery)
-    me()
-    return jsonify({"workers": registry.list_workers(db(), r=get_redis(), status=q.status, queue=q.queue)})
+    return jsonify({"workers": registry.list_workers(db(), r=get_redis(), viewer=me(), status=q.status,
+                                                     queue=q.queue)})

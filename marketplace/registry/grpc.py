@@ -42,7 +42,7 @@ def worker_message(doc: dict[str, Any]) -> worker_pb2.Worker:
     return message(
         worker_pb2.Worker,
         hostname=doc["hostname"], queues=list(doc.get("queues") or []), models=list(doc.get("models") or []),
-        facts=facts_message(doc.get("facts") or {}),
+        facts=facts_message(doc["facts"]) if "facts" in doc else None,
         concurrency=int(doc.get("capacity") or doc.get("concurrency") or 0),
         status=doc.get("status") or "online", running=int(doc.get("running") or 0),
         last_heartbeat=timestamp(last),
@@ -100,10 +100,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @rpc()
     def ListWorkers(self, request: worker_pb2.ListWorkersRequest, call: Call) -> worker_pb2.ListWorkersResponse:
-        call.me  # noqa: B018 - any authenticated user
         if request.status and request.status not in ("online", "offline"):
             raise errors.InvalidInput.field("status", "online or offline")
-        docs = registry.list_workers(call.session, r=_redis(), status=request.status or None,
+        # Any user; a node's facts are an admin's only (registry.node_view): a user's have none.
+        docs = registry.list_workers(call.session, r=_redis(), viewer=call.me, status=request.status or None,
                                      queue=request.queue or None)
         return worker_pb2.ListWorkersResponse(workers=[worker_message(d) for d in docs])
 

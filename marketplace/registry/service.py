@@ -11,7 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import select
@@ -22,6 +22,9 @@ from marketplace.catalog import Catalog, get_catalog
 from marketplace.db import utcnow
 from marketplace.registry.models import Worker
 from marketplace.settings import get_settings
+
+if TYPE_CHECKING:
+    from marketplace.users.models import User
 
 logger = logging.getLogger(__name__)
 KEY_PREFIX = "marketplace:worker:"
@@ -205,10 +208,30 @@ def _live_doc(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def list_workers(session: Session, *, r: redis.Redis, status: str | None = None,
+# What every user sees of a node: where work can go and how busy it is. The rest, its `facts`
+# (platform and kernel, memory, CPUs, GPUs) and the reasons it refuses a model (they name install
+# paths and packages), tells an attacker about the machine, and is for admins.
+PUBLIC_FIELDS = ("hostname", "queues", "models", "status", "capacity", "running", "free", "last_heartbeat",
+                 "deregistered_at")
+REFUSED_FOR_USERS = "not run on this node"
+
+
+def node_view(doc: dict[str, Any], *, details: bool) -> dict[str, Any]:
+    """A `list_workers` document as its viewer may see it: whole with `details`, else the public
+    fields, and `unavailable` naming the refused models without the reasons."""
+    if details:
+        return doc
+    out = {name: doc[name] for name in PUBLIC_FIELDS if name in doc}
+    out["unavailable"] = {model: REFUSED_FOR_USERS for model in doc.get("unavailable") or {}}
+    return out
+
+
+def list_workers(session: Session, *, r: redis.Redis, viewer: User | None, status: str | None = None,
                  queue: str | None = None) -> list[dict[str, Any]]:
     """Live nodes from Redis, plus nodes that left within the last day from the table; only those
     with `status` (online/offline) and consuming `queue` when given (REST and gRPC filter alike).
+    `viewer`: who asks; only an admin, or None for the operator's own tools, sees each node's
+    details (`node_view`).
 
     Status is derived from the heartbeat key, not the row: a node whose key
     expired is offline even before the sweep job has written that down.
@@ -234,7 +257,8 @@ def list_workers(session: Session, *, r: redis.Redis, status: str | None = None,
             })
     out = [w for w in out if (status is None or w["status"] == status)
            and (queue is None or queue in (w.get("queues") or []))]
-    return sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))
+    details = viewer is None or viewer.is_admin
+    return [node_view(w, details=details) for w in sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))]
 
 
 def catalog_entries(*, r: redis.Redis, catalog: Catalog | None = None) -> list[dict[str, Any]]:

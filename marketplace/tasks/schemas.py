@@ -58,16 +58,6 @@ class TaskRequest(BaseModel):
                 raise ValueError(f"{name!r} nests more than {MAX_NESTING} levels")
         return value
 
-    @field_validator("webhook_url")
-    @classmethod
-    def _public_webhook(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
-        from marketplace.webhook_targets import literal_refusal
-
-        refused = literal_refusal(str(value)) if value is not None else None
-        if refused:
-            raise ValueError(refused)
-        return value
-
     @field_validator("max_cost", mode="before")
     @classmethod
     def _no_float_money(cls, value: Any) -> Any:

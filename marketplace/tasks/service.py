@@ -29,6 +29,7 @@ from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.params import check_params
 from marketplace.tasks.schemas import Progress, SubTaskList, SubTaskOut, TaskOut, TaskRequest
 from marketplace.users.models import User
+from marketplace.webhook_targets import check_submitted
 
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
@@ -170,6 +171,8 @@ def create_task(
         if existing is not None:
             return existing, False
 
+    if request.webhook_url:  # whose tasks may aim inside the network is the owner's role (webhook_targets)
+        check_submitted(session, user_id=user_id, url=str(request.webhook_url))
     params = {**spec.params, **request.params}
     check_params(spec.name, params)
     if "version" in spec.params:  # a model whose weights are pushed (resnet50): they must be there

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from marketplace import errors
+from marketplace import errors, ratelimit
 from marketplace.billing import quotas
+from marketplace.grpc_guard import client_address
 from marketplace.grpc_server import AlreadyExists, Call, issue_tokens, message, money, rpc, timestamp, validation_error
 from marketplace.pb.user import user_pb2, user_pb2_grpc
 from marketplace.users import service as users
@@ -33,6 +34,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
             body = Credentials(email=request.email, password=request.password)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        ratelimit.shared().signup(client_address(call.context))  # REST's register counts on the same counter
         try:
             user = users.create_user(call.session, email=body.email, password=body.password)
         except errors.Conflict as exc:
@@ -42,7 +44,8 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
 
     @rpc(auth=False)
     def Authenticate(self, request: user_pb2.AuthenticateRequest, call: Call) -> user_pb2.AuthenticateResponse:
-        user = users.authenticate(call.session, email=request.email, password=request.password)
+        user = ratelimit.shared().login(
+            request.email, lambda: users.authenticate(call.session, email=request.email, password=request.password))
         return user_pb2.AuthenticateResponse(**issue_tokens(user))
 
     @rpc()

@@ -140,3 +140,21 @@ def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
     if is_revoked(str(payload["jti"]), payload.get("sid")):
         raise Unauthenticated("the token has been revoked")
     return payload
+
+
+def subject(token: str) -> str | None:
+    """The user id of an access token whose signature and expiry check out, else None.
+
+    For rate-limit keys only (REST's `api.limits.rate_key` decodes the same way): no revocation
+    check, which the call's own authentication does."""
+    import jwt
+    from flask_jwt_extended import decode_token
+    from flask_jwt_extended.exceptions import JWTExtendedException
+
+    try:
+        with _app_context():
+            payload = decode_token(token)
+    except (jwt.InvalidTokenError, JWTExtendedException):
+        return None
+    sub = payload.get("sub")
+    return sub if payload.get("type") == "access" and isinstance(sub, str) else None

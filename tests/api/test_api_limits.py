@@ -66,3 +66,46 @@ def test_active_task_quota_is_429_problem(client, stack):  # type: ignore[no-unt
     first = client.get("/v1/tasks", headers=u["headers"]).get_json()["tasks"][0]["id"]
     assert client.post(f"/v1/tasks/{first}/cancel", headers=u["headers"]).status_code == 202
     assert client.post("/v1/tasks", json=body, headers=u["headers"]).status_code == 202
+
+
+def _address() -> dict[str, str]:
+    return {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250 + 1}"}
+
+
+def test_signups_are_limited_per_address(make_app):  # type: ignore[no-untyped-def]
+    """Each account gets signup credits: one address made 120 accounts a minute (the anonymous limit)."""
+    c = make_app(signup_rate_limit="2/hour").test_client()
+    ip = _address()
+
+    def sign_up(email: str, environ: dict[str, str] = ip):  # type: ignore[no-untyped-def]
+        return c.post("/v1/auth/register", json={"email": email, "password": "correct horse battery"},
+                      environ_base=environ)
+
+    assert [sign_up(f"farm-{uuid.uuid4().hex[:10]}@example.com").status_code for _ in range(2)] == [201, 201]
+    refused = f"farm-{uuid.uuid4().hex[:10]}@example.com"
+    resp = sign_up(refused)
+    assert resp.status_code == 429 and resp.content_type == "application/problem+json"
+    body = resp.get_json()
+    assert body["detail"] == "rate limit exceeded: 2 per 1 hour (sign-ups per address)" and body["limit"] == "2 per 1 hour"
+    assert 3500 <= int(resp.headers["Retry-After"]) <= 3600
+    assert c.post("/v1/auth/login", json={"email": refused, "password": "correct horse battery"},
+                  environ_base=ip).status_code == 401  # no account was made
+    # Another address has a budget of its own.
+    assert sign_up(f"farm-{uuid.uuid4().hex[:10]}@example.com", _address()).status_code == 201
+
+
+def test_failed_logins_are_limited_per_account_whatever_the_address(make_app):  # type: ignore[no-untyped-def]
+    c = make_app(login_failure_rate_limit="3/hour").test_client()
+    u, other = register(c), register(c)
+
+    def login(email: str, password: str):  # type: ignore[no-untyped-def]
+        return c.post("/v1/auth/login", json={"email": email, "password": password}, environ_base=_address())
+
+    # A correct login does not count; three wrong ones, each from another address, spend the account's budget.
+    assert login(u["email"], u["password"]).status_code == 200
+    assert [login(u["email"], "wrong password").status_code for _ in range(3)] == [401, 401, 401]
+    resp = login(u["email"].upper(), u["password"])
+    assert resp.status_code == 429 and resp.get_json()["detail"] == (
+        "rate limit exceeded: 3 per 1 hour (failed logins per account)")
+    assert int(resp.headers["Retry-After"]) > 0
+    assert login(other["email"], other["password"]).status_code == 200

@@ -1,8 +1,8 @@
 """Webhooks cannot be aimed inside the cluster: a user's URL whose host is, or resolves to, a
 loopback, private or link-local address (the metadata service, MinIO, Flower, /metrics) is
 refused at submit (422 naming `webhook_url`) or at delivery (nothing is sent, no retry).
-The test session allows private targets (its receivers listen on 127.0.0.1); these tests
-switch that off in this process."""
+The test session allows private targets for everyone (its receivers listen on 127.0.0.1); these
+tests switch that to `none` or `admins` in this process."""
 from __future__ import annotations
 
 import ipaddress
@@ -43,7 +43,7 @@ def user(client):  # type: ignore[no-untyped-def]
 def public_only(monkeypatch):  # type: ignore[no-untyped-def]
     from marketplace.settings import get_settings
 
-    monkeypatch.setattr(get_settings(), "webhook_allow_private", False)
+    monkeypatch.setattr(get_settings(), "webhook_allow_private", "none")
 
 
 def _tasks(user_id: str) -> int:
@@ -92,7 +92,7 @@ def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(  # 
         assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
         receiver.wait(1)  # the session's workers allow private targets: it was delivered there
 
-        monkeypatch.setattr(get_settings(), "webhook_allow_private", False)
+        monkeypatch.setattr(get_settings(), "webhook_allow_private", "none")
         attempts = counting_posts(monkeypatch)
         result = webhooks.deliver.apply(args=[task["id"]]).get()  # in this process, eagerly
         assert result["ok"] is False and result["attempts"] == 1, result
@@ -110,13 +110,12 @@ def test_a_host_that_does_not_resolve_is_retried(public_only):  # type: ignore[n
     assert (ok, retry) == (False, True) and "cannot resolve the webhook host" in note
 
 
-def test_the_connection_itself_is_checked_so_a_rebound_name_gets_nothing(public_only, monkeypatch):  # type: ignore[no-untyped-def]
+def test_the_connection_itself_is_checked_so_a_rebound_name_gets_nothing(public_only):  # type: ignore[no-untyped-def]
     """DNS rebinding: a name that resolves publicly for the check and privately for the HTTP
     client. The session the delivery posts with checks the address it connected to, before
     sending, so even a URL that skipped the name check reaches nothing inside."""
     import requests
 
-    from marketplace.settings import get_settings
     from marketplace.webhook_targets import public_session
 
     receiver = Receiver()
@@ -124,8 +123,51 @@ def test_the_connection_itself_is_checked_so_a_rebound_name_gets_nothing(public_
         with pytest.raises(requests.ConnectionError, match="127.0.0.1, not a public address"):
             public_session().post(receiver.url, data=b"{}", timeout=5)
         assert receiver.attempts == 0
-        monkeypatch.setattr(get_settings(), "webhook_allow_private", True)
-        assert public_session().post(receiver.url, data=b"{}", timeout=5).status_code == 204
+        assert public_session(private_ok=True).post(receiver.url, data=b"{}", timeout=5).status_code == 204
         assert receiver.attempts == 1
     finally:
         receiver.stop()
+
+
+def test_with_the_allowance_for_admins_only_an_admin_s_task_is_delivered_inside(  # type: ignore[no-untyped-def]
+    client, user, worker, monkeypatch,
+):
+    """`admins` (what `marketplace standalone` sets): the delivery, too, asks who owns the task. A
+    user's hook to a loopback receiver gets nothing; an admin's is delivered."""
+    from marketplace import webhooks
+    from marketplace.settings import get_settings
+    from tests.support.accounts import make_admin
+
+    admin = make_admin(client)
+    receiver = Receiver()
+    try:
+        ids = []
+        for who in (user, admin):
+            task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "device": "cpu",
+                                                  "webhook_url": receiver.url}, headers=who["headers"]).get_json()
+            assert wait_for_task(client, who["headers"], task["id"])["status"] == "Done"
+            ids.append(task["id"])
+        receiver.wait(2)  # the session's workers allow private targets for every user
+
+        monkeypatch.setattr(get_settings(), "webhook_allow_private", "admins")
+        refused = webhooks.deliver.apply(args=[ids[0]]).get()  # in this process, eagerly
+        assert refused["ok"] is False and refused["attempts"] == 1, refused
+        assert "127.0.0.1 is not a public address" in refused["error"], refused
+        assert receiver.attempts == 2
+        delivered = webhooks.deliver.apply(args=[ids[1]]).get()
+        assert delivered["ok"] is True, delivered
+        assert receiver.attempts == 3 and receiver.deliveries[-1][0]["X-Marketplace-Delivery"] == ids[1]
+    finally:
+        receiver.stop()
+
+
+def test_the_setting_s_old_boolean_spellings_keep_working_true_as_admins_only(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from marketplace.settings import Settings
+
+    monkeypatch.delenv("MARKETPLACE_WEBHOOK_ALLOW_PRIVATE", raising=False)
+    assert Settings().webhook_allow_private == "none"
+    for spelled, meant in (("true", "admins"), (True, "admins"), ("false", "none"), (False, "none"),
+                           ("admins", "admins"), ("ALL", "all")):
+        assert Settings(webhook_allow_private=spelled).webhook_allow_private == meant, spelled
+    monkeypatch.setenv("MARKETPLACE_WEBHOOK_ALLOW_PRIVATE", "true")
+    assert Settings().webhook_allow_private == "admins"

@@ -20,6 +20,14 @@ def user(client):  # type: ignore[no-untyped-def]
     return register(client)
 
 
+@pytest.fixture()
+def admin(client):  # type: ignore[no-untyped-def]
+    """A node's facts and the reasons it refuses a model are shown to admins only."""
+    from tests.support.accounts import make_admin
+
+    return make_admin(client)
+
+
 def _listed(client, user, hostname: str) -> dict | None:  # type: ignore[no-untyped-def]
     resp = client.get("/v1/workers", headers=user["headers"])
     assert resp.status_code == 200, resp.get_json()
@@ -36,12 +44,12 @@ def _row(hostname: str):  # type: ignore[no-untyped-def]
 
 
 def test_node_registers_with_facts_refuses_generic_without_sandbox_and_deregisters_on_sigterm(  # type: ignore[no-untyped-def]
-    client, user, nodes, redis_client,
+    client, user, admin, nodes, redis_client,
 ):
     node = nodes(["cpu.generic"], concurrency=1, env={**NO_WARMUP, "MARKETPLACE_SANDBOX": "none"})
     node.wait_ready(redis_client)
 
-    doc = _listed(client, user, node.hostname)
+    doc = _listed(client, admin, node.hostname)
     assert doc is not None and doc["status"] == "online"
     assert doc["queues"] == ["cpu.generic"] and set(doc["models"]) == {"echo", "generic"}
     assert doc["capacity"] == 1 and doc["running"] == 0 and doc["last_heartbeat"]
@@ -177,7 +185,7 @@ def test_generic_subtask_on_a_node_without_sandbox_fails_with_the_reason(stack, 
 
 
 def test_a_node_without_torchvision_refuses_resnet50_and_a_job_waits_naming_it(  # type: ignore[no-untyped-def]
-    client, user, worker, nodes, redis_client,
+    client, user, admin, worker, nodes, redis_client,
 ):
     """`.venv` cannot hold torchvision beside its CPU torch (`make vision` builds the venv that
     can): a node from it refuses resnet50, where it took every job and failed each subtask with
@@ -188,7 +196,7 @@ def test_a_node_without_torchvision_refuses_resnet50_and_a_job_waits_naming_it( 
     assert importlib.util.find_spec("torchvision") is None, "this test needs a Python without torchvision"
     node = nodes(["cpu.resnet50"], concurrency=1, env=NO_WARMUP)
     node.wait_ready(redis_client)
-    doc = _listed(client, user, node.hostname)
+    doc = _listed(client, admin, node.hostname)
     assert set(doc["unavailable"]) == {"resnet50"}, doc
     reason = doc["unavailable"]["resnet50"]
     assert "torchvision" in reason and " not installed in " in reason and ".venv-vision" in reason, reason
