@@ -41,7 +41,7 @@ broker_transport_options = {
     "health_check_interval": 10,
 }
 # The stock Redis result backend with a chord's setup pipelined (marketplace/result_backend.py).
-override_backends = {scheme: "marketplace.result_backend:RedisBackend" for scheme in ("redis", "rediss")}
+override_backends = {scheme: "marketplace.infra.result_backend:RedisBackend" for scheme in ("redis", "rediss")}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}, "health_check_interval": 10}
 result_expires = 2 * 24 * 3600
 result_extended = False

@@ -10,7 +10,7 @@ from flask import Flask
 from flask_jwt_extended import JWTManager, current_user
 
 from api.db import db
-from marketplace.errors import PermissionDenied, Unauthenticated
+from marketplace.infra.errors import PermissionDenied, Unauthenticated
 from marketplace.settings import Settings
 from marketplace.users import tokens
 from marketplace.users.models import User

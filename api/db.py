@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Flask, g
 from sqlalchemy.orm import Session
 
-from marketplace.db import new_session
+from marketplace.infra.db import new_session
 
 
 def db() -> Session:

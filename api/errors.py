@@ -7,7 +7,7 @@ from typing import Any
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from marketplace.errors import InvalidInput, MarketplaceError, QuotaExceeded, unavailable_dependency
+from marketplace.infra.errors import InvalidInput, MarketplaceError, QuotaExceeded, unavailable_dependency
 
 logger = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"

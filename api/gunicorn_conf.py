@@ -10,7 +10,7 @@ logconfig_dict = dict_config()
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    from marketplace import db, redis_client, storage
+    from marketplace.infra import db, redis_client, storage
 
     db.init_engine()
     storage.reset_store()

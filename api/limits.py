@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, g, request
 from flask_limiter import HeaderNames, Limiter
 from flask_limiter.errors import RateLimitExceeded
 
-from marketplace import ratelimit
+from marketplace.infra import ratelimit
 from marketplace.settings import Settings
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})

@@ -7,8 +7,8 @@ from flask import current_app, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-from marketplace.errors import InvalidInput
-from marketplace.storable import check_storable
+from marketplace.infra.errors import InvalidInput
+from marketplace.tasks.storable import check_storable
 
 M = TypeVar("M", bound=BaseModel)
 

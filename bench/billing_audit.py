@@ -46,7 +46,7 @@ def chain_time(task_id: str | None = None) -> tuple[int, float]:
 
     from marketplace.audit import service
     from marketplace.audit.models import AuditRecord
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     time.sleep(0.5)  # let the last subtask's signal handlers finish
     start = time.monotonic()
@@ -84,7 +84,7 @@ def main() -> None:
                     chained.setdefault((mode, n), []).append(chain_time(task_id))
                 node.stop()
         from marketplace.audit import service
-        from marketplace.db import session_scope
+        from marketplace.infra.db import session_scope
 
         with session_scope() as session:
             report = service.verify_chain(session)

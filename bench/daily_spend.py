@@ -39,7 +39,7 @@ def main() -> None:
         from sqlalchemy import text
 
         from marketplace.billing.quotas import today_start
-        from marketplace.db import get_engine, session_scope
+        from marketplace.infra.db import get_engine, session_scope
         from marketplace.users.service import create_user
 
         with session_scope() as session:

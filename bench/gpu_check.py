@@ -164,8 +164,8 @@ def check_resnet(dev: str, n: int, n_cpu: int) -> None:
     import torch
     import torchvision
 
+    from marketplace.infra.storage import LocalStore
     from marketplace.registry.weights import push_weights
-    from marketplace.storage import LocalStore
     from workers.executors.base import ExecContext
     from workers.executors.resnet50 import ResNet50Executor
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from marketplace.catalog import CONTROL_QUEUES  # noqa: E402 - reads no settings
-from marketplace.prepared import Prepared  # noqa: E402 - reads no settings
+from marketplace.infra.prepared import Prepared  # noqa: E402 - reads no settings
 from tests.support.servers import CeleryWorker, Postgres, RedisServer  # noqa: E402
 
 CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
@@ -42,7 +42,7 @@ def stack(extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     }
     os.environ.pop("MARKETPLACE_S3_ENDPOINT_URL", None)
     os.environ.update(env)
-    from marketplace import migrate
+    from marketplace.infra import migrate
     from marketplace.settings import reset_settings
 
     reset_settings()
@@ -50,7 +50,7 @@ def stack(extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     try:
         yield {"env": env, "redis": redis_server, "pg": pg}
     finally:
-        from marketplace.db import dispose_engine
+        from marketplace.infra.db import dispose_engine
 
         dispose_engine()
         redis_server.stop()
@@ -76,7 +76,7 @@ def start_worker(queues: list[str], *, concurrency: int = 2, name: str = "bench"
 
 
 def wait_marketplace_ready(node: CeleryWorker, timeout: float = 60) -> None:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     node.wait_ready(get_redis(), timeout=timeout)
 
@@ -106,7 +106,7 @@ def wait_task_done(task_id: str, timeout: float = 600, every: float | None = Non
 
     `every`: a fixed interval, for a comparison whose other side polls at that rate, or for a
     long job where a poll every few milliseconds would take CPU from the job it measures."""
-    from marketplace.db import autocommit
+    from marketplace.infra.db import autocommit
 
     begun = time.monotonic()
     deadline = begun + timeout
@@ -127,7 +127,7 @@ def settle(timeout: float = 60) -> None:
     does not pay for it."""
     from sqlalchemy import text
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     deadline = time.monotonic() + timeout
     time.sleep(1.2)  # the chaining request is sent with a 1 s countdown

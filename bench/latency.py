@@ -82,7 +82,7 @@ def _phases(task_ids: list[str]) -> list[tuple[str, float]]:
 
     from sqlalchemy import text
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     query = text("SELECT t.created_at, t.scheduled_at, s.started_at, s.finished_at, t.finished_at "
                  "FROM tasks t JOIN subtasks s ON s.task_id = t.id WHERE t.id = :id")

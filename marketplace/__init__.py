@@ -2,6 +2,6 @@
 
 `celery -A marketplace worker` finds the Celery app here.
 """
-from marketplace.celery_app import app
+from marketplace.infra.celery_app import app
 
 __all__ = ["app"]

@@ -1,9 +1,9 @@
 """Import every model so the metadata is complete (Alembic, tests)."""
 from marketplace.audit.models import AuditRecord
 from marketplace.billing.models import Hold, LedgerEntry
-from marketplace.db import Base
 from marketplace.events.models import OutboxEvent, ProcessedSubmission
 from marketplace.files.models import File
+from marketplace.infra.db import Base
 from marketplace.registry.models import Worker
 from marketplace.tasks.models import SubTask, Task
 from marketplace.users.models import User

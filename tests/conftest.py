@@ -23,11 +23,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     pg = Postgres()
-    from marketplace import migrate
+    from marketplace.infra import migrate
 
     migrate.upgrade(pg.url)
     yield pg
-    from marketplace.db import dispose_engine
+    from marketplace.infra.db import dispose_engine
 
     dispose_engine()
     pg.drop()
@@ -99,8 +99,8 @@ def _push_default_weights() -> None:
     import tempfile
 
     from marketplace.catalog import get_catalog
+    from marketplace.infra.storage import get_store
     from marketplace.registry.weights import push_weights
-    from marketplace.storage import get_store
 
     with tempfile.NamedTemporaryFile(suffix=".pt") as fh:
         fh.write(b"stand-in weights: no test loads the default version")
@@ -118,7 +118,7 @@ def _reset_clients() -> None:
 
 @pytest.fixture(scope="session")
 def redis_client(stack: dict[str, str]):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     return get_redis()
 

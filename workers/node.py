@@ -112,7 +112,7 @@ def _record_pool_size(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _warm_up_in_child(sender: Any = None, **_: Any) -> None:
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     if not get_settings().warmup_models:
         return

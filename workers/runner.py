@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from marketplace.billing import signals as billing
-from marketplace.errors import database_unavailable
+from marketplace.infra.errors import database_unavailable
+from marketplace.infra.storage import StorageError, get_store
 from marketplace.registry.signals import incarnation
 from marketplace.results.service import encode_part, part_key, run_after_commit
-from marketplace.storage import StorageError, get_store
 from marketplace.tasks import progress
 from workers import node
 from workers.executors import ExecContext, ExecutionError, get_executor
@@ -127,7 +127,7 @@ def _request_finalize(task_id: str) -> None:
     callback usually comes first and the second finalize finds the task final; but a chord that
     was only partly sent (the broker dropped out mid-dispatch) never calls back, and the re-sent
     copies of its running subtasks are skipped, which left the task to recovery."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
     from marketplace.scheduling.service import FINALIZE, last_subtask_finalize_id
 
     try:

@@ -6,8 +6,8 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from marketplace.celery_app import app
-from marketplace.errors import database_unavailable
+from marketplace.infra.celery_app import app
+from marketplace.infra.errors import database_unavailable
 from marketplace.settings import get_settings
 from workers import node, runner  # noqa: F401  (node: capability probe + warm-up signals)
 

@@ -8,8 +8,8 @@ from api.auth import me
 from api.db import db
 from api.openapi import api_doc
 from api.schemas import FileOut
-from marketplace.errors import InvalidInput
 from marketplace.files import service as files
+from marketplace.infra.errors import InvalidInput
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 

@@ -5,7 +5,7 @@ from flask import Blueprint, jsonify
 from sqlalchemy import text
 
 from api.openapi import api_doc
-from marketplace.db import get_engine
+from marketplace.infra.db import get_engine
 
 bp = Blueprint("health", __name__)
 
@@ -20,8 +20,8 @@ def healthz():  # type: ignore[no-untyped-def]
 @api_doc(summary="Readiness: database, Redis and object store (503 if any is down)", auth=False,
          responses={200: {"type": "object"}}, tags=["ops"])
 def readyz():  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
-    from marketplace.storage import get_store
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.infra.storage import get_store
 
     checks: dict[str, str] = {}
 

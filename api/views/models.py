@@ -5,7 +5,7 @@ from flask import Blueprint, jsonify
 from flask_jwt_extended import jwt_required
 
 from api.auth import me
-from marketplace.errors import NotFound
+from marketplace.infra.errors import NotFound
 from marketplace.registry import service as registry
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
@@ -14,7 +14,7 @@ bp = Blueprint("models", __name__, url_prefix="/v1/models")
 @bp.get("")
 @jwt_required()
 def list_models():  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     me()
     return jsonify({"models": registry.catalog_entries(r=get_redis())})
@@ -23,7 +23,7 @@ def list_models():  # type: ignore[no-untyped-def]
 @bp.get("/<name>")
 @jwt_required()
 def get_model(name: str):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     me()
     for entry in registry.catalog_entries(r=get_redis()):

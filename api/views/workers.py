@@ -35,7 +35,7 @@ class WorkerQuery(BaseModel):
              f"every reason reads {registry.REFUSED_FOR_USERS!r}."))
 @jwt_required()
 def list_workers():  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     q = parse_query(WorkerQuery)
     return jsonify({"workers": registry.list_workers(db(), r=get_redis(), viewer=me(), status=q.status,

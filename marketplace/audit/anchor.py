@@ -40,14 +40,14 @@ def remember(session: Session, *, root: str, seq: int, head: str) -> None:
 
 
 def write(*, root: str, seq: int, head: str) -> None:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     get_redis().eval(_FORWARD, 1, _key(root), seq, head)
 
 
 def read(root: str) -> tuple[int, str] | None:
     """The anchored (seq, hash) of the chain starting with `root`; None when none is kept."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     raw = get_redis().hmget(_key(root), ["seq", "hash"])
     if not raw or raw[0] is None:

@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db import Base
+from marketplace.infra.db import Base
 
 
 class AuditRecord(Base):

@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session
 
 from marketplace.audit import anchor, signing
 from marketplace.audit.models import AuditPending, AuditRecord
-from marketplace.db import session_scope, take_buffer, transaction_buffer, utcnow
 from marketplace.events import outbox
 from marketplace.events.outbox import emit_many
-from marketplace.prepared import Prepared
+from marketplace.infra.db import session_scope, take_buffer, transaction_buffer, utcnow
+from marketplace.infra.prepared import Prepared
 
 logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
@@ -222,7 +222,7 @@ def enqueue_now(records: list[dict[str, Any]]) -> None:
     """`enqueue` each of `records` (its keyword arguments, a task_id given) in one statement that
     commits by itself: for a caller with nothing else to commit, where a session's transaction
     would be three round trips (BEGIN, INSERT, COMMIT)."""
-    from marketplace.db import autocommit
+    from marketplace.infra.db import autocommit
 
     if not records:
         return

@@ -85,7 +85,7 @@ def flush_published() -> None:
 
     from sqlalchemy import select
 
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import SubTask
 
     unknown = [uuid.UUID(sid) for sid, _queue, tid in batch if tid is None]  # e.g. a retry's re-publish
@@ -175,7 +175,7 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         return  # billing's handler writes this record in its charge transaction (one commit per outcome)
 
     def write() -> None:
-        from marketplace.db import session_scope
+        from marketplace.infra.db import session_scope
 
         with session_scope() as session:
             outcome_event(session, hostname=_hostname(sender), result=result)
@@ -216,8 +216,8 @@ def request_chaining() -> None:
     """
     from redis.exceptions import RedisError
 
-    from marketplace.celery_app import app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.redis_client import get_redis
 
     redis = get_redis()
     try:

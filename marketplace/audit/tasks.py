@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from marketplace.audit import service
-from marketplace.celery_app import app
+from marketplace.infra.celery_app import app
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def chain_pending() -> int:
 @app.task(name="marketplace.audit.verify", acks_late=True, ignore_result=True)
 def verify() -> dict:
     """Walk the whole chain and publish the verdict as `marketplace_audit_chain_valid` (alerted on)."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.observability.metrics import record_audit_verification
 
     with session_scope() as session:

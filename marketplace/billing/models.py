@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import BigInteger, Date, ForeignKey, Index, String, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db import Base, utcnow
+from marketplace.infra.db import Base, utcnow
 
 
 class LedgerEntry(Base):

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from marketplace.errors import QuotaExceeded
+from marketplace.infra.errors import QuotaExceeded
 from marketplace.settings import get_settings
 from marketplace.tasks.models import ACTIVE_TASK_STATUSES, Task
 from marketplace.users.models import User

@@ -19,9 +19,9 @@ from sqlalchemy.orm.util import identity_key
 
 from marketplace.billing.models import HOLD_ACTIVE, HOLD_RELEASED, Hold, LedgerEntry
 from marketplace.catalog import ModelSpec, Price
-from marketplace.db import utcnow
-from marketplace.errors import InvalidInput, NotFound, PaymentRequired
-from marketplace.prepared import Prepared
+from marketplace.infra.db import utcnow
+from marketplace.infra.errors import InvalidInput, NotFound, PaymentRequired
+from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import ACTIVE_TASK_STATUSES
 from marketplace.users.models import User

@@ -23,7 +23,7 @@ from celery.signals import task_failure, task_success
 from marketplace.billing import service, subtask_charges
 from marketplace.billing.models import HOLD_RELEASED
 from marketplace.catalog import get_catalog
-from marketplace.db import session_scope
+from marketplace.infra.db import session_scope
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)

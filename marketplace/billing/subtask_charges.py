@@ -19,8 +19,8 @@ from sqlalchemy import text
 
 from marketplace.audit.service import canonical_json, pending_values
 from marketplace.billing.service import q
-from marketplace.db import autocommit, get_engine, utcnow
-from marketplace.prepared import Prepared
+from marketplace.infra.db import autocommit, get_engine, utcnow
+from marketplace.infra.prepared import Prepared
 from marketplace.tasks.progress import COMPLETE_CTES, COMPLETE_RESULT, complete_params, was_last
 
 # {gate}: a condition on the other CTEs of the statement (the ledger row only for a subtask that exists).

@@ -26,9 +26,9 @@ from google.protobuf.message import DecodeError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from marketplace import errors
-from marketplace.db import new_session, utcnow
 from marketplace.events.models import ProcessedSubmission
+from marketplace.infra import errors
+from marketplace.infra.db import new_session, utcnow
 from marketplace.pb.kafka import messages_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Outcome:
 
 
 def _principal(session: Any, submit: pb.SubmitTask) -> uuid.UUID:
-    from marketplace.grpc_server import user_from_token
+    from marketplace.rpc.server import user_from_token
     from marketplace.users import service as users
 
     which = submit.WhichOneof("principal")
@@ -59,8 +59,8 @@ def _principal(session: Any, submit: pb.SubmitTask) -> uuid.UUID:
 
 def handle_submission(value: bytes | None) -> Outcome:
     """Turn one record value into a task (or find the one it already made)."""
+    from marketplace.rpc.tasks import task_request
     from marketplace.tasks import service as tasks
-    from marketplace.tasks.grpc import task_request
 
     if not value:
         raise Rejected("empty record value")
@@ -153,7 +153,7 @@ class SubmissionConsumer:
                 return self._retry(msg, TopicPartition)
             result = "dead-lettered"
         except Exception as exc:
-            from marketplace.errors import unavailable_dependency
+            from marketplace.infra.errors import unavailable_dependency
 
             if isinstance(exc, errors.Unavailable) or unavailable_dependency(exc):  # an outage: try it again
                 logger.warning("submissions: %s; retrying offset %d", exc, msg.offset())

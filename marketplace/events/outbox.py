@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from marketplace.db import take_buffer, transaction_buffer, utcnow
-from marketplace.prepared import Prepared
+from marketplace.infra.db import take_buffer, transaction_buffer, utcnow
+from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 
 TASK_EVENTS = ("TaskCreated", "TaskAssigned", "TaskCompleted", "TaskFailed", "TaskCancelled")

@@ -27,9 +27,9 @@ from typing import Any
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
-from marketplace.db import new_session, utcnow
 from marketplace.events import codec
 from marketplace.events.models import OutboxEvent
+from marketplace.infra.db import new_session, utcnow
 
 logger = logging.getLogger(__name__)
 RELAY_LOCK = 0x6D6B7462  # "mktb": the advisory lock id of the outbox relay
@@ -173,7 +173,7 @@ def prune(*, retention_hours: float | None = None, include_unsent: bool | None =
     """Prune by the configured retention; with no Kafka configured, unsent rows age out too.
     A bridge passes `include_unsent=False`: it relays them, whatever this process's settings say
     (`bridge --bootstrap-servers` without the setting deleted rows it had yet to send)."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.settings import get_settings
 
     settings = get_settings()

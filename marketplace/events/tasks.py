@@ -1,8 +1,8 @@
 """Beat job: prune the outbox (runs whether or not a Kafka bridge is deployed)."""
 from __future__ import annotations
 
-from marketplace.celery_app import app
 from marketplace.events.relay import prune as prune_outbox
+from marketplace.infra.celery_app import app
 
 
 @app.task(name="marketplace.events.prune", acks_late=True)

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, String, Text, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db import Base, new_id, utcnow
+from marketplace.infra.db import Base, new_id, utcnow
 
 
 class File(Base):

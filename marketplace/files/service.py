@@ -8,9 +8,9 @@ import uuid
 from sqlalchemy.orm import Session
 from werkzeug.utils import secure_filename
 
-from marketplace.errors import InvalidInput, NotFound
 from marketplace.files.models import File
-from marketplace.storage import get_store, sha256_hex
+from marketplace.infra.errors import InvalidInput, NotFound
+from marketplace.infra.storage import get_store, sha256_hex
 from marketplace.users.models import User
 
 _MIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")

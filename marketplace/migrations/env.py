@@ -3,7 +3,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 import marketplace.models  # noqa: F401  (fills the metadata)
-from marketplace.db import Base
+from marketplace.infra.db import Base
 
 config = context.config
 target_metadata = Base.metadata

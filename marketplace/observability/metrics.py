@@ -73,7 +73,7 @@ def subtask_ran(*, queue: str, outcome: str, seconds: float | None) -> None:
 
 def record_audit_verification(*, valid: bool, length: int | None = None, head: str | None = None) -> None:
     """Store the periodic audit verification result for `marketplace_audit_chain_valid` (any exporter)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     doc = {"valid": bool(valid), "length": length, "head": head, "ts": time.time()}
     get_redis().set(AUDIT_VERIFY_KEY, json.dumps(doc))
@@ -98,7 +98,7 @@ class StateCollector(Collector):
         yield from self._audit()
 
     def _queue_depth(self, queues: list[str]) -> Iterable[Metric]:
-        from marketplace.broker import queue_depths
+        from marketplace.infra.broker import queue_depths
 
         family = GaugeMetricFamily("marketplace_queue_depth", "Messages waiting in the broker, by queue.",
                                    labels=["queue"])
@@ -111,7 +111,7 @@ class StateCollector(Collector):
         return [family]
 
     def _workers_live(self, queues: list[str]) -> Iterable[Metric]:
-        from marketplace.redis_client import get_redis
+        from marketplace.infra.redis_client import get_redis
         from marketplace.registry.service import live_workers
 
         family = GaugeMetricFamily("marketplace_workers_live", "Live worker nodes consuming each queue.",
@@ -131,8 +131,8 @@ class StateCollector(Collector):
     def _audit(self) -> Iterable[Metric]:
         from sqlalchemy import text
 
-        from marketplace.db import get_engine
-        from marketplace.redis_client import get_redis
+        from marketplace.infra.db import get_engine
+        from marketplace.infra.redis_client import get_redis
 
         out: list[Metric] = []
         try:

@@ -136,7 +136,7 @@ def _trace_sqlalchemy(provider: Any) -> None:
     from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
     from opentelemetry.metrics import get_meter
 
-    from marketplace import db
+    from marketplace.infra import db
 
     if getattr(db.create_engine, "_marketplace", False):
         return

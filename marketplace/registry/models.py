@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db import Base, utcnow
+from marketplace.infra.db import Base, utcnow
 
 
 class Worker(Base):

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from marketplace.catalog import Catalog, get_catalog
-from marketplace.db import utcnow
+from marketplace.infra.db import utcnow
 from marketplace.registry.models import Worker
 from marketplace.settings import get_settings
 

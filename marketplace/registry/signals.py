@@ -107,7 +107,7 @@ def node_info(consumer: Any) -> dict[str, Any]:
 
 
 def _beat_once() -> None:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import heartbeat
 
     try:
@@ -123,7 +123,7 @@ def _beat_forever() -> None:
 
 
 def _record_online(info: dict[str, Any]) -> None:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.service import record_online
 
     try:
@@ -142,7 +142,7 @@ def _wake_waiting(info: dict[str, Any]) -> None:
     if not runnable or not compute:
         return
     try:
-        from marketplace.celery_app import app
+        from marketplace.infra.celery_app import app
 
         app.send_task(WAKE_TASK, args=[compute, runnable], kwargs={"hostname": info["hostname"]},
                       queue="marketplace.scheduler", ignore_result=True)
@@ -168,8 +168,8 @@ def _on_shutdown(**_: Any) -> None:
     _stop.set()
     if not _info:
         return
-    from marketplace.db import session_scope
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.db import session_scope
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import deregister, record_offline
 
     hostname = _info["hostname"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from marketplace.celery_app import app
-from marketplace.db import session_scope
+from marketplace.infra.celery_app import app
+from marketplace.infra.db import session_scope
 from marketplace.registry import service
 
 logger = logging.getLogger(__name__)
@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 @app.task(name="marketplace.registry.sweep", queue="marketplace.maintenance", ignore_result=True)
 def sweep() -> dict[str, list[str]]:
     """Mark nodes whose heartbeat key expired offline; refresh the others' last_heartbeat."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     with session_scope() as session:
         return service.sweep(session, r=get_redis())

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from marketplace.db import utcnow
-from marketplace.errors import InvalidInput
-from marketplace.storage import ObjectStore
+from marketplace.infra.db import utcnow
+from marketplace.infra.errors import InvalidInput
+from marketplace.infra.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -68,7 +68,7 @@ def require_pushed(name: str, version: str) -> None:
     does not answer lets the task through (the node reports what it finds)."""
     import time
 
-    from marketplace.storage import StorageError, get_store
+    from marketplace.infra.storage import StorageError, get_store
 
     seen = _PUSHED.get((name, version))
     if seen is not None and time.monotonic() - seen < PUSHED_CACHE_SECONDS:

@@ -16,9 +16,9 @@ from marketplace.audit import service as audit
 from marketplace.billing import service as billing
 from marketplace.billing.models import LedgerEntry
 from marketplace.catalog import get_catalog
-from marketplace.db import session_scope, utcnow
 from marketplace.events.outbox import emit
-from marketplace.storage import get_store
+from marketplace.infra.db import session_scope, utcnow
+from marketplace.infra.storage import get_store
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def cancel_task(session: Session, *, task: Task) -> None:
 
 def run_after_commit(actions: list[tuple[str, str]]) -> None:
     """Side effects that must wait for the commit (webhook delivery)."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     for kind, task_id in actions:
         if kind == "webhook":
@@ -120,7 +120,7 @@ def send_webhook(app: Any, task_id: str) -> bool:
     """Queue a webhook's delivery. The task's final status is committed: a broker that is down
     now must not fail the step that finished it (a subtask would retry a finished task and the
     delivery would still be lost); recovery re-sends it (`maintenance.resend_lost_webhooks`)."""
-    from marketplace.celery_app import send_or_leave_to_recovery
+    from marketplace.infra.celery_app import send_or_leave_to_recovery
 
     message_id = str(uuid.uuid4())
     return send_or_leave_to_recovery(
@@ -179,7 +179,7 @@ def _head(task_id: str, model: str) -> bytes:
 
 def _part_body(task_id: str, part: Any, data: bytes) -> bytes:
     """A part's items without the array's brackets, after its sha256 is checked."""
-    from marketplace.storage import StorageError, sha256_hex
+    from marketplace.infra.storage import StorageError, sha256_hex
 
     if part.result_sha256 and sha256_hex(data) != part.result_sha256:
         raise StorageError(f"part {part.index} of task {task_id} does not match its recorded sha256")
@@ -252,8 +252,8 @@ def save_partial(
     The charge is recorded from the row when the task is finalized (`backfill_charges`)."""
     import uuid as _uuid
 
-    from marketplace.errors import Conflict, InvalidInput, NotFound
-    from marketplace.storage import get_store
+    from marketplace.infra.errors import Conflict, InvalidInput, NotFound
+    from marketplace.infra.storage import get_store
     from marketplace.tasks import progress
 
     with session_scope() as session:

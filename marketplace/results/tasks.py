@@ -5,10 +5,10 @@ import logging
 
 from sqlalchemy.exc import DBAPIError
 
-from marketplace.celery_app import app
-from marketplace.errors import Unavailable, database_unavailable
+from marketplace.infra.celery_app import app
+from marketplace.infra.errors import Unavailable, database_unavailable
+from marketplace.infra.storage import StorageError
 from marketplace.results import service
-from marketplace.storage import StorageError
 
 logger = logging.getLogger(__name__)
 

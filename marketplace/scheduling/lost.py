@@ -19,7 +19,7 @@ import uuid
 from sqlalchemy import select
 
 from marketplace.catalog import get_catalog
-from marketplace.db import session_scope
+from marketplace.infra.db import session_scope
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 

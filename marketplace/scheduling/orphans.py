@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, select, tuple_
 
 from marketplace.catalog import get_catalog
-from marketplace.db import session_scope, utcnow
+from marketplace.infra.db import session_scope, utcnow
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.progress import RUNNING_MARGIN
 
@@ -64,7 +64,7 @@ def lost(workers: list[dict[str, Any]], *, now: datetime, time_limit: float) -> 
 def take_over(*, hostname: str | None = None, workers: list[dict[str, Any]] | None = None) -> list[str]:
     """Send again, now, the subtasks of active tasks whose node (`hostname`, or any) restarted
     while they ran; returns the ids of their tasks."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
 
     replaced = superseded(live_workers(get_redis()) if workers is None else workers, hostname=hostname)

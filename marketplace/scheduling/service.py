@@ -11,9 +11,9 @@ from celery import chord, group, signature
 from sqlalchemy import select
 
 from marketplace.catalog import ModelSpec, get_catalog
-from marketplace.db import autocommit, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
-from marketplace.prepared import Prepared
+from marketplace.infra.db import autocommit, session_scope, utcnow
+from marketplace.infra.prepared import Prepared
 from marketplace.scheduling.lost import hard_time_limit
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
@@ -99,7 +99,7 @@ def live_capacity_of(model: str) -> dict[str, int] | None:
     """Queue -> live concurrency able to run `model`; None with the capability check off."""
     if not get_settings().worker_capacity_check:
         return None
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_capacity
 
     return live_capacity(get_redis(), model=model)
@@ -124,7 +124,7 @@ def _refused_by(model: str, candidates: list[str]) -> str:
     waiting path."""
     if not get_settings().worker_capacity_check:
         return ""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
 
     refusals = [f"{w.get('hostname')} refuses it: {w['unavailable'][model]}" for w in live_workers(get_redis())
@@ -243,7 +243,7 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
     """What a publish raises when the broker is unreachable: kombu's wrapper and the transport's own."""
     from kombu.exceptions import OperationalError
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     with app.connection_for_write() as conn:  # not connected: only asks the transport
         return (OperationalError, *conn.connection_errors)
@@ -314,7 +314,7 @@ def dispatch(
 
 def _publish(task_id: str, subtask_ids: list[str], *, queue: str, priority: int, time_limit: float,
              attempt: int) -> None:
-    from marketplace.celery_app import batched_publishing
+    from marketplace.infra.celery_app import batched_publishing
 
     # One pipelined write per PUBLISH_BATCH messages instead of a round trip each (fan-out of
     # 1,000: 4-9% less CPU per subtask, interleaved A/B). A broker error fails the dispatch as an
@@ -325,7 +325,7 @@ def _publish(task_id: str, subtask_ids: list[str], *, queue: str, priority: int,
 
 
 def _finalize(task_id: str, **options: Any) -> Any:
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     return signature(FINALIZE, args=[task_id], queue="marketplace.results", immutable=True, app=app, **options)
 
@@ -335,7 +335,7 @@ def _publish_chords(task_id: str, subtask_ids: list[str], *, queue: str, priorit
     # Every signature names the app: unbound ones take the thread's current app, which in any thread
     # but the one that made ours (gRPC's, e.g. Reschedule) is Celery's fallback app, configured on
     # its own, and not the producer that `batched_publishing` holds.
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     if not subtask_ids:
         _finalize(task_id).apply_async(task_id=callback_id(task_id, attempt, 0))
@@ -371,7 +371,7 @@ def redispatch_missing(task_id: str) -> list[str]:
     or restarted, or the run outlived its time limit). A subtask a live node runs is left to it:
     its copy would be skipped at its claim, so it is not sent, nor reported as sent. With none
     open the callback runs again (all final, the task not yet)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.scheduling.orphans import lost
 

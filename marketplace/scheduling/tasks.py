@@ -5,8 +5,8 @@ import logging
 
 from sqlalchemy.exc import DBAPIError
 
-from marketplace.celery_app import app
-from marketplace.errors import database_unavailable
+from marketplace.infra.celery_app import app
+from marketplace.infra.errors import database_unavailable
 from marketplace.scheduling import service
 from marketplace.settings import get_settings
 
@@ -64,8 +64,8 @@ def wake(queues: list[str], models: list[str], hostname: str | None = None) -> d
 def _clear_stranded() -> None:
     """Dispatched tasks flagged as waiting for a node (`stranded`) whose queue this node serves:
     their reason goes now, not at the next recovery sweep."""
-    from marketplace.db import session_scope
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.db import session_scope
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.scheduling import stranded
 

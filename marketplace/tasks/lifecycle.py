@@ -12,7 +12,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from marketplace.billing import service as billing
-from marketplace.errors import Conflict, InvalidInput
+from marketplace.infra.errors import Conflict, InvalidInput
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import TaskOut
 from marketplace.tasks.service import get_task, progress_of, task_document
@@ -97,7 +97,7 @@ def after_commit(session: Session) -> None:
     actions = session.info.pop("after_commit", [])
     revoke = [target for kind, target in actions if kind == "revoke"]
     if revoke:
-        from marketplace.celery_app import app
+        from marketplace.infra.celery_app import app
 
         try:
             app.control.revoke(revoke)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from marketplace.db import Base, new_id, utcnow
+from marketplace.infra.db import Base, new_id, utcnow
 
 
 class TaskStatus(str, enum.Enum):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from marketplace.errors import InvalidInput
+from marketplace.infra.errors import InvalidInput
 from marketplace.registry.weights import VERSION_RE
 
 # Bounds the executors enforce too (workers import these).

@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import text
 
 from marketplace.catalog import get_catalog
-from marketplace.db import autocommit, get_engine, session_scope, utcnow
 from marketplace.events.outbox import emit, topic_for
-from marketplace.prepared import Prepared
+from marketplace.infra.db import autocommit, get_engine, session_scope, utcnow
+from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 
 _LOAD = text("""
@@ -143,7 +143,7 @@ def _still_running(row: Any, *, hostname: str, incarnation: str | None) -> bool:
     predecessor this process replaced: dead, with no registry read (this node's own heartbeat may
     not be written yet when its first messages arrive). Otherwise the registry says: the node's
     heartbeat is current and names the claiming process (`registry.service.claim_alive`)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import claim_alive
 
     if row.worker == hostname and row.worker_incarnation and incarnation:

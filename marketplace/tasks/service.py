@@ -19,17 +19,17 @@ from marketplace import observability
 from marketplace.audit import service as audit
 from marketplace.billing import service as billing
 from marketplace.catalog import ModelSpec, get_catalog
-from marketplace.db import utcnow
-from marketplace.errors import Conflict, InvalidInput, NotFound
 from marketplace.events.outbox import emit
 from marketplace.files.models import File
-from marketplace.prepared import Prepared
+from marketplace.infra.db import utcnow
+from marketplace.infra.errors import Conflict, InvalidInput, NotFound
+from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.params import check_params
 from marketplace.tasks.schemas import Progress, SubTaskList, SubTaskOut, TaskOut, TaskRequest
 from marketplace.users.models import User
-from marketplace.webhook_targets import check_submitted
+from marketplace.webhooks.targets import check_submitted
 
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
@@ -339,7 +339,7 @@ def schedule_accepted(task: Task) -> bool:
     again, a second task. So a broker that is down here leaves it `Created`, and recovery
     (`maintenance.recover`) sends the message once the task has sat past
     `recovery_stall_seconds`."""
-    from marketplace.celery_app import send_or_leave_to_recovery
+    from marketplace.infra.celery_app import send_or_leave_to_recovery
 
     return send_or_leave_to_recovery(
         SCHEDULE_TASK, schedule_message_id(task.id),
@@ -357,7 +357,7 @@ def enqueue_schedule(
     its own (that was a second transaction per submit). `model`, when the caller has the row:
     the scheduler reads the nodes' capacity for it without a transaction of its own first.
     """
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     app.send_task(SCHEDULE_TASK, args=[str(task_id)], kwargs={"model": model} if model else None,
                   queue="marketplace.scheduler", countdown=countdown,
@@ -469,7 +469,7 @@ def subtask_page(session: Session, *, task: Task, status: str | None = None, aft
 
 def read_result(session: Session, *, task: Task) -> bytes:
     """The stored result document (JSON bytes); Conflict unless the task is Done."""
-    from marketplace.storage import get_store
+    from marketplace.infra.storage import get_store
 
     if task.status != TaskStatus.DONE.value or not task.result_key:
         raise Conflict(f"task {task.id} is {task.status}; results exist only for Done tasks", task_status=task.status)
@@ -481,8 +481,8 @@ def read_partial_result(session: Session, *, task: Task) -> bytes:
     """The outputs a task has, whatever its status, with `status`, `complete` and `missing`: a
     Failed or Cancelled job's finished subtasks were charged, and their outputs are the user's.
     A Done task's is its stored result, complete."""
+    from marketplace.infra.storage import get_store
     from marketplace.results.service import partial_document, partial_fields
-    from marketplace.storage import get_store
 
     audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}",
                  task_id=task.id, data={"result_key": task.result_key, "partial": True}, pending=True)

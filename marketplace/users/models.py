@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from marketplace.db import Base, new_id, utcnow
+from marketplace.infra.db import Base, new_id, utcnow
 
 
 class User(Base):

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace.audit import service as audit
-from marketplace.errors import Conflict, NotFound, Unauthenticated
+from marketplace.infra.errors import Conflict, NotFound, Unauthenticated
 from marketplace.users.models import User
 from marketplace.users.passwords import hash_password, verify_password
 

@@ -15,7 +15,7 @@ BLOCKLIST_PREFIX = "marketplace:jwt:revoked:"
 
 def revoke(jti: str, *, ttl_seconds: int) -> None:
     """Refuse the token `jti` for `ttl_seconds` (until it would have expired anyway)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     if ttl_seconds > 0:
         get_redis().set(BLOCKLIST_PREFIX + jti, "1", ex=ttl_seconds)
@@ -23,7 +23,7 @@ def revoke(jti: str, *, ttl_seconds: int) -> None:
 
 def is_revoked(jti: str, sid: str | None = None) -> bool:
     """Whether the token `jti`, or the login session `sid` it belongs to, was revoked (one call)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     keys = [BLOCKLIST_PREFIX + jti] + ([SESSION_PREFIX + sid] if sid else [])
     return bool(get_redis().exists(*keys))
@@ -37,7 +37,7 @@ SESSION_PREFIX = "marketplace:jwt:session-revoked:"
 
 def revoke_session(sid: str) -> None:
     """Refuse every token of the session `sid`, for as long as its refresh token could live."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     ttl = int(timedelta(days=get_settings().refresh_token_days).total_seconds()) + 1
@@ -124,7 +124,7 @@ def decode(token: str, *, expected_type: str = "access") -> dict[str, Any]:
     from flask_jwt_extended import decode_token
     from flask_jwt_extended.exceptions import JWTExtendedException
 
-    from marketplace.errors import Unauthenticated
+    from marketplace.infra.errors import Unauthenticated
 
     try:
         with _app_context():

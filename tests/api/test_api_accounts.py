@@ -37,7 +37,7 @@ def test_register_login_and_me(client):  # type: ignore[no-untyped-def]
 
 
 def test_password_is_hashed_with_argon2(client, stack):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     u = register(client)
@@ -120,7 +120,7 @@ def test_forged_and_expired_tokens_are_401(client, app):  # type: ignore[no-unty
 
 
 def test_users_create_cli_makes_an_admin_who_sees_all_tasks(client, stack):  # type: ignore[no-untyped-def]
-    from marketplace.cli import main
+    from marketplace.cli.main import main
 
     email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
     runner = CliRunner()
@@ -157,7 +157,7 @@ def test_users_create_cli_makes_an_admin_who_sees_all_tasks(client, stack):  # t
 
 def test_operators_list_accounts_and_set_roles_and_quotas(client, stack):  # type: ignore[no-untyped-def]
     """Quota overrides lived on the row with nothing but SQL to set them."""
-    from marketplace.cli import main
+    from marketplace.cli.main import main
 
     u = register(client)
     runner = CliRunner()

@@ -27,7 +27,7 @@ def _submit(client, user: dict[str, Any]):  # type: ignore[no-untyped-def]
 
 
 def _tasks_of(user_id: str) -> int:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task
 
     with session_scope() as session:
@@ -57,7 +57,7 @@ def test_unfunded_big_submits_never_wait_on_the_balance_lock(app, client, user):
     """Eight at once from one user, while another transaction holds the user's balance lock as a
     covered submit does while it places its hold: all 402. They used to queue on that lock (each
     refusal holding it through its own insert) and the last ones were 503s at the statement timeout."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     set_user(user["id"], balance=Decimal("1"))
     answers: list[tuple[int, Any]] = []
@@ -82,7 +82,7 @@ def test_unfunded_big_submits_never_wait_on_the_balance_lock(app, client, user):
 
 def _subtasks_bytes() -> int:
     """The subtasks table's size on disk: it grows as rows go in, committed or not."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text("SELECT pg_relation_size('subtasks')")).scalar_one()
@@ -94,7 +94,7 @@ def test_a_big_covered_submit_locks_the_balance_only_after_its_rows_are_in(app, 
     the insert."""
     from sqlalchemy.exc import OperationalError
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     set_user(user["id"], balance=Decimal("5000"), daily_spend_limit=Decimal("5000"))
     before = _subtasks_bytes()

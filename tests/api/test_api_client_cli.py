@@ -8,7 +8,7 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from marketplace.cli import main
+from marketplace.cli.main import main
 from marketplace.client import ApiError, Client
 
 

@@ -14,7 +14,7 @@ def _upload(client, headers, data: bytes, name: str = "cat.jpg", ctype: str = "i
 
 
 def test_upload_stores_bytes_and_returns_metadata(client, user):  # type: ignore[no-untyped-def]
-    from marketplace.storage import get_store
+    from marketplace.infra.storage import get_store
 
     data = b"\xff\xd8\xff" + uuid.uuid4().bytes * 100
     resp = _upload(client, user["headers"], data, name="../../etc/passwd/../cat photo.jpg")

@@ -48,7 +48,7 @@ def test_anonymous_limit_is_per_ip(make_app):  # type: ignore[no-untyped-def]
 
 
 def test_active_task_quota_is_429_problem(client, stack):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     u = register(client)

@@ -29,7 +29,7 @@ def test_idempotency_key_same_body_same_task_other_body_409(client, user):  # ty
 
 def test_concurrent_duplicates_get_one_task(stack, client):  # type: ignore[no-untyped-def]
     """The loser of a race on the unique key gets the winner's task, not a 500."""
-    from marketplace.db import new_session
+    from marketplace.infra.db import new_session
     from marketplace.tasks.models import Task
     from marketplace.tasks.schemas import TaskRequest
     from marketplace.tasks.service import create_task
@@ -78,7 +78,7 @@ def test_a_submit_without_a_key_stores_what_the_keyed_path_stores(client, user):
     the keyed one through the ORM: the two must store the same rows."""
     from sqlalchemy import select
 
-    from marketplace.db import new_session
+    from marketplace.infra.db import new_session
     from marketplace.tasks.models import SubTask, Task
 
     texts = ["one", "twö", "thr\u00e9e \"quoted\"", "four", "five {x}", "six", "seven"]

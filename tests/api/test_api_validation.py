@@ -153,7 +153,7 @@ def test_a_weights_version_never_pushed_is_named_at_submit(client, user):  # typ
 def test_good_model_params_are_accepted(client, user):  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     resp = client.post("/v1/tasks", json={"model": "generic", "inputs": [1], "params": {
         "command": ["/bin/cat"], "timeout_s": 5, "memory_mb": 128}}, headers=user["headers"])

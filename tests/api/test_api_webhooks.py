@@ -54,7 +54,7 @@ class Receiver:
 
 def counting_posts(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
     """The URL of every delivery attempt from now on, each still made for real."""
-    from marketplace import webhooks
+    from marketplace.webhooks import delivery as webhooks
 
     attempts: list[str] = []
     real_post = webhooks.post
@@ -75,7 +75,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_done_task_is_posted_signed_to_the_webhook(client, user, worker, receiver):  # type: ignore[no-untyped-def]
-    from marketplace.webhooks import verify
+    from marketplace.webhooks.delivery import verify
 
     secret = client.get("/v1/me", headers=user["headers"]).get_json()["webhook_secret"]
     task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2, 3], "webhook_url": receiver.url},
@@ -139,8 +139,8 @@ def test_failing_receiver_is_retried_with_backoff(client, user, worker):  # type
 
 
 def test_unreachable_receiver_gives_up_after_bounded_retries(client, user, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace import webhooks
     from marketplace.settings import get_settings
+    from marketplace.webhooks import delivery as webhooks
     from tests.support.servers import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/hook"
@@ -160,7 +160,7 @@ def test_unreachable_receiver_gives_up_after_bounded_retries(client, user, monke
     # Ended: recovery does not send it again.
     from sqlalchemy import text
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         ended = conn.execute(text("SELECT webhook_done_at FROM tasks WHERE id = :t"), {"t": task["id"]}).scalar()

@@ -57,7 +57,7 @@ def _chord_sizes(app) -> set[bytes]:  # type: ignore[no-untyped-def]
 def test_failing_subtask_is_retried_then_fails_the_task_and_its_chord_is_not_left_open(client, user):  # type: ignore[no-untyped-def]
     from celery.result import AsyncResult
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
     from marketplace.scheduling.service import callback_id
     from marketplace.settings import get_settings
 
@@ -97,7 +97,7 @@ def test_failing_subtask_is_retried_then_fails_the_task_and_its_chord_is_not_lef
 def test_a_small_task_is_finished_by_its_last_subtask_and_a_big_one_by_a_finalize_message(client, user):  # type: ignore[no-untyped-def]
     from celery.result import AsyncResult
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
     from marketplace.scheduling.service import callback_id, celery_subtask_id, last_subtask_finalize_id
     from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
 

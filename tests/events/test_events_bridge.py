@@ -27,8 +27,8 @@ def _relay(bootstrap: str, **kw):  # type: ignore[no-untyped-def]
 
 
 def _rows(key: str) -> list:  # type: ignore[type-arg]
-    from marketplace.db import session_scope
     from marketplace.events.models import OutboxEvent
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         return list(session.execute(
@@ -103,9 +103,9 @@ def test_finished_task_events_arrive_in_order_and_decode(stack, client, worker, 
 
 
 def test_kafka_down_events_wait_in_the_outbox_then_all_arrive_in_order(stack, kafka_bootstrap, kafka_consume):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
     from marketplace.events.outbox import emit
     from marketplace.events.relay import wait_idle
+    from marketplace.infra.db import session_scope
     from marketplace.settings import get_settings
 
     keys = [str(uuid.uuid4()) for _ in range(3)]
@@ -137,8 +137,8 @@ def test_kafka_down_events_wait_in_the_outbox_then_all_arrive_in_order(stack, ka
 def test_only_one_bridge_relays_at_a_time(stack, kafka_bootstrap):  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
-    from marketplace.db import new_session
     from marketplace.events.relay import RELAY_LOCK
+    from marketplace.infra.db import new_session
 
     holder = new_session()
     try:
@@ -173,7 +173,7 @@ def _drain(consumer, n: int, timeout: float = 60.0) -> list[str]:  # type: ignor
 
 
 def test_a_replayed_submission_creates_one_task(stack, client, kafka_bootstrap, kafka_produce):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task
 
     topic, dlq = f"submissions-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
@@ -236,7 +236,7 @@ def test_poison_submissions_are_dead_lettered_and_the_partition_moves_on(stack, 
     """A NUL in the key failed the dedupe query and nesting past the parser's stack raised
     RecursionError: both were taken for outages and retried forever, and the valid submission
     behind them never ran. A key reused with another body was answered "duplicate" and dropped."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task
 
     topic, dlq = f"submissions-{uuid.uuid4().hex[:8]}", f"dlq-{uuid.uuid4().hex[:8]}"
@@ -270,7 +270,7 @@ def test_poison_submissions_are_dead_lettered_and_the_partition_moves_on(stack, 
 # -- codec and pruning (no Kafka needed) -------------------------------------------------------------------
 
 def test_codec_maps_every_outbox_type_to_an_envelope():  # type: ignore[no-untyped-def]
-    from marketplace.db import utcnow
+    from marketplace.infra.db import utcnow
 
     now = utcnow()
     value, headers = codec.encode(event_id=7, type="TaskCancelled", key="t1", created_at=now,
@@ -291,9 +291,9 @@ def test_codec_maps_every_outbox_type_to_an_envelope():  # type: ignore[no-untyp
 
 
 def test_prune_deletes_old_relayed_rows_and_old_unsent_rows_only_when_kafka_is_off(stack):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope, utcnow
     from marketplace.events.models import OutboxEvent
     from marketplace.events.relay import prune, prune_outbox
+    from marketplace.infra.db import session_scope, utcnow
 
     key = str(uuid.uuid4())
     old = utcnow() - timedelta(hours=48)
@@ -320,7 +320,7 @@ def test_prune_deletes_old_relayed_rows_and_old_unsent_rows_only_when_kafka_is_o
 def test_bridge_command_without_kafka_says_it_is_off(stack):  # type: ignore[no-untyped-def]
     from click.testing import CliRunner
 
-    from marketplace.cli import main
+    from marketplace.cli.main import main
 
     result = CliRunner().invoke(main, ["bridge"])
     assert result.exit_code == 1
@@ -336,7 +336,7 @@ def test_marketplace_bridge_command_relays_and_consumes(stack, client, kafka_boo
     import time
     from pathlib import Path
 
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.settings import get_settings
     from marketplace.tasks.models import Task
 
@@ -367,9 +367,9 @@ def test_marketplace_bridge_command_relays_and_consumes(stack, client, kafka_boo
 
 def test_events_emitted_together_are_stored_in_the_order_given(stack):  # type: ignore[no-untyped-def]
     """`emit_many` writes them in one statement: ids follow the list, each with its own key and payload."""
-    from marketplace.db import session_scope
     from marketplace.events.models import OutboxEvent
     from marketplace.events.outbox import emit, emit_many, topic_for
+    from marketplace.infra.db import session_scope
 
     keys = [f"order-{uuid.uuid4().hex}" for _ in range(40)]
     with session_scope() as session:
@@ -389,8 +389,8 @@ def test_events_emitted_together_are_stored_in_the_order_given(stack):  # type: 
 
 
 def _outbox_keys(keys: list[str]) -> list[tuple[str, str]]:
-    from marketplace.db import session_scope
     from marketplace.events.models import OutboxEvent
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         return [tuple(r) for r in session.execute(select(OutboxEvent.key, OutboxEvent.type)
@@ -400,8 +400,8 @@ def _outbox_keys(keys: list[str]) -> list[tuple[str, str]]:
 def test_events_are_written_only_by_a_commit_of_their_transaction(stack):  # type: ignore[no-untyped-def]
     """Deferred to the commit: a rollback, or a session closed without one, leaves none behind,
     even when the same session commits later; a savepoint's rollback takes only its own."""
-    from marketplace.db import new_session
     from marketplace.events.outbox import emit
+    from marketplace.infra.db import new_session
 
     keys = [f"deferred-{uuid.uuid4().hex}" for _ in range(5)]
     session = new_session()
@@ -424,7 +424,7 @@ def test_events_are_written_only_by_a_commit_of_their_transaction(stack):  # typ
 def test_a_chained_audit_record_still_gets_its_audit_event(stack):  # type: ignore[no-untyped-def]
     """`append` chains in the first before_commit hook, whose AuditEvent the outbox's hook writes after it."""
     from marketplace.audit import service as audit
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     subject = f"test:{uuid.uuid4().hex}"
     with session_scope() as session:

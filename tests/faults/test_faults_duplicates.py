@@ -15,7 +15,7 @@ from tests.support.api import register
 
 def _task_with_subtasks(client, n: int) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
     """A task no worker consumes yet (own broker, no node): rows only."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     user = register(client)
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(n)), "batch_size": 1},
@@ -30,7 +30,7 @@ def _task_with_subtasks(client, n: int) -> tuple[str, list[str]]:  # type: ignor
 
 
 def _heartbeat(hostname: str) -> None:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import heartbeat
 
     heartbeat(get_redis(), info={"hostname": hostname, "queues": ["cpu.generic"], "concurrency": 1})
@@ -39,8 +39,8 @@ def _heartbeat(hostname: str) -> None:
 def _empty_queue(r, queue: str = "cpu.generic") -> None:  # type: ignore[no-untyped-def]
     """Every list kombu keeps the queue in: recovery re-sends other tests' stalled subtasks with
     their priority, into `<queue><sep><step>`, and those count as the queue's depth."""
-    from marketplace.broker import broker_lists
-    from marketplace.celery_app import app
+    from marketplace.infra.broker import broker_lists
+    from marketplace.infra.celery_app import app
 
     r.delete(*broker_lists(queue, dict(app.conf.broker_transport_options or {})))
 
@@ -61,7 +61,7 @@ def test_a_second_message_for_a_subtask_running_on_a_live_node_is_skipped(client
 def test_the_copy_runs_when_the_first_run_outlived_its_time_limit_on_a_live_node(client, own_broker):  # type: ignore[no-untyped-def]
     """Nothing runs a subtask past its hard limit (a kill at the limit, or a database crash that
     forgot its completion, leaves it Running): recovery's copy must take it over, live node or not."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.tasks.progress import claim_subtask
 
     _task, (sid,) = _task_with_subtasks(client, 1)
@@ -79,7 +79,7 @@ def test_the_copy_runs_when_the_first_run_outlived_its_time_limit_on_a_live_node
 
 
 def test_a_subtask_that_keeps_outliving_its_time_limit_fails_with_the_reason(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.tasks.progress import claim_subtask
     from workers import runner
 
@@ -117,8 +117,8 @@ def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type:
 
 
 def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled, redeclare_queues
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling.recovery import recover_stalled, redeclare_queues
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
@@ -136,9 +136,9 @@ def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client
 def test_recovery_resends_what_a_flushed_redis_lost_even_behind_newer_work(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     """After a FLUSHALL the queue may fill with newer work at once: its depth no longer says
     that the older messages still wait in it."""
-    from marketplace.db import get_engine
-    from marketplace.maintenance import recover_stalled, redeclare_queues
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling.recovery import recover_stalled, redeclare_queues
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
@@ -163,7 +163,7 @@ def test_recovery_resends_what_a_flushed_redis_lost_even_behind_newer_work(clien
 # A node that takes one message off the queue and dies before acknowledging it (SIGKILL).
 _TAKE_AND_DIE = """
 import os, signal
-from marketplace.celery_app import app
+from marketplace.infra.celery_app import app
 with app.connection_for_read() as conn:
     message = conn.SimpleQueue("cpu.generic", no_ack=False).get(timeout=20)
     print(message.headers["id"], flush=True)
@@ -172,9 +172,9 @@ with app.connection_for_read() as conn:
 
 
 def _queued_ids(queue: str) -> list[str]:
-    from marketplace.broker import broker_lists
-    from marketplace.celery_app import app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.broker import broker_lists
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.redis_client import get_redis
 
     ids = []
     for name in broker_lists(queue, dict(app.conf.broker_transport_options)):
@@ -188,10 +188,10 @@ def _queued_ids(queue: str) -> list[str]:
 def test_recovery_resends_a_subtask_whose_message_a_dead_node_holds(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     """kombu would give the message back only after its visibility timeout (an hour), and the
     queue is busy with other work: recovery must not read that as 'waiting its turn'."""
-    from marketplace.broker import held_since
-    from marketplace.db import get_engine, utcnow
-    from marketplace.maintenance import recover_stalled, redeclare_queues
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.broker import held_since
+    from marketplace.infra.db import get_engine, utcnow
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling.recovery import recover_stalled, redeclare_queues
     from marketplace.scheduling.service import dispatch
     from marketplace.settings import get_settings
     from tests.support.servers import ROOT

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 class Throwaway:
     def __init__(self) -> None:
-        from marketplace.embedded import EmbeddedPostgres
+        from marketplace.infra.embedded import EmbeddedPostgres
 
         self.dir = Path(tempfile.mkdtemp(prefix="mp-pg-fault-")) / "pg"
         self.embedded = EmbeddedPostgres(self.dir)
@@ -52,7 +52,7 @@ class Throwaway:
 
 @pytest.fixture()
 def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-def]
-    from marketplace import migrate
+    from marketplace.infra import migrate
 
     pg = Throwaway()
     migrate.upgrade(pg.url)
@@ -67,7 +67,7 @@ def throwaway_pg(own_broker) -> Iterator[Throwaway]:  # type: ignore[no-untyped-
 def _api_and_node(name: str) -> Iterator[tuple]:  # type: ignore[type-arg]
     """An API client (built now, under the current environment), a user, and a node on cpu.generic."""
     from api import create_app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     client = create_app(get_settings()).test_client()

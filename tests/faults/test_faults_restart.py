@@ -23,14 +23,14 @@ RESUMES_WITHIN = 120.0  # README: "a job whose node died resumes about two minut
 
 
 def _db(sql: str, **params):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text(sql), params).all()
 
 
 def _db_exec(sql: str, **params) -> None:  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().begin() as conn:
         conn.execute(text(sql), params)
@@ -43,7 +43,7 @@ def _names(*letters: str) -> list[str]:
 
 
 def _heartbeat(hostname: str, incarnation: str | None) -> None:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import heartbeat
 
     info = {"hostname": hostname, "queues": ["cpu.generic"], "concurrency": 1}
@@ -56,7 +56,7 @@ def stored_task(client):  # type: ignore[no-untyped-def]
     node), Scheduled on cpu.generic and just moved. Its rows are made up (claims by nodes that do
     not exist): the task ends Cancelled, so that no later test's recovery in the shared database
     sends or finalizes it."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     made: list[str] = []
 
@@ -84,9 +84,9 @@ def _claim(sid: str, hostname: str, incarnation: str | None, message: int):  # t
 
 
 def _queued_ids(queue: str = "cpu.generic") -> list[str]:
-    from marketplace.broker import broker_lists
-    from marketplace.celery_app import app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.broker import broker_lists
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.redis_client import get_redis
 
     ids = []
     for name in broker_lists(queue, dict(app.conf.broker_transport_options)):
@@ -139,7 +139,7 @@ def test_a_claim_without_an_incarnation_is_judged_by_the_node_name_as_before(sto
 # -- recovery and Reschedule ----------------------------------------------------------------------
 
 def test_recovery_sends_a_restarted_nodes_subtasks_again_without_waiting_for_the_stall(stored_task, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled
+    from marketplace.scheduling.recovery import recover_stalled
     from marketplace.settings import get_settings
 
     node_a, node_c = _names("a", "c")
@@ -167,8 +167,8 @@ def test_reschedule_answers_only_the_subtasks_it_really_sent(stored_task, own_br
     skips) included: [0, 1] while nothing ran."""
     import grpc
 
-    from marketplace.grpc_server import build_server
     from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
+    from marketplace.rpc.server import build_server
 
     node_a, node_c = _names("a", "c")
     task_id, (pending, busy, orphan, gone, done), user = stored_task(5)
@@ -215,7 +215,7 @@ def _record(r, hostname: str) -> dict:  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_a_node_whose_main_process_is_killed_and_restarted_under_its_name_finishes_the_job(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     assert get_settings().recovery_stall_seconds >= RESUMES_WITHIN, "the default deadline; no recovery is run here"

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _db(sql: str, **params):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text(sql), params).all()
@@ -47,7 +47,7 @@ def _assert_exactly_once(client, user, task_id: str, inputs: list) -> None:  # t
 
 def _drive_recovery(client, user, task_id: str, timeout: float = 120.0) -> dict:  # type: ignore[no-untyped-def]
     """Run the recovery job (beat runs it every 30 s) until the task is final."""
-    from marketplace.maintenance import recover_stalled
+    from marketplace.scheduling.recovery import recover_stalled
 
     deadline = time.monotonic() + timeout
     while True:
@@ -71,7 +71,7 @@ def _start(queues: list[str], name: str, redis_client) -> CeleryWorker:  # type:
 
 
 def test_sigkill_of_a_pool_child_mid_subtask_is_redelivered_and_charged_once(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     node = _start(CONTROL + ["cpu.generic"], "child-kill", get_redis())
     try:
@@ -91,7 +91,7 @@ def test_sigkill_of_a_pool_child_mid_subtask_is_redelivered_and_charged_once(cli
 
 
 def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 2.0)
@@ -111,11 +111,11 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
         r.delete(f"marketplace:worker:{doomed.hostname}")
         from click.testing import CliRunner
 
-        from marketplace.cli import main
+        from marketplace.cli.main import main
 
         out = CliRunner().invoke(main, ["recover", "--stall-seconds", "3600"])
         assert out.exit_code == 0 and "redispatched: 0" in out.output, out.output
-        from marketplace.maintenance import not_yet_stalled_on_dead_nodes
+        from marketplace.scheduling.recovery import not_yet_stalled_on_dead_nodes
 
         assert task_id in not_yet_stalled_on_dead_nodes()  # the CLI prints ten ids; the shared database has others
         assert "waiting on a dead node: " in out.output and "--stall-seconds 0" in out.output, out.output
@@ -134,7 +134,7 @@ def test_a_whole_node_killed_mid_job_is_recovered_from_the_database(client, own_
 
 
 def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 2.0)
@@ -156,7 +156,7 @@ def test_redis_flushed_mid_job_still_ends_done(client, own_broker, monkeypatch):
 
 
 def test_a_failing_subtask_ends_the_task_without_waiting_for_its_siblings(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     node = _start(CONTROL + ["cpu.generic"], "shortcut", get_redis())
     try:
@@ -181,7 +181,7 @@ def test_a_failing_subtask_ends_the_task_without_waiting_for_its_siblings(client
 
 
 def test_object_store_unreachable_retries_then_fails_with_the_reason(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
     from tests.support.servers import free_port
 
@@ -208,7 +208,7 @@ def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery
     once the broker is back, instead of leaving the task Scheduled for recovery's stall deadline."""
     import threading
 
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.scheduling import service
 
     user = register(client)
@@ -238,9 +238,9 @@ def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery
 
 def _scheduled_by_the_test(client, user, r, body: dict) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
     """A submitted task that the test dispatches itself: its scheduling message is dropped."""
-    from marketplace.broker import broker_lists
-    from marketplace.celery_app import app
-    from marketplace.db import get_engine
+    from marketplace.infra.broker import broker_lists
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.db import get_engine
 
     task_id = _submit(client, user, body)
     r.delete(*broker_lists("marketplace.scheduler", dict(app.conf.broker_transport_options or {})))
@@ -271,7 +271,7 @@ def _hung_at_its_hard_limit(client, user, r, inputs: list) -> tuple[str, CeleryW
 def test_a_subtask_killed_at_its_hard_time_limit_is_retried_at_once(client, own_broker):  # type: ignore[no-untyped-def]
     """No recovery sweep runs here: without the errbacks the task would wait for recovery's
     cutoff (the limit plus a minute)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     user = register(client)
     inputs = list(range(3))
@@ -287,8 +287,8 @@ def test_a_subtask_killed_at_its_hard_time_limit_is_retried_at_once(client, own_
 
 
 def test_a_subtask_killed_at_its_hard_time_limit_with_no_attempts_left_fails_the_task(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     user = register(client)
@@ -308,8 +308,8 @@ def test_a_subtask_killed_at_its_hard_time_limit_with_no_attempts_left_fails_the
 def test_a_big_job_whose_chord_callback_never_comes_is_finished_by_its_last_subtask(client, own_broker):  # type: ignore[no-untyped-def]
     """A chord only partly sent (the broker dropped out mid-dispatch) never calls back, and the
     re-sent copies of its running subtasks are skipped: the last subtask to finish asks for finalize."""
-    from marketplace.celery_app import app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.redis_client import get_redis
     from marketplace.scheduling.service import RUN_SUBTASK, celery_subtask_id
     from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
 
@@ -338,8 +338,8 @@ def test_a_broker_down_between_the_commit_and_the_schedule_message_still_accepts
     """The task and its hold are committed when the broker goes away: the submit answers 202
     (a 503 would have the client send a second task), and recovery sends the lost `schedule`
     message once the broker is back. The job ends Done, charged once."""
-    from marketplace import maintenance
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling import recovery as maintenance
     from marketplace.settings import get_settings
     from marketplace.tasks import service
 
@@ -383,11 +383,11 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
     takes it. Recovery finds the delivery sent but never ended and sends it again; once it has
     ended, recovery leaves it alone. A broker that is down when the message is sent does not
     fail the step that sends it (that step finished the task)."""
-    from marketplace import webhooks
-    from marketplace.celery_app import app
-    from marketplace.maintenance import recover_stalled
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.redis_client import get_redis
     from marketplace.results.service import send_webhook
+    from marketplace.scheduling.recovery import recover_stalled
+    from marketplace.webhooks import delivery as webhooks
     from tests.api.test_api_webhooks import Receiver
 
     def delivery_state(task_id: str):  # type: ignore[no-untyped-def]
@@ -434,7 +434,7 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
 
 def _strand(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     """A job running on the only cpu.generic node, which dies: its queue has no live node."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import deregister
     from marketplace.settings import get_settings
 
@@ -461,7 +461,7 @@ def test_a_job_whose_nodes_are_all_gone_says_so_then_fails_with_the_reason(clien
     """Its messages wait in a queue no live node serves: the task says why it waits, keeps the
     time it was first found unserved, and fails with the reason after `schedule_timeout`;
     what its finished subtasks produced is still readable, and all it is charged for."""
-    from marketplace.maintenance import recover_stalled
+    from marketplace.scheduling.recovery import recover_stalled
 
     control, user, inputs, task_id = _strand(client, own_broker, monkeypatch)
     try:
@@ -494,8 +494,8 @@ def test_a_job_whose_nodes_are_all_gone_says_so_then_fails_with_the_reason(clien
 
 
 def test_a_stranded_job_is_cleared_and_finishes_when_a_node_comes_back(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace.maintenance import recover_stalled
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling.recovery import recover_stalled
 
     control, user, inputs, task_id = _strand(client, own_broker, monkeypatch)
     survivor = None
@@ -521,9 +521,9 @@ def test_a_stranded_job_is_cleared_and_finishes_when_a_node_comes_back(client, o
 def test_an_any_device_job_whose_gpu_nodes_are_gone_moves_to_the_cpu_queue(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
     """Sent with `device: any` to the GPU queue, whose only node then goes (a preempted GPU
     fleet): recovery moves the task to the CPU queue, whose node runs every subtask."""
-    from marketplace.maintenance import recover_stalled
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import deregister, heartbeat
+    from marketplace.scheduling.recovery import recover_stalled
     from marketplace.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)

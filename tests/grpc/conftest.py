@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def grpc_target(stack: dict[str, str]) -> Iterator[str]:
-    from marketplace.grpc_server import build_server
+    from marketplace.rpc.server import build_server
 
     server = build_server(host="127.0.0.1", port=0, max_workers=8)
     server.start()
@@ -78,7 +78,7 @@ def user(new_user: Any) -> dict[str, Any]:
 @pytest.fixture()
 def admin(stubs: Any, stack: dict[str, str]) -> dict[str, Any]:
     """An admin: made in the database (there is no public way to become one), logged in over gRPC."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users import service as users
 
     email = f"admin-{uuid.uuid4().hex[:10]}@example.com"
@@ -90,7 +90,7 @@ def admin(stubs: Any, stack: dict[str, str]) -> dict[str, Any]:
 
 def set_user(user_id: str, **values: Any) -> None:
     """Change a user row directly (quota overrides, balance) to reach an error path."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     with session_scope() as session:

@@ -59,8 +59,8 @@ def test_health_reports_every_service_serving_and_reflection_lists_them(channel)
 
 
 def test_error_table_maps_every_domain_error():  # type: ignore[no-untyped-def]
-    from marketplace import errors
-    from marketplace.grpc_server import AlreadyExists, status_code_for
+    from marketplace.infra import errors
+    from marketplace.rpc.server import AlreadyExists, status_code_for
 
     assert status_code_for(errors.InvalidInput.field("x", "bad")) == C.INVALID_ARGUMENT
     assert status_code_for(errors.NotFound("x")) == C.NOT_FOUND
@@ -317,7 +317,7 @@ def test_schedule_and_reschedule(stubs, user, admin, worker, rpc_error):  # type
 
 
 def test_queue_stats_counts_every_priority_list_and_live_workers(stubs, user, worker, rpc_error):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     queue = "cpu.resnet50"  # no test node consumes it, so published messages stay put
     before = stubs.scheduler.QueueStats(scheduler_pb2.QueueStatsRequest(queues=[queue]), metadata=user["md"])
@@ -504,7 +504,7 @@ def test_audit_append_query_verify_and_public_key(stubs, user, new_user, admin, 
     from sqlalchemy import or_, select
 
     from marketplace.audit.models import AuditPending, AuditRecord
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:  # nothing of them written, cut or whole
         for table in (AuditRecord, AuditPending):
@@ -538,7 +538,7 @@ def test_backing_service_outages_are_unavailable_and_surprises_internal():  # ty
     import redis
     from sqlalchemy.exc import OperationalError
 
-    from marketplace.grpc_server import to_failure
+    from marketplace.rpc.server import to_failure
 
     db_down = to_failure(OperationalError("SELECT 1", {}, Exception("connection refused")))
     assert db_down.code == C.UNAVAILABLE and "database" in db_down.detail

@@ -5,8 +5,8 @@ import uuid
 
 
 def test_publishes_reuse_one_redis_client_and_all_arrive(stack, redis_client):  # type: ignore[no-untyped-def]
-    from marketplace.broker_transport import Channel
-    from marketplace.celery_app import app
+    from marketplace.infra.broker_transport import Channel
+    from marketplace.infra.celery_app import app
 
     queue = f"test.transport.{uuid.uuid4().hex[:8]}"
     try:
@@ -25,7 +25,7 @@ def test_publishes_reuse_one_redis_client_and_all_arrive(stack, redis_client):  
 
 
 def test_a_replaced_pool_gets_a_new_client(stack):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     with app.connection_for_write() as conn:
         channel = conn.default_channel
@@ -40,7 +40,7 @@ def test_a_replaced_pool_gets_a_new_client(stack):  # type: ignore[no-untyped-de
 
 def test_broker_urls_still_read_as_redis(stack):  # type: ignore[no-untyped-def]
     """Flower picks its broker view by the URL's scheme."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     with app.connection_for_write() as conn:
         assert conn.as_uri().startswith("redis://")
@@ -51,7 +51,7 @@ def test_a_queue_is_declared_once_per_connection_and_its_messages_still_arrive(s
     kombu's cache without building a retrying wrapper (Connection.ensure) for it."""
     from kombu import Exchange, Queue
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     name = f"test.declare.{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)

@@ -11,7 +11,7 @@ from kombu import Exchange, Queue
 @pytest.fixture()
 def queue(stack, redis_client):  # type: ignore[no-untyped-def]
     """A queue no worker consumes, on the test broker, known to the app by name."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     name = f"test.batch.{uuid.uuid4().hex[:8]}"
     yield app.amqp.queues.add(Queue(name, Exchange(name, type="direct"), routing_key=name))
@@ -26,7 +26,7 @@ def _waiting(redis_client, queue: Queue) -> int:  # type: ignore[no-untyped-def]
 
 
 def _send(queue: Queue, i: int) -> None:
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     app.send_task("test.batched", args=[i], queue=queue, ignore_result=True)
 
@@ -34,7 +34,7 @@ def _send(queue: Queue, i: int) -> None:
 def test_messages_wait_for_the_batch_then_all_arrive_in_order(queue, redis_client):  # type: ignore[no-untyped-def]
     import json
 
-    from marketplace.celery_app import batched_publishing
+    from marketplace.infra.celery_app import batched_publishing
 
     with batched_publishing(max_size=100):
         for i in range(5):
@@ -46,7 +46,7 @@ def test_messages_wait_for_the_batch_then_all_arrive_in_order(queue, redis_clien
 
 
 def test_a_full_batch_is_sent_before_the_block_ends(queue, redis_client):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import batched_publishing
+    from marketplace.infra.celery_app import batched_publishing
 
     with batched_publishing(max_size=3):
         for i in range(7):
@@ -56,7 +56,7 @@ def test_a_full_batch_is_sent_before_the_block_ends(queue, redis_client):  # typ
 
 
 def test_an_error_in_the_block_sends_nothing_more(queue, redis_client):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import batched_publishing
+    from marketplace.infra.celery_app import batched_publishing
 
     with pytest.raises(RuntimeError), batched_publishing(max_size=100):
         _send(queue, 1)
@@ -67,7 +67,7 @@ def test_an_error_in_the_block_sends_nothing_more(queue, redis_client):  # type:
 
 
 def test_a_nested_block_joins_the_outer_batch(queue, redis_client):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import batched_publishing
+    from marketplace.infra.celery_app import batched_publishing
 
     with batched_publishing(max_size=100):
         with batched_publishing(max_size=1):
@@ -80,7 +80,7 @@ def test_a_nested_block_joins_the_outer_batch(queue, redis_client):  # type: ign
 def test_a_chords_members_are_not_subscribed_to(queue, redis_client):  # type: ignore[no-untyped-def]
     from celery import chord, group, signature
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     header = group(signature("test.member", args=[i], queue=queue.name, ignore_result=True) for i in range(3))
     result = chord(header, signature("test.callback", queue=queue.name, immutable=True)).apply_async()
@@ -92,8 +92,8 @@ def test_a_chords_members_are_not_subscribed_to(queue, redis_client):  # type: i
 
 
 def test_a_chords_counter_and_size_are_reset_in_one_round_trip(stack, redis_client, redis_round_trips):  # type: ignore[no-untyped-def]
-    from marketplace.celery_app import app
-    from marketplace.result_backend import RedisBackend
+    from marketplace.infra.celery_app import app
+    from marketplace.infra.result_backend import RedisBackend
 
     backend = app.backend
     assert isinstance(backend, RedisBackend)  # celeryconfig.override_backends
@@ -113,7 +113,7 @@ def test_a_forgotten_chord_leaves_no_key_and_calls_nothing_back(queue, redis_cli
     """What a subtask that finished its task itself does with its chord (workers.tasks)."""
     from celery import chord, group, signature
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     callback = signature("test.callback", queue=queue.name, immutable=True)
     result = chord(group([signature("test.member", queue=queue.name, ignore_result=True)]), callback).apply_async()

@@ -24,7 +24,7 @@ def _terminate(pid: int) -> None:
 @pytest.fixture()
 def pings(monkeypatch):  # type: ignore[no-untyped-def]
     """A list that gets one entry per ping of this process's engine."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     dialect = type(get_engine().dialect)
     original = dialect.do_ping
@@ -39,7 +39,7 @@ def pings(monkeypatch):  # type: ignore[no-untyped-def]
 
 
 def test_a_connection_used_a_moment_ago_is_not_pinged(stack, pings):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     engine = get_engine()
     engine.dispose()
@@ -49,7 +49,7 @@ def test_a_connection_used_a_moment_ago_is_not_pinged(stack, pings):  # type: ig
 
 
 def test_an_idle_connection_is_pinged_and_one_the_server_dropped_is_replaced(stack, pings, monkeypatch):  # type: ignore[no-untyped-def]
-    from marketplace import db
+    from marketplace.infra import db
 
     monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.0)
     engine = db.get_engine()
@@ -64,7 +64,7 @@ def test_an_idle_connection_is_pinged_and_one_the_server_dropped_is_replaced(sta
 def test_within_the_window_a_dropped_connection_fails_once_as_a_disconnect(stack, pings):  # type: ignore[no-untyped-def]
     """The price of not pinging: the first use of a connection the server dropped a moment after
     its last use fails (the API answers 503, a worker retries); the pool then connects anew."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     engine = get_engine()
     engine.dispose()

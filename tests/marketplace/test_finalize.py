@@ -9,8 +9,8 @@ from tests.support.sql import statements_of
 
 
 def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  # type: ignore[no-untyped-def]
+    from marketplace.infra.storage import get_store
     from marketplace.results.service import finalize_task, result_key
-    from marketplace.storage import get_store
 
     user = register(client)
     task_id, _ = ran_uncharged(user["id"], ["a", {"b": 2}, 3])
@@ -47,9 +47,9 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
 
     from marketplace.billing import subtask_charges
     from marketplace.billing.models import Hold
-    from marketplace.db import new_session
+    from marketplace.infra.db import new_session
+    from marketplace.infra.storage import get_store
     from marketplace.results.service import part_key
-    from marketplace.storage import get_store
     from marketplace.tasks import progress
     from tests.support.wait import backends_waiting_on_locks, wait_until
 

@@ -24,8 +24,8 @@ def _prepared_anywhere(engine) -> set[str]:  # type: ignore[no-untyped-def]
 
 
 def test_a_statement_is_prepared_once_per_connection_and_run_by_name(stack):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
-    from marketplace.prepared import Prepared
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.prepared import Prepared
 
     stmt = Prepared("mp_test_echo", "SELECT CAST(:n AS int) + :n AS twice, (:label)::text || '!' AS label",
                     types={"n": "int", "label": "text"})
@@ -39,8 +39,8 @@ def test_a_statement_is_prepared_once_per_connection_and_run_by_name(stack):  # 
 
 
 def test_a_prepared_statement_outlives_a_rollback_and_comes_back_after_a_reconnect(stack):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
-    from marketplace.prepared import Prepared
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.prepared import Prepared
 
     stmt = Prepared("mp_test_rollback", "SELECT :x AS x", types={"x": "text"})
     with get_engine().connect() as conn:
@@ -55,14 +55,14 @@ def test_a_prepared_statement_outlives_a_rollback_and_comes_back_after_a_reconne
 
 
 def test_every_parameter_needs_a_type():  # type: ignore[no-untyped-def]
-    from marketplace.prepared import Prepared
+    from marketplace.infra.prepared import Prepared
 
     with pytest.raises(ValueError, match="no type for b"):
         Prepared("mp_test_untyped", "SELECT :a, :b", types={"a": "int"})
 
 
 def test_a_subtask_claims_and_completes_through_prepared_statements(client):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine, session_scope
+    from marketplace.infra.db import get_engine, session_scope
     from marketplace.tasks.models import SubTask
     from workers import runner
 
@@ -81,7 +81,7 @@ def test_the_claim_and_the_completion_each_commit_by_themselves(client):  # type
     """One round trip each: psycopg2 in a transaction sends BEGIN and COMMIT as two more."""
     from sqlalchemy import event
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from workers import runner
 
     user = register(client)
@@ -105,7 +105,7 @@ def test_the_claim_and_the_completion_each_commit_by_themselves(client):  # type
 def test_a_new_connection_starts_idle_so_its_first_use_can_commit_by_itself(stack):  # type: ignore[no-untyped-def]
     """The connect hook's `SET statement_timeout` must not leave a transaction open (psycopg2
     refuses autocommit inside one: a pool child's first claim failed with it)."""
-    from marketplace.db import autocommit, get_engine
+    from marketplace.infra.db import autocommit, get_engine
 
     get_engine().dispose()  # the next checkout connects anew
     with autocommit() as conn:
@@ -117,8 +117,8 @@ def test_rows_read_on_the_driver_cursor_are_those_sqlalchemy_reads(stack):  # ty
     (SQL tracing): SQLAlchemy's own path. Callers read the same rows from both."""
     from sqlalchemy import event
 
-    from marketplace.db import get_engine
-    from marketplace.prepared import Prepared, Rows
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.prepared import Prepared, Rows
 
     stmt = Prepared("mp_test_rows", "SELECT g AS n, CAST(:label AS text) || g AS label, NULL AS nothing "
                                     "FROM generate_series(1, CAST(:count AS int)) AS g",
@@ -152,8 +152,8 @@ def test_rows_read_on_the_driver_cursor_are_those_sqlalchemy_reads(stack):  # ty
 def test_errors_on_the_driver_cursor_are_sqlalchemys_and_a_dropped_connection_is_replaced(stack):  # type: ignore[no-untyped-def]
     from sqlalchemy import exc
 
-    from marketplace.db import get_engine
-    from marketplace.prepared import Prepared
+    from marketplace.infra.db import get_engine
+    from marketplace.infra.prepared import Prepared
 
     stmt = Prepared("mp_test_errors", "SELECT 1 / CAST(:d AS int) AS q", types={"d": "int"})
     engine = get_engine()

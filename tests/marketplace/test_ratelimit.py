@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace.errors import RateLimited, Unauthenticated
+from marketplace.infra.errors import RateLimited, Unauthenticated
 from tests.support.servers import free_port
 
 
 def test_with_redis_down_the_limits_still_hold_in_memory(caplog):  # type: ignore[no-untyped-def]
-    from marketplace.ratelimit import RateLimits
+    from marketplace.infra.ratelimit import RateLimits
     from marketplace.settings import Settings
 
     limits = RateLimits(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", signup_rate_limit="2/hour",

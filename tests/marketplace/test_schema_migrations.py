@@ -9,9 +9,9 @@ from tests.support.servers import Postgres
 
 
 def test_migrations_build_the_schema_the_models_declare() -> None:
-    import marketplace.celery_app  # noqa: F401  (imports every model module)
-    from marketplace import migrate
-    from marketplace.db import Base
+    import marketplace.infra.celery_app  # noqa: F401  (imports every model module)
+    from marketplace.infra import migrate
+    from marketplace.infra.db import Base
 
     pg = Postgres()
     try:

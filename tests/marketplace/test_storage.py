@@ -7,7 +7,7 @@ import pytest
 
 
 def _stores(tmp_path):  # type: ignore[no-untyped-def]
-    from marketplace.storage import LocalStore, get_store
+    from marketplace.infra.storage import LocalStore, get_store
 
     return [get_store(), LocalStore(tmp_path)]  # S3 (moto's server, from the stack), a directory
 
@@ -24,7 +24,7 @@ def test_get_many_returns_every_object_in_the_order_asked(stack, tmp_path):  # t
 
 
 def test_get_many_raises_for_a_missing_object(stack, tmp_path):  # type: ignore[no-untyped-def]
-    from marketplace.storage import ObjectNotFound
+    from marketplace.infra.storage import ObjectNotFound
 
     for store in _stores(tmp_path):
         prefix = f"results/{uuid.uuid4()}"
@@ -37,7 +37,7 @@ def test_s3_reads_a_task_s_parts_concurrently(stack):  # type: ignore[no-untyped
     """Several GETs in flight at once: each waits on the network, not on this process."""
     import threading
 
-    from marketplace.storage import PARALLEL_GETS, get_store
+    from marketplace.infra.storage import PARALLEL_GETS, get_store
 
     store = get_store()
     prefix = f"results/{uuid.uuid4()}"

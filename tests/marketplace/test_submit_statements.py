@@ -18,8 +18,8 @@ def _assert_recorded(task_id: str) -> None:
     from sqlalchemy import select
 
     from marketplace.audit.models import AuditPending, AuditRecord
-    from marketplace.db import session_scope
     from marketplace.events.models import OutboxEvent
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         # (A worker may have scheduled it since: TaskAssigned, task.dispatched.)

@@ -105,7 +105,7 @@ def obs_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def redis_client(obs_broker: RedisServer):  # type: ignore[no-untyped-def]
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     return get_redis()
 

@@ -108,7 +108,7 @@ def test_failed_tasks_and_subtasks_are_counted_by_status(client, user, obs_worke
 
 def test_queue_depth_counts_every_priority_list_of_a_queue(client, redis_client, obs_worker):  # type: ignore[no-untyped-def]
     """kombu keeps a Redis queue as `<queue>` plus `<queue>:<step>` lists; no worker consumes cpu.resnet50 here."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     queue = "cpu.resnet50"
     for priority in (0, 0, 3, 9):

@@ -80,7 +80,7 @@ def test_a_waiting_task_woken_by_a_new_node_stays_in_its_own_trace(client, user,
     """`wake` runs in the node's trace; the chord it publishes belongs to the job's."""
     from opentelemetry import trace
 
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.service import deregister, heartbeat
     from marketplace.scheduling.service import schedule_task
     from marketplace.scheduling.tasks import wake
@@ -123,8 +123,8 @@ def test_a_task_rescheduled_by_recovery_runs_in_its_own_trace(client, user, obs_
     from opentelemetry import trace
     from sqlalchemy import update
 
-    from marketplace.db import session_scope, utcnow
-    from marketplace.maintenance import recover_stalled
+    from marketplace.infra.db import session_scope, utcnow
+    from marketplace.scheduling.recovery import recover_stalled
     from marketplace.settings import get_settings
     from marketplace.tasks.models import Task
     from marketplace.tasks.schemas import TaskRequest
@@ -272,7 +272,7 @@ def test_a_failed_publish_leaves_no_span_current_behind(memory_spans):  # type: 
     from opentelemetry import trace
     from opentelemetry.trace import StatusCode
 
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
     from marketplace.observability.tracing import publish_scope
     from tests.support.env import private_broker
 

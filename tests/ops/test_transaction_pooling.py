@@ -25,7 +25,7 @@ def bouncer(postgres: Postgres) -> Iterator[PgBouncer]:
 
 
 def _statement(name: str):  # type: ignore[no-untyped-def]
-    from marketplace.prepared import Prepared
+    from marketplace.infra.prepared import Prepared
 
     # A literal `%` and a parameter used twice: what inline text must get right.
     return Prepared(name, "SELECT CAST(:n AS int) * 2 AS twice, :tag || '%' AS tag, :n AS n",
@@ -47,7 +47,7 @@ def _second_call_on_another_server(engine, stmt) -> tuple:  # type: ignore[no-un
 
 
 def test_prepared_statements_fail_behind_a_transaction_pooler_and_inline_ones_work(bouncer, caplog):  # type: ignore[no-untyped-def]
-    from marketplace.prepared import send_inline
+    from marketplace.infra.prepared import send_inline
 
     prepared = create_engine(bouncer.url)
     with pytest.raises(exc.DBAPIError, match="prepared statement .* does not exist"):
@@ -63,7 +63,7 @@ def test_prepared_statements_fail_behind_a_transaction_pooler_and_inline_ones_wo
 
 
 def test_the_setting_sends_every_statement_inline(stack, bouncer):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with switched_env(MARKETPLACE_DATABASE_URL=bouncer.url, MARKETPLACE_DATABASE_TRANSACTION_POOLING="true"):
         assert _second_call_on_another_server(get_engine(), _statement("mp_test_setting")) == (4, "b%", 2)
@@ -78,7 +78,7 @@ def test_jobs_run_end_to_end_through_a_transaction_pooler(stack, bouncer):  # ty
     """The API and a node both behind PgBouncer: submits (one keyed), scheduling, subtasks, their
     charges and finalize; every job Done with its outputs, the balance charged exactly."""
     from api import create_app
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.settings import get_settings
 
     with private_broker(), switched_env(MARKETPLACE_DATABASE_URL=bouncer.url,

@@ -16,7 +16,7 @@ def user(client):  # type: ignore[no-untyped-def]
 
 
 def _count(table: str, user_id: str) -> int:
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text(f"SELECT count(*) FROM {table} WHERE user_id = :u"), {"u": user_id}).scalar()
@@ -92,7 +92,7 @@ def test_sql_in_query_strings_and_ids_is_harmless(client, user):  # type: ignore
                  "/v1/tasks/1%20OR%201=1", "/v1/tasks/' OR ''='/result", "/v1/billing/ledger?task_id=1;DROP TABLE users"):
         resp = client.get(path, headers=user["headers"])
         assert resp.status_code in (400, 404, 422), (path, resp.status_code)
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM users")).scalar() >= 1
@@ -107,7 +107,7 @@ def test_file_names_cannot_steer_where_bytes_are_stored(client, user, filename):
         assert resp.status_code < 500 and resp.content_type == "application/problem+json"
         return
     assert resp.status_code == 201
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         row = conn.execute(text("SELECT key, filename FROM files WHERE id = :i"), {"i": resp.get_json()["id"]}).one()

@@ -47,7 +47,7 @@ def public_only(monkeypatch):  # type: ignore[no-untyped-def]
 
 
 def _tasks(user_id: str) -> int:
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user_id}).scalar()
@@ -78,8 +78,8 @@ def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(  # 
 ):
     """A name passes the submit check (no DNS there); the delivery resolves it and sends nothing.
     This machine's hostname resolves to a loopback or private address (/etc/hosts)."""
-    from marketplace import webhooks
     from marketplace.settings import get_settings
+    from marketplace.webhooks import delivery as webhooks
 
     name = socket.gethostname()
     addresses = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
@@ -104,7 +104,7 @@ def test_a_name_that_resolves_inside_is_refused_at_delivery_and_not_retried(  # 
 
 
 def test_a_host_that_does_not_resolve_is_retried(public_only):  # type: ignore[no-untyped-def]
-    from marketplace import webhooks
+    from marketplace.webhooks import delivery as webhooks
 
     ok, retry, note = webhooks.post("http://no-such-host.invalid/hook", b"{}", {}, timeout=2)
     assert (ok, retry) == (False, True) and "cannot resolve the webhook host" in note
@@ -116,7 +116,7 @@ def test_the_connection_itself_is_checked_so_a_rebound_name_gets_nothing(public_
     sending, so even a URL that skipped the name check reaches nothing inside."""
     import requests
 
-    from marketplace.webhook_targets import public_session
+    from marketplace.webhooks.targets import public_session
 
     receiver = Receiver()
     try:
@@ -134,8 +134,8 @@ def test_with_the_allowance_for_admins_only_an_admin_s_task_is_delivered_inside(
 ):
     """`admins` (what `marketplace standalone` sets): the delivery, too, asks who owns the task. A
     user's hook to a loopback receiver gets nothing; an admin's is delivered."""
-    from marketplace import webhooks
     from marketplace.settings import get_settings
+    from marketplace.webhooks import delivery as webhooks
     from tests.support.accounts import make_admin
 
     admin = make_admin(client)

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def make_admin(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.service import create_user
 
     email, password = f"admin-{uuid.uuid4().hex[:10]}@example.com", "admin password 123"
@@ -19,7 +19,7 @@ def make_admin(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 
 def set_user(user_id: str, **fields: Any) -> None:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     with session_scope() as session:
@@ -29,7 +29,7 @@ def set_user(user_id: str, **fields: Any) -> None:
 
 
 def balance_of(user_id: str) -> Decimal:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     with session_scope() as session:

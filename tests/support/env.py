@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 
 def reset_clients() -> None:
-    from marketplace import db, redis_client, storage
-    from marketplace.celery_app import app
+    from marketplace.infra import db, redis_client, storage
+    from marketplace.infra.celery_app import app
     from marketplace.settings import get_settings, reset_settings
 
     reset_settings()

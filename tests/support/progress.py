@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 def stored_task(user_id: str, inputs: list[Any]) -> tuple[str, list[str]]:
     """An `echo` task of one subtask per input, Scheduled on cpu.generic but never published."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import SubTask, Task
     from marketplace.tasks.schemas import TaskRequest
     from marketplace.tasks.service import create_task
@@ -25,8 +25,8 @@ def stored_task(user_id: str, inputs: list[Any]) -> tuple[str, list[str]]:
 
 def ran_uncharged(user_id: str, inputs: list[Any]) -> tuple[str, list[str]]:
     """A task whose subtasks all ran through the worker's own progress calls, with no charge recorded yet."""
+    from marketplace.infra.storage import get_store
     from marketplace.results.service import part_key
-    from marketplace.storage import get_store
     from marketplace.tasks import progress
 
     task_id, sub_ids = stored_task(user_id, inputs)

@@ -51,7 +51,7 @@ class Postgres:
         self.embedded = None
         base = os.environ.get("MARKETPLACE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
         if not _pg_reachable(base):
-            from marketplace.embedded import EmbeddedPostgres
+            from marketplace.infra.embedded import EmbeddedPostgres
 
             self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="mp-pg-")))
             base = self.embedded.url("postgres")

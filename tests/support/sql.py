@@ -9,7 +9,7 @@ from sqlalchemy import event
 
 def statements_of(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
     """`fn()`'s result and the statements this process's engine ran meanwhile, whitespace folded."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     seen: list[str] = []
 

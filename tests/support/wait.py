@@ -24,7 +24,7 @@ def backends_waiting_on_locks() -> int:
     """How many of the test database's backends wait on a lock (to line up a race)."""
     from sqlalchemy import text
 
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     with get_engine().connect() as conn:
         return conn.execute(text(

@@ -35,7 +35,7 @@ def _listed(client, user, hostname: str) -> dict | None:  # type: ignore[no-unty
 
 
 def _row(hostname: str):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.models import Worker
 
     with session_scope() as session:
@@ -90,7 +90,7 @@ def test_node_registers_with_facts_refuses_generic_without_sandbox_and_deregiste
 
 
 def test_killed_node_goes_offline_after_the_heartbeat_ttl(client, user, nodes, redis_client):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.service import sweep
     from marketplace.settings import get_settings
 
@@ -157,7 +157,7 @@ def test_task_waits_for_a_missing_capability_then_starts_when_a_node_for_it_appe
 def test_generic_subtask_on_a_node_without_sandbox_fails_with_the_reason(stack, user, monkeypatch):  # type: ignore[no-untyped-def]
     from sqlalchemy import select
 
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.settings import get_settings
     from marketplace.tasks.models import SubTask, Task
     from marketplace.tasks.schemas import TaskRequest

@@ -77,8 +77,8 @@ def _upload(client, user, path: Path) -> str:  # type: ignore[no-untyped-def]
 def test_resnet50_classifies_uploaded_images_on_cpu_with_pushed_weights(  # type: ignore[no-untyped-def]
     stack, client, worker, vision_node, assets,
 ):
+    from marketplace.infra.storage import get_store
     from marketplace.registry.weights import manifest_key
-    from marketplace.storage import get_store
 
     version = f"test-{uuid.uuid4().hex[:8]}"
     printed = _push(stack, assets / "weights.pt", version)
@@ -116,8 +116,8 @@ def test_resnet50_classifies_uploaded_images_on_cpu_with_pushed_weights(  # type
 def test_resnet50_refuses_weights_whose_sha256_does_not_match(  # type: ignore[no-untyped-def]
     stack, client, worker, vision_node, assets,
 ):
+    from marketplace.infra.storage import get_store
     from marketplace.registry.weights import manifest_key
-    from marketplace.storage import get_store
 
     version = f"bad-{uuid.uuid4().hex[:8]}"
     _push(stack, assets / "weights.pt", version)

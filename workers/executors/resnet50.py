@@ -61,8 +61,8 @@ class ResNet50Executor:
 
     def fetch_weights(self, store: Any, version: str) -> tuple[Path, dict[str, Any]]:
         """Path of verified weights in the node cache (downloaded when missing or stale)."""
+        from marketplace.infra.storage import ObjectNotFound
         from marketplace.registry.weights import read_manifest, weights_key
-        from marketplace.storage import ObjectNotFound
 
         try:
             manifest = read_manifest(store, name="resnet50", version=version)
@@ -118,7 +118,7 @@ class ResNet50Executor:
 
     def warmup(self) -> None:
         from marketplace.catalog import get_catalog
-        from marketplace.storage import get_store
+        from marketplace.infra.storage import get_store
 
         spec = get_catalog().get("resnet50")
         version = str((spec.params if spec else {}).get("version", "v1"))
@@ -133,8 +133,8 @@ class ResNet50Executor:
         """(file id, contents) of each item, in order; only the task owner's files."""
         from sqlalchemy import select
 
-        from marketplace.db import session_scope
         from marketplace.files.models import File
+        from marketplace.infra.db import session_scope
 
         ids = [file_id_of(item) for item in items]
         with session_scope() as session:

@@ -82,7 +82,7 @@ def chain(client, admin):  # type: ignore[no-untyped-def]
     from marketplace.audit import service
 
     service.chain_pending()
-    from marketplace.db import new_session
+    from marketplace.infra.db import new_session
 
     session = new_session()
     assert service.verify_chain(session)["valid"]
@@ -183,7 +183,7 @@ def test_records_cut_from_the_end_are_found_by_the_anchor(chain):  # type: ignor
 def test_a_chain_rewritten_up_to_its_head_differs_from_the_anchor(chain):  # type: ignore[no-untyped-def]
     from marketplace.audit import anchor
     from marketplace.audit.service import verify_chain
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     seq, _, root = _top(chain)
     get_redis().hset(anchor.KEY_PREFIX + root[:32], "hash", "f" * 64)  # what the head was before a re-signing
@@ -198,8 +198,8 @@ def test_a_chain_rewritten_up_to_its_head_differs_from_the_anchor(chain):  # typ
 def test_cli_verify_exits_1_naming_the_first_bad_seq(client, admin):  # type: ignore[no-untyped-def]
     _busy_run(client, n_users=1, tasks_each=1)
     from marketplace.audit.models import AuditRecord
-    from marketplace.cli import main
-    from marketplace.db import session_scope
+    from marketplace.cli.main import main
+    from marketplace.infra.db import session_scope
 
     ok = CliRunner().invoke(main, ["audit", "verify"])
     assert ok.exit_code == 0 and "valid" in ok.output, ok.output
@@ -247,7 +247,7 @@ def test_a_process_with_another_key_leaves_its_records_to_one_with_the_chains_ke
 
     from marketplace.audit import service as audit
     from marketplace.audit.models import AuditPending, AuditRecord
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.settings import reset_settings
 
     audit.record(actor="test", action="test.right_key", subject="chain")  # record 1 exists, signed by our key
@@ -276,7 +276,7 @@ def test_buffered_subtask_records_are_chained_after_the_task_ends_without_a_read
     import time
 
     from marketplace.audit.models import AuditPending, AuditRecord
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     u = register(client)
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": list(range(6)), "batch_size": 1},
@@ -302,7 +302,7 @@ def test_a_transactions_buffered_records_are_written_at_its_commit_as_given(stac
 
     from marketplace.audit import service
     from marketplace.audit.models import AuditPending
-    from marketplace.db import session_scope, transaction_buffer
+    from marketplace.infra.db import session_scope, transaction_buffer
 
     subject = f"test:{uuid.uuid4().hex}"
     with session_scope() as session:
@@ -333,7 +333,7 @@ def test_a_rollback_before_any_statement_forgets_the_buffered_records(stack):  #
 
     from marketplace.audit import service
     from marketplace.audit.models import AuditPending, AuditRecord
-    from marketplace.db import new_session
+    from marketplace.infra.db import new_session
 
     subject = f"test:{uuid.uuid4().hex}"
     session = new_session()

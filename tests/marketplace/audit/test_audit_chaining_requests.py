@@ -13,7 +13,7 @@ from tests.support.wait import wait_until
 
 def test_requests_within_the_delay_send_one_message(stack, redis_client, monkeypatch):  # type: ignore[no-untyped-def]
     from marketplace.audit import signals
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     sent: list[dict] = []  # type: ignore[type-arg]
     monkeypatch.setattr(app, "send_task", lambda name, **options: sent.append({"name": name, **options}))
@@ -31,7 +31,7 @@ def test_a_request_that_could_not_be_sent_does_not_hold_back_the_next(stack, red
     from kombu.exceptions import OperationalError
 
     from marketplace.audit import signals
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     def broker_down(name, **options):  # type: ignore[no-untyped-def]
         raise OperationalError("broker unreachable")
@@ -48,7 +48,7 @@ def test_a_request_that_could_not_be_sent_does_not_hold_back_the_next(stack, red
 
 
 def test_records_of_tasks_ending_together_are_all_chained(client, user):  # type: ignore[no-untyped-def]
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     ids = [client.post("/v1/tasks", json={"model": "echo", "inputs": [i, i + 1], "batch_size": 1},
                        headers=user["headers"]).get_json()["id"] for i in range(4)]

@@ -8,7 +8,7 @@ from tests.support.api import wait_for_task
 
 def test_each_subtask_is_audited_from_start_to_finish(client, user):  # type: ignore[no-untyped-def]
     from marketplace.audit import service
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2, 3], "batch_size": 1},
                        headers=user["headers"])
@@ -28,7 +28,7 @@ def test_each_subtask_is_audited_from_start_to_finish(client, user):  # type: ig
 def test_a_submit_names_its_scheduling_message_and_a_re_publish_is_recorded(client, user):  # type: ignore[no-untyped-def]
     import marketplace.audit.signals  # noqa: F401  (connects the publish handler here, as in every worker)
     from marketplace.audit import service
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.tasks.service import enqueue_schedule, schedule_message_id
 
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
@@ -47,7 +47,7 @@ def test_a_submit_names_its_scheduling_message_and_a_re_publish_is_recorded(clie
 
 def _done_two_subtask_job(client, user) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
     """A Done echo job of two subtasks: its id and its subtasks' ids, in index order."""
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
 
     resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2], "batch_size": 1},
                        headers=user["headers"])
@@ -66,7 +66,7 @@ def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):
 
     import marketplace.audit.signals  # noqa: F401  (connects the publish handler here, as in every worker)
     from marketplace.audit import service
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.scheduling.service import dispatch
 
     task_id, ids = _done_two_subtask_job(client, user)
@@ -89,7 +89,7 @@ def test_a_dispatch_record_is_one_statement_that_commits_by_itself_and_a_re_publ
     from sqlalchemy import event
 
     from marketplace.audit import signals
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.scheduling.service import dispatch
 
     task_id, ids = _done_two_subtask_job(client, user)

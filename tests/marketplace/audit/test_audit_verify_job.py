@@ -11,7 +11,7 @@ from tests.support.api import register
 def test_verify_job_records_a_valid_then_an_invalid_chain(client, redis_client):  # type: ignore[no-untyped-def]
     from marketplace.audit import service
     from marketplace.audit.tasks import verify
-    from marketplace.db import get_engine
+    from marketplace.infra.db import get_engine
     from marketplace.observability.metrics import AUDIT_VERIFY_KEY
 
     register(client)  # at least one record

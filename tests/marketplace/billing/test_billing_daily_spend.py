@@ -14,7 +14,7 @@ from tests.support.progress import ran_uncharged
 
 def _daily(user_id: str) -> dict:  # type: ignore[type-arg]
     from marketplace.billing.models import DailySpend
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         rows = session.scalars(select(DailySpend).where(DailySpend.user_id == uuid.UUID(user_id)))
@@ -24,7 +24,7 @@ def _daily(user_id: str) -> dict:  # type: ignore[type-arg]
 def test_settlement_adds_each_charge_to_the_day_it_was_recorded(client):  # type: ignore[no-untyped-def]
     from marketplace.billing import quotas, service
     from marketplace.billing.models import LedgerEntry
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.results.service import finalize_task
     from marketplace.tasks.models import Task
 
@@ -57,7 +57,7 @@ def test_settlement_adds_each_charge_to_the_day_it_was_recorded(client):  # type
 
 def test_the_submit_checks_the_days_row_not_the_ledger(client):  # type: ignore[no-untyped-def]
     from marketplace.billing.models import DailySpend
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     user = register(client)
     set_user(user["id"], daily_spend_limit=Decimal("1"))
@@ -79,7 +79,7 @@ def test_settlement_updates_the_balance_of_a_user_the_session_already_loaded(cli
     """Settlement moves the balance in raw SQL (one statement with the ledger and the hold); a
     User the same session loaded (an API request's caller) must not keep the old balance."""
     from marketplace.billing import service
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task
     from marketplace.users.models import User
 

@@ -17,7 +17,7 @@ from tests.support.servers import CeleryWorker
 
 def ledger_state(task_id: str) -> dict:  # type: ignore[type-arg]
     from marketplace.billing.models import Hold, LedgerEntry
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import SubTask, Task
 
     tid = uuid.UUID(task_id)
@@ -47,7 +47,7 @@ def assert_settled(task_id: str, n: int, before: Decimal) -> Decimal:
 
 
 def balance_of_task_owner(task_id: str) -> Decimal:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task
     from marketplace.users.models import User
 
@@ -158,7 +158,7 @@ def test_each_quota_is_a_429_naming_it(client, user):  # type: ignore[no-untyped
     wait_for_task(client, h, first.get_json()["id"], timeout=90)
 
     from marketplace.billing import quotas
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         usage = quotas.usage(session, user_id=uuid.UUID(user["id"]))
@@ -188,7 +188,7 @@ def test_topup_is_admin_only_and_credits_the_user(client, user, admin):  # type:
 
 
 def _running_on(task_id: str, hostname: str) -> bool:
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import SubTask
 
     with session_scope() as session:
@@ -247,7 +247,7 @@ def test_cancel_settles_what_ran_releases_the_hold_and_late_charges_are_settled_
     assert state["cost"] == total and balance_of(user["id"]) == before - total >= 0
     assert client.get(f"/v1/tasks/{task_id}", headers=user["headers"]).get_json()["cost"] == str(total)
     from marketplace.audit import service as audit
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     audit.chain_pending()
     with session_scope() as session:

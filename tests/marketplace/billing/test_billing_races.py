@@ -18,7 +18,7 @@ from tests.support.wait import backends_waiting_on_locks, wait_until
 def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadlocks(client):  # type: ignore[no-untyped-def]
     from marketplace.billing import service
     from marketplace.billing.models import Hold, LedgerEntry
-    from marketplace.db import new_session, session_scope
+    from marketplace.infra.db import new_session, session_scope
     from marketplace.results.service import finalize_task
     from marketplace.tasks.models import Task
 
@@ -67,8 +67,8 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
 
 
 def test_the_hold_checks_the_balance_read_under_the_lock_not_the_one_loaded_before(client):  # type: ignore[no-untyped-def]
-    from marketplace.db import new_session, session_scope
-    from marketplace.errors import PaymentRequired
+    from marketplace.infra.db import new_session, session_scope
+    from marketplace.infra.errors import PaymentRequired
     from marketplace.tasks.schemas import TaskRequest
     from marketplace.tasks.service import create_task
     from marketplace.users.models import User
@@ -91,9 +91,9 @@ def test_the_hold_checks_the_balance_read_under_the_lock_not_the_one_loaded_befo
 def test_a_late_charge_whose_settlement_was_lost_is_settled_by_recovery(client):  # type: ignore[no-untyped-def]
     from marketplace.billing import subtask_charges
     from marketplace.billing.models import LedgerEntry
-    from marketplace.db import session_scope, utcnow
-    from marketplace.maintenance import recover_stalled
+    from marketplace.infra.db import session_scope, utcnow
     from marketplace.results.service import finalize_task
+    from marketplace.scheduling.recovery import recover_stalled
     from marketplace.tasks.models import Task
     from marketplace.users.models import User
 

@@ -13,7 +13,7 @@ from tests.support.progress import stored_task
 def _ledger_and_audit(task_id: str) -> tuple[list, list[tuple[str, str]]]:
     from marketplace.audit.models import AuditPending
     from marketplace.billing.models import LedgerEntry
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         ledger = [(e.subtask_id, e.kind, e.amount, e.created_at) for e in session.scalars(
@@ -27,7 +27,7 @@ def test_a_finished_subtask_is_charged_in_the_commit_that_records_its_outcome(cl
     from marketplace.billing import service
     from marketplace.billing import signals as billing_signals
     from marketplace.catalog import get_catalog
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import SubTask
     from workers import runner
     from workers.tasks import run_subtask

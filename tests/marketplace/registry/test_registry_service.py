@@ -41,7 +41,7 @@ def _info(hostname: str, **extra):  # type: ignore[no-untyped-def]
 
 
 def test_online_then_expired_then_swept(stack, redis_client, hostname):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.models import Worker
     from marketplace.registry.service import heartbeat, list_workers, record_online, sweep
 
@@ -80,7 +80,7 @@ def test_online_then_expired_then_swept(stack, redis_client, hostname):  # type:
 
 
 def test_sweep_records_a_live_node_the_table_never_saw(stack, redis_client, hostname):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.registry.models import Worker
     from marketplace.registry.service import heartbeat, sweep
 

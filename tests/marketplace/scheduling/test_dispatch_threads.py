@@ -11,8 +11,8 @@ def test_a_dispatch_from_another_thread_publishes_through_the_marketplace_app(st
     """gRPC runs `Reschedule` on its own threads. There an unbound signature took Celery's fallback
     app, configured on its own: the stock result backend and producer, not ours (and, after a
     switch of broker, the one it first read)."""
-    from marketplace import result_backend
-    from marketplace.celery_app import app
+    from marketplace.infra import result_backend
+    from marketplace.infra.celery_app import app
     from marketplace.scheduling.service import dispatch
 
     seen: list[object] = []

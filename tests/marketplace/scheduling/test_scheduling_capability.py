@@ -49,7 +49,7 @@ def fake_nodes(redis_client):  # type: ignore[no-untyped-def]
 
 
 def _create(user, **body):  # type: ignore[no-untyped-def]
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.schemas import TaskRequest
     from marketplace.tasks.service import create_task
 

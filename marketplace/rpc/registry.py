@@ -4,16 +4,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from marketplace import errors
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
-from marketplace.grpc_server import Call, message, rpc, timestamp
+from marketplace.infra import errors
 from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
 from marketplace.registry import service as registry
+from marketplace.rpc.server import Call, message, rpc, timestamp
 from marketplace.settings import get_settings
 
 
 def _redis() -> Any:
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
 
     return get_redis()
 

@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from marketplace import prepared
+from marketplace.infra import prepared
 
 # Money: 18 digits, 6 after the point; never floats.
 Money = Numeric(24, 6)

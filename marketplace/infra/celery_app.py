@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 from celery.signals import worker_process_init
 from kombu.utils.objects import cached_property
 
-from marketplace import broker_transport
+from marketplace.infra import broker_transport
 
 logger = logging.getLogger(__name__)
 broker_transport.install()
@@ -21,8 +21,8 @@ broker_transport.install()
 TASK_MODULES = [
     "marketplace.scheduling.tasks",
     "marketplace.results.tasks",
-    "marketplace.maintenance",
-    "marketplace.webhooks",
+    "marketplace.scheduling.recovery",
+    "marketplace.webhooks.delivery",
     "workers.tasks",
     # Signal handlers: importing them connects them in every worker.
     "marketplace.billing.signals",
@@ -54,7 +54,7 @@ class Celery(celery.Celery):
     Kept under Celery's own name: tools and checks that look for "a Celery app" see one.
     """
 
-    amqp_cls = "marketplace.broker_transport:AMQP"
+    amqp_cls = "marketplace.infra.broker_transport:AMQP"
 
     def producer_or_acquire(self, producer: Any = None) -> Any:
         return super().producer_or_acquire(producer or _batch_producer.get())
@@ -94,7 +94,8 @@ def batched_publishing(max_size: int = 1000) -> Iterator[None]:
 @worker_process_init.connect
 def _rebuild_clients(**_: Any) -> None:
     """Pools and clients do not survive fork(): every pool child builds its own."""
-    from marketplace import db, observability, redis_client, storage
+    from marketplace import observability
+    from marketplace.infra import db, redis_client, storage
 
     observability.init_worker_process()  # tracing first, so the new engine is instrumented
     db.init_engine()
@@ -108,7 +109,7 @@ def send_or_leave_to_recovery(task_name: str, message_id: str, send: Callable[[]
     recovery sweep that re-sends it. The step whose work is committed must not fail on it:
     its caller would answer 503 for a task that exists, or retry a task already finished.
     Any other error still raises."""
-    from marketplace.errors import broker_unavailable
+    from marketplace.infra.errors import broker_unavailable
     from marketplace.observability.tracing import publish_scope
 
     try:

@@ -8,7 +8,7 @@ from one client draw on one budget: nobody doubles theirs by using both doors.
 
 - requests (scope `global`): every call, per user (`user:<id>`, for a valid access token;
   MARKETPLACE_RATE_LIMIT) or per address (`ip:<address>`; MARKETPLACE_ANONYMOUS_RATE_LIMIT).
-  REST counts it in flask-limiter, gRPC in its server interceptor (`marketplace.grpc_guard`).
+  REST counts it in flask-limiter, gRPC in its server interceptor (`marketplace.rpc.guard`).
 - sign-ups (scope `signup`): accounts created per address (MARKETPLACE_SIGNUP_RATE_LIMIT). Each
   account gets signup credits: without it one address made 120 accounts a minute.
 - failed logins (scope `login-failures`): per account (MARKETPLACE_LOGIN_FAILURE_RATE_LIMIT).
@@ -32,7 +32,7 @@ from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter, RateLimiter
 
-from marketplace.errors import RateLimited, Unauthenticated, unavailable_dependency
+from marketplace.infra.errors import RateLimited, Unauthenticated, unavailable_dependency
 from marketplace.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ def private_allowed(*, owner_is_admin: bool) -> bool:
 
 def check_submitted(session: Session, *, user_id: uuid.UUID, url: str) -> None:
     """At submit, whichever door: InvalidInput naming `webhook_url` when its owner may not use it."""
-    from marketplace.errors import InvalidInput
+    from marketplace.infra.errors import InvalidInput
     from marketplace.users.models import User
 
     owner = session.get(User, user_id)

@@ -5,14 +5,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from marketplace import errors
 from marketplace.audit import service as audit
 from marketplace.audit import signing
 from marketplace.audit.models import AuditRecord
-from marketplace.grpc_server import Call, message, parse_json, rpc, timestamp
+from marketplace.infra import errors
 from marketplace.pb.audit import audit_pb2, audit_pb2_grpc
-from marketplace.storable import check_storable
+from marketplace.rpc.server import Call, message, parse_json, rpc, timestamp
 from marketplace.tasks import service as tasks
+from marketplace.tasks.storable import check_storable
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000  # as REST GET /v1/audit
 

@@ -63,7 +63,7 @@ class QuotaExceeded(MarketplaceError):
 
 
 class RateLimited(QuotaExceeded):
-    """A rate limit ran out (`marketplace.ratelimit`): `retry_after` is when its window resets."""
+    """A rate limit ran out (`marketplace.infra.ratelimit`): `retry_after` is when its window resets."""
 
     title = "Too many requests"
 
@@ -90,7 +90,7 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     import redis
     from kombu.exceptions import OperationalError as KombuOperationalError
 
-    from marketplace.storage import StorageError
+    from marketplace.infra.storage import StorageError
 
     if database_unavailable(exc):
         return "database"

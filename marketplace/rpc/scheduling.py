@@ -7,12 +7,12 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from marketplace import errors
-from marketplace.broker import queue_depths
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
-from marketplace.db import utcnow
-from marketplace.grpc_server import Call, rpc
+from marketplace.infra import errors
+from marketplace.infra.broker import queue_depths
+from marketplace.infra.db import utcnow
 from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
+from marketplace.rpc.server import Call, rpc
 from marketplace.scheduling import service as scheduling
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTask, TaskStatus
@@ -68,7 +68,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     @rpc()
     def QueueStats(self, request: scheduler_pb2.QueueStatsRequest, call: Call) -> scheduler_pb2.QueueStatsResponse:
-        from marketplace.redis_client import get_redis
+        from marketplace.infra.redis_client import get_redis
         from marketplace.registry.service import live_workers
 
         known = list(CONTROL_QUEUES) + get_catalog().queues

@@ -4,12 +4,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from marketplace import errors
 from marketplace.billing import quotas
 from marketplace.billing import service as billing
 from marketplace.billing.models import LedgerEntry
-from marketplace.grpc_server import Call, message, rpc, timestamp
+from marketplace.infra import errors
 from marketplace.pb.billing import billing_pb2, billing_pb2_grpc
+from marketplace.rpc.server import Call, message, rpc, timestamp
 from marketplace.users import service as users
 
 DEFAULT_PAGE, MAX_PAGE = 50, 500  # as REST GET /v1/billing/ledger

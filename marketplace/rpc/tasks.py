@@ -8,15 +8,15 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from marketplace import errors
 from marketplace.billing import service as billing
-from marketplace.grpc_server import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
+from marketplace.infra import errors
 from marketplace.pb.task import task_pb2, task_pb2_grpc
-from marketplace.storable import check_storable
+from marketplace.rpc.server import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
 from marketplace.tasks import lifecycle
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
+from marketplace.tasks.storable import check_storable
 
 WATCH_POLL_SECONDS = 0.25
 DEFAULT_PAGE, MAX_PAGE = 20, 100  # as REST GET /v1/tasks

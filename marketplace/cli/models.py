@@ -19,9 +19,9 @@ def models() -> None:
               help="class labels, one per line (default: the labels the node ships)")
 def push(name: str, path: Path, version: str, labels_path: Path | None) -> None:
     """Upload weights PATH for model NAME with a sha256 manifest nodes verify."""
-    from marketplace.errors import InvalidInput
+    from marketplace.infra.errors import InvalidInput
+    from marketplace.infra.storage import StorageError, get_store
     from marketplace.registry.weights import push_weights
-    from marketplace.storage import StorageError, get_store
 
     labels = None
     if labels_path is not None:

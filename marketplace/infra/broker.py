@@ -40,7 +40,7 @@ def broker_lists(queue: str, transport_options: dict[str, Any]) -> list[str]:
 
 def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[str, int]:
     """Messages waiting in each queue, summed over its priority lists (one pipelined round trip)."""
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     client = client or broker_redis()
     if client is None or not queues:
@@ -64,7 +64,7 @@ def lost_before(now: datetime, client: redis.Redis | None = None) -> datetime | 
     stalled subtasks once, and a copy never runs a subtask twice.) A loss found now is dated
     `now`, the sweep's own clock: what the sweep itself sends or touches is after it.
     """
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     client = client or broker_redis()
     if client is None:
@@ -84,7 +84,7 @@ def held_since(before: datetime, client: redis.Redis | None = None) -> set[str]:
     `visibility_timeout` (an hour here): for a node that died holding one (a reserved
     message, or a retry waiting out its countdown) that is an hour of waiting.
     """
-    from marketplace.celery_app import app
+    from marketplace.infra.celery_app import app
 
     client = client or broker_redis()
     if client is None:

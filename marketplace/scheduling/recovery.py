@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import false, func, select
 
 from marketplace.catalog import get_catalog
-from marketplace.celery_app import app
-from marketplace.db import session_scope, utcnow
+from marketplace.infra.celery_app import app
+from marketplace.infra.db import session_scope, utcnow
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 
@@ -49,9 +49,9 @@ def recover_stalled() -> dict[str, list[str]]:
       other device's queue if that has a node; else `status_reason` says so, and it fails with
       that reason after `schedule_timeout` (`scheduling/stranded.py`).
     """
-    from marketplace.broker import held_since, lost_before, queue_depths
+    from marketplace.infra.broker import held_since, lost_before, queue_depths
+    from marketplace.infra.redis_client import get_redis
     from marketplace.observability.tracing import job_trace
-    from marketplace.redis_client import get_redis
     from marketplace.registry.service import live_workers
     from marketplace.results.service import finalize_task, run_after_commit
     from marketplace.scheduling import orphans, stranded
@@ -150,7 +150,7 @@ def not_yet_stalled_on_dead_nodes() -> list[str]:
     """Active tasks with a subtask `Running` on a node that has no heartbeat, which the sweep
     leaves alone until they have not moved for the stall deadline: what an operator who just
     lost a node sees waiting (`marketplace recover` says so, and how to act at once)."""
-    from marketplace.redis_client import get_redis
+    from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
 
     live = [w["hostname"] for w in live_workers(get_redis())]
@@ -168,7 +168,7 @@ def resend_lost_webhooks(now: datetime) -> list[str]:
     when it was sent, or flushed while it waited): sent, never ended, past `webhooks.stall_seconds`.
     Receivers may see a delivery twice (the same `X-Marketplace-Delivery`), never none."""
     from marketplace.results.service import send_webhook
-    from marketplace.webhooks import stall_seconds
+    from marketplace.webhooks.delivery import stall_seconds
 
     cutoff = now - timedelta(seconds=stall_seconds())
     with session_scope() as session:

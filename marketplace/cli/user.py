@@ -294,8 +294,8 @@ def users_create(email: str, password: str, admin: bool) -> None:
     """Create an account (prompts for the password when --password is absent)."""
     from pydantic import ValidationError
 
-    from marketplace.db import session_scope
-    from marketplace.errors import MarketplaceError
+    from marketplace.infra.db import session_scope
+    from marketplace.infra.errors import MarketplaceError
     from marketplace.users.schemas import Credentials
     from marketplace.users.service import create_user
 
@@ -343,7 +343,7 @@ def users_list(as_json: bool) -> None:
     """Every account: role, balance and quota overrides (blank: the settings' default)."""
     from sqlalchemy import select
 
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.users.models import User
 
     with session_scope() as session:
@@ -375,8 +375,8 @@ def users_list(as_json: bool) -> None:
 def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per_task: Any,
               daily_spend_limit: Any) -> None:
     """Change an account's role or quota overrides (a number, or `default` for the setting's)."""
-    from marketplace.db import session_scope
-    from marketplace.errors import MarketplaceError
+    from marketplace.infra.db import session_scope
+    from marketplace.infra.errors import MarketplaceError
     from marketplace.users.service import update_user
 
     changes: dict[str, Any] = {"role": role} if role else {}

@@ -6,7 +6,7 @@ Servicers (`marketplace/<domain>/grpc.py`) are thin adapters over the same
 - authentication by the REST JWT (flask-jwt-extended format: HS256, `sub` = user
   id string, `type` = access, `jti`), sent as `authorization: Bearer <token>`;
 - one DB session per call (`@rpc` / `@rpc_stream`);
-- before any method, `marketplace/grpc_guard.py`: REST's rate limits on the same counters, and
+- before any method, `marketplace/rpc/guard.py`: REST's rate limits on the same counters, and
   stream slots that keep server streams from taking every thread;
 - the one table mapping `marketplace.errors` to gRPC status codes (`ERROR_CODES`).
 
@@ -49,9 +49,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.orm import Session
 
-from marketplace import errors
-from marketplace.db import new_session
-from marketplace.errors import unavailable_dependency
+from marketplace.infra import errors
+from marketplace.infra.db import new_session
+from marketplace.infra.errors import unavailable_dependency
 from marketplace.settings import get_settings
 from marketplace.users import tokens
 from marketplace.users.models import User
@@ -282,8 +282,6 @@ def validation_error(exc: Any) -> errors.InvalidInput:
 # -- the server ---------------------------------------------------------------------------------
 
 def _servicers() -> list[tuple[Any, Callable[[Any, grpc.Server], None], str]]:
-    from marketplace.audit.grpc import AuditServicer
-    from marketplace.billing.grpc import BillingServicer
     from marketplace.pb.audit import audit_pb2, audit_pb2_grpc
     from marketplace.pb.billing import billing_pb2, billing_pb2_grpc
     from marketplace.pb.result import result_pb2, result_pb2_grpc
@@ -291,11 +289,13 @@ def _servicers() -> list[tuple[Any, Callable[[Any, grpc.Server], None], str]]:
     from marketplace.pb.task import task_pb2, task_pb2_grpc
     from marketplace.pb.user import user_pb2, user_pb2_grpc
     from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
-    from marketplace.registry.grpc import WorkerServicer
-    from marketplace.results.grpc import ResultServicer
-    from marketplace.scheduling.grpc import SchedulerServicer
-    from marketplace.tasks.grpc import TaskServicer
-    from marketplace.users.grpc import UserServicer
+    from marketplace.rpc.audit import AuditServicer
+    from marketplace.rpc.billing import BillingServicer
+    from marketplace.rpc.registry import WorkerServicer
+    from marketplace.rpc.results import ResultServicer
+    from marketplace.rpc.scheduling import SchedulerServicer
+    from marketplace.rpc.tasks import TaskServicer
+    from marketplace.rpc.users import UserServicer
 
     def name(pb2: Any, service: str) -> str:
         return pb2.DESCRIPTOR.services_by_name[service].full_name
@@ -319,7 +319,7 @@ class GrpcServer:
     port: int
     health: Any
     service_names: list[str]
-    slots: Any = None  # the stream slots (grpc_guard.StreamSlots)
+    slots: Any = None  # the stream slots (guard.StreamSlots)
 
     def start(self) -> None:
         from grpc_health.v1 import health_pb2
@@ -342,10 +342,10 @@ def build_server(*, host: str = "0.0.0.0", port: int = 50051, max_workers: int =
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from marketplace import ratelimit
-    from marketplace.grpc_guard import GuardInterceptor, StreamSlots, stream_capacity
+    from marketplace.infra import ratelimit
+    from marketplace.rpc.guard import GuardInterceptor, StreamSlots, stream_capacity
 
-    # Rate limits shared with REST, and streams capped below the pool size (marketplace/grpc_guard.py).
+    # Rate limits shared with REST, and streams capped below the pool size (marketplace/rpc/guard.py).
     slots = StreamSlots(total=stream_capacity(max_workers), per_caller=lambda: get_settings().grpc_streams_per_user)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),

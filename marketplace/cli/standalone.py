@@ -17,7 +17,7 @@ from marketplace.catalog import CONTROL_QUEUES
 
 logger = logging.getLogger(__name__)
 ADMIN_EMAIL = "admin@marketplace.local"
-VISION_VENV = Path(__file__).resolve().parents[1] / ".venv-vision"  # `make vision` builds it
+VISION_VENV = Path(__file__).resolve().parents[2] / ".venv-vision"  # `make vision` builds it
 
 
 def _metrics_port(offset: int) -> str:
@@ -41,7 +41,7 @@ class Standalone:
 
     # -- backing services ---------------------------------------------------
     def _backing_services(self) -> None:
-        from marketplace.embedded import EmbeddedPostgres, EmbeddedRedis
+        from marketplace.infra.embedded import EmbeddedPostgres, EmbeddedRedis
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not os.environ.get("MARKETPLACE_DATABASE_URL"):
@@ -98,7 +98,7 @@ class Standalone:
     def _admin(self) -> str:
         from sqlalchemy import select
 
-        from marketplace.db import init_engine, session_scope
+        from marketplace.infra.db import init_engine, session_scope
         from marketplace.users.models import User
         from marketplace.users.passwords import hash_password
         from marketplace.users.service import create_user
@@ -153,7 +153,7 @@ class Standalone:
         self._spawn("flower", [celery, "-A", "marketplace", "flower", "--address=127.0.0.1",
                                f"--port={self.flower_port}",
                                f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}"])
-        from marketplace import cli
+        from marketplace.cli import main as cli
 
         if "grpc" in cli.main.commands:
             self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)],
@@ -225,7 +225,7 @@ class Standalone:
         signal.signal(signal.SIGINT, _on_signal)
         try:
             self._backing_services()
-            from marketplace import migrate
+            from marketplace.infra import migrate
 
             migrate.upgrade()
             password = self._admin()

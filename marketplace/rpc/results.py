@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from marketplace import errors
-from marketplace.grpc_server import Call, money, rpc
+from marketplace.infra import errors
 from marketplace.pb.result import result_pb2, result_pb2_grpc
 from marketplace.results import service as results
+from marketplace.rpc.server import Call, money, rpc
 from marketplace.tasks import service as tasks
 
 

@@ -1,7 +1,7 @@
 """What every gRPC call passes before its method runs: the shared rate limits and the stream slots.
 
 Rate limits: each call counts against REST's per-request limit, on the same Redis counter
-(`marketplace.ratelimit`): per user for a valid access token, else per address. Sign-ups and
+(`marketplace.infra.ratelimit`): per user for a valid access token, else per address. Sign-ups and
 failed logins are counted by UserService itself, through the same calls as REST's views. A refusal
 is RESOURCE_EXHAUSTED naming the limit, with `retry-after` (seconds) in the trailing metadata, as
 REST answers 429 with Retry-After.
@@ -31,7 +31,7 @@ from urllib.parse import unquote
 
 import grpc
 
-from marketplace import errors, ratelimit
+from marketplace.infra import errors, ratelimit
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
 
 
 def _refuse(context: grpc.ServicerContext, exc: Exception) -> None:
-    from marketplace.grpc_server import to_failure
+    from marketplace.rpc.server import to_failure
 
     failure = to_failure(exc)
     if failure.metadata:

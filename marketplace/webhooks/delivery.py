@@ -16,8 +16,8 @@ import uuid
 from typing import Any
 
 from marketplace.billing.service import SETTLE_WAIT_SECONDS
-from marketplace.celery_app import app
-from marketplace.webhook_targets import private_allowed, public_session, resolved_refusal
+from marketplace.infra.celery_app import app
+from marketplace.webhooks.targets import private_allowed, public_session, resolved_refusal
 
 logger = logging.getLogger(__name__)
 EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
@@ -35,7 +35,7 @@ def verify(secret: str, body: bytes, header: str) -> bool:
 def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str], bool] | None:
     """(url, body, headers, private_ok) for a finished task with a webhook, else None;
     `private_ok`: its owner may deliver to non-public addresses (`private_allowed`)."""
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
     from marketplace.tasks.models import Task, TaskStatus
     from marketplace.tasks.service import describe_task
     from marketplace.users.models import User
@@ -115,7 +115,7 @@ def deliver(self: Any, task_id: str, settle_waits: int = 0) -> dict[str, Any]:
 
 def _settling(task_id: str) -> bool:
     from marketplace.billing.service import still_settling
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     with session_scope() as session:
         return still_settling(session, task_id=uuid.UUID(task_id))
@@ -125,7 +125,7 @@ def _done(task_id: str) -> None:
     """The delivery ended (delivered, refused or out of retries): recovery leaves it alone."""
     from sqlalchemy import text
 
-    from marketplace.db import autocommit, utcnow
+    from marketplace.infra.db import autocommit, utcnow
 
     with autocommit() as conn:
         conn.execute(text("UPDATE tasks SET webhook_done_at = :now WHERE id = :id"),

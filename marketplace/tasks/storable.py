@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from marketplace.errors import InvalidInput
+from marketplace.infra.errors import InvalidInput
 
 
 def bad_text(text: str) -> str | None:

@@ -12,7 +12,7 @@ import click
 @click.option("--workers", "max_workers", default=16, show_default=True, type=int, help="handler threads")
 def grpc_command(host: str, port: int, max_workers: int) -> None:
     """Serve the gRPC API (tasks, scheduler, workers, results, billing, audit, users) with health and reflection."""
-    from marketplace.grpc_server import serve
+    from marketplace.rpc.server import serve
     from marketplace.settings import get_settings
 
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ def audit() -> None:
 def verify(chain_pending: bool, as_json: bool) -> None:
     """Walk the chain; exit 1 and name the first bad sequence number when it is broken."""
     from marketplace.audit import service
-    from marketplace.db import session_scope
+    from marketplace.infra.db import session_scope
 
     if chain_pending:
         service.chain_pending()

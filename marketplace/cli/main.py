@@ -31,7 +31,7 @@ def db() -> None:
 @click.option("--revision", default="heads", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION."""
-    from marketplace import migrate
+    from marketplace.infra import migrate
 
     migrate.upgrade(revision=revision)
     click.echo(f"database upgraded to {revision}")
@@ -41,7 +41,7 @@ def db_upgrade(revision: str) -> None:
 @click.option("--revision", default="-1", show_default=True)
 def db_downgrade(revision: str) -> None:
     """Revert migrations down to REVISION."""
-    from marketplace import migrate
+    from marketplace.infra import migrate
 
     migrate.downgrade(revision=revision)
 
@@ -49,7 +49,7 @@ def db_downgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Show the applied revision."""
-    from marketplace import migrate
+    from marketplace.infra import migrate
 
     migrate.current()
 
@@ -96,7 +96,7 @@ def recover(stall_seconds: float | None) -> None:
     """Re-drive tasks that stopped moving (lost messages, dead nodes, a flushed Redis).
 
     Each line counts tasks (their ids follow)."""
-    from marketplace.maintenance import not_yet_stalled_on_dead_nodes, recover_stalled
+    from marketplace.scheduling.recovery import not_yet_stalled_on_dead_nodes, recover_stalled
     from marketplace.settings import get_settings
 
     settings = get_settings()
@@ -124,29 +124,29 @@ def recover(stall_seconds: float | None) -> None:
 @click.option("--concurrency", default=2, show_default=True, type=int, help="worker pool size")
 def standalone(port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int) -> None:
     """Everything on one machine: embedded PostgreSQL and Redis unless their URLs are set."""
-    from marketplace.standalone import Standalone
+    from marketplace.cli.standalone import Standalone
 
     Standalone(
         port=port, grpc_port=grpc_port, flower_port=flower_port, data_dir=data_dir, concurrency=concurrency
     ).run()
 
 
-from marketplace.models_cli import models as _models  # noqa: E402
+from marketplace.cli.models import models as _models  # noqa: E402
 
 main.add_command(_models)
 
-from marketplace import cli_client as _client_cli  # noqa: E402
+from marketplace.cli import user as _client_cli  # noqa: E402
 
 for _command in _client_cli.COMMANDS:
     main.add_command(_command)
 
-from marketplace.bridge_cli import bridge_command as _bridge  # noqa: E402
-from marketplace.grpc_cli import grpc_command as _grpc  # noqa: E402
+from marketplace.cli.bridge import bridge_command as _bridge  # noqa: E402
+from marketplace.cli.grpc import grpc_command as _grpc  # noqa: E402
 
 main.add_command(_grpc)
 main.add_command(_bridge)
 
-from marketplace.audit_cli import audit as _audit  # noqa: E402
+from marketplace.cli.audit import audit as _audit  # noqa: E402
 
 main.add_command(_audit)
 

@@ -1,0 +1,4 @@
+"""`python -m marketplace.cli`: the `marketplace` command."""
+from marketplace.cli.main import main
+
+main()

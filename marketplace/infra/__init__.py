@@ -1,0 +1,1 @@
+"""Plumbing shared by every domain: database, broker, Celery app, object store, errors."""

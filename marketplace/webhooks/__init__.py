@@ -1,0 +1,1 @@
+"""Webhooks: where a user's URL may point, and the delivery task."""
