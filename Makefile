@@ -60,6 +60,7 @@ bench: install
 	cd bench && ../$(PY) inference.py
 	cd bench && ../$(PY) billing_audit.py
 	cd bench && ../$(PY) daily_spend.py
+	cd bench && ../$(PY) fairness.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

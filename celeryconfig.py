@@ -21,6 +21,7 @@ Why each reliability setting is what it is:
 from kombu import Exchange, Queue
 
 from marketplace.catalog import CONTROL_QUEUES, get_catalog
+from marketplace.infra import names
 from marketplace.settings import get_settings
 
 _settings = get_settings()
@@ -40,8 +41,6 @@ broker_transport_options = {
     "socket_keepalive": True,
     "health_check_interval": 10,
 }
-# The stock Redis result backend with a chord's setup pipelined (marketplace/result_backend.py).
-override_backends = {scheme: "marketplace.infra.result_backend:RedisBackend" for scheme in ("redis", "rediss")}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}, "health_check_interval": 10}
 result_expires = 2 * 24 * 3600
 result_extended = False
@@ -66,7 +65,7 @@ worker_send_task_events = True
 # moment a worker receives it; the API knows every task from its row.
 task_send_sent_event = False
 
-task_default_queue = "marketplace.scheduler"
+task_default_queue = names.SCHEDULER_QUEUE
 task_create_missing_queues = False
 _queue_names = list(CONTROL_QUEUES) + _catalog.queues
 task_queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in _queue_names]
@@ -84,12 +83,15 @@ task_soft_time_limit = None
 task_time_limit = None
 
 beat_schedule = {
-    "recover-stalled-tasks": {"task": "marketplace.maintenance.recover", "schedule": 30.0},
-    "audit-chain-pending": {"task": "marketplace.audit.chain_pending", "schedule": 2.0,
-                            "options": {"queue": "marketplace.maintenance"}},
-    "sweep-workers": {"task": "marketplace.registry.sweep", "schedule": 15.0},
-    "audit-verify": {"task": "marketplace.audit.verify", "schedule": 300.0,
-                     "options": {"queue": "marketplace.maintenance"}},
-    "prune-outbox": {"task": "marketplace.events.prune", "schedule": 3600.0,
-                     "options": {"queue": "marketplace.maintenance"}},
+    "recover-stalled-tasks": {"task": names.RECOVER, "schedule": 30.0},
+    # The fair dispatcher's backstop: nodes ask for more work as they finish (scheduling/dispatch.py).
+    "release-queued-subtasks": {"task": names.RELEASE, "schedule": 2.0,
+                                "options": {"queue": names.SCHEDULER_QUEUE, "expires": 10}},
+    "audit-chain-pending": {"task": names.CHAIN_AUDIT, "schedule": 2.0,
+                            "options": {"queue": names.MAINTENANCE_QUEUE}},
+    "sweep-workers": {"task": names.SWEEP_WORKERS, "schedule": 15.0},
+    "audit-verify": {"task": names.VERIFY_AUDIT, "schedule": 300.0,
+                     "options": {"queue": names.MAINTENANCE_QUEUE}},
+    "prune-outbox": {"task": names.PRUNE_OUTBOX, "schedule": 3600.0,
+                     "options": {"queue": names.MAINTENANCE_QUEUE}},
 }

@@ -9,9 +9,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from marketplace.infra import names
+
 Device = Literal["cpu", "gpu"]
 InputKind = Literal["json", "text", "file"]
-CONTROL_QUEUES = ("marketplace.scheduler", "marketplace.results", "marketplace.maintenance")
+CONTROL_QUEUES = names.CONTROL_QUEUES  # the control plane's, beside the catalog's `<device>.<model>`
 
 
 class Price(BaseModel):
@@ -36,6 +38,9 @@ class ModelSpec(BaseModel):
     price: dict[Device, Price]
     # Built-in models may share another model's queue (`echo` rides on `cpu.generic`).
     queue_model: str | None = None
+    # Python modules a node needs to run it (torchvision cannot live beside the CPU torch of
+    # `.venv`: resnet50 nodes run from `.venv-vision`).
+    requires: list[str] = []
 
     @model_validator(mode="after")
     def _batches_fit(self) -> ModelSpec:
@@ -73,6 +78,13 @@ class Catalog(BaseModel):
 
     def models_for_queue(self, queue: str) -> list[str]:
         return [spec.name for spec in self.models.values() if queue in spec.queues]
+
+    def missing_modules(self, model: str) -> list[str]:
+        """The modules `model` needs that this Python cannot find (none are imported)."""
+        import importlib.util
+
+        spec = self.models.get(model)
+        return [name for name in (spec.requires if spec else []) if importlib.util.find_spec(name) is None]
 
 
 def parse_catalog(raw: dict[str, Any]) -> Catalog:

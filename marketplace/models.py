@@ -5,10 +5,11 @@ from marketplace.events.models import OutboxEvent, ProcessedSubmission
 from marketplace.files.models import File
 from marketplace.infra.db import Base
 from marketplace.registry.models import Worker
+from marketplace.scheduling.models import FairShare
 from marketplace.tasks.models import SubTask, Task
 from marketplace.users.models import User
 
 __all__ = [
-    "AuditRecord", "Base", "File", "Hold", "LedgerEntry", "OutboxEvent",
+    "AuditRecord", "Base", "FairShare", "File", "Hold", "LedgerEntry", "OutboxEvent",
     "ProcessedSubmission", "SubTask", "Task", "User", "Worker",
 ]

@@ -1,10 +1,11 @@
 """Typed settings: the only place that reads the environment."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,7 +46,6 @@ class Settings(BaseSettings):
     schedule_retry_delay: float = 1.0
     subtask_max_retries: int = 3
     subtask_retry_backoff: float = 1.0  # seconds, doubled per retry
-    max_subtasks_per_chord: int = 1000
     heartbeat_interval: float = 5.0
     heartbeat_ttl: float = 15.0
     worker_capacity_check: bool = True  # scheduler refuses queues with no live worker
@@ -81,10 +81,9 @@ class Settings(BaseSettings):
     signup_credits: Decimal = Decimal("100")
     default_max_active_tasks: int = 20
     default_max_items_per_task: int = 200_000
+    # Subtasks of one user in flight (running or sent to the broker) per queue; None: no cap.
+    default_max_running_subtasks: int | None = None
     default_daily_spend: Decimal = Decimal("1000")
-    # Billing/audit signal handlers (see marketplace/billing and marketplace/audit; bench/billing_audit.py).
-    billing_signal_charges: bool = True  # off: charges are recorded at finalize from the subtask rows
-    audit_subtask_events: Literal["pending", "direct", "off"] = "pending"  # how subtask signals reach the chain
 
     # Recovery.
     recovery_stall_seconds: float = 120.0
@@ -96,6 +95,7 @@ class Settings(BaseSettings):
     log_json: bool = True
     # Worker-node Prometheus exporter (marketplace.observability); 0 disables it.
     metrics_port: int = 9808
+    # It has no auth: an internal address (`marketplace standalone` sets 127.0.0.1; compose, 0.0.0.0 in containers).
     metrics_host: str = "0.0.0.0"
     # Parent of the prometheus-client multiprocess dirs (`marketplace api`, worker nodes); temp dir if unset.
     prometheus_multiproc_dir: Path | None = Field(
@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         if spelled in ("true", "1", "yes", "on"):
             return "admins"
         return spelled
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Secrets never in reprs: SecretStr hides its own, the passwords inside URLs are masked here."""
+        from kombu.utils.url import maybe_sanitize_url
+
+        for name, value in super().__repr_args__():
+            yield name, maybe_sanitize_url(value) if isinstance(value, str) else value
 
     @property
     def celery_broker_url(self) -> str:

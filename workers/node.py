@@ -48,9 +48,7 @@ def _cached_sandbox_problem() -> str | None:
 
 @cache
 def _missing_modules_problem(model: str) -> str | None:
-    from workers.executors import missing_modules
-
-    missing = missing_modules(model)
+    missing = get_catalog().missing_modules(model)
     if not missing:
         return None
     hint = " (resnet50 nodes run from .venv-vision: `make vision`)" if "torchvision" in missing else ""

@@ -1,7 +1,9 @@
-"""Execute one subtask: load inputs, run the model, store the part, record the outcome.
+"""Execute one subtask: claim it, run the model, store the part, record the outcome.
 
-The database row is the truth: a redelivered subtask that already finished returns
-its recorded outcome without running again, and its part key is deterministic.
+The database row is the truth (`marketplace.tasks.lifecycle`): a redelivered subtask that
+already finished returns its recorded outcome without running again, and its part key is
+deterministic. After each outcome the node asks the fair dispatcher for more work if its
+queue's broker list runs short, and the last subtask of a task finishes the task.
 """
 from __future__ import annotations
 
@@ -12,16 +14,24 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from marketplace.billing import signals as billing
+from marketplace import observability
+from marketplace.infra import names
 from marketplace.infra.errors import database_unavailable
 from marketplace.infra.storage import StorageError, get_store
 from marketplace.registry.signals import incarnation
-from marketplace.results.service import encode_part, part_key, run_after_commit
-from marketplace.tasks import progress
+from marketplace.results.service import encode_part, part_key
+from marketplace.tasks import lifecycle
 from workers import node
-from workers.executors import ExecContext, ExecutionError, get_executor
+from workers.executors import ExecContext, ExecutionError, Stopped, get_executor
 
 logger = logging.getLogger(__name__)
+
+# A small task's last subtask finishes the task itself, a broker round trip sooner (about a third
+# of a one-item job's latency). A big job's last subtask (a long join) sends finalize instead.
+INLINE_FINALIZE_MAX_SUBTASKS = 16
+INLINE_FINALIZE_SPAN = "inline/marketplace.results.finalize"
+# How often a running subtask looks whether its task ended (its node then stops it).
+STOP_POLL_S = 0.25
 
 
 @dataclass
@@ -32,116 +42,155 @@ class Retry:
     infrastructure: bool = False
 
 
-def execute(
-    subtask_id: str, *, hostname: str, retries_left: bool, message_id: str | None = None
-) -> dict[str, Any] | Retry:
+def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: str | None = None
+            ) -> dict[str, Any] | Retry:
     """Run a subtask to a final outcome dict, or return Retry."""
     try:
-        early, work = progress.claim_subtask(subtask_id, hostname=hostname, message_id=message_id,
-                                             incarnation=incarnation())
+        early, work = lifecycle.claim(subtask_id, node=hostname, message_id=message_id, incarnation=incarnation())
     except DBAPIError as exc:
         if not database_unavailable(exc):
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
-    if early is not None:
+    if early is not None or work is None:
+        early = early or {}
         if early.pop("abandoned", False):  # it kept outliving its time limit: fail it, with the reason
-            return _failure(subtask_id, early, early["error"], time.perf_counter(), retryable=False)
+            return _failure(_work_of(early), hostname, early["error"], time.perf_counter(), retryable=False)
         return early
-    base = work["base"]
-    index = base["index"]
+    if work.waited is not None:
+        observability.task_started(model=work.model, queue=work.queue, waited=work.waited)
     started = time.perf_counter()
     try:
-        refused = node.refusal(base["model"])
+        refused = node.refusal(work.model)
         if refused:
             # Another node on the same queue may have a sandbox: retry, then fail with the reason.
-            raise ExecutionError(f"node {hostname} refuses {base['model']}: {refused}", retryable=True)
-        executor = get_executor(base["model"], base["device"])
-        ctx = ExecContext(task_id=base["task_id"], subtask_id=subtask_id, user_id=base["user_id"],
-                          device=base["device"], store=get_store())
-        outputs = executor.run(work["inputs"], work["params"], ctx)
-        if len(outputs) != base["items"]:
-            raise ExecutionError(f"model returned {len(outputs)} outputs for {base['items']} items")
-        data = encode_part(outputs)
-        key = part_key(base["task_id"], index)
-        sha = get_store().put_bytes(key, data, "application/json")
+            raise ExecutionError(f"node {hostname} refuses {work.model}: {refused}", retryable=True)
+        executor = get_executor(work.model, work.device)
+        ctx = ExecContext(task_id=work.task_id, subtask_id=subtask_id, user_id=work.user_id, device=work.device,
+                          store=get_store(), stop_requested=_stop_watch(work.task_id))
+        outputs = executor.run(work.inputs, work.params, ctx)
+        if len(outputs) != work.items:
+            raise ExecutionError(f"model returned {len(outputs)} outputs for {work.items} items")
+        key = part_key(work.task_id, work.index)
+        sha = get_store().put_bytes(key, encode_part(outputs), "application/json")
+    except Stopped as exc:
+        return _stopped(work, hostname, str(exc), started)
     except ExecutionError as exc:
-        return _failure(subtask_id, base, str(exc), started, retryable=exc.retryable and retries_left)
+        return _failure(work, hostname, str(exc), started, retryable=exc.retryable and retries_left)
     except StorageError as exc:
-        return _failure(subtask_id, base, f"object store: {exc}", started, retryable=retries_left)
+        return _failure(work, hostname, f"object store: {exc}", started, retryable=retries_left)
     except Exception as exc:  # the model crashed: retry, then fail with the reason
         logger.exception("subtask %s crashed", subtask_id)
-        return _failure(subtask_id, base, f"{type(exc).__name__}: {exc}", started, retryable=retries_left)
-    outcome = {**base, "ok": True, "key": key, "sha256": sha, "seconds": round(time.perf_counter() - started, 6)}
+        return _failure(work, hostname, f"{type(exc).__name__}: {exc}", started, retryable=retries_left)
+    seconds = round(time.perf_counter() - started, 6)
     try:
-        if billing.charges_with_outcome():
-            last, subtasks = billing.complete_and_charge(outcome, hostname=hostname)
-            outcome["charged"] = True  # task_success's billing handler has nothing left to write
-        else:
-            last, subtasks = progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=outcome["seconds"])
+        recorded = lifecycle.complete(work, node=hostname, key=key, sha256=sha, seconds=seconds)
     except DBAPIError as exc:
         if not database_unavailable(exc):
             raise
         return Retry(f"database unavailable: {exc.orig}", infrastructure=True)
-    if last and subtasks <= INLINE_FINALIZE_MAX_SUBTASKS:
-        if _finalize_inline(base["task_id"]):
-            outcome["finalized"] = True
-    elif last:
-        _request_finalize(base["task_id"])
+    outcome = work.outcome(ok=True, key=key, sha256=sha, seconds=seconds)
+    _after(work, recorded)
+    if recorded.last:
+        outcome["finalized"] = finish(work.task_id, subtasks=recorded.subtasks)
     return outcome
 
 
-# A small task's last subtask finishes the task itself, a broker round trip and a chord
-# callback sooner (about a third of a one-item job's latency), and then leaves its chord
-# (`workers.tasks`): no callback is sent. When it could not finish the task, the callback
-# does. A big job's last subtask (a long join) sends finalize instead.
-INLINE_FINALIZE_MAX_SUBTASKS = 16
-INLINE_FINALIZE_SPAN = "inline/marketplace.results.finalize"
+def _after(work: lifecycle.Work, recorded: lifecycle.Recorded) -> None:
+    """What follows any outcome: a charge that landed after its task was settled is settled, and
+    the fair dispatcher is asked for more work when the queue's broker list runs short. Neither may
+    fail the subtask: its outcome is committed (recovery and beat cover both)."""
+    if recorded.late_charge:
+        try:
+            from marketplace.billing.service import settle_late_now
+
+            settle_late_now(work.task_id)
+        except Exception:
+            logger.exception("billing: could not settle the late charge of %s", work.subtask_id)
+    try:
+        from marketplace.scheduling.dispatch import release_if_low
+
+        release_if_low(recorded.queue or work.queue)
+    except Exception:
+        logger.warning("could not release more work on %s", work.queue, exc_info=True)
 
 
-def _finalize_inline(task_id: str) -> bool:
-    """Whether this call finished the task (it is Done or Failed now)."""
+def finish(task_id: str, *, subtasks: int) -> bool:
+    """The task's last subtask ended: finish the task. Inline for a small task (True when this
+    call finished it), by a `marketplace.results.finalize` message for a big one (a long join)."""
+    if subtasks > INLINE_FINALIZE_MAX_SUBTASKS:
+        _request_finalize(task_id)
+        return False
     from opentelemetry import trace
 
     from marketplace.results.service import finalize_task
 
     try:
-        # Its own span in the job's trace, where the chord callback's run would have been.
+        # Its own span in the job's trace, where a finalize message's run would have been.
         with trace.get_tracer(__name__).start_as_current_span(INLINE_FINALIZE_SPAN):
             if finalize_task(task_id) not in ("done", "failed"):
                 return False
-    except Exception:  # the chord callback (and its retries) finishes the task instead
-        logger.warning("inline finalize of task %s failed; the chord callback will finish it", task_id,
-                       exc_info=True)
+    except Exception:  # the finalize message (and its retries) finishes the task instead
+        logger.warning("inline finalize of task %s failed; sending it", task_id, exc_info=True)
+        _request_finalize(task_id)
         return False
     from marketplace.audit.signals import request_chaining
 
     try:
-        request_chaining()  # what the callback's success signal would have asked for
+        request_chaining()
     except Exception:  # the beat's periodic chaining picks the records up
         logger.warning("could not ask for the audit chaining after task %s", task_id, exc_info=True)
     return True
 
 
 def _request_finalize(task_id: str) -> None:
-    """A big job's last subtask asks for finalize too (a message: the join is long). Its chord
-    callback usually comes first and the second finalize finds the task final; but a chord that
-    was only partly sent (the broker dropped out mid-dispatch) never calls back, and the re-sent
-    copies of its running subtasks are skipped, which left the task to recovery."""
     from marketplace.infra.celery_app import app
-    from marketplace.scheduling.service import FINALIZE, last_subtask_finalize_id
 
     try:
-        app.send_task(FINALIZE, args=[task_id], queue="marketplace.results", task_id=last_subtask_finalize_id(task_id))
-    except Exception:  # the chord callback, or recovery, finishes the task instead
+        app.send_task(names.FINALIZE, args=[task_id], queue=names.RESULTS_QUEUE, task_id=f"{task_id}:finalize:last")
+    except Exception:  # recovery finishes the task instead
         logger.warning("could not ask for the finalize of task %s", task_id, exc_info=True)
 
 
-def _failure(subtask_id: str, base: dict[str, Any], error: str, started: float, *, retryable: bool) -> dict[str, Any] | Retry:
+def _stop_watch(task_id: str) -> Any:
+    """A check, cheap to call often, of whether the task ended while this subtask runs (its end
+    sets `lifecycle.STOP_KEY`): at most one Redis read per STOP_POLL_S."""
+    state = {"at": 0.0, "stop": False}
+
+    def stop_requested() -> bool:
+        now = time.monotonic()
+        if not state["stop"] and now - state["at"] >= STOP_POLL_S:
+            state["at"] = now
+            try:
+                state["stop"] = lifecycle.stopped(task_id)
+            except Exception:  # Redis away: run on; the task's end is seen at the outcome
+                logger.debug("stop check for task %s failed", task_id, exc_info=True)
+        return bool(state["stop"])
+
+    return stop_requested
+
+
+def _work_of(outcome: dict[str, Any]) -> lifecycle.Work:
+    return lifecycle.Work(subtask_id=outcome["subtask_id"], task_id=outcome["task_id"], user_id=outcome["user_id"],
+                          model=outcome["model"], device=outcome["device"], queue="", index=outcome["index"],
+                          items=outcome["items"], inputs=[], params={}, attempts=0)
+
+
+def _stopped(work: lifecycle.Work, hostname: str, reason: str, started: float) -> dict[str, Any]:
+    seconds = round(time.perf_counter() - started, 6)
+    logger.info("subtask %s stopped: %s", work.subtask_id, reason)
+    recorded = lifecycle.stop(work, node=hostname, seconds=seconds, reason=reason)
+    _after(work, recorded)
+    return work.outcome(ok=False, stopped=True, error=reason, seconds=seconds)
+
+
+def _failure(work: lifecycle.Work, hostname: str, error: str, started: float, *, retryable: bool
+             ) -> dict[str, Any] | Retry:
     seconds = round(time.perf_counter() - started, 6)
     if retryable:
-        logger.warning("subtask %s attempt failed, will retry: %s", subtask_id, error)
-        progress.release_subtask(subtask_id, error=error)
+        logger.warning("subtask %s attempt failed, will retry: %s", work.subtask_id, error)
+        lifecycle.retry(work.subtask_id, error=error)
         return Retry(error)
-    logger.error("subtask %s failed: %s", subtask_id, error)
-    run_after_commit(progress.fail_subtask(subtask_id, error=error, seconds=seconds, index=base["index"]))
-    return {**base, "ok": False, "error": error, "seconds": seconds}
+    logger.error("subtask %s failed: %s", work.subtask_id, error)
+    recorded = lifecycle.fail(work, node=hostname, error=error, seconds=seconds)
+    _after(work, recorded)
+    return work.outcome(ok=False, error=error, seconds=seconds)

@@ -9,18 +9,12 @@ from api.db import db
 from api.openapi import api_doc
 from api.schemas import ResultQuery, SubTaskQuery, TaskAccepted, TaskListQuery
 from api.validation import parse_body, parse_query
-from marketplace.tasks import lifecycle
+from marketplace.results import service as results
+from marketplace.tasks import listing
 from marketplace.tasks import service as tasks
 from marketplace.tasks.schemas import SubTaskList, TaskOut, TaskPage, TaskRequest, TaskResult
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1/tasks")
-
-
-def _current_trace_id() -> str | None:
-    from opentelemetry import trace
-
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
 @bp.post("")
@@ -34,12 +28,8 @@ def submit():  # type: ignore[no-untyped-def]
     user = me()
     key = request.headers.get("Idempotency-Key")
     session = db()
-    task, created = tasks.create_task(
-        session, user_id=user.id, request=body, idempotency_key=key, trace_id=_current_trace_id()
-    )
-    session.commit()
-    if created:
-        tasks.schedule_accepted(task)
+    task, created = tasks.submit_task(session, user_id=user.id, request=body, idempotency_key=key)
+    session.commit()  # its schedule message goes once this commits
     # Everything the acceptance needs is on the row: no progress or cost queries on the hot path.
     links = tasks.task_links(task.id)
     resp = jsonify({
@@ -57,7 +47,7 @@ def submit():  # type: ignore[no-untyped-def]
 @jwt_required()
 def index():  # type: ignore[no-untyped-def]
     q = parse_query(TaskListQuery)
-    docs, cursor = lifecycle.list_tasks(db(), user=me(), status=q.status, limit=q.limit, cursor=q.cursor,
+    docs, cursor = listing.list_tasks(db(), user=me(), status=q.status, limit=q.limit, cursor=q.cursor,
                                         all_users=q.all == "1")
     return jsonify(TaskPage(tasks=docs, next_cursor=cursor).model_dump(mode="json"))
 
@@ -92,7 +82,7 @@ def result(task_id: str):  # type: ignore[no-untyped-def]
     session = db()
     task = tasks.get_task(session, task_id=task_id, user=me())
     # The stored document already has the response shape; stream it as is.
-    body = tasks.read_partial_result(session, task=task) if partial else tasks.read_result(session, task=task)
+    body = results.read_partial_result(session, task=task) if partial else results.read_result(session, task=task)
     return Response(body, mimetype="application/json")
 
 
@@ -102,9 +92,8 @@ def result(task_id: str):  # type: ignore[no-untyped-def]
 @jwt_required()
 def cancel(task_id: str):  # type: ignore[no-untyped-def]
     session = db()
-    task = lifecycle.cancel_task(session, task_id=task_id, user=me())
+    task = listing.cancel_task(session, task_id=task_id, user=me())
     session.commit()
-    lifecycle.after_commit(session)
     resp = jsonify(tasks.describe_task(session, task=task).model_dump(mode="json"))
     resp.status_code = 202
     return resp

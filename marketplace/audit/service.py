@@ -368,40 +368,10 @@ def _anchored(root: str) -> tuple[int, str] | None:
         return None
 
 
-def subtask_event(
-    session: Session, *, actor: str, action: str, subject: str, data: dict[str, Any] | None = None,
-    task_id: Any = None, subtask_id: str | None = None,
-) -> None:
-    """A high-rate (per subtask) record, routed by `MARKETPLACE_AUDIT_SUBTASK_EVENTS`.
-
-    pending (default): buffered without a lock, chained in batches; direct: chained
-    at this transaction's commit under the advisory lock; off: not recorded.
-    """
-    from marketplace.settings import get_settings
-
-    mode = get_settings().audit_subtask_events
-    if mode == "off":
-        return
-    if mode == "direct":
-        if task_id is None and subtask_id:
-            from marketplace.tasks.models import SubTask
-
-            tid = session.scalar(select(SubTask.task_id).where(SubTask.id == _uuid(subtask_id)))
-            task_id = str(tid) if tid else None
-        append(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id)
-    else:
-        enqueue(session, actor=actor, action=action, subject=subject, data=data, task_id=task_id,
-                subtask_id=subtask_id)
-
-
 def subtask_record(**kwargs: Any) -> None:
-    """`subtask_event` in its own short transaction (signal handlers)."""
-    from marketplace.settings import get_settings
-
-    if get_settings().audit_subtask_events == "off":
-        return
+    """A per-subtask record (Celery signal handlers) buffered in its own short transaction."""
     with session_scope() as session:
-        subtask_event(session, **kwargs)
+        enqueue(session, **kwargs)
 
 
 # -- records carried into the subtask's own first transaction ------------------------------
@@ -413,10 +383,6 @@ _carried = threading.local()
 
 def carry_subtask_record(*, actor: str, action: str, subject: str, data: dict[str, Any] | None = None) -> None:
     """Buffer a per-subtask record until `write_carried` runs in the subtask's transaction."""
-    from marketplace.settings import get_settings
-
-    if get_settings().audit_subtask_events != "pending":
-        raise RuntimeError("carried records are for the pending mode")
     _carried.__dict__.setdefault("rows", []).append(pending_values(actor=actor, action=action, subject=subject,
                                                                    data=data))
 
@@ -425,6 +391,43 @@ def pending_values(*, actor: str, action: str, subject: str, data: dict[str, Any
     """An `audit_pending` row's {ts, actor, action, subject, data} (no task_id), for callers writing Core SQL."""
     e = _entry(actor, action, subject, data, None)
     return {"ts": e.ts, "actor": e.actor, "action": e.action, "subject": e.subject, "data": e.data}
+
+
+# -- fragments for statements that write records beside their own rows (the lifecycle) ------
+PENDING_COLUMNS = "ts, actor, action, subject, task_id, data"
+
+
+def pending_cte(name: str, selects: list[str]) -> str:
+    """A CTE `name` buffering records in `audit_pending`; each of `selects` is a SELECT of
+    PENDING_COLUMNS, e.g. over a CTE of the same statement. Chained within seconds."""
+    return f"""{name} AS (
+        INSERT INTO audit_pending ({PENDING_COLUMNS})
+        {" UNION ALL ".join(selects)}
+        RETURNING id
+    )"""
+
+
+def record_params(prefix: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    """Bind parameters `<prefix>ts`, `<prefix>actor`, ... of one record (`pending_values`), all
+    NULL without one: a statement's SELECT for it then adds no row (`WHERE <prefix>action IS NOT NULL`)."""
+    record = record or {}
+    return {f"{prefix}{k}": record.get(k) for k in ("ts", "actor", "action", "subject", "data")}
+
+
+def record_select(prefix: str, *, task_id: str, source: str | None = None) -> str:
+    """The SELECT of one record bound by `record_params(prefix, ...)`, if bound, once per row of
+    `source` when given (the record then exists only where that row does)."""
+    return (f"SELECT CAST(:{prefix}ts AS timestamptz), :{prefix}actor, :{prefix}action, :{prefix}subject, "
+            f"{task_id}, :{prefix}data {'FROM ' + source if source else ''} "
+            f"WHERE CAST(:{prefix}action AS text) IS NOT NULL")
+
+
+RECORD_TYPES = {"ts": "timestamptz", "actor": "text", "action": "text", "subject": "text", "data": "text"}
+
+
+def record_types(prefix: str) -> dict[str, str]:
+    """`Prepared` types of `record_params(prefix, ...)`."""
+    return {f"{prefix}{k}": v for k, v in RECORD_TYPES.items()}
 
 
 def take_carried() -> list[dict[str, Any]]:

@@ -28,13 +28,10 @@ from celery.signals import (
 )
 
 from marketplace.audit import service
-from marketplace.settings import get_settings
+from marketplace.infra import names
 
 logger = logging.getLogger(__name__)
-SUBTASK = "workers.run_subtask"
-SCHEDULE = "marketplace.scheduling.schedule"
-FINALIZE = "marketplace.results.finalize"
-CHAIN_TASK = "marketplace.audit.chain_pending"
+SUBTASK, SCHEDULE, CHAIN_TASK = names.RUN_SUBTASK, names.SCHEDULE, names.CHAIN_AUDIT
 FLUSH_AT = 1000
 _published = threading.local()
 
@@ -89,7 +86,7 @@ def flush_published() -> None:
     from marketplace.tasks.models import SubTask
 
     unknown = [uuid.UUID(sid) for sid, _queue, tid in batch if tid is None]  # e.g. a retry's re-publish
-    if not unknown and get_settings().audit_subtask_events == "pending":
+    if not unknown:
         # A dispatch's usual case: one statement that commits by itself, not a transaction.
         service.enqueue_now(_dispatched_records(batch, {}))
         return
@@ -97,7 +94,7 @@ def flush_published() -> None:
         owners = {str(sid): str(tid) for sid, tid in session.execute(
             select(SubTask.id, SubTask.task_id).where(SubTask.id.in_(unknown))).all()} if unknown else {}
         for record in _dispatched_records(batch, owners):
-            service.subtask_event(session, **record)
+            service.enqueue(session, **record)
 
 
 def _dispatched_records(batch: list[tuple[str, str, str | None]], owners: dict[str, str]) -> list[dict[str, Any]]:
@@ -147,11 +144,8 @@ def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: 
     t = task or sender
     record = {"actor": f"worker:{_hostname(t)}", "action": "subtask.started", "subject": f"subtask:{sid}",
               "data": {"celery_id": task_id, "retries": getattr(t.request, "retries", 0)}}
-    if get_settings().audit_subtask_events == "pending":
-        # Written by the subtask's claim transaction (marketplace.tasks.progress), not a commit of its own.
-        _safe(service.carry_subtask_record, **record)
-    else:
-        _safe(service.subtask_record, subtask_id=sid, **record)
+    # Written by the subtask's claim statement (`lifecycle.claim`), not a commit of its own.
+    _safe(service.carry_subtask_record, **record)
 
 
 @task_postrun.connect
@@ -161,44 +155,10 @@ def _on_postrun(**_: Any) -> None:
 
 @task_success.connect
 def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
-    name = getattr(sender, "name", None)
-    if name == FINALIZE and result in ("done", "failed"):
+    # A subtask's outcome record is written by its outcome's statement (`lifecycle`).
+    if getattr(sender, "name", None) == names.FINALIZE and result in ("done", "failed"):
         # The task just ended: chain its buffered subtask records soon, on the maintenance queue.
         _safe(request_chaining)
-        return
-    if name != SUBTASK or not isinstance(result, dict):
-        return
-    from marketplace.settings import get_settings
-
-    settings = get_settings()
-    if settings.billing_signal_charges or settings.audit_subtask_events == "off":
-        return  # billing's handler writes this record in its charge transaction (one commit per outcome)
-
-    def write() -> None:
-        from marketplace.infra.db import session_scope
-
-        with session_scope() as session:
-            outcome_event(session, hostname=_hostname(sender), result=result)
-
-    _safe(write)
-
-
-def outcome_record(*, hostname: str, result: dict[str, Any]) -> dict[str, Any]:
-    """`{actor, action, subject, data}` of `subtask.finished|failed|skipped` for one `workers.run_subtask` result."""
-    if result.get("skipped"):
-        action = "subtask.skipped"
-    else:
-        action = "subtask.finished" if result.get("ok") else "subtask.failed"
-    data = {k: result.get(k) for k in ("index", "items", "seconds", "ok", "error", "duplicate", "key", "sha256")
-            if result.get(k) is not None}
-    return {"actor": f"worker:{hostname}", "action": action, "subject": f"subtask:{result.get('subtask_id')}",
-            "data": data}
-
-
-def outcome_event(session: Any, *, hostname: str, result: dict[str, Any]) -> None:
-    """The outcome record, in the caller's transaction."""
-    service.subtask_event(session, **outcome_record(hostname=hostname, result=result),
-                          task_id=result.get("task_id"), subtask_id=result.get("subtask_id"))
 
 
 # A chain request runs this long after it is sent; while one is pending, no other is sent.
@@ -228,7 +188,7 @@ def request_chaining() -> None:
         pass  # ask anyway; the beat's periodic chaining is the backstop either way
     try:
         # A second later: the last subtask's own success handlers run after the chord counter moved.
-        app.send_task(CHAIN_TASK, queue="marketplace.maintenance", countdown=CHAIN_DELAY, ignore_result=True)
+        app.send_task(CHAIN_TASK, queue=names.MAINTENANCE_QUEUE, countdown=CHAIN_DELAY, ignore_result=True)
     except Exception:
         with contextlib.suppress(RedisError):
             redis.delete(_CHAIN_REQUESTED)  # nothing is pending: the next caller asks again

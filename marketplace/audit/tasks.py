@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 
 from marketplace.audit import service
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 
 logger = logging.getLogger(__name__)
 
 
-@app.task(name="marketplace.audit.chain_pending", acks_late=True, ignore_result=True)
+@app.task(name=names.CHAIN_AUDIT, acks_late=True, ignore_result=True)
 def chain_pending() -> int:
     moved = service.chain_pending()
     if moved:
@@ -17,7 +18,7 @@ def chain_pending() -> int:
     return moved
 
 
-@app.task(name="marketplace.audit.verify", acks_late=True, ignore_result=True)
+@app.task(name=names.VERIFY_AUDIT, acks_late=True, ignore_result=True)
 def verify() -> dict:
     """Walk the whole chain and publish the verdict as `marketplace_audit_chain_valid` (alerted on)."""
     from marketplace.infra.db import session_scope

@@ -25,6 +25,11 @@ def effective_quotas(user: User) -> dict[str, object]:
         "daily_spend_limit": str(
             user.daily_spend_limit if user.daily_spend_limit is not None else settings.default_daily_spend
         ),
+        # The fair dispatcher's (scheduling/fair.py): subtasks in flight per queue (None: no cap), and
+        # the user's weight in the sharing of the nodes.
+        "max_running_subtasks": (user.max_running_subtasks if user.max_running_subtasks is not None
+                                 else settings.default_max_running_subtasks),
+        "share": user.share if user.share is not None else 1.0,
     }
 
 
@@ -86,7 +91,7 @@ def charges_today_sum(user_id: Any) -> Any:
 
 def spent_today(session: Session, *, user_id: uuid.UUID) -> Decimal:
     """Charges recorded today (UTC), running tasks included."""
-    from marketplace.billing.service import q
+    from marketplace.billing.money import q
 
     return q(-Decimal(session.scalar(charges_today_sum(user_id)) or 0))
 
@@ -98,7 +103,7 @@ def check_daily_spend(*, user: User, amount: Decimal, held: Decimal, settled_tod
     running task's charges are covered by its hold, so only settled charges are added
     (no double counting). `place_hold` reads both under the user's row lock.
     """
-    from marketplace.billing.service import q
+    from marketplace.billing.money import q
 
     limit = Decimal(str(effective_quotas(user)["daily_spend_limit"]))
     committed = q(settled_today + held)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import func, select
@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from marketplace.billing import quotas
 from marketplace.billing.models import HOLD_ACTIVE, HOLD_RELEASED, Hold, LedgerEntry
+from marketplace.billing.money import q
 from marketplace.catalog import ModelSpec, Price
 from marketplace.infra.db import utcnow
 from marketplace.infra.errors import InvalidInput, NotFound, PaymentRequired
@@ -25,12 +27,6 @@ from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import ACTIVE_TASK_STATUSES
 from marketplace.users.models import User
-
-CENT = Decimal("0.000001")
-
-
-def q(amount: Decimal) -> Decimal:
-    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
 def price_for(spec: ModelSpec, device: str) -> Price:
@@ -154,8 +150,6 @@ def place_hold(
     pass a check that only one of them fits. `balance`: the caller's statement took that
     lock already (`lock_balance_sql`) and read it.
     """
-    from marketplace.billing import quotas
-
     # The balance is read by the locking statement itself: the request loaded the user before.
     session.flush()  # what session.execute would do first: anything pending is written before the lock
     conn = session.connection()
@@ -209,7 +203,7 @@ def record_subtask_charge(
     if inserted:
         from marketplace.audit import service as audit
 
-        audit.subtask_event(
+        audit.enqueue(
             session, actor="billing", action=f"billing.{kind}", subject=f"subtask:{subtask_id}", task_id=task_id,
             data={"user_id": str(user_id), "subtask_id": str(subtask_id), "amount": str(-q(amount)), "detail": detail},
         )
@@ -230,6 +224,15 @@ def settle_late(session: Session, *, task_id: uuid.UUID) -> None:
     task = session.get(Task, task_id)
     if task is not None:
         settle_task(session, task=task)
+
+
+def settle_late_now(task_id: uuid.UUID | str) -> None:
+    """`settle_late` in a transaction of its own: a charge that landed after its task was settled
+    (its outcome's statement answered so), settled right after that statement's commit."""
+    from marketplace.infra.db import session_scope
+
+    with session_scope() as session:
+        settle_late(session, task_id=uuid.UUID(str(task_id)))
 
 
 # How long WatchTask and a webhook delivery wait for a final task to settle before they go on.
@@ -351,66 +354,6 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
 def charge_detail(model: str, device: str, items: Any, seconds: float | None) -> str:
     """A subtask charge's ledger `detail`, the same from every path that records one."""
     return f"{model}/{device} {items} items {seconds or 0:.3f}s"
-
-
-def backfill_charges(session: Session, *, task: Any, spec: ModelSpec | None, hold_locked: bool = False) -> int:
-    """Record charges for final subtasks that have none yet (the signal may not have run yet).
-
-    Celery fires task_success after the chord counter moved, so the callback can
-    reach settlement before the last subtask's signal handler; both paths compute
-    the same amount from the same numbers, and the unique constraint keeps one row.
-    """
-    from marketplace.tasks.models import SubTask, SubTaskStatus
-
-    if spec is None or not task.queue:
-        return 0
-    price = price_for(spec, task.queue.split(".", 1)[0])
-    added = 0
-    # Only the final subtasks without a ledger row: usually none, or the last one or two.
-    uncharged = (
-        select(SubTask.id, SubTask.status, SubTask.seconds, SubTask.items)
-        .where(
-            SubTask.task_id == task.id,
-            SubTask.status.in_((SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value)),
-            SubTask.attempts > 0,
-            ~select(LedgerEntry.id).where(LedgerEntry.task_id == task.id, LedgerEntry.subtask_id == SubTask.id)
-            .exists(),
-        )
-    )
-    for sub in session.execute(uncharged).all():
-        ok = sub.status == SubTaskStatus.DONE.value
-        amount = subtask_cost(price, seconds=sub.seconds or 0.0, items=sub.items, ok=ok)
-        added += record_subtask_charge(
-            session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
-            detail=charge_detail(spec.name, task.queue.split(".", 1)[0], sub.items, sub.seconds),
-            hold_locked=hold_locked,
-        )
-    return added
-
-
-def charge_from_row(session: Session, *, subtask_id: uuid.UUID) -> bool:
-    """Charge a final subtask from its database row (task_failure safety net); False if not final or charged."""
-    from marketplace.catalog import get_catalog
-    from marketplace.tasks.models import SubTask, SubTaskStatus, Task
-
-    row = session.execute(
-        select(SubTask, Task).join(Task, SubTask.task_id == Task.id).where(SubTask.id == subtask_id)
-    ).first()
-    if row is None:
-        return False
-    sub, task = row
-    spec = get_catalog().get(task.model)
-    if spec is None or not task.queue or sub.attempts == 0:
-        return False
-    if sub.status not in (SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value):
-        return False
-    ok = sub.status == SubTaskStatus.DONE.value
-    amount = subtask_cost(price_for(spec, task.queue.split(".", 1)[0]), seconds=sub.seconds or 0.0,
-                          items=sub.items, ok=ok)
-    return record_subtask_charge(
-        session, user_id=task.user_id, task_id=task.id, subtask_id=sub.id, amount=amount, ok=ok,
-        detail=charge_detail(spec.name, task.queue.split(".", 1)[0], sub.items, sub.seconds),
-    )
 
 
 # --- balance, ledger and top-ups --------------------------------------------------------

@@ -7,7 +7,8 @@ import click
 
 
 @click.command("grpc")
-@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; 0.0.0.0 (or ::) for every interface, as in docker-compose.yml")
 @click.option("--port", default=50051, show_default=True, type=int)
 @click.option("--workers", "max_workers", default=16, show_default=True, type=int, help="handler threads")
 def grpc_command(host: str, port: int, max_workers: int) -> None:

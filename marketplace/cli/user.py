@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -329,8 +330,8 @@ def _override(kind: type) -> click.ParamType:
                 parsed = kind(value)
             except (ValueError, ArithmeticError):
                 self.fail(f"{value!r} is not a number or 'default'", param, ctx)
-            top = 2**31 - 1 if kind is int else 10**12  # an INTEGER column; credits
-            if isinstance(parsed, Decimal) and not parsed.is_finite() or not 0 <= parsed <= top:
+            top = 2**31 - 1 if kind is int else 10**12  # an INTEGER column; credits; a share
+            if isinstance(parsed, Decimal | float) and not math.isfinite(parsed) or not 0 <= parsed <= top:
                 self.fail(f"must be between 0 and {top}", param, ctx)
             return ("set", parsed)
 
@@ -350,6 +351,7 @@ def users_list(as_json: bool) -> None:
         rows = [{"id": str(u.id), "email": u.email, "role": u.role, "balance": str(u.balance),
                  "max_active_tasks": u.max_active_tasks, "max_items_per_task": u.max_items_per_task,
                  "daily_spend_limit": None if u.daily_spend_limit is None else str(u.daily_spend_limit),
+                 "share": u.share, "max_running_subtasks": u.max_running_subtasks,
                  "created_at": u.created_at.isoformat()}
                 for u in session.scalars(select(User).order_by(User.created_at))]
     if as_json:
@@ -358,10 +360,11 @@ def users_list(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("email", "role", "balance", "max active", "max items", "daily spend", "created (UTC)")
+    table = Table("email", "role", "balance", "max active", "max items", "daily spend", "share", "max running",
+                  "created (UTC)")
     for r in rows:
-        table.add_row(r["email"], r["role"], r["balance"], *(str(r[k] if r[k] is not None else "")
-                      for k in ("max_active_tasks", "max_items_per_task", "daily_spend_limit")),
+        table.add_row(r["email"], r["role"], r["balance"], *(str(r[k] if r[k] is not None else "") for k in (
+                      "max_active_tasks", "max_items_per_task", "daily_spend_limit", "share", "max_running_subtasks")),
                       r["created_at"][:19].replace("T", " "))
     Console(width=160).print(table)
 
@@ -372,18 +375,26 @@ def users_list(as_json: bool) -> None:
 @click.option("--max-active-tasks", type=_override(int), default=None)
 @click.option("--max-items-per-task", type=_override(int), default=None)
 @click.option("--daily-spend-limit", type=_override(Decimal), default=None)
+@click.option("--share", type=_override(float), default=None,
+              help="weight in the fair sharing of compute (default 1: a user with 3 gets three times the slots)")
+@click.option("--max-running-subtasks", type=_override(int), default=None,
+              help="cap on the user's subtasks in flight per queue (default: the setting's, none as shipped)")
 def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per_task: Any,
-              daily_spend_limit: Any) -> None:
-    """Change an account's role or quota overrides (a number, or `default` for the setting's)."""
+              daily_spend_limit: Any, share: Any, max_running_subtasks: Any) -> None:
+    """Change an account's role, fair share or quota overrides (a number, or `default` for the setting's)."""
     from marketplace.infra.db import session_scope
     from marketplace.infra.errors import MarketplaceError
     from marketplace.users.service import update_user
 
     changes: dict[str, Any] = {"role": role} if role else {}
     for name, value in (("max_active_tasks", max_active_tasks), ("max_items_per_task", max_items_per_task),
-                        ("daily_spend_limit", daily_spend_limit)):
+                        ("daily_spend_limit", daily_spend_limit), ("max_running_subtasks", max_running_subtasks)):
         if value is not None:
             changes[name] = value[1]
+    if share is not None:
+        if share[1] is not None and share[1] <= 0:
+            raise click.BadParameter("must be greater than 0", param_hint="--share")
+        changes["share"] = 1.0 if share[1] is None else share[1]
     if not changes:
         raise click.UsageError("nothing to change: give --role or a quota option")
     try:

@@ -1,6 +1,6 @@
 """Consume `SubmitTask` records and create tasks exactly as REST `POST /v1/tasks` does.
 
-- Same path: `tasks.service.create_task` + commit + `schedule_accepted`, with the
+- Same path: `tasks.service.submit_task` + commit, with the
   proto fields validated by the same `TaskRequest` model as REST and gRPC.
 - Replays: the dedupe key is (user, idempotency_key). The task's own
   idempotency key makes `create_task` return the existing task, and a
@@ -46,7 +46,7 @@ class Outcome:
 
 
 def _principal(session: Any, submit: pb.SubmitTask) -> uuid.UUID:
-    from marketplace.rpc.server import user_from_token
+    from marketplace.rpc.calls import user_from_token
     from marketplace.users import service as users
 
     which = submit.WhichOneof("principal")
@@ -58,7 +58,15 @@ def _principal(session: Any, submit: pb.SubmitTask) -> uuid.UUID:
 
 
 def handle_submission(value: bytes | None) -> Outcome:
-    """Turn one record value into a task (or find the one it already made)."""
+    """Turn one record value into a task (or find the one it already made), in a span of its own:
+    the task's `trace_id` follows the job from this record on, as a REST or gRPC submit's does."""
+    from opentelemetry import trace
+
+    with trace.get_tracer(__name__).start_as_current_span("kafka.submit"):
+        return _handle_submission(value)
+
+
+def _handle_submission(value: bytes | None) -> Outcome:
     from marketplace.rpc.tasks import task_request
     from marketplace.tasks import service as tasks
 
@@ -82,7 +90,7 @@ def handle_submission(value: bytes | None) -> Outcome:
             done = session.scalar(select(ProcessedSubmission).where(ProcessedSubmission.dedupe_key == dedupe_key))
             # A replay finds its task through the key; the same key with another body is a Conflict
             # (the shortcut on `done` answered "duplicate" and dropped the new body).
-            task, created = tasks.create_task(session, user_id=user_id, request=request,
+            task, created = tasks.submit_task(session, user_id=user_id, request=request,
                                               idempotency_key=submit.idempotency_key)
         except errors.Unavailable:
             raise
@@ -91,14 +99,14 @@ def handle_submission(value: bytes | None) -> Outcome:
         if done is None:
             session.add(ProcessedSubmission(dedupe_key=dedupe_key, task_id=str(task.id)))
         try:
-            session.commit()
+            session.commit()  # a new task's schedule message goes once this commits
         except IntegrityError:  # another consumer handled the same submission first
             session.rollback()
             return Outcome("duplicate", str(task.id))
-        # Created, or a replay of a task still Created (a crash between its commit and the offset's
-        # left it to recovery's sweep): scheduling is idempotent under the row lock.
-        if created or task.status == "Created":
-            tasks.schedule_accepted(task)
+        # A replay of a task still Created (a crash between its commit and the offset's left it
+        # to recovery's sweep): scheduling is idempotent under the row lock.
+        if not created and task.status == "Created":
+            tasks.schedule_accepted(task.id, task.model)
         return Outcome("created" if created else "duplicate", str(task.id))
     finally:
         session.close()

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from marketplace.events.relay import prune as prune_outbox
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 
 
-@app.task(name="marketplace.events.prune", acks_late=True)
+@app.task(name=names.PRUNE_OUTBOX, acks_late=True)
 def prune() -> int:
     return prune_outbox()

@@ -38,14 +38,19 @@ def broker_lists(queue: str, transport_options: dict[str, Any]) -> list[str]:
     return [queue if not step else f"{queue}{sep}{step}" for step in sorted(set(steps))]
 
 
+def _config() -> Any:
+    """The Celery settings module (the app is configured from it; read here without the app)."""
+    import celeryconfig
+
+    return celeryconfig
+
+
 def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[str, int]:
     """Messages waiting in each queue, summed over its priority lists (one pipelined round trip)."""
-    from marketplace.infra.celery_app import app
-
     client = client or broker_redis()
     if client is None or not queues:
         return {}
-    options = dict(app.conf.broker_transport_options or {})
+    options = dict(_config().broker_transport_options or {})
     pipe = client.pipeline(transaction=False)
     for queue in queues:
         for name in broker_lists(queue, options):
@@ -64,13 +69,12 @@ def lost_before(now: datetime, client: redis.Redis | None = None) -> datetime | 
     stalled subtasks once, and a copy never runs a subtask twice.) A loss found now is dated
     `now`, the sweep's own clock: what the sweep itself sends or touches is after it.
     """
-    from marketplace.infra.celery_app import app
-
     client = client or broker_redis()
     if client is None:
         return None
-    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-    bindings = {f"{prefix}_kombu.binding.{queue.exchange.name}" for queue in app.amqp.queues.values()}
+    config = _config()
+    prefix = (config.broker_transport_options or {}).get("global_keyprefix", "")
+    bindings = {f"{prefix}_kombu.binding.{queue.exchange.name}" for queue in config.task_queues}
     if client.exists(*bindings) < len(bindings):
         client.set(LOST_AT_KEY, now.isoformat())
     value = client.get(LOST_AT_KEY)
@@ -84,12 +88,10 @@ def held_since(before: datetime, client: redis.Redis | None = None) -> set[str]:
     `visibility_timeout` (an hour here): for a node that died holding one (a reserved
     message, or a retry waiting out its countdown) that is an hour of waiting.
     """
-    from marketplace.infra.celery_app import app
-
     client = client or broker_redis()
     if client is None:
         return set()
-    options = app.conf.broker_transport_options or {}
+    options = _config().broker_transport_options or {}
     prefix = options.get("global_keyprefix", "")
     tags = client.zrangebyscore(prefix + options.get("unacked_index_key", "unacked_index"), "-inf",
                                 before.timestamp())

@@ -25,7 +25,6 @@ TASK_MODULES = [
     "marketplace.webhooks.delivery",
     "workers.tasks",
     # Signal handlers: importing them connects them in every worker.
-    "marketplace.billing.signals",
     "marketplace.registry.signals",
     "marketplace.audit.signals",
     "marketplace.audit.tasks",

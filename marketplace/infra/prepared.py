@@ -134,6 +134,9 @@ class Rows:
     def all(self) -> list[Any]:
         return self._rows
 
+    def __iter__(self) -> Any:
+        return iter(self._rows)
+
     def first(self) -> Any:
         return self._rows[0] if self._rows else None
 

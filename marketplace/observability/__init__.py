@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "bind", "bound", "clear", "current_ids", "setup_logging", "init_app", "init_process",
-    "init_worker_process", "task_submitted", "task_finished",
+    "init_worker_process", "task_submitted", "task_started", "task_finished",
 ]
 
 
@@ -60,6 +60,13 @@ def task_submitted(*, model: str, task_id: Any, user_id: Any) -> None:
 
     metrics.task_submitted(model=model)
     bind(task_id=task_id, user_id=user_id)
+
+
+def task_started(*, model: str, queue: str, waited: float) -> None:
+    """A task's first subtask started, `waited` seconds after the task was submitted."""
+    from marketplace.observability import metrics
+
+    metrics.task_started(queue=queue or model, waited=waited)
 
 
 def task_finished(*, model: str, status: str, cost: Any = None) -> None:

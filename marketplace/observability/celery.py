@@ -22,13 +22,14 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from marketplace.infra import names
 from marketplace.observability import logs
 
 logger = logging.getLogger(__name__)
-SUBTASK_TASK = "workers.run_subtask"
+SUBTASK_TASK = names.RUN_SUBTASK
 # Our ids ride along in message headers; they appear as attributes of `task.request`.
 HEADER = {"task_id": "marketplace_task_id", "user_id": "marketplace_user_id"}
-_TASK_ID_ARG = {"marketplace.scheduling.schedule", "marketplace.results.finalize", "marketplace.webhooks.deliver"}
+_TASK_ID_ARG = {names.SCHEDULE, names.FINALIZE, names.DELIVER_WEBHOOK}
 _started: dict[str, tuple[float, list[Any]]] = {}
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import text
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ SUBTASKS = Counter(
     "marketplace_subtasks", "Subtask runs by queue and outcome (done, failed, retry, skipped, duplicate, error).",
     ["queue", "outcome"], registry=REGISTRY,
 )
+TASK_WAIT = Histogram(
+    "marketplace_task_wait_seconds", "Seconds from a task's submit to its first subtask's start, by queue.",
+    ["queue"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600), registry=REGISTRY,
+)
 CREDITS_CHARGED = Counter(
     "marketplace_credits_charged", "Credits charged for finished tasks, by model.", ["model"], registry=REGISTRY
 )
@@ -62,6 +67,10 @@ def task_finished(*, model: str, status: str, cost: Decimal | float | None = Non
     TASKS_FINISHED.labels(model=model, status=status).inc()
     if cost:
         CREDITS_CHARGED.labels(model=model).inc(float(cost))
+
+
+def task_started(*, queue: str, waited: float) -> None:
+    TASK_WAIT.labels(queue=queue).observe(max(0.0, waited))
 
 
 def subtask_ran(*, queue: str, outcome: str, seconds: float | None) -> None:
@@ -94,6 +103,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         queues = known_queues()
         yield from self._queue_depth(queues)
+        yield from self._subtasks(queues)
         yield from self._workers_live(queues)
         yield from self._audit()
 
@@ -109,6 +119,33 @@ class StateCollector(Collector):
             logger.warning("metrics: queue depth unavailable: %s", exc)
             return []
         return [family]
+
+    def _subtasks(self, queues: list[str]) -> Iterable[Metric]:
+        """Subtasks not started (waiting in the database for the fair dispatcher, or sent and
+        waiting in the broker) and running, per queue: what autoscaling reads (KEDA)."""
+
+        from marketplace.infra.db import get_engine
+
+        queued = GaugeMetricFamily("marketplace_subtasks_queued",
+                                   "Subtasks waiting to start (in the database or the broker), by queue.",
+                                   labels=["queue"])
+        running = GaugeMetricFamily("marketplace_subtasks_running", "Subtasks running on a node, by queue.",
+                                    labels=["queue"])
+        counts = {q: [0, 0] for q in queues if not q.startswith("marketplace.")}
+        try:
+            with get_engine().connect() as conn:
+                for queue, n in conn.execute(_BACKLOG_BY_QUEUE):
+                    counts.setdefault(queue, [0, 0])[0] += int(n or 0)
+                for queue, waiting, run in conn.execute(_IN_FLIGHT_BY_QUEUE):
+                    counts.setdefault(queue, [0, 0])[0] += int(waiting)
+                    counts[queue][1] += int(run)
+        except Exception as exc:
+            logger.warning("metrics: subtask counts unavailable: %s", exc)
+            return []
+        for queue, (q, r) in sorted(counts.items()):
+            queued.add_metric([queue], q)
+            running.add_metric([queue], r)
+        return [queued, running]
 
     def _workers_live(self, queues: list[str]) -> Iterable[Metric]:
         from marketplace.infra.redis_client import get_redis
@@ -155,6 +192,14 @@ class StateCollector(Collector):
         return out
 
 
+_ACTIVE = "status IN ('Scheduled', 'InProgress')"
+_BACKLOG_BY_QUEUE = text(f"SELECT queue, sum(backlog) FROM tasks WHERE backlog > 0 AND {_ACTIVE} GROUP BY queue")
+_IN_FLIGHT_BY_QUEUE = text("""
+    SELECT t.queue, count(*) FILTER (WHERE s.status = 'Pending'), count(*) FILTER (WHERE s.status = 'Running')
+    FROM tasks t JOIN subtasks s ON s.task_id = t.id
+    WHERE t.status IN ('Scheduled', 'InProgress') AND (s.status = 'Running' OR (s.status = 'Pending' AND s.dispatches > 0))
+    GROUP BY t.queue
+""")
 STATE = StateCollector()
 
 
@@ -252,12 +297,13 @@ def serve_process_metrics(what: str) -> None:
     are on its own port, or a throughput panel misses every gRPC and Kafka submission."""
     from marketplace.settings import get_settings
 
-    port = get_settings().metrics_port
-    if port and start_exporter(port) is None:
+    settings = get_settings()
+    port = settings.metrics_port
+    if port and start_exporter(port, settings.metrics_host) is None:
         logger.warning("metrics: %s runs without /metrics (port %s is taken)", what, port)
 
 
-def start_exporter(port: int, host: str = "0.0.0.0") -> Any | None:
+def start_exporter(port: int, host: str) -> Any | None:
     """Serve `/metrics` for this node on host:port from a thread; None (and a warning) if it cannot bind."""
     from prometheus_client import start_http_server
 

@@ -27,11 +27,11 @@ from typing import Any
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from marketplace.catalog import get_catalog
+from marketplace.infra import names
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
-RUN_SUBTASK = "workers.run_subtask"
-WAKE_TASK = "marketplace.scheduling.wake"
+RUN_SUBTASK, WAKE_TASK = names.RUN_SUBTASK, names.WAKE
 _stop = threading.Event()
 _info: dict[str, Any] = {}
 _process: dict[str, str] = {}  # this node process's incarnation, once the worker starts
@@ -137,15 +137,14 @@ def _wake_waiting(info: dict[str, Any]) -> None:
     """Tasks waiting for what this node serves need not sit out their backoff, and the subtasks a
     predecessor under this name left Running are re-sent now (it is gone: this process replaced it)."""
     runnable = [m for m in info["models"] if m not in info["unavailable"]]
-    compute = [q for q in info["queues"] if q not in ("marketplace.scheduler", "marketplace.results",
-                                                      "marketplace.maintenance")]
+    compute = [q for q in info["queues"] if q not in names.CONTROL_QUEUES]
     if not runnable or not compute:
         return
     try:
         from marketplace.infra.celery_app import app
 
         app.send_task(WAKE_TASK, args=[compute, runnable], kwargs={"hostname": info["hostname"]},
-                      queue="marketplace.scheduler", ignore_result=True)
+                      queue=names.SCHEDULER_QUEUE, ignore_result=True)
     except Exception as exc:
         logger.warning("registry: could not wake waiting tasks: %s", exc)
 

@@ -11,19 +11,15 @@ from sqlalchemy import bindparam, func, literal_column, select
 from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 from sqlalchemy.orm import Session
 
-from marketplace import observability
 from marketplace.audit import service as audit
-from marketplace.billing import service as billing
-from marketplace.billing.models import LedgerEntry
-from marketplace.catalog import get_catalog
-from marketplace.events.outbox import emit
-from marketplace.infra.db import session_scope, utcnow
+from marketplace.infra.db import session_scope
+from marketplace.infra.errors import Conflict
 from marketplace.infra.storage import get_store
-from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks import lifecycle
+from marketplace.tasks.models import FINAL_SUBTASK_STATUSES, SubTask, SubTaskStatus, Task, TaskStatus
 
 logger = logging.getLogger(__name__)
-FINAL_SUBTASK = (SubTaskStatus.DONE.value, SubTaskStatus.FAILED.value)
-WEBHOOK_TASK = "marketplace.webhooks.deliver"
+FINAL_SUBTASK = tuple(s.value for s in FINAL_SUBTASK_STATUSES)
 
 
 def part_key(task_id: str, index: int) -> str:
@@ -46,88 +42,6 @@ def encode_part(outputs: list[Any]) -> bytes:
         return pydantic_core.to_json(outputs, ensure_ascii=True, inf_nan_mode="constants")
     except pydantic_core.PydanticSerializationError:
         return json.dumps(outputs, separators=(",", ":")).encode()
-
-
-def _finish(
-    session: Session, *, task: Task, status: TaskStatus, error: str | None = None, failed: int | None = None,
-    charged: bool = False,
-) -> None:
-    """Set a final status, settle billing and emit the event, in the caller's transaction.
-
-    `failed` is the number of failed subtasks when the caller already knows it; `charged`, that
-    every subtask that ran already has its charge (nothing for backfill to look for). The
-    records go to `audit_pending` (chained within seconds, and before any audit read):
-    chaining here would take the chain's global lock inside every task's last step.
-    """
-    with session.no_autoflush:  # the task row is written once, at commit, not once per query below
-        _settle_and_emit(session, task=task, status=status, error=error, failed=failed, charged=charged)
-
-
-def _settle_and_emit(
-    session: Session, *, task: Task, status: TaskStatus, error: str | None, failed: int | None, charged: bool
-) -> None:
-    task.status = status.value
-    task.error = error
-    task.status_reason = None
-    task.finished_at = utcnow()
-    # The hold first, FOR UPDATE: a subtask's charge (hold FOR SHARE, then its ledger row) then
-    # either committed before or waits for settlement; taken after backfill's ledger insert, the
-    # two could wait on each other (deadlock, 1 s until Postgres breaks it).
-    billing.lock_hold(session, task_id=task.id)
-    if not charged:
-        billing.backfill_charges(session, task=task, spec=get_catalog().get(task.model), hold_locked=True)
-    billing.settle_task(session, task=task, hold_locked=True)
-    audit.enqueue(session, actor=f"user:{task.user_id}" if status == TaskStatus.CANCELLED else "system",
-                  action=f"task.{status.value.lower()}", subject=f"task:{task.id}", task_id=task.id,
-                  data={"user_id": str(task.user_id), "status": status.value, "cost": str(task.cost), "error": error})
-    observability.task_finished(model=task.model, status=task.status, cost=task.cost)
-    event = {TaskStatus.DONE: "TaskCompleted", TaskStatus.FAILED: "TaskFailed"}.get(status, "TaskCancelled")
-    if failed is None:
-        failed = session.scalar(select(func.count()).select_from(SubTask).where(
-            SubTask.task_id == task.id, SubTask.status == SubTaskStatus.FAILED.value))
-    emit(session, type=event, key=str(task.id), payload={
-        "task_id": str(task.id), "user_id": str(task.user_id), "model": task.model, "status": task.status,
-        "cost": str(task.cost), "error": error, "result_key": task.result_key, "items": task.total_items,
-        "subtasks": task.subtask_count, "failed_subtasks": failed,
-        "seconds": round((task.finished_at - (task.started_at or task.created_at)).total_seconds(), 6),
-    })
-    if task.webhook_url:  # sent after the commit; recovery re-sends it if it is lost on the way
-        task.webhook_sent_at = task.finished_at
-        session.info.setdefault("after_commit", []).append(("webhook", str(task.id)))
-
-
-def fail_task(session: Session, *, task: Task, error: str) -> None:
-    """End a task `Failed` with a reason (subtask failure, schedule timeout, recovery)."""
-    if TaskStatus(task.status).final:
-        return
-    _finish(session, task=task, status=TaskStatus.FAILED, error=error)
-
-
-def cancel_task(session: Session, *, task: Task) -> None:
-    _finish(session, task=task, status=TaskStatus.CANCELLED, error="cancelled by the user")
-
-
-def run_after_commit(actions: list[tuple[str, str]]) -> None:
-    """Side effects that must wait for the commit (webhook delivery)."""
-    from marketplace.infra.celery_app import app
-
-    for kind, task_id in actions:
-        if kind == "webhook":
-            send_webhook(app, task_id)
-
-
-def send_webhook(app: Any, task_id: str) -> bool:
-    """Queue a webhook's delivery. The task's final status is committed: a broker that is down
-    now must not fail the step that finished it (a subtask would retry a finished task and the
-    delivery would still be lost); recovery re-sends it (`maintenance.resend_lost_webhooks`)."""
-    from marketplace.infra.celery_app import send_or_leave_to_recovery
-
-    message_id = str(uuid.uuid4())
-    return send_or_leave_to_recovery(
-        WEBHOOK_TASK, message_id,
-        lambda: app.send_task(WEBHOOK_TASK, args=[task_id], queue="marketplace.maintenance", ignore_result=True,
-                              task_id=message_id),
-        what=f"webhook for task {task_id}")
 
 
 def join_parts(task_id: str, model: str, parts: Any, store: Any) -> bytes:
@@ -192,19 +106,14 @@ class Part(NamedTuple):
     result_key: str | None
     result_sha256: str | None
     error: str | None
-    charged: bool  # it has its ledger row, or it never ran (nothing to charge)
 
 
 # The task row, locked, with its subtasks' outcomes in index order: one round trip where there
-# were two, and a statement built once. Whether each subtask is charged: it usually is (a success
-# is charged by the statement that records it), and then settlement need not look for uncharged
-# ones; ledger rows are never deleted, so one seen here is there after the hold's lock too.
+# were two, and a statement built once.
 _PARTS = (
     select(func.coalesce(
         func.json_agg(aggregate_order_by(func.json_build_array(
             SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error,
-            select(LedgerEntry.id).where(LedgerEntry.task_id == SubTask.task_id, LedgerEntry.subtask_id == SubTask.id)
-            .exists() | (SubTask.attempts == 0),
         ), SubTask.index)),
         literal_column("'[]'::json"), type_=JSON,
     ))
@@ -215,8 +124,12 @@ _LOCK_WITH_PARTS = select(Task, _PARTS).where(Task.id == bindparam("task_id")).w
 
 
 def finalize_task(task_id: str) -> str:
-    """Finish the task if every subtask is final: `done`, `failed`, `waiting` or `noop`."""
-    actions: list[tuple[str, str]] = []
+    """Finish the task if every subtask is final: `done`, `failed`, `waiting` or `noop`.
+
+    The one way a task ends Done: the parts are joined in input order into its result, then
+    `lifecycle.finish`. Whoever sees a task's last subtask end calls it (its node, inline for a
+    small task; a `marketplace.results.finalize` message for a big one; recovery); the task's
+    row lock makes the first of them do it and the others find it final."""
     with session_scope() as session:
         row = session.execute(_LOCK_WITH_PARTS, {"task_id": uuid.UUID(task_id)}).first()
         task = row[0] if row else None
@@ -226,52 +139,70 @@ def finalize_task(task_id: str) -> str:
         if any(s.status not in FINAL_SUBTASK for s in subs):
             return "waiting"
         failed = [s for s in subs if s.status == SubTaskStatus.FAILED.value]
-        all_charged = all(s.charged for s in subs)
-        if failed:
+        if failed:  # its failing subtask failed the task already; a task failed otherwise ends here
             first = failed[0]
-            _finish(session, task=task, status=TaskStatus.FAILED, error=f"subtask {first.index} failed: {first.error}",
-                    failed=len(failed), charged=all_charged)
-            outcome = "failed"
-        else:
-            key = result_key(task_id)
-            store = get_store()
-            store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
-            task.result_key = key
-            _finish(session, task=task, status=TaskStatus.DONE, failed=0, charged=all_charged)
-            outcome = "done"
-        actions = session.info.pop("after_commit", [])
-    run_after_commit(actions)
-    return outcome
+            lifecycle.fail_task(session, task=task, error=f"subtask {first.index} failed: {first.error}")
+            return "failed"
+        key = result_key(task_id)
+        store = get_store()
+        store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
+        task.result_key = key
+        lifecycle.finish(session, task=task, status=TaskStatus.DONE, failed=0)
+    return "done"
 
 
 def save_partial(
     *, task_id: str, index: int, outputs: list[Any], error: str | None, seconds: float, worker: str
 ) -> dict[str, Any]:
     """Store one subtask's outputs from outside Celery (gRPC `SavePartial`), exactly as
-    `workers.run_subtask` would: deterministic part key, the row's outcome, SubTaskCompleted.
-    The charge is recorded from the row when the task is finalized (`backfill_charges`)."""
-    import uuid as _uuid
-
-    from marketplace.infra.errors import Conflict, InvalidInput, NotFound
-    from marketplace.infra.storage import get_store
-    from marketplace.tasks import progress
+    `workers.run_subtask` would: the same doors, the same deterministic part key."""
+    from marketplace.infra.errors import InvalidInput, NotFound
 
     with session_scope() as session:
-        sub = session.scalar(select(SubTask).where(SubTask.task_id == _uuid.UUID(task_id), SubTask.index == index))
+        sub = session.scalar(select(SubTask).where(SubTask.task_id == uuid.UUID(task_id), SubTask.index == index))
         if sub is None:
             raise NotFound(f"subtask {index} of task {task_id} not found")
         subtask_id, items = str(sub.id), sub.items
-    early, _work = progress.claim_subtask(subtask_id, hostname=worker or "grpc")
-    if early is not None:
-        raise Conflict(f"subtask {index} of task {task_id} is already final ({early.get('error') or 'Done'})")
+    node = worker or "grpc"
+    early, work = lifecycle.claim(subtask_id, node=node)
+    if early is not None or work is None:
+        raise Conflict(f"subtask {index} of task {task_id} is already final ({(early or {}).get('error') or 'Done'})")
     seconds = round(max(0.0, float(seconds)), 6)
     if error:
-        run_after_commit(progress.fail_subtask(subtask_id, error=error, seconds=seconds, index=index))
+        lifecycle.fail(work, node=node, error=error, seconds=seconds)
         return {"key": "", "sha256": "", "items": items}
     if len(outputs) != items:
-        progress.release_subtask(subtask_id, error=f"SavePartial sent {len(outputs)} outputs for {items} items")
+        lifecycle.retry(subtask_id, error=f"SavePartial sent {len(outputs)} outputs for {items} items")
         raise InvalidInput.field("outputs", f"expected {items} outputs for subtask {index}, got {len(outputs)}")
     key = part_key(task_id, index)
     sha = get_store().put_bytes(key, encode_part(outputs), "application/json")
-    progress.complete_subtask(subtask_id, key=key, sha256=sha, seconds=seconds)
+    recorded = lifecycle.complete(work, node=node, key=key, sha256=sha, seconds=seconds)
+    if recorded.last:
+        finalize_task(task_id)
     return {"key": key, "sha256": sha, "items": items}
+
+
+def read_result(session: Session, *, task: Task) -> bytes:
+    """The stored result document (JSON bytes); Conflict unless the task is Done."""
+    if task.status != TaskStatus.DONE.value or not task.result_key:
+        raise Conflict(f"task {task.id} is {task.status}; results exist only for Done tasks", task_status=task.status)
+    audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}",
+                 task_id=task.id, data={"result_key": task.result_key}, pending=True)
+    return get_store().get_bytes(task.result_key)
+
+
+def read_partial_result(session: Session, *, task: Task) -> bytes:
+    """The outputs a task has, whatever its status, with `status`, `complete` and `missing`: a
+    Failed or Cancelled job's finished subtasks were charged, and their outputs are the user's.
+    A Done task's is its stored result, complete."""
+
+    audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}",
+                 task_id=task.id, data={"result_key": task.result_key, "partial": True}, pending=True)
+    if task.status == TaskStatus.DONE.value and task.result_key:
+        stored = get_store().get_bytes(task.result_key).rstrip()
+        return stored[:-1] + partial_fields(task.status, [])
+    subtasks = session.execute(
+        select(SubTask.index, SubTask.items, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error)
+        .where(SubTask.task_id == task.id).order_by(SubTask.index)
+    ).all()
+    return partial_document(task, list(subtasks), get_store())

@@ -5,6 +5,7 @@ import logging
 
 from sqlalchemy.exc import DBAPIError
 
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 from marketplace.infra.errors import Unavailable, database_unavailable
 from marketplace.infra.storage import StorageError
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 # A down store or database delays the finish; ~30 min of capped backoff, then recovery takes over.
 @app.task(
-    name="marketplace.results.finalize", bind=True, acks_late=True,
+    name=names.FINALIZE, bind=True, acks_late=True,
     autoretry_for=(StorageError, Unavailable), retry_backoff=0.5, retry_backoff_max=30,
     retry_jitter=False, max_retries=60,
 )

@@ -10,7 +10,7 @@ from marketplace.audit import signing
 from marketplace.audit.models import AuditRecord
 from marketplace.infra import errors
 from marketplace.pb.audit import audit_pb2, audit_pb2_grpc
-from marketplace.rpc.server import Call, message, parse_json, rpc, timestamp
+from marketplace.rpc.calls import Call, message, parse_json, rpc, timestamp
 from marketplace.tasks import service as tasks
 from marketplace.tasks.storable import check_storable
 

@@ -9,7 +9,7 @@ from marketplace.billing import service as billing
 from marketplace.billing.models import LedgerEntry
 from marketplace.infra import errors
 from marketplace.pb.billing import billing_pb2, billing_pb2_grpc
-from marketplace.rpc.server import Call, message, rpc, timestamp
+from marketplace.rpc.calls import Call, message, rpc, timestamp
 from marketplace.users import service as users
 
 DEFAULT_PAGE, MAX_PAGE = 50, 500  # as REST GET /v1/billing/ledger

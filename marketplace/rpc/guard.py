@@ -140,7 +140,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
 
 
 def _refuse(context: grpc.ServicerContext, exc: Exception) -> None:
-    from marketplace.rpc.server import to_failure
+    from marketplace.rpc.calls import to_failure
 
     failure = to_failure(exc)
     if failure.metadata:

@@ -8,7 +8,7 @@ from marketplace.catalog import CONTROL_QUEUES, get_catalog
 from marketplace.infra import errors
 from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
 from marketplace.registry import service as registry
-from marketplace.rpc.server import Call, message, rpc, timestamp
+from marketplace.rpc.calls import Call, message, rpc, timestamp
 from marketplace.settings import get_settings
 
 

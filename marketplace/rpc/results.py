@@ -6,7 +6,7 @@ import json
 from marketplace.infra import errors
 from marketplace.pb.result import result_pb2, result_pb2_grpc
 from marketplace.results import service as results
-from marketplace.rpc.server import Call, money, rpc
+from marketplace.rpc.calls import Call, money, rpc
 from marketplace.tasks import service as tasks
 
 
@@ -40,7 +40,7 @@ class ResultServicer(result_pb2_grpc.ResultServiceServicer):
     @rpc()
     def GetResult(self, request: result_pb2.GetResultRequest, call: Call) -> result_pb2.GetResultResponse:
         task = tasks.get_task(call.session, task_id=request.task_id, user=call.me)
-        read = tasks.read_partial_result if request.partial else tasks.read_result
+        read = results.read_partial_result if request.partial else results.read_result
         doc = json.loads(read(call.session, task=task))
         return result_pb2.GetResultResponse(
             task_id=doc["task_id"], model=doc["model"],

@@ -1,7 +1,6 @@
 """SchedulerService over gRPC: a thin adapter over `marketplace.scheduling.service`."""
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -12,7 +11,7 @@ from marketplace.infra import errors
 from marketplace.infra.broker import queue_depths
 from marketplace.infra.db import utcnow
 from marketplace.pb.scheduler import scheduler_pb2, scheduler_pb2_grpc
-from marketplace.rpc.server import Call, rpc
+from marketplace.rpc.calls import Call, rpc
 from marketplace.scheduling import service as scheduling
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTask, TaskStatus
@@ -40,7 +39,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise errors.Conflict(f"task {task_id} is {task.status}; only Created tasks can be scheduled",
                                   task_status=task.status)
         return scheduler_pb2.ScheduleResponse(
-            task_id=task_id, status=task.status, queue=task.queue or "", subtask_count=len(outcome.subtask_ids),
+            task_id=task_id, status=task.status, queue=task.queue or "", subtask_count=task.subtask_count,
             status_reason=task.status_reason or task.error or outcome.reason or "",
         )
 
@@ -59,10 +58,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     f"task {task_id} moved {idle:.0f} s ago; it can be re-dispatched once it has not moved for "
                     f"{RESCHEDULE_IDLE_SECONDS:.0f} s (recovery does so by itself)", task_status=task.status)
         call.session.rollback()
-        ids = scheduling.redispatch_missing(task_id)
-        indexes = sorted(call.session.scalars(
-            select(SubTask.index).where(SubTask.id.in_([uuid.UUID(i) for i in ids]))
-        )) if ids else []
+        indexes = scheduling.reschedule(task_id)
         task = tasks.get_task(call.session, task_id=task_id)
         return scheduler_pb2.RescheduleResponse(task_id=task_id, status=task.status, redispatched_indexes=indexes)
 

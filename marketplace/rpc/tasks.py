@@ -11,8 +11,8 @@ from sqlalchemy import select
 from marketplace.billing import service as billing
 from marketplace.infra import errors
 from marketplace.pb.task import task_pb2, task_pb2_grpc
-from marketplace.rpc.server import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
-from marketplace.tasks import lifecycle
+from marketplace.rpc.calls import Call, message, money, parse_json, rpc, rpc_stream, timestamp, validation_error
+from marketplace.tasks import listing
 from marketplace.tasks import service as tasks
 from marketplace.tasks.models import SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.schemas import MAX_SUBTASK_PAGE, SubTaskOut, TaskOut, TaskRequest
@@ -31,7 +31,8 @@ def task_message(task: Task, doc: TaskOut) -> task_pb2.Task:
         cost=money(task.cost), estimated_cost=doc.estimated_cost,
         created_at=timestamp(doc.created_at), started_at=timestamp(doc.started_at),
         finished_at=timestamp(doc.finished_at), scheduled_at=timestamp(doc.scheduled_at),
-        error=doc.error or "", status_reason=doc.status_reason or "", trace_id=doc.trace_id or "",
+        error=doc.error or "", status_reason=doc.status_reason or "", queue_position=doc.queue_position or 0,
+        trace_id=doc.trace_id or "",
         user_id=str(task.user_id), queue=doc.queue or "", priority=doc.priority, batch_size=task.batch_size,
         subtask_count=task.subtask_count,
     )
@@ -75,12 +76,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc()
     def CreateTask(self, request: task_pb2.CreateTaskRequest, call: Call) -> task_pb2.CreateTaskResponse:
         body = task_request(request)
-        task, created = tasks.create_task(
-            call.session, user_id=call.me.id, request=body, idempotency_key=request.idempotency_key or None
-        )
-        call.session.commit()
-        if created:
-            tasks.schedule_accepted(task)
+        task, created = tasks.submit_task(call.session, user_id=call.me.id, request=body,
+                                          idempotency_key=request.idempotency_key or None)
+        call.session.commit()  # its schedule message goes once this commits
         return task_pb2.CreateTaskResponse(task=self._describe(call, task), idempotent_replay=not created)
 
     @rpc()
@@ -94,16 +92,15 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             raise errors.InvalidInput.field("status", f"one of {', '.join(s.value for s in TaskStatus)}")
         if not 0 <= request.limit <= MAX_PAGE:
             raise errors.InvalidInput.field("limit", f"between 1 and {MAX_PAGE} (0 for the default)")
-        docs, cursor = lifecycle.list_tasks(call.session, user=call.me, status=request.status or None,
+        docs, cursor = listing.list_tasks(call.session, user=call.me, status=request.status or None,
                                             limit=request.limit or DEFAULT_PAGE, cursor=request.cursor or None)
         rows = {str(t.id): t for t in call.session.scalars(select(Task).where(Task.id.in_([d.id for d in docs])))}
         return task_pb2.ListTasksResponse(tasks=[task_message(rows[d.id], d) for d in docs], next_cursor=cursor or "")
 
     @rpc()
     def CancelTask(self, request: task_pb2.CancelTaskRequest, call: Call) -> task_pb2.CancelTaskResponse:
-        task = lifecycle.cancel_task(call.session, task_id=request.task_id, user=call.me)
+        task = listing.cancel_task(call.session, task_id=request.task_id, user=call.me)
         call.session.commit()
-        lifecycle.after_commit(call.session)
         return task_pb2.CancelTaskResponse(task=self._describe(call, task))
 
     @rpc_stream()

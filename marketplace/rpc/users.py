@@ -6,8 +6,8 @@ from pydantic import ValidationError
 from marketplace.billing import quotas
 from marketplace.infra import errors, ratelimit
 from marketplace.pb.user import user_pb2, user_pb2_grpc
+from marketplace.rpc.calls import AlreadyExists, Call, issue_tokens, message, money, rpc, timestamp, validation_error
 from marketplace.rpc.guard import client_address
-from marketplace.rpc.server import AlreadyExists, Call, issue_tokens, message, money, rpc, timestamp, validation_error
 from marketplace.users import service as users
 from marketplace.users.models import User
 from marketplace.users.schemas import Credentials

@@ -12,21 +12,19 @@ process:
   "running on" the new node, and the job waited for the subtask's time limit.
 - The node has no heartbeat at all: it may be only cut off from Redis for a moment, so recovery
   re-sends its rows once the task has not moved for the stall deadline, and a copy runs only if
-  the node is still gone when it is claimed (`tasks.progress`).
+  the node is still gone when it is claimed (`tasks.lifecycle.claim`).
 """
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, tuple_
 
-from marketplace.catalog import get_catalog
-from marketplace.infra.db import session_scope, utcnow
+from marketplace.infra.db import session_scope
+from marketplace.tasks.lifecycle import RUNNING_MARGIN
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
-from marketplace.tasks.progress import RUNNING_MARGIN
 
 logger = logging.getLogger(__name__)
 ACTIVE = (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value)
@@ -80,30 +78,27 @@ def take_over(*, hostname: str | None = None, workers: list[dict[str, Any]] | No
 
 
 def _release_and_send(task_id: str, replaced: ColumnElement[bool]) -> bool:
-    """Under the task's lock: its superseded rows back to `Pending`, a new dispatch of them."""
-    from marketplace.scheduling.service import dispatch_until_sent
+    """Under the task's lock, its superseded rows; then each back to `Pending` (`lifecycle.retry`:
+    its process is gone) and sent again as a new message."""
+    from marketplace.scheduling.dispatch import resend
+    from marketplace.tasks import lifecycle
 
     with session_scope() as session:
-        # The task's row first, as finalize and `lost_run` take it (key share: the charges'
-        # foreign keys need not wait on it).
-        task = session.scalar(select(Task).where(Task.id == uuid.UUID(task_id)).with_for_update(key_share=True))
+        # The task's row first, as every task-level door takes it before its subtasks' rows.
+        task = lifecycle.lock_task(session, task_id)
         if task is None or task.status not in ACTIVE:
             return False
-        subtasks = session.scalars(
-            select(SubTask).where(SubTask.task_id == task.id, SubTask.status == SubTaskStatus.RUNNING.value,
-                                  replaced).order_by(SubTask.index).with_for_update(key_share=True)
+        rows = session.execute(
+            select(SubTask.id, SubTask.worker).where(SubTask.task_id == task.id,
+                                                     SubTask.status == SubTaskStatus.RUNNING.value, replaced)
+            .order_by(SubTask.index)
         ).all()
-        if not subtasks:
+        if not rows:
             return False
-        for sub in subtasks:
-            sub.status = SubTaskStatus.PENDING.value
-            sub.error = f"node {sub.worker} restarted while it ran; sent again"
-        task.dispatch_count += 1
-        task.progress_at = utcnow()
-        ids = [str(sub.id) for sub in subtasks]
-        queue, priority, attempt, trace_id = task.queue or "", task.priority, task.dispatch_count, task.trace_id
-        limit = get_catalog().time_limit(task.model)
-    logger.warning("task %s: %d subtask(s) ran on a node that restarted since; sending them again", task_id, len(ids))
-    dispatch_until_sent(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt,
-                        trace_id=trace_id)
+        queue, model, trace_id = task.queue or "", task.model, task.trace_id
+    for sid, worker in rows:
+        lifecycle.retry(str(sid), error=f"node {worker} restarted while it ran; sent again")
+    logger.warning("task %s: %d subtask(s) ran on a node that restarted since; sending them again", task_id,
+                   len(rows))
+    resend(task_id, [str(sid) for sid, _ in rows], queue=queue, model=model, trace_id=trace_id)
     return True

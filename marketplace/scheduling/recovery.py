@@ -6,9 +6,10 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import false, func, select
+from sqlalchemy import false, func, select, text, tuple_
 
 from marketplace.catalog import get_catalog
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 from marketplace.infra.db import session_scope, utcnow
 from marketplace.settings import get_settings
@@ -30,18 +31,21 @@ def recover_stalled() -> dict[str, list[str]]:
 
     - `Created` with no scheduling attempt for a while (the schedule message was lost):
       publish `schedule` again (it is idempotent under the row lock).
-    - `Scheduled`/`InProgress` with no subtask progress past the stall deadline:
-      re-dispatch exactly the subtasks that are not final — `Pending` ones (their
-      message was lost with Redis), and `Running` ones whose node is gone (no live
-      heartbeat) or that outlived their time limit; a merely slow subtask on a live
-      node is left alone — or, when all are final, run the callback again. A Pending
-      subtask whose queue holds other work is waiting its turn, unless the broker was
-      found emptied after the task's last dispatch (`broker.lost_before`), or its message
-      is held unacknowledged since before the deadline by a consumer that never started
-      it (a node that died: `broker.held_since`).
+    - `Scheduled`/`InProgress` with no subtask progress past the stall deadline: send again
+      exactly the subtasks that were sent and are not final — `Pending` ones (their message
+      was lost with Redis), and `Running` ones that nothing runs any more (`orphans.lost`: the
+      node is gone or restarted, or the run outlived its time limit); a merely slow subtask on
+      a live node is left alone — or, when all are final, finish the task. A sent Pending
+      subtask whose queue holds other work is waiting its turn, unless the broker was found
+      emptied after it was sent (`broker.lost_before`), or its message is held
+      unacknowledged since before the deadline by a consumer that never started it (a node
+      that died: `broker.held_since`). Subtasks not sent yet wait for the fair dispatcher
+      (`scheduling.dispatch`), not for recovery.
     - `Running` subtasks whose node restarted under the same name (its heartbeat names
       another process than the one that claimed them): sent again at once, whatever the
       stall deadline (`scheduling/orphans.py`; the new node's `wake` does it first).
+    - Subtasks left open by a task that ended (a claim that raced its cancel, a node that
+      died while being stopped): Cancelled (`close_leftovers`).
     - Charges that landed after their task was settled and were never settled themselves
       (the process died between the two commits): settle them now.
     - Webhook deliveries whose message was lost: send them again (`resend_lost_webhooks`).
@@ -53,13 +57,15 @@ def recover_stalled() -> dict[str, list[str]]:
     from marketplace.infra.redis_client import get_redis
     from marketplace.observability.tracing import job_trace
     from marketplace.registry.service import live_workers
-    from marketplace.results.service import finalize_task, run_after_commit
+    from marketplace.results.service import finalize_task
     from marketplace.scheduling import orphans, stranded
-    from marketplace.scheduling.service import dispatch, emit_assigned
+    from marketplace.scheduling.dispatch import resend
+    from marketplace.tasks import lifecycle
     from marketplace.tasks.service import enqueue_schedule
 
     settings = get_settings()
     workers = live_workers(get_redis())
+    live_nodes = [w["hostname"] for w in workers]
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.recovery_stall_seconds)
     report: dict[str, list[str]] = {"rescheduled": [], "taken_over": [], "redispatched": [], "finalized": [],
@@ -92,7 +98,7 @@ def recover_stalled() -> dict[str, list[str]]:
                 func.coalesce(last_move.c.moved, Task.progress_at) < cutoff,
             ).with_for_update(of=Task, skip_locked=True).limit(200)
         ).scalars().all()
-        plans: list[tuple[str, list[str], str, int, float, int, str | None]] = []
+        plans: list[tuple[str, list[str], str, str, str | None, bool]] = []
         depths = queue_depths(sorted({t.queue for t in rows if t.queue}))
         held = _held_subtasks(held_since(cutoff)) if rows else set()
         to_finalize: list[str] = []
@@ -110,10 +116,9 @@ def recover_stalled() -> dict[str, list[str]]:
             sent_before_loss = lost_at is not None and task.progress_at < lost_at
             # Moved to another queue: every open subtask is sent there, whatever waits in the old one.
             waiting_in_queue = depths.get(task.queue or "", 0) > 0 and not sent_before_loss and unserved != "rerouted"
-            pending_lost = SubTask.status == SubTaskStatus.PENDING.value
+            pending_lost = (SubTask.status == SubTaskStatus.PENDING.value) & (SubTask.dispatches > 0)
             if waiting_in_queue:
-                silent = [sid for sid, attempt in held if attempt == task.dispatch_count]
-                pending_lost = pending_lost & SubTask.id.in_(silent) if silent else false()
+                pending_lost = pending_lost & tuple_(SubTask.id, SubTask.dispatches).in_(list(held)) if held else false()
             missing = [str(i) for i in session.scalars(
                 select(SubTask.id).where(
                     SubTask.task_id == task.id, pending_lost | orphans.lost(workers, now=now, time_limit=limit),
@@ -123,24 +128,24 @@ def recover_stalled() -> dict[str, list[str]]:
                 SubTask.task_id == task.id, SubTask.status.in_((SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value))
             ))
             task.progress_at = now
-            if missing:
-                task.dispatch_count += 1
-                plans.append((str(task.id), missing, task.queue or "", task.priority, limit, task.dispatch_count,
-                              task.trace_id))
-                if unserved == "rerouted":  # event consumers follow the task to its new queue
-                    emit_assigned(session, task, subtasks=task.subtask_count)
+            rerouted = unserved == "rerouted"
+            if missing:  # its dispatch count moves with the re-send (`lifecycle.resend`)
+                plans.append((str(task.id), missing, task.queue or "", task.model, task.trace_id, not rerouted))
             elif not unfinished:
                 to_finalize.append(str(task.id))
+            if rerouted:  # event consumers follow the task to its new queue: a dispatch of its own
+                task.dispatch_count += 1
+                session.flush()
+                lifecycle.emit_assigned(session, task_id=task.id)
         stranded.clear_served(session, workers=workers)
-        failed_actions = session.info.pop("after_commit", [])
-    run_after_commit(failed_actions)  # a failed task's webhook
-    for task_id, ids, queue, priority, limit, attempt, trace_id in plans:
-        logger.warning("recovery: re-dispatching %d subtask(s) of task %s", len(ids), task_id)
-        dispatch(task_id, ids, queue=queue, priority=priority, time_limit=limit, attempt=attempt, trace_id=trace_id)
+    for task_id, ids, queue, model, trace_id, count in plans:
+        logger.warning("recovery: sending %d subtask(s) of task %s again", len(ids), task_id)
+        resend(task_id, ids, queue=queue, model=model, trace_id=trace_id, count=count)
         report["redispatched"].append(task_id)
     for task_id in to_finalize:
         finalize_task(task_id)
         report["finalized"].append(task_id)
+    report["closed"] = close_leftovers(live_nodes=live_nodes, cutoff=cutoff)
     report["settled"] = settle_stray_charges(recorded_before=cutoff)
     report["webhooks"] = resend_lost_webhooks(now)
     return report
@@ -167,7 +172,7 @@ def resend_lost_webhooks(now: datetime) -> list[str]:
     """Re-send the deliveries of final tasks whose webhook message was lost (the broker was down
     when it was sent, or flushed while it waited): sent, never ended, past `webhooks.stall_seconds`.
     Receivers may see a delivery twice (the same `X-Marketplace-Delivery`), never none."""
-    from marketplace.results.service import send_webhook
+    from marketplace.tasks.lifecycle import send_webhook
     from marketplace.webhooks.delivery import stall_seconds
 
     cutoff = now - timedelta(seconds=stall_seconds())
@@ -182,14 +187,40 @@ def resend_lost_webhooks(now: datetime) -> list[str]:
         ids = [str(task.id) for task in lost]
     for task_id in ids:
         logger.warning("recovery: re-sending the webhook of task %s", task_id)
-        send_webhook(app, task_id)
+        send_webhook(task_id)
     return ids
 
 
+# A task that ended leaves no subtask open: Pending ones at once, Running ones once their node is
+# gone (it stops them while it lives) or past the stall deadline. Nothing is charged for these:
+# what ran was charged when its run was stopped, if its node lived to record it.
+_CLOSE = text(f"""
+    UPDATE subtasks SET status = '{SubTaskStatus.CANCELLED.value}', finished_at = :now,
+           error = COALESCE(error, 'its task ended')
+    WHERE id IN (
+        SELECT s.id FROM subtasks s JOIN tasks t ON t.id = s.task_id
+        WHERE t.status IN ('{TaskStatus.DONE.value}', '{TaskStatus.FAILED.value}', '{TaskStatus.CANCELLED.value}')
+          AND t.finished_at < :cutoff
+          AND (s.status = '{SubTaskStatus.PENDING.value}'
+               OR (s.status = '{SubTaskStatus.RUNNING.value}'
+                   AND (s.worker <> ALL(CAST(:live AS text[])) OR s.started_at < :cutoff)))
+        LIMIT 1000 FOR UPDATE OF s SKIP LOCKED
+    )
+    RETURNING task_id
+""")
+
+
+def close_leftovers(*, live_nodes: list[str], cutoff: datetime) -> list[str]:
+    """Cancel the subtasks that tasks ended before the stall deadline left open; their task ids."""
+    with session_scope() as session:
+        rows = session.execute(_CLOSE, {"now": utcnow(), "cutoff": cutoff, "live": live_nodes}).all()
+    return sorted({str(r.task_id) for r in rows})
+
+
 def _held_subtasks(message_ids: set[str]) -> set[tuple[uuid.UUID, int]]:
-    """(subtask, dispatch) of the subtask messages among `message_ids` (`<subtask id>:<dispatch>`,
-    scheduling.celery_subtask_id). Only a task's current dispatch counts: once re-sent, the
-    subtask waits for the new copy, and kombu returns the old one after its visibility timeout."""
+    """(subtask, dispatch) of the subtask messages among `message_ids` (`<subtask id>:<dispatch>`).
+    Only a subtask's latest send counts: once re-sent, it waits for the new copy, and kombu
+    returns the old one after its visibility timeout."""
     found = set()
     for mid in message_ids:
         subtask_id, _, dispatch = mid.rpartition(":")
@@ -213,7 +244,7 @@ def settle_stray_charges(*, recorded_before: datetime) -> list[str]:
     return [str(t) for t in stray]
 
 
-@app.task(name="marketplace.maintenance.recover", acks_late=True)
+@app.task(name=names.RECOVER, acks_late=True)
 def recover() -> dict[str, Any]:
     report = recover_stalled()
     if any(report.values()):

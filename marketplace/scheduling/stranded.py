@@ -94,7 +94,7 @@ def check(session: Session, task: Task, *, workers: list[dict[str, Any]], now: d
     if waited < settings.schedule_timeout:
         task.status_reason = f"waiting since {flagged.isoformat()}: {reason}"
         return "stranded"
-    from marketplace.results.service import fail_task
+    from marketplace.tasks.lifecycle import fail_task
 
     fail_task(session, task=task, error=f"{reason} since {flagged.isoformat()}: gave up after waiting {int(waited)}s "
                                         f"(schedule timeout {settings.schedule_timeout:g}s)")

@@ -5,9 +5,10 @@ import logging
 
 from sqlalchemy.exc import DBAPIError
 
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 from marketplace.infra.errors import database_unavailable
-from marketplace.scheduling import service
+from marketplace.scheduling import dispatch, service
 from marketplace.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ def retry_delay(retries: int, base: float) -> float:
     return min(MAX_SCHEDULE_DELAY, base * (2 ** min(retries, 6)))
 
 
-@app.task(name="marketplace.scheduling.schedule", bind=True, max_retries=None, acks_late=True)
+@app.task(name=names.SCHEDULE, bind=True, max_retries=None, acks_late=True)
 def schedule(self, task_id: str, model: str | None = None) -> dict:  # type: ignore[no-untyped-def]
     try:
         outcome = service.schedule_task(task_id, model=model)
@@ -32,17 +33,15 @@ def schedule(self, task_id: str, model: str | None = None) -> dict:  # type: ign
     if outcome.status == "waiting":
         raise self.retry(countdown=retry_delay(self.request.retries, get_settings().schedule_retry_delay))
     logger.info("schedule %s: %s %s", task_id, outcome.status, outcome.queue or outcome.reason or "")
-    return {"status": outcome.status, "queue": outcome.queue, "subtasks": len(outcome.subtask_ids)}
+    return {"status": outcome.status, "queue": outcome.queue, "released": outcome.released}
 
 
-@app.task(name="marketplace.scheduling.wake", acks_late=True, ignore_result=True)
+@app.task(name=names.WAKE, acks_late=True, ignore_result=True)
 def wake(queues: list[str], models: list[str], hostname: str | None = None) -> dict:
-    """A node for `queues` came online: try its waiting tasks now, once each, and send again what
-    a predecessor under its name (`hostname`) left Running (`orphans.take_over`).
-
-    One attempt, no retry chain of its own: each waiting task already has its
-    `schedule` retry pending, so this only shortens the wait.
-    """
+    """A node for `queues` came online: send again what a predecessor under its name (`hostname`)
+    left Running (`orphans.take_over`), try its waiting tasks now, once each, and release what its
+    slots can start. One attempt, no retry chain of its own: each waiting task already has its
+    `schedule` retry pending, so this only shortens the wait."""
     if hostname:
         from marketplace.scheduling.orphans import take_over
 
@@ -56,9 +55,17 @@ def wake(queues: list[str], models: list[str], hostname: str | None = None) -> d
         outcome = service.schedule_task(task_id)
         if outcome.status == "scheduled":
             scheduled.append(task_id)
-    if scheduled:
-        logger.info("wake for %s: scheduled %d waiting task(s)", ",".join(queues), len(scheduled))
-    return {"scheduled": scheduled}
+    released = {q: dispatch.release_queue(q, wait=False) for q in queues}
+    if scheduled or any(released.values()):
+        logger.info("wake for %s: scheduled %d waiting task(s), released %s", ",".join(queues), len(scheduled),
+                    released)
+    return {"scheduled": scheduled, "released": released}
+
+
+@app.task(name=names.RELEASE, acks_late=True, ignore_result=True)
+def release() -> dict:
+    """Beat: release on every queue with a backlog (what node triggers missed, a cap freed up)."""
+    return dispatch.release_all()
 
 
 def _clear_stranded() -> None:
@@ -75,7 +82,7 @@ def _clear_stranded() -> None:
         logger.info("wake: %d stranded task(s) served again", len(cleared))
 
 
-@app.task(name="marketplace.scheduling.lost_run", acks_late=True, ignore_result=True, autoretry_for=(DBAPIError,),
+@app.task(name=names.LOST_RUN, acks_late=True, ignore_result=True, autoretry_for=(DBAPIError,),
           retry_backoff=1, retry_backoff_max=30, max_retries=60)
 def lost_run(celery_id: str) -> str:
     """Errback of every subtask message: its run was killed at the hard time limit (scheduling/lost.py)."""

@@ -35,6 +35,14 @@ class SubTaskStatus(str, enum.Enum):
     RUNNING = "Running"
     DONE = "Done"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_SUBTASK_STATUSES
+
+
+FINAL_SUBTASK_STATUSES = frozenset({SubTaskStatus.DONE, SubTaskStatus.FAILED, SubTaskStatus.CANCELLED})
 
 
 class Task(Base):
@@ -46,6 +54,10 @@ class Task(Base):
         Index("ix_tasks_user_status", "user_id", "status"),  # the active-task quota, at every submit
         Index("ix_tasks_webhook_in_flight", "webhook_sent_at",
               postgresql_where=text("webhook_sent_at IS NOT NULL AND webhook_done_at IS NULL")),
+        # The fair dispatcher's two reads per release (scheduling/fair.py): the tasks of a queue
+        # with subtasks not yet released, and the active tasks of a queue.
+        Index("ix_tasks_backlog", "queue", postgresql_where=text("backlog > 0")),
+        Index("ix_tasks_active_queue", "queue", postgresql_where=text("status IN ('Scheduled', 'InProgress')")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
@@ -75,7 +87,9 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     # Bumped on every subtask outcome; recovery looks for tasks that stopped moving.
     progress_at: Mapped[datetime] = mapped_column(default=utcnow)
-    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)  # assignments and recovery re-sends
+    # Subtasks that wait in the database for the fair dispatcher to release them to the broker.
+    backlog: Mapped[int] = mapped_column(Integer, default=0)
     # A webhook's delivery (`marketplace.webhooks`): its latest message, and its end. Recovery
     # re-sends one whose message was lost (`maintenance.resend_lost_webhooks`).
     webhook_sent_at: Mapped[datetime | None] = mapped_column()
@@ -91,6 +105,12 @@ class SubTask(Base):
     __table_args__ = (
         UniqueConstraint("task_id", "index", name="uq_subtasks_task_index"),
         Index("ix_subtasks_task_status", "task_id", "status"),
+        # What the fair dispatcher releases next (never sent, in index order), and what is in
+        # flight (sent and waiting in the broker, or running): each read is O(its rows).
+        Index("ix_subtasks_unreleased", "task_id", "index",
+              postgresql_where=text("status = 'Pending' AND dispatches = 0")),
+        Index("ix_subtasks_in_flight", "task_id",
+              postgresql_where=text("status = 'Running' OR (status = 'Pending' AND dispatches > 0)")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
@@ -100,6 +120,8 @@ class SubTask(Base):
     inputs: Mapped[list[Any]] = mapped_column()
     items: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Times it was sent to the broker; its message id is `<id>:<dispatches>` (0: it waits in the database).
+    dispatches: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     # The claiming node process (its id in the registry's heartbeat): a node restarted under the
     # same `worker` name makes a new one, so its predecessor's Running rows are known dead.

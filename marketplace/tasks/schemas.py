@@ -88,7 +88,10 @@ class TaskOut(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
-    status_reason: str | None = None
+    status_reason: str | None = Field(default=None, description=(
+        "Why it is not running, while it waits: for a node, or for a slot (fair sharing with other users)."))
+    queue_position: int | None = Field(default=None, description=(
+        "While it waits for a slot: about how many subtasks start before its next one."))
     trace_id: str | None = None
     links: dict[str, str] = {}
 
@@ -96,7 +99,8 @@ class TaskOut(BaseModel):
 class SubTaskOut(BaseModel):
     id: str
     index: int
-    status: Literal["Pending", "Running", "Done", "Failed"]
+    status: Literal["Pending", "Running", "Done", "Failed", "Cancelled"] = Field(description=(
+        "Pending (waiting for a slot), Running, Done, Failed, or Cancelled (its task ended before it finished)."))
     items: int
     worker: str | None = None
     attempts: int
@@ -120,7 +124,7 @@ class MissingPart(BaseModel):
     index: int = Field(description="The subtask's index.")
     first_item: int = Field(description="Index in `inputs` of its first item.")
     items: int = Field(description="Its item count: `outputs` holds that many nulls from `first_item`.")
-    status: str = Field(description="The subtask's status (Pending, Running or Failed).")
+    status: str = Field(description="The subtask's status (Pending, Running, Failed or Cancelled).")
     error: str | None = None
 
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 
@@ -21,6 +21,8 @@ from marketplace.billing import service as billing
 from marketplace.catalog import ModelSpec, get_catalog
 from marketplace.events.outbox import emit
 from marketplace.files.models import File
+from marketplace.infra import names
+from marketplace.infra.after_commit import defer
 from marketplace.infra.db import utcnow
 from marketplace.infra.errors import Conflict, InvalidInput, NotFound
 from marketplace.infra.prepared import Prepared
@@ -33,7 +35,6 @@ from marketplace.webhooks.targets import check_submitted
 
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 100_000
-SCHEDULE_TASK = "marketplace.scheduling.schedule"
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 # From this many items, reading the items and inserting the rows are most of a submit's work
 # (200,000 one-item subtasks: ~2 s here). Such a submit asks `billing.check_hold` first, unlocked,
@@ -139,13 +140,38 @@ def _sizing_device(spec: ModelSpec, device: str) -> str:
         return device
     from redis.exceptions import RedisError
 
-    from marketplace.scheduling.service import live_capacity_of
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import live_capacity
 
+    if not get_settings().worker_capacity_check:
+        return "cpu"
     try:
-        capacity = live_capacity_of(spec.name)
+        capacity = live_capacity(get_redis(), model=spec.name)
     except RedisError:
         return "cpu"
-    return "gpu" if capacity and capacity.get(spec.queue("gpu"), 0) > 0 else "cpu"
+    return "gpu" if capacity.get(spec.queue("gpu"), 0) > 0 else "cpu"
+
+
+def current_trace_id() -> str | None:
+    """The trace the calling request runs in (REST, gRPC and Kafka are each instrumented), if any."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def submit_task(
+    session: Session, *, user_id: uuid.UUID, request: TaskRequest, idempotency_key: str | None = None,
+) -> tuple[Task, bool]:
+    """The one submit, for REST, gRPC and Kafka alike: validate and store the task (`create_task`,
+    in the caller's transaction, with the trace it was submitted in), and send its first
+    `schedule` message once that transaction commits. Returns (task, created): an Idempotency-Key
+    seen before gives the task stored under it, not a new one."""
+    task, created = create_task(session, user_id=user_id, request=request, idempotency_key=idempotency_key,
+                                trace_id=current_trace_id())
+    if created:
+        defer(session, schedule_accepted, task.id, task.model)
+    return task, created
 
 
 def create_task(
@@ -158,7 +184,7 @@ def create_task(
 ) -> tuple[Task, bool]:
     """Validate and store a task with its subtasks, hold and TaskCreated event.
 
-    Returns (task, created). The caller commits, then calls `schedule_accepted`.
+    Returns (task, created). `submit_task` sends its schedule message after the commit.
     """
     settings = get_settings()
     spec, devices = resolve_model(request)
@@ -331,7 +357,7 @@ def schedule_message_id(task_id: uuid.UUID | str) -> str:
     return f"{task_id}:schedule"
 
 
-def schedule_accepted(task: Task) -> bool:
+def schedule_accepted(task_id: uuid.UUID, model: str) -> bool:
     """Send a just-committed task's first `schedule` message; False when the broker could not
     take it.
 
@@ -342,9 +368,9 @@ def schedule_accepted(task: Task) -> bool:
     from marketplace.infra.celery_app import send_or_leave_to_recovery
 
     return send_or_leave_to_recovery(
-        SCHEDULE_TASK, schedule_message_id(task.id),
-        lambda: enqueue_schedule(task.id, first=True, model=task.model),
-        what=f"task {task.id} accepted, but its schedule message")
+        names.SCHEDULE, schedule_message_id(task_id),
+        lambda: enqueue_schedule(task_id, first=True, model=model),
+        what=f"task {task_id} accepted, but its schedule message")
 
 
 def enqueue_schedule(
@@ -359,8 +385,8 @@ def enqueue_schedule(
     """
     from marketplace.infra.celery_app import app
 
-    app.send_task(SCHEDULE_TASK, args=[str(task_id)], kwargs={"model": model} if model else None,
-                  queue="marketplace.scheduler", countdown=countdown,
+    app.send_task(names.SCHEDULE, args=[str(task_id)], kwargs={"model": model} if model else None,
+                  queue=names.SCHEDULER_QUEUE, countdown=countdown,
                   ignore_result=True, task_id=schedule_message_id(task_id) if first else None,
                   headers={AUDITED_HEADER: "task.created"} if first else None)
 
@@ -403,7 +429,8 @@ def task_links(task_id: uuid.UUID | str) -> dict[str, str]:
     return {"self": base, "subtasks": f"{base}/subtasks", "result": f"{base}/result", "cancel": f"{base}/cancel"}
 
 
-def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal | None = None) -> TaskOut:
+def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal | None = None,
+                  waiting: tuple[int, int] | None = None) -> TaskOut:
     cost = task.cost if task.cost is not None else running_cost
     links = task_links(task.id)
     return TaskOut(
@@ -427,16 +454,58 @@ def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal |
         started_at=_iso(task.started_at),
         finished_at=_iso(task.finished_at),
         error=task.error,
-        status_reason=task.status_reason,
+        status_reason=task.status_reason or (_slot_reason(task.queue, *waiting) if waiting else None),
+        queue_position=waiting[0] if waiting else None,
         trace_id=task.trace_id,
         links=links,
     )
 
 
+def _slot_reason(queue: str | None, ahead: int, users: int) -> str:
+    return f"waiting for a {queue} slot: {ahead} subtask{'s' if ahead != 1 else ''} of {users} user{'s' if users != 1 else ''} ahead of yours"
+
+
+# A task with nothing running or sent, and subtasks waiting for the fair dispatcher: how many start
+# before its next one, about. Those already sent to the queue go first; then, each round, every
+# other user with work waiting gets about one (equal shares: see scheduling/fair.py), and the
+# owner's own tasks that come first in its order (priority, then age) go before this one.
+_WAITING = text("""
+    WITH me AS (
+        SELECT id, user_id, queue, priority, created_at FROM tasks WHERE id = :id AND backlog > 0
+          AND NOT EXISTS (SELECT 1 FROM subtasks s WHERE s.task_id = tasks.id
+                          AND (s.status = 'Running' OR (s.status = 'Pending' AND s.dispatches > 0)))
+    ), active AS (
+        SELECT t.* FROM tasks t, me WHERE t.queue = me.queue AND t.status IN ('Scheduled', 'InProgress')
+    )
+    SELECT (SELECT count(*) FROM active a JOIN subtasks s ON s.task_id = a.id
+             WHERE s.status = 'Pending' AND s.dispatches > 0) AS sent,
+           (SELECT COALESCE(sum(a.backlog), 0) FROM active a, me WHERE a.user_id = me.user_id AND a.id <> me.id
+              AND (a.priority > me.priority OR (a.priority = me.priority AND a.created_at < me.created_at))) AS own,
+           (SELECT count(DISTINCT a.user_id) FROM active a, me WHERE a.user_id <> me.user_id
+              AND (a.backlog > 0 OR EXISTS (SELECT 1 FROM subtasks s WHERE s.task_id = a.id
+                                            AND s.status IN ('Pending', 'Running')))) AS others
+    FROM me
+""")
+
+
+def waiting_for_slot(session: Session, *, task: Task) -> tuple[int, int] | None:
+    """(subtasks ahead, users ahead) of a task that waits for a slot, or None when it does not."""
+    if task.status not in (TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value) or not task.backlog:
+        return None
+    row = session.execute(_WAITING, {"id": task.id}).first()
+    if row is None:
+        return None
+    others = int(row.others)
+    ahead = int(row.sent) + int(row.own) + others
+    # Nothing ahead: it is being released now (assigned a moment ago), or waits only for a slot
+    # to free up; no reason to show.
+    return (ahead, others + (1 if row.own else 0)) if ahead else None
+
+
 def describe_task(session: Session, *, task: Task) -> TaskOut:
     counts = progress_of(session, task_ids=[task.id])[task.id]
     running = None if task.cost is not None else billing.task_charges(session, task_id=task.id)
-    return task_document(task, counts, running_cost=running)
+    return task_document(task, counts, running_cost=running, waiting=waiting_for_slot(session, task=task))
 
 
 def list_subtasks(session: Session, *, task: Task, status: str | None = None, after: int = -1,
@@ -465,32 +534,3 @@ def subtask_page(session: Session, *, task: Task, status: str | None = None, aft
     if more:
         subs = subs[:limit]
     return SubTaskList(task_id=str(task.id), subtasks=subs, next_after=subs[-1].index if more else None)
-
-
-def read_result(session: Session, *, task: Task) -> bytes:
-    """The stored result document (JSON bytes); Conflict unless the task is Done."""
-    from marketplace.infra.storage import get_store
-
-    if task.status != TaskStatus.DONE.value or not task.result_key:
-        raise Conflict(f"task {task.id} is {task.status}; results exist only for Done tasks", task_status=task.status)
-    audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}", task_id=task.id, data={"result_key": task.result_key}, pending=True)
-    return get_store().get_bytes(task.result_key)
-
-
-def read_partial_result(session: Session, *, task: Task) -> bytes:
-    """The outputs a task has, whatever its status, with `status`, `complete` and `missing`: a
-    Failed or Cancelled job's finished subtasks were charged, and their outputs are the user's.
-    A Done task's is its stored result, complete."""
-    from marketplace.infra.storage import get_store
-    from marketplace.results.service import partial_document, partial_fields
-
-    audit.record(actor=f"user:{task.user_id}", action="task.result_downloaded", subject=f"task:{task.id}",
-                 task_id=task.id, data={"result_key": task.result_key, "partial": True}, pending=True)
-    if task.status == TaskStatus.DONE.value and task.result_key:
-        stored = get_store().get_bytes(task.result_key).rstrip()
-        return stored[:-1] + partial_fields(task.status, [])
-    subtasks = session.execute(
-        select(SubTask.index, SubTask.items, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error)
-        .where(SubTask.task_id == task.id).order_by(SubTask.index)
-    ).all()
-    return partial_document(task, list(subtasks), get_store())

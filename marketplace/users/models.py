@@ -25,6 +25,9 @@ class User(Base):
     max_active_tasks: Mapped[int | None] = mapped_column(default=None)
     max_items_per_task: Mapped[int | None] = mapped_column(default=None)
     daily_spend_limit: Mapped[Decimal | None] = mapped_column(default=None)
+    # The fair dispatcher's weight for this user, and a cap on its subtasks in flight (NULL: the setting's).
+    share: Mapped[float] = mapped_column(default=1.0)
+    max_running_subtasks: Mapped[int | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     @property

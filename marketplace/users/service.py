@@ -85,11 +85,11 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
 
 
 # What an operator may change on an account (`marketplace users set`); None means the default.
-SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit")
+SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit", "share", "max_running_subtasks")
 
 
 def update_user(session: Session, *, email: str, actor: str, changes: dict[str, object]) -> User:
-    """Change an account's role or quota overrides, under its row lock, audited as `user.updated`."""
+    """Change an account's role, fair share or quota overrides, under its row lock, audited as `user.updated`."""
     unknown = set(changes) - set(SETTABLE)
     if unknown:
         raise ValueError(f"not settable: {', '.join(sorted(unknown))}")
@@ -106,4 +106,4 @@ def update_user(session: Session, *, email: str, actor: str, changes: dict[str, 
 
 
 def _plain(value: object) -> object:
-    return None if value is None else value if isinstance(value, int | str) else str(value)
+    return None if value is None else value if isinstance(value, int | str | float) else str(value)

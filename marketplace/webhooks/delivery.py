@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from marketplace.billing.service import SETTLE_WAIT_SECONDS
+from marketplace.infra import names
 from marketplace.infra.celery_app import app
 from marketplace.webhooks.targets import private_allowed, public_session, resolved_refusal
 
@@ -87,7 +88,7 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
 SETTLE_POLL_SECONDS = 1.0
 
 
-@app.task(name="marketplace.webhooks.deliver", bind=True, acks_late=True, max_retries=None)
+@app.task(name=names.DELIVER_WEBHOOK, bind=True, acks_late=True, max_retries=None)
 def deliver(self: Any, task_id: str, settle_waits: int = 0) -> dict[str, Any]:
     from marketplace.settings import get_settings
 

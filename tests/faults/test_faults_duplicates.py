@@ -24,6 +24,8 @@ def _task_with_subtasks(client, n: int) -> tuple[str, list[str]]:  # type: ignor
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', "
                           "progress_at = now() - interval '1 hour' WHERE id = :t"), {"t": task_id})
+        # Sent once, as the fair dispatcher would have: recovery judges what was sent.
+        conn.execute(text("UPDATE subtasks SET dispatches = 1 WHERE task_id = :t"), {"t": task_id})
         ids = [str(r.id) for r in conn.execute(text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"),
                                                {"t": task_id})]
     return task_id, ids
@@ -46,53 +48,53 @@ def _empty_queue(r, queue: str = "cpu.generic") -> None:  # type: ignore[no-unty
 
 
 def test_a_second_message_for_a_subtask_running_on_a_live_node_is_skipped(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.tasks.progress import claim_subtask
+    from marketplace.tasks.lifecycle import claim
 
     _task, (sid,) = _task_with_subtasks(client, 1)
     _heartbeat("node-a@test")
-    early, work = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
-    assert early is None and work["attempts"] == 1
-    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")  # recovery's copy
+    early, work = claim(sid, node="node-a@test", message_id=f"{sid}:1")
+    assert early is None and work.attempts == 1
+    early, _ = claim(sid, node="node-b@test", message_id=f"{sid}:2")  # recovery's copy
     assert early is not None and early["skipped"] and "node-a@test" in early["error"]
-    early, work = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")  # redelivery: runs
-    assert early is None and work["attempts"] == 2
+    early, work = claim(sid, node="node-a@test", message_id=f"{sid}:1")  # redelivery: runs
+    assert early is None and work.attempts == 2
 
 
 def test_the_copy_runs_when_the_first_run_outlived_its_time_limit_on_a_live_node(client, own_broker):  # type: ignore[no-untyped-def]
     """Nothing runs a subtask past its hard limit (a kill at the limit, or a database crash that
     forgot its completion, leaves it Running): recovery's copy must take it over, live node or not."""
     from marketplace.infra.db import get_engine
-    from marketplace.tasks.progress import claim_subtask
+    from marketplace.tasks.lifecycle import claim
 
     _task, (sid,) = _task_with_subtasks(client, 1)
     _heartbeat("node-a@test")
-    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    early, _ = claim(sid, node="node-a@test", message_id=f"{sid}:1")
     assert early is None
     with get_engine().begin() as conn:  # echo's limit is 60 s; the margin 60 s more
         conn.execute(text("UPDATE subtasks SET started_at = now() - interval '119 seconds' WHERE id = :s"), {"s": sid})
-    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
+    early, _ = claim(sid, node="node-b@test", message_id=f"{sid}:2")
     assert early is not None and early["skipped"], "still within its limit: left to node-a"
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE subtasks SET started_at = now() - interval '121 seconds' WHERE id = :s"), {"s": sid})
-    early, work = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:3")
-    assert early is None and work["attempts"] == 2
+    early, work = claim(sid, node="node-b@test", message_id=f"{sid}:3")
+    assert early is None and work.attempts == 2
 
 
 def test_a_subtask_that_keeps_outliving_its_time_limit_fails_with_the_reason(client, own_broker):  # type: ignore[no-untyped-def]
     from marketplace.infra.db import get_engine
-    from marketplace.tasks.progress import claim_subtask
+    from marketplace.tasks.lifecycle import claim
     from workers import runner
 
     task_id, (sid,) = _task_with_subtasks(client, 1)
     _heartbeat("node-a@test")
-    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    early, _ = claim(sid, node="node-a@test", message_id=f"{sid}:1")
     assert early is None
     # A retry of the same message starts a new attempt: it is judged by that start, not the first.
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE subtasks SET started_at = now() - interval '1 hour' WHERE id = :s"), {"s": sid})
-    early, _ = claim_subtask(sid, hostname="node-a@test", message_id=f"{sid}:1")
+    early, _ = claim(sid, node="node-a@test", message_id=f"{sid}:1")
     assert early is None
-    early, _ = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
+    early, _ = claim(sid, node="node-b@test", message_id=f"{sid}:2")
     assert early is not None and early["skipped"], "the retry just started: left to node-a"
     with get_engine().begin() as conn:  # the fourth attempt also ran past echo's 60 s limit (+60 s)
         conn.execute(text("UPDATE subtasks SET started_at = now() - interval '1 hour', attempts = 4 WHERE id = :s"),
@@ -107,13 +109,13 @@ def test_a_subtask_that_keeps_outliving_its_time_limit_fails_with_the_reason(cli
 
 
 def test_the_copy_runs_when_the_first_node_is_gone(client, own_broker):  # type: ignore[no-untyped-def]
-    from marketplace.tasks.progress import claim_subtask
+    from marketplace.tasks.lifecycle import claim
 
     _task, (sid,) = _task_with_subtasks(client, 1)
-    early, _ = claim_subtask(sid, hostname="dead-node@test", message_id=f"{sid}:1")  # no heartbeat: gone
+    early, _ = claim(sid, node="dead-node@test", message_id=f"{sid}:1")  # no heartbeat: gone
     assert early is None
-    early, work = claim_subtask(sid, hostname="node-b@test", message_id=f"{sid}:2")
-    assert early is None and work["attempts"] == 2
+    early, work = claim(sid, node="node-b@test", message_id=f"{sid}:2")
+    assert early is None and work.attempts == 2
 
 
 def test_recovery_leaves_pending_subtasks_alone_while_their_queue_is_busy(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
@@ -189,19 +191,17 @@ def test_recovery_resends_a_subtask_whose_message_a_dead_node_holds(client, own_
     """kombu would give the message back only after its visibility timeout (an hour), and the
     queue is busy with other work: recovery must not read that as 'waiting its turn'."""
     from marketplace.infra.broker import held_since
-    from marketplace.infra.db import get_engine, utcnow
+    from marketplace.infra.db import utcnow
     from marketplace.infra.redis_client import get_redis
+    from marketplace.scheduling.dispatch import publish
     from marketplace.scheduling.recovery import recover_stalled, redeclare_queues
-    from marketplace.scheduling.service import dispatch
     from marketplace.settings import get_settings
     from tests.support.servers import ROOT
 
     monkeypatch.setattr(get_settings(), "recovery_stall_seconds", 1.0)
     redeclare_queues()
     task_id, (taken, waiting) = _task_with_subtasks(client, 2)
-    with get_engine().begin() as conn:
-        conn.execute(text("UPDATE tasks SET dispatch_count = 1 WHERE id = :t"), {"t": task_id})
-    dispatch(task_id, [taken], queue="cpu.generic", priority=0, time_limit=60, attempt=1)
+    publish(task_id, [f"{taken}:1"], queue="cpu.generic", time_limit=60)
     proc = subprocess.run([sys.executable, "-c", _TAKE_AND_DIE], cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9 and proc.stdout.strip() == f"{taken}:1", (proc.returncode, proc.stderr[-2000:])

@@ -69,6 +69,8 @@ def stored_task(client):  # type: ignore[no-untyped-def]
         with get_engine().begin() as conn:
             conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1, "
                               "progress_at = now() WHERE id = :t"), {"t": task_id})
+            # Sent once, as the fair dispatcher would have: recovery and Reschedule judge what was sent.
+            conn.execute(text("UPDATE subtasks SET dispatches = 1 WHERE task_id = :t"), {"t": task_id})
             ids = [str(r.id) for r in conn.execute(
                 text("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index"), {"t": task_id})]
         return task_id, ids, user
@@ -78,9 +80,9 @@ def stored_task(client):  # type: ignore[no-untyped-def]
 
 
 def _claim(sid: str, hostname: str, incarnation: str | None, message: int):  # type: ignore[no-untyped-def]
-    from marketplace.tasks.progress import claim_subtask
+    from marketplace.tasks.lifecycle import claim
 
-    return claim_subtask(sid, hostname=hostname, message_id=f"{sid}:{message}", incarnation=incarnation)
+    return claim(sid, node=hostname, message_id=f"{sid}:{message}", incarnation=incarnation)
 
 
 def _queued_ids(queue: str = "cpu.generic") -> list[str]:
@@ -102,13 +104,13 @@ def test_a_copy_takes_over_at_once_from_the_predecessor_of_a_restarted_node(stor
     _task, (sid,), _ = stored_task(1)
     _heartbeat(node_a, "first")
     early, work = _claim(sid, node_a, "first", 1)
-    assert early is None and work["attempts"] == 1
+    assert early is None and work.attempts == 1
     early, _ = _claim(sid, node_b, "b", 2)
     assert early is not None and early["skipped"] and node_a in early["error"], "node-a's process runs it"
 
     _heartbeat(node_a, "second")  # node-a restarted: same name, a new process
     early, work = _claim(sid, node_b, "b", 3)  # at once: no stall deadline, no time limit
-    assert early is None and work["attempts"] == 2, early
+    assert early is None and work.attempts == 2, early
     row = _db("SELECT status, worker, worker_incarnation FROM subtasks WHERE id = :s", s=sid)[0]
     assert (row.status, row.worker, row.worker_incarnation) == ("Running", node_b, "b")
 
@@ -121,7 +123,7 @@ def test_a_restarted_node_takes_over_its_predecessors_claim_before_its_own_heart
     _heartbeat(node_a, "first")
     assert _claim(sid, node_a, "first", 1)[0] is None
     early, work = _claim(sid, node_a, "second", 2)  # the registry still shows "first"
-    assert early is None and work["attempts"] == 2, early
+    assert early is None and work.attempts == 2, early
     early, _ = _claim(sid, node_a, "second", 3)  # and its own run is not taken from it
     assert early is not None and early["skipped"], early
 

@@ -204,17 +204,17 @@ def test_object_store_unreachable_retries_then_fails_with_the_reason(client, own
 
 
 def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery(client, own_broker, monkeypatch):  # type: ignore[no-untyped-def]
-    """The scheduler's chord publish meets a stopped broker: it re-sends the job's subtasks itself
-    once the broker is back, instead of leaving the task Scheduled for recovery's stall deadline."""
+    """The release's publish meets a stopped broker: it re-sends the job's subtasks itself once the
+    broker is back, instead of leaving the task Scheduled for recovery's stall deadline."""
     import threading
 
     from marketplace.infra.redis_client import get_redis
-    from marketplace.scheduling import service
+    from marketplace.scheduling import dispatch, service
 
     user = register(client)
     inputs = list(range(6))
     task_id = _submit(client, user, {"model": "echo", "inputs": inputs, "batch_size": 1})  # no scheduler runs
-    publish, outage = service._publish, []
+    publish, outage = dispatch.publish, []
 
     def publish_into_an_outage(*args, **kwargs):  # type: ignore[no-untyped-def]
         if not outage:  # the real broker goes down just as the first dispatch starts, back in 2 s
@@ -223,7 +223,7 @@ def test_a_broker_outage_during_dispatch_is_retried_without_waiting_for_recovery
             outage[0].start()
         return publish(*args, **kwargs)
 
-    monkeypatch.setattr(service, "_publish", publish_into_an_outage)
+    monkeypatch.setattr(dispatch, "publish", publish_into_an_outage)
     node = _start(["cpu.generic", "marketplace.results"], "blip", get_redis())
     try:
         outcome = service.schedule_task(task_id)  # in this process
@@ -247,6 +247,7 @@ def _scheduled_by_the_test(client, user, r, body: dict) -> tuple[str, list[str]]
     with get_engine().begin() as conn:
         conn.execute(text("UPDATE tasks SET status = 'Scheduled', queue = 'cpu.generic', dispatch_count = 1 "
                           "WHERE id = :t"), {"t": task_id})
+        conn.execute(text("UPDATE subtasks SET dispatches = 1 WHERE task_id = :t"), {"t": task_id})
     return task_id, [str(row.id) for row in _db("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index",
                                                 t=task_id)]
 
@@ -254,14 +255,14 @@ def _scheduled_by_the_test(client, user, r, body: dict) -> tuple[str, list[str]]
 def _hung_at_its_hard_limit(client, user, r, inputs: list) -> tuple[str, CeleryWorker]:  # type: ignore[no-untyped-def]
     """A job dispatched with a 1 s limit (hard: 2 s) whose first running subtask's process is
     stopped mid-run: it ignores its soft limit, as a hung C call would, and is killed at the hard one."""
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.dispatch import publish
 
     task_id, ids = _scheduled_by_the_test(client, user, r, {"model": "echo", "inputs": inputs, "batch_size": 1,
                                                               "params": {"sleep_s": 0.4}})
     # One pool process: the stopped one is the one running the subtask, and gets nothing else.
     node = CeleryWorker(CONTROL + ["cpu.generic"], name=f"hung-{uuid.uuid4().hex[:4]}", concurrency=1)
     node.wait_ready(r)
-    dispatch(task_id, ids, queue="cpu.generic", priority=0, time_limit=1.0, attempt=1)
+    publish(task_id, [f"{sid}:1" for sid in ids], queue="cpu.generic", time_limit=1.0)
     wait_until(lambda: _running(task_id), what="a running subtask")
     (child,) = psutil.Process(node.proc.pid).children()
     os.kill(child.pid, signal.SIGSTOP)
@@ -305,26 +306,25 @@ def test_a_subtask_killed_at_its_hard_time_limit_with_no_attempts_left_fails_the
         node.stop()
 
 
-def test_a_big_job_whose_chord_callback_never_comes_is_finished_by_its_last_subtask(client, own_broker):  # type: ignore[no-untyped-def]
-    """A chord only partly sent (the broker dropped out mid-dispatch) never calls back, and the
-    re-sent copies of its running subtasks are skipped: the last subtask to finish asks for finalize."""
+def test_a_big_job_sent_as_plain_messages_is_finished_by_its_last_subtask(client, own_broker):  # type: ignore[no-untyped-def]
+    """No chord calls back: the last subtask to finish asks for finalize, whoever sent the messages."""
+    from marketplace.infra import names
     from marketplace.infra.celery_app import app
     from marketplace.infra.redis_client import get_redis
-    from marketplace.scheduling.service import RUN_SUBTASK, celery_subtask_id
     from workers.runner import INLINE_FINALIZE_MAX_SUBTASKS
 
     r = get_redis()
     user = register(client)
     inputs = list(range(INLINE_FINALIZE_MAX_SUBTASKS + 4))  # above the inline finalize
     task_id, ids = _scheduled_by_the_test(client, user, r, {"model": "echo", "inputs": inputs, "batch_size": 1})
-    # One pool process: two subtasks finishing at once may each see the other open, and neither
-    # sends finalize (the chord callback covers that race; here there is none).
+    # One pool process: two subtasks finishing at once may each see the other open (`was_last`
+    # looks again after its commit, but this keeps the test about the message, not that race).
     node = CeleryWorker(["marketplace.results", "cpu.generic"], name=f"no-callback-{uuid.uuid4().hex[:4]}",
                         concurrency=1)
     node.wait_ready(r)
     try:
-        for sid in ids:  # plain messages, no chord: no callback will come
-            app.send_task(RUN_SUBTASK, args=[sid], queue="cpu.generic", task_id=celery_subtask_id(sid, 1))
+        for sid in ids:
+            app.send_task(names.RUN_SUBTASK, args=[sid], queue="cpu.generic", task_id=f"{sid}:1")
         doc = wait_for_task(client, user["headers"], task_id, timeout=60)
         assert doc["status"] == "Done", doc
         _assert_exactly_once(client, user, task_id, inputs)
@@ -383,10 +383,9 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
     takes it. Recovery finds the delivery sent but never ended and sends it again; once it has
     ended, recovery leaves it alone. A broker that is down when the message is sent does not
     fail the step that sends it (that step finished the task)."""
-    from marketplace.infra.celery_app import app
     from marketplace.infra.redis_client import get_redis
-    from marketplace.results.service import send_webhook
     from marketplace.scheduling.recovery import recover_stalled
+    from marketplace.tasks.lifecycle import send_webhook
     from marketplace.webhooks import delivery as webhooks
     from tests.api.test_api_webhooks import Receiver
 
@@ -422,7 +421,7 @@ def test_a_webhook_whose_message_redis_lost_is_sent_again_by_recovery_once(clien
 
         own_broker.stop()
         try:
-            assert send_webhook(app, task_id) is False  # logged, recovery's to re-send; nothing raised
+            assert send_webhook(task_id) is False  # logged, recovery's to re-send; nothing raised
         finally:
             own_broker.start()
     finally:

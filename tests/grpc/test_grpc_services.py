@@ -60,7 +60,7 @@ def test_health_reports_every_service_serving_and_reflection_lists_them(channel)
 
 def test_error_table_maps_every_domain_error():  # type: ignore[no-untyped-def]
     from marketplace.infra import errors
-    from marketplace.rpc.server import AlreadyExists, status_code_for
+    from marketplace.rpc.calls import AlreadyExists, status_code_for
 
     assert status_code_for(errors.InvalidInput.field("x", "bad")) == C.INVALID_ARGUMENT
     assert status_code_for(errors.NotFound("x")) == C.NOT_FOUND
@@ -538,7 +538,7 @@ def test_backing_service_outages_are_unavailable_and_surprises_internal():  # ty
     import redis
     from sqlalchemy.exc import OperationalError
 
-    from marketplace.rpc.server import to_failure
+    from marketplace.rpc.calls import to_failure
 
     db_down = to_failure(OperationalError("SELECT 1", {}, Exception("connection refused")))
     assert db_down.code == C.UNAVAILABLE and "database" in db_down.detail

@@ -45,6 +45,9 @@ MARKETPLACE_METRICS = {
     "marketplace_credits_charged_total",
     "marketplace_audit_chain_length",
     "marketplace_audit_chain_valid",
+    "marketplace_subtasks_queued",
+    "marketplace_subtasks_running",
+    "marketplace_task_wait_seconds",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 FOREIGN_PREFIXES = ("flask_", "flower_")
@@ -299,6 +302,58 @@ def test_internal_endpoints_are_not_public():
             assert "9808" not in str(port), f"{name} publishes the worker metrics port"
     for name in ("postgres", "redis", "kafka"):
         assert "ports" not in services[name], f"{name} must not be published"
+
+
+def test_redis_runs_as_compose_starts_it_refusing_clients_without_the_password_and_admin_commands(tmp_path):
+    """compose's own redis command, run by Debian's redis-server as compose's shell would: a
+    client without the password gets NOAUTH, and CONFIG (SET dir + SAVE writes files as the
+    server) does not exist even with it. Every app service and Flower's broker carry the password."""
+    import os
+
+    from tests.support.servers import free_port, wait_port
+
+    services = _services()
+    argv = _argv(services["redis"]["command"])
+    assert argv[:2] == ["sh", "-c"]
+    port, password = free_port(), "compose-test-pw"
+    script = argv[2].replace("$$", "$") + f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --save ''"
+    server = subprocess.Popen(["sh", "-c", script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+
+        def cli(*args: str, auth: str | None = None) -> str:
+            env = {"PATH": os.environ["PATH"], **({"REDISCLI_AUTH": auth} if auth else {})}
+            done = subprocess.run(["redis-cli", "-p", str(port), *args], env=env, capture_output=True, text=True,
+                                  timeout=30)
+            return done.stdout + done.stderr
+
+        assert "NOAUTH" in cli("SET", "k", "v")
+        assert cli("PING", auth=password).strip() == "PONG"
+        for command in (["CONFIG", "SET", "dir", "/"], ["SAVE"], ["BGSAVE"], ["DEBUG", "SLEEP", "0"], ["MODULE", "LIST"],
+                        ["REPLICAOF", "127.0.0.1", "1"], ["MIGRATE"], ["SHUTDOWN"], ["ACL", "LIST"]):
+            assert "unknown command" in cli(*command, auth=password), command
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    for name, svc in _app_services().items():
+        url = svc["environment"]["MARKETPLACE_REDIS_URL"]
+        assert url.startswith("redis://:${REDIS_PASSWORD"), (name, url)
+
+
+def test_grpc_listens_on_every_interface_of_its_container():
+    """`marketplace grpc` listens on 127.0.0.1 unless told otherwise: in a container nothing else reaches that."""
+    assert _option(_argv(_services()["grpc"]["command"]), "--host") == "0.0.0.0"
+    assert _services()["worker-cpu"]["environment"]["MARKETPLACE_METRICS_HOST"] == "0.0.0.0"  # Prometheus scrapes it
+
+
+def test_flower_takes_its_password_from_the_environment():
+    """A password on a command line is in `ps` for every local user."""
+    services = _services()
+    flower = _argv(services["flower"]["command"])
+    assert not any(arg.startswith("--basic-auth") for arg in flower), flower
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == (
+        "${MARKETPLACE_FLOWER_USER:-admin}:${MARKETPLACE_FLOWER_PASSWORD:-flower-dev-password}")
 
 
 def test_secrets_are_documented_in_env_example():

@@ -55,3 +55,22 @@ def private_broker() -> Iterator[object]:
             yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def private_database() -> Iterator[object]:
+    """A fresh, migrated database that this process and every worker it starts use: tasks that
+    other tests left active (their queues, their users' shares) are not in it."""
+    from marketplace.infra import migrate
+    from tests.support.servers import Postgres
+
+    pg = Postgres()
+    try:
+        migrate.upgrade(pg.url)
+        with switched_env(MARKETPLACE_DATABASE_URL=pg.url):
+            yield pg
+    finally:
+        from marketplace.infra.db import dispose_engine
+
+        dispose_engine()
+        pg.drop()

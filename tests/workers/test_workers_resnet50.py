@@ -18,13 +18,21 @@ from tests.workers.workers_support import VISION_VENV, NodeFromVenv, vision_pyth
 pytestmark = [pytest.mark.slow, pytest.mark.vision]
 LABELS = (ROOT / "workers" / "executors" / "imagenet_classes.txt").read_text().splitlines()
 
+# weights.pt: random (seed 0). golden.pt and tabby.pt: the same, but a last layer whose answer is known for
+# any image: zero weights (the image's features count for nothing) and a bias of 20 for one class, 0 for
+# the 999 others.
 _MAKE_ASSETS = """
 import sys, torch
 from PIL import Image
 from torchvision.models import resnet50
 out = sys.argv[1]
 torch.manual_seed(0)
-torch.save(resnet50(weights=None).state_dict(), f"{out}/weights.pt")
+state = resnet50(weights=None).state_dict()
+torch.save(state, f"{out}/weights.pt")
+for name, winner in (("golden", 207), ("tabby", 281)):
+    bias = torch.zeros_like(state["fc.bias"])
+    bias[winner] = 20.0
+    torch.save({**state, "fc.weight": torch.zeros_like(state["fc.weight"]), "fc.bias": bias}, f"{out}/{name}.pt")
 Image.new("RGB", (320, 240), (200, 30, 30)).save(f"{out}/red.png")
 img = Image.new("RGB", (64, 96))
 img.putdata([((x * 7) % 256, (y * 5) % 256, (x * y) % 256) for y in range(96) for x in range(64)])
@@ -74,21 +82,8 @@ def _upload(client, user, path: Path) -> str:  # type: ignore[no-untyped-def]
     return resp.get_json()["id"]
 
 
-def test_resnet50_classifies_uploaded_images_on_cpu_with_pushed_weights(  # type: ignore[no-untyped-def]
-    stack, client, worker, vision_node, assets,
-):
-    from marketplace.infra.storage import get_store
-    from marketplace.registry.weights import manifest_key
-
-    version = f"test-{uuid.uuid4().hex[:8]}"
-    printed = _push(stack, assets / "weights.pt", version)
-    data = (assets / "weights.pt").read_bytes()
-    manifest = json.loads(get_store().get_bytes(manifest_key("resnet50", version)))
-    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["size"] == len(data)
-    assert manifest["sha256"] in printed
-
-    user = register(client)
-    files = [_upload(client, user, assets / name) for name in ("red.png", "pattern.png")]
+def _classify(client, user, files: list[str], version: str) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """A resnet50 job of `files` with the weights of `version` on the CPU node: its outputs."""
     resp = client.post("/v1/tasks", json={
         "model": "resnet50", "device": "cpu", "inputs": [{"file": f} for f in files],
         "params": {"version": version, "top_k": 3},
@@ -96,21 +91,60 @@ def test_resnet50_classifies_uploaded_images_on_cpu_with_pushed_weights(  # type
     assert resp.status_code == 202, resp.get_json()
     task_id = resp.get_json()["id"]
     doc = wait_for_task(client, user["headers"], task_id, timeout=300)
-    assert doc["status"] == "Done", (doc, vision_node.tail(80))
+    assert doc["status"] == "Done", doc
     assert doc["queue"] == "cpu.resnet50"
-
     outputs = client.get(f"/v1/tasks/{task_id}/result", headers=user["headers"]).get_json()["outputs"]
-    assert len(outputs) == 2
+    assert len(outputs) == len(files)
     for top in outputs:
         assert len(top) == 3
         assert [set(p) for p in top] == [{"label", "index", "score"}] * 3
         assert all(0 <= p["index"] < 1000 and p["label"] == LABELS[p["index"]] for p in top)
         scores = [p["score"] for p in top]
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
-    assert outputs[0] != outputs[1]  # different images, different answers
+    return outputs
 
-    cached = list((vision_node.cache_dir / "models" / "resnet50" / version).glob("weights-*.pt"))
-    assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == manifest["sha256"]
+
+def test_resnet50_answers_with_the_pushed_weights_of_the_jobs_version(  # type: ignore[no-untyped-def]
+    stack, client, worker, vision_node, assets,
+):
+    """Weights whose answer is known: a node that ignored the pushed weights, or served a job
+    with another version's, answers something else."""
+    from marketplace.infra.storage import get_store
+    from marketplace.registry.weights import manifest_key
+
+    golden, tabby = f"golden-{uuid.uuid4().hex[:8]}", f"tabby-{uuid.uuid4().hex[:8]}"
+    printed = _push(stack, assets / "golden.pt", golden)
+    _push(stack, assets / "tabby.pt", tabby)
+    data = (assets / "golden.pt").read_bytes()
+    manifest = json.loads(get_store().get_bytes(manifest_key("resnet50", golden)))
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["size"] == len(data)
+    assert manifest["sha256"] in printed
+
+    user = register(client)
+    files = [_upload(client, user, assets / name) for name in ("red.png", "pattern.png")]
+    # Logits: 20 for the winner, 0 for the 999 others, whatever the image. Softmax:
+    # e^20 / (e^20 + 999) = 1 / (1 + 999 × e^-20) = 1 / (1 + 999 × 2.061e-9) = 0.99999794 → 0.999998;
+    # each other class e^0 / (e^20 + 999) = 2.1e-9 → 0.0.
+    assert LABELS[207] == "golden retriever" and LABELS[281] == "tabby"
+    for version, (index, label) in ((golden, (207, "golden retriever")), (tabby, (281, "tabby"))):
+        for top in _classify(client, user, files, version):
+            assert top[0] == {"index": index, "label": label, "score": 0.999998}, (version, top, vision_node.tail(40))
+            assert [p["score"] for p in top[1:]] == [0.0, 0.0], (version, top)
+
+    for version in (golden, tabby):
+        sha = json.loads(get_store().get_bytes(manifest_key("resnet50", version)))["sha256"]
+        cached = list((vision_node.cache_dir / "models" / "resnet50" / version).glob("weights-*.pt"))
+        assert len(cached) == 1 and hashlib.sha256(cached[0].read_bytes()).hexdigest() == sha
+
+
+def test_resnet50_answers_depend_on_the_image(stack, client, worker, vision_node, assets):  # type: ignore[no-untyped-def]
+    """With weights that look at the image (random ones), two different images get different answers."""
+    version = f"test-{uuid.uuid4().hex[:8]}"
+    _push(stack, assets / "weights.pt", version)
+    user = register(client)
+    files = [_upload(client, user, assets / name) for name in ("red.png", "pattern.png")]
+    outputs = _classify(client, user, files, version)
+    assert outputs[0] != outputs[1]
 
 
 def test_resnet50_refuses_weights_whose_sha256_does_not_match(  # type: ignore[no-untyped-def]

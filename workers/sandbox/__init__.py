@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-from workers.sandbox.base import ItemResult, Limits, Sandbox, SandboxError, SandboxUnavailable
+from workers.sandbox.base import ItemResult, Limits, Sandbox, SandboxError, SandboxStopped, SandboxUnavailable
 
 NAMES = ("gvisor", "bwrap", "docker")
 _instances: dict[str, Sandbox] = {}
@@ -62,6 +62,7 @@ __all__ = [
     "Limits",
     "Sandbox",
     "SandboxError",
+    "SandboxStopped",
     "SandboxUnavailable",
     "get_sandbox",
     "reset_sandboxes",

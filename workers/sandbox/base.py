@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,6 +49,10 @@ class SandboxError(Exception):
     """The whole run failed (a limit was hit or the sandbox crashed); the message includes the stderr tail."""
 
 
+class SandboxStopped(SandboxError):
+    """The run was stopped from outside (its task ended: cancelled, or failed elsewhere)."""
+
+
 @dataclass
 class Limits:
     """Per-run limits.
@@ -64,6 +69,8 @@ class Limits:
     max_procs: int = 64
     max_output_bytes: int = 1_000_000
     cpu_s: float | None = None  # defaults to timeout_s
+    # Asked a few times a second while the command runs; True stops it (the sandbox is killed).
+    stop_requested: Callable[[], bool] | None = None
 
     @property
     def cpu_limit_s(self) -> float:

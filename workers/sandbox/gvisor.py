@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.sandbox import rundir
+import workers.sandbox.rundir as rundir
 from workers.sandbox.base import (
     SANDBOX_ENV,
     SANDBOX_UID,

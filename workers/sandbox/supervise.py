@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from workers.sandbox.base import STDERR_TAIL_BYTES, Limits, Outcome, SandboxError, Usage, with_tail
+from workers.sandbox.base import (
+    STDERR_TAIL_BYTES,
+    Limits,
+    Outcome,
+    SandboxError,
+    SandboxStopped,
+    Usage,
+    with_tail,
+)
 
 logger = logging.getLogger(__name__)
 SAMPLE_INTERVAL_S = 0.1
@@ -156,6 +164,7 @@ def supervise(
         proc.stdin.close()
     next_sample = started
     failure: str | None = None
+    stopped = False
     try:
         while failure is None:
             now = time.monotonic()
@@ -165,6 +174,8 @@ def supervise(
             if now >= next_sample:
                 failure = _check_usage(sample(), limits)
                 next_sample = now + SAMPLE_INTERVAL_S
+                if failure is None and limits.stop_requested is not None and limits.stop_requested():
+                    failure, stopped = "stopped: its task ended", True
                 if failure:
                     break
             if not selector.get_map():
@@ -190,7 +201,7 @@ def supervise(
         if failure is not None:
             _stop(proc, terminate)
             _drain(proc, stderr)
-            raise SandboxError(with_tail(failure, _tail(stderr)))
+            raise (SandboxStopped if stopped else SandboxError)(with_tail(failure, _tail(stderr)))
         return Outcome(returncode=proc.wait(), stdout=bytes(stdout), stderr_tail=_tail(stderr))
     finally:
         selector.close()

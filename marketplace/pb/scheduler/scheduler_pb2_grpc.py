@@ -66,8 +66,10 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reschedule(self, request, context):
-        """Re-dispatch the subtasks of a non-final task that are missing
-        (not Done/Failed) from the database, the source of truth. The owner may
+        """Send again the subtasks of a non-final task that were sent and whose
+        message is lost (not started, or running on a node that is gone), from the
+        database, the source of truth; subtasks not yet sent wait for the fair
+        dispatcher. The owner may
         do so once the task has not moved for 30 s (FAILED_PRECONDITION before);
         an admin, at any time.
         """

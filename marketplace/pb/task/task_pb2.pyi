@@ -20,7 +20,7 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., failed: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "status", "model", "device", "progress", "cost", "estimated_cost", "created_at", "started_at", "finished_at", "error", "status_reason", "trace_id", "user_id", "queue", "priority", "batch_size", "subtask_count", "scheduled_at")
+    __slots__ = ("id", "status", "model", "device", "progress", "cost", "estimated_cost", "created_at", "started_at", "finished_at", "error", "status_reason", "trace_id", "user_id", "queue", "priority", "batch_size", "subtask_count", "scheduled_at", "queue_position")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Task(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SUBTASK_COUNT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_AT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     model: str
@@ -59,7 +60,8 @@ class Task(_message.Message):
     batch_size: int
     subtask_count: int
     scheduled_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., cost: _Optional[str] = ..., estimated_cost: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., status_reason: _Optional[str] = ..., trace_id: _Optional[str] = ..., user_id: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., batch_size: _Optional[int] = ..., subtask_count: _Optional[int] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., cost: _Optional[str] = ..., estimated_cost: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., status_reason: _Optional[str] = ..., trace_id: _Optional[str] = ..., user_id: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., batch_size: _Optional[int] = ..., subtask_count: _Optional[int] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class SubTask(_message.Message):
     __slots__ = ("id", "index", "status", "worker", "attempts", "seconds", "items", "error", "started_at", "finished_at")

@@ -67,11 +67,11 @@ def test_a_dispatch_from_outside_a_task_is_recorded_with_its_task(client, user):
     import marketplace.audit.signals  # noqa: F401  (connects the publish handler here, as in every worker)
     from marketplace.audit import service
     from marketplace.infra.db import get_engine
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.dispatch import publish
 
     task_id, ids = _done_two_subtask_job(client, user)
     # Done subtasks sent again run as no-ops (their rows are final) and the task stays Done.
-    dispatch(task_id, ids, queue="cpu.generic", priority=5, time_limit=60, attempt=7)
+    publish(task_id, [f"{i}:7" for i in ids], queue="cpu.generic", time_limit=60)
     service.chain_pending()
     with get_engine().connect() as conn:
         records = [json.loads(r.data) for r in conn.execute(
@@ -90,7 +90,7 @@ def test_a_dispatch_record_is_one_statement_that_commits_by_itself_and_a_re_publ
 
     from marketplace.audit import signals
     from marketplace.infra.db import get_engine
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.dispatch import publish
 
     task_id, ids = _done_two_subtask_job(client, user)
     seen: list[tuple[str, bool]] = []
@@ -100,7 +100,7 @@ def test_a_dispatch_record_is_one_statement_that_commits_by_itself_and_a_re_publ
 
     event.listen(get_engine(), "before_cursor_execute", spy)
     try:
-        dispatch(task_id, ids, queue="cpu.generic", priority=5, time_limit=60, attempt=8)
+        publish(task_id, [f"{i}:8" for i in ids], queue="cpu.generic", time_limit=60)
         signals._buffer().append((ids[0], "cpu.generic", None))
         signals.flush_published()
     finally:

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from tests.support.accounts import set_user
 from tests.support.api import register
-from tests.support.progress import ran_uncharged
+from tests.support.progress import ran
 
 
 def _daily(user_id: str) -> dict:  # type: ignore[type-arg]
@@ -29,9 +29,8 @@ def test_settlement_adds_each_charge_to_the_day_it_was_recorded(client):  # type
     from marketplace.tasks.models import Task
 
     user = register(client)
-    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b", "c"])
-    with session_scope() as session:  # charged before settlement, one of them (say) just before midnight
-        assert all(service.charge_from_row(session, subtask_id=uuid.UUID(s)) for s in sub_ids)
+    task_id, sub_ids = ran(user["id"], ["a", "b", "c"])
+    with session_scope() as session:  # charged with their outcomes, one of them (say) just before midnight
         session.execute(update(LedgerEntry).where(LedgerEntry.subtask_id == uuid.UUID(sub_ids[0]))
                         .values(created_at=quotas.today_start() - timedelta(seconds=1)))
     assert _daily(user["id"]) == {}  # nothing settled yet: the hold covers the running task
@@ -46,7 +45,7 @@ def test_settlement_adds_each_charge_to_the_day_it_was_recorded(client):  # type
     assert _daily(user["id"]) == {today - timedelta(days=1): first, today: cost - first}
 
     # A second task adds to today's row, and settling again adds nothing.
-    second_id, _ = ran_uncharged(user["id"], ["d"])
+    second_id, _ = ran(user["id"], ["d"])
     assert finalize_task(second_id) == "done"
     assert finalize_task(second_id) == "noop"
     with session_scope() as session:
@@ -84,11 +83,10 @@ def test_settlement_updates_the_balance_of_a_user_the_session_already_loaded(cli
     from marketplace.users.models import User
 
     user = register(client)
-    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
+    task_id, _ = ran(user["id"], ["a", "b"])
     with session_scope() as session:
         me = session.get(User, uuid.UUID(user["id"]))
         before = me.balance
-        assert all(service.charge_from_row(session, subtask_id=uuid.UUID(s)) for s in sub_ids)
         cost = service.settle_task(session, task=session.get(Task, uuid.UUID(task_id)))
         assert cost > 0
         assert me.balance == before - cost

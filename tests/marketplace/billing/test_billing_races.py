@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.support.api import register
-from tests.support.progress import ran_uncharged
+from tests.support.progress import ran
 from tests.support.wait import backends_waiting_on_locks, wait_until
 
 
@@ -23,11 +23,11 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
     from marketplace.tasks.models import Task
 
     user = register(client)
-    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
+    task_id, sub_ids = ran(user["id"], ["a", "b"])  # each charged with its outcome
     tid = uuid.UUID(task_id)
 
-    # The first subtask's task_success handler, mid-flight: it holds the hold FOR SHARE and has
-    # not inserted its ledger row yet. Finalize starts now and must charge the other subtask.
+    # Another charge of the task mid-flight (a stopped copy's, say): it holds the hold FOR SHARE and
+    # has not inserted its ledger row yet. Finalize starts now and must settle it exactly once.
     handler = new_session()
     handler.execute(select(Hold.id).where(Hold.task_id == tid).with_for_update(read=True))
     outcome: dict[str, Any] = {}
@@ -42,11 +42,11 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
     thread.start()
     try:
         wait_until(backends_waiting_on_locks, 15, "finalize waiting on the handler's lock", interval=0.05)
-        # Before the fix, finalize had already inserted this subtask's charge (backfill) and waited to
-        # lock the hold FOR UPDATE, while this insert waited on finalize's row: Postgres killed one.
+        # Finalize waits to lock the hold FOR UPDATE; this insert must not wait on finalize (a
+        # deadlock Postgres would break by killing one of them).
         inserted = service.record_subtask_charge(
             handler, user_id=uuid.UUID(user["id"]), task_id=tid, subtask_id=uuid.UUID(sub_ids[0]),
-            amount=Decimal("0.25"), ok=True, detail="the handler's charge",
+            amount=Decimal("0.25"), ok=False, detail="the late charge",
         )
         handler.commit()
     finally:
@@ -56,13 +56,14 @@ def test_a_charge_landing_while_finalize_settles_is_applied_once_and_never_deadl
     assert inserted
 
     with session_scope() as session:
-        charges = {c.subtask_id: c for c in session.scalars(select(LedgerEntry).where(LedgerEntry.task_id == tid))}
+        charges = list(session.scalars(select(LedgerEntry).where(LedgerEntry.task_id == tid)))
         task = session.get(Task, tid)
         hold = session.scalar(select(Hold).where(Hold.task_id == tid))
-        assert set(charges) == {uuid.UUID(s) for s in sub_ids}, "one charge per subtask"
-        assert charges[uuid.UUID(sub_ids[0])].amount == Decimal("-0.25"), "the handler's row, not a second one"
-        assert all(c.settled and c.kind == "charge" for c in charges.values())
-        assert task.cost == -sum(c.amount for c in charges.values())
+        assert sorted((str(c.subtask_id), c.kind) for c in charges) == sorted(
+            [(sub_ids[0], "charge"), (sub_ids[1], "charge"), (sub_ids[0], "charge_failed")]), "each charge once"
+        assert [c.amount for c in charges if c.kind == "charge_failed"] == [Decimal("-0.25")]
+        assert all(c.settled for c in charges)
+        assert task.cost == -sum(c.amount for c in charges), "the late charge is in the settled cost"
         assert hold.status == "released"
 
 
@@ -89,7 +90,7 @@ def test_the_hold_checks_the_balance_read_under_the_lock_not_the_one_loaded_befo
 
 
 def test_a_late_charge_whose_settlement_was_lost_is_settled_by_recovery(client):  # type: ignore[no-untyped-def]
-    from marketplace.billing import subtask_charges
+    from marketplace.billing import service
     from marketplace.billing.models import LedgerEntry
     from marketplace.infra.db import session_scope, utcnow
     from marketplace.results.service import finalize_task
@@ -98,18 +99,18 @@ def test_a_late_charge_whose_settlement_was_lost_is_settled_by_recovery(client):
     from marketplace.users.models import User
 
     user = register(client)
-    task_id, sub_ids = ran_uncharged(user["id"], ["a", "b"])
-    assert finalize_task(task_id) == "done"  # charges both subtasks, settles them, releases the hold
+    task_id, sub_ids = ran(user["id"], ["a", "b"])
+    assert finalize_task(task_id) == "done"  # settles both subtasks' charges, releases the hold
     tid, uid = uuid.UUID(task_id), uuid.UUID(user["id"])
     with session_scope() as session:
         balance, cost = session.get(User, uid).balance, session.get(Task, tid).cost
 
-    # A charge lands after settlement (a redelivered failure, say), and its process dies before
+    # A charge lands after settlement (a stopped copy's, say), and its process dies before
     # settle_late: the row is committed, unsettled, and the balance never saw it.
-    inserted, hold_status = subtask_charges.charge_outcome(
-        user_id=user["id"], task_id=task_id, subtask_id=sub_ids[0], amount=Decimal("0.5"), ok=False,
-        detail="late", outcome_record=None)
-    assert inserted and hold_status == "released"
+    with session_scope() as session:
+        assert service.record_subtask_charge(session, user_id=uid, task_id=tid, subtask_id=uuid.UUID(sub_ids[0]),
+                                             amount=Decimal("0.5"), ok=False, detail="late")
+        assert session.info.pop(service.LATE_KEY) == {tid}, "it is known late, for settle_late"
     with session_scope() as session:
         session.execute(update(LedgerEntry).where(LedgerEntry.task_id == tid, LedgerEntry.kind == "charge_failed")
                         .values(created_at=utcnow() - timedelta(hours=1)))

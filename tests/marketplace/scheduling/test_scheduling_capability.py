@@ -140,13 +140,13 @@ def test_waiting_task_shows_why_then_fails_after_the_schedule_timeout(stack, cli
     assert schedule_task(task_id).status == "noop"
 
 
-def test_dispatch_puts_the_catalog_time_limits_on_every_subtask_message(stack, redis_client):  # type: ignore[no-untyped-def]
+def test_a_release_puts_the_catalog_time_limits_on_every_subtask_message(stack, redis_client):  # type: ignore[no-untyped-def]
     """The worker enforces the `timelimit` header: [hard, soft] from the catalog entry."""
-    from marketplace.scheduling.service import dispatch
+    from marketplace.scheduling.dispatch import publish
 
     task_id = str(uuid.uuid4())
-    dispatch(task_id, [str(uuid.uuid4()), str(uuid.uuid4())], queue="gpu.resnet50", priority=0,
-             time_limit=get_catalog().get("resnet50").time_limit)
+    publish(task_id, [f"{uuid.uuid4()}:1", f"{uuid.uuid4()}:1"], queue="gpu.resnet50",
+            time_limit=get_catalog().get("resnet50").time_limit)
     messages = [json.loads(raw) for key in redis_client.scan_iter(match="gpu.resnet50*")
                 for raw in redis_client.lrange(key, 0, -1)]
     mine = [m for m in messages if m["headers"].get("task") == "workers.run_subtask"]

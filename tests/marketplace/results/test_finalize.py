@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from tests.support.api import register
-from tests.support.progress import ran_uncharged, stored_task
+from tests.support.progress import claimed, ran, stored_task
 from tests.support.sql import statements_of
 
 
@@ -13,7 +13,7 @@ def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  
     from marketplace.results.service import finalize_task, result_key
 
     user = register(client)
-    task_id, _ = ran_uncharged(user["id"], ["a", {"b": 2}, 3])
+    task_id, _ = ran(user["id"], ["a", {"b": 2}, 3])
     outcome, statements = statements_of(lambda: finalize_task(task_id))
     assert outcome == "done"
     statements = [s for s in statements if not s.startswith("PREPARE ")]  # a connection's first use of each
@@ -28,12 +28,10 @@ def test_finalize_locks_the_task_and_reads_its_parts_in_one_statement(client):  
 
 def test_finalize_waits_for_a_subtask_that_is_not_final(client):  # type: ignore[no-untyped-def]
     from marketplace.results.service import finalize_task
-    from marketplace.tasks import progress
 
     user = register(client)
     task_id, sub_ids = stored_task(user["id"], ["a", "b"])
-    early, _ = progress.claim_subtask(sub_ids[1], hostname="finalize@test", message_id=f"{sub_ids[1]}:1")
-    assert early is None
+    claimed(sub_ids[1], node="finalize@test")
     assert finalize_task(task_id) == "waiting"
 
 
@@ -45,18 +43,16 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
 
     from sqlalchemy import select, text
 
-    from marketplace.billing import subtask_charges
     from marketplace.billing.models import Hold
     from marketplace.infra.db import new_session
     from marketplace.infra.storage import get_store
     from marketplace.results.service import part_key
-    from marketplace.tasks import progress
+    from marketplace.tasks import lifecycle
     from tests.support.wait import backends_waiting_on_locks, wait_until
 
     user = register(client)
     task_id, (first, second) = stored_task(user["id"], ["a", "b"])
-    for sid in (first, second):  # two pool processes run them
-        assert progress.claim_subtask(sid, hostname="race@test", message_id=f"{sid}:1")[0] is None
+    works = {sid: claimed(sid) for sid in (first, second)}  # two pool processes run them
     keys = {sid: part_key(task_id, i) for i, sid in enumerate((first, second))}
     shas = {sid: get_store().put_bytes(keys[sid], json.dumps([sid]).encode(), "application/json") for sid in keys}
 
@@ -69,9 +65,8 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
     answer: dict[str, object] = {}
 
     def complete_first() -> None:
-        answer["result"] = subtask_charges.complete_and_charge(
-            key=keys[first], sha256=shas[first], seconds=0.01, user_id=user["id"], task_id=task_id,
-            subtask_id=first, amount=None, detail="race", outcome_record=None)
+        answer["result"] = lifecycle.complete(works[first], node="race@test", key=keys[first], sha256=shas[first],
+                                              seconds=0.01)
 
     thread = threading.Thread(target=complete_first)
     thread.start()
@@ -81,8 +76,8 @@ def test_the_later_of_two_subtasks_finishing_at_once_is_the_last(client):  # typ
         other.commit()
         other.close()
     thread.join(15)
-    last, subtasks, _inserted, _hold = answer["result"]  # type: ignore[misc]
-    assert (last, subtasks) == (True, 2)
+    recorded = answer["result"]
+    assert (recorded.last, recorded.subtasks) == (True, 2)  # type: ignore[attr-defined]
 
 
 def test_a_part_is_compact_json_with_escaped_text_and_json_dumps_constants():  # type: ignore[no-untyped-def]

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from marketplace.billing import service as billing
 from marketplace.infra.errors import Conflict, InvalidInput
-from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
+from marketplace.tasks import lifecycle
+from marketplace.tasks.models import Task, TaskStatus
 from marketplace.tasks.schemas import TaskOut
 from marketplace.tasks.service import get_task, progress_of, task_document
 from marketplace.users.models import User
@@ -62,45 +63,12 @@ def list_tasks(
 
 
 def cancel_task(session: Session, *, task_id: uuid.UUID | str, user: User) -> Task:
-    """End an active task `Cancelled` under its row lock; idempotent; Conflict once Done or Failed.
-
-    Running subtasks find the task final and skip; the celery ids of pending ones are
-    revoked after commit (`after_commit`).
-    """
-    from marketplace.audit import service as audit
-    from marketplace.results.service import cancel_task as finish_cancelled
-
+    """End an active task `Cancelled` (its owner or an admin); idempotent; Conflict once Done or
+    Failed. What has not run never will; what runs is stopped by its node within a second or so
+    (`lifecycle.finish`); what ran stays charged."""
     task = get_task(session, task_id=task_id, user=user, lock=True)
-    if task.status == TaskStatus.CANCELLED.value:
-        return task
-    if TaskStatus(task.status).final:
+    if TaskStatus(task.status).final and task.status != TaskStatus.CANCELLED.value:
         raise Conflict(f"task {task.id} is already {task.status}; only active tasks can be cancelled",
                        task_status=task.status)
-    from marketplace.scheduling.service import celery_subtask_id
-
-    # Message ids are deterministic per dispatch (see scheduling.dispatch): revoke every
-    # dispatch's copy of each pending subtask, recovery re-dispatches included.
-    pending = session.scalars(
-        select(SubTask.id).where(SubTask.task_id == task.id, SubTask.status == SubTaskStatus.PENDING.value)
-    ).all()
-    celery_ids = [celery_subtask_id(str(sid), k) for sid in pending for k in range(1, task.dispatch_count + 1)]
-    audit.append(session, actor=f"user:{user.id}", action="task.cancel_requested", subject=f"task:{task.id}", task_id=task.id, data={"pending_subtasks": len(pending)})
-    finish_cancelled(session, task=task)
-    session.info.setdefault("after_commit", []).extend(("revoke", cid) for cid in celery_ids)
+    lifecycle.cancel(session, task=task, actor=f"user:{user.id}")
     return task
-
-
-def after_commit(session: Session) -> None:
-    """Run what must wait for the commit: revoke pending subtasks, deliver webhooks."""
-    from marketplace.results.service import run_after_commit
-
-    actions = session.info.pop("after_commit", [])
-    revoke = [target for kind, target in actions if kind == "revoke"]
-    if revoke:
-        from marketplace.infra.celery_app import app
-
-        try:
-            app.control.revoke(revoke)
-        except Exception:  # noqa: BLE001 - the task is Cancelled in the DB already; workers skip its subtasks
-            logger.warning("could not broadcast revoke for %d subtasks", len(revoke), exc_info=True)
-    run_after_commit([(kind, target) for kind, target in actions if kind != "revoke"])

@@ -1,5 +1,5 @@
-"""Publishing large chords: `batched_publishing` sends messages in pipelined batches, and a
-chord's members are not watched for results (no SUBSCRIBE per subtask)."""
+"""Publishing many messages: `batched_publishing` sends them in pipelined batches, and a group's
+members are not watched for results (no SUBSCRIBE per subtask)."""
 from __future__ import annotations
 
 import uuid
@@ -89,44 +89,3 @@ def test_a_chords_members_are_not_subscribed_to(queue, redis_client):  # type: i
     subscribed = {c.decode() for c in redis_client.pubsub_channels("celery-task-meta-*")}
     assert not subscribed & {f"celery-task-meta-{m}" for m in members}
     assert not app.backend.result_consumer.subscribed_to
-
-
-def test_a_chords_counter_and_size_are_reset_in_one_round_trip(stack, redis_client, redis_round_trips):  # type: ignore[no-untyped-def]
-    from marketplace.infra.celery_app import app
-    from marketplace.infra.result_backend import RedisBackend
-
-    backend = app.backend
-    assert isinstance(backend, RedisBackend)  # celeryconfig.override_backends
-    group_id = str(uuid.uuid4())
-    counter, size = (backend.get_key_for_group(group_id, suffix) for suffix in (".c", ".s"))
-    redis_client.set(counter, 2)  # a re-applied chord's old count
-    backend.client.ping()  # the connection's own setup is not the chord's
-    redis_round_trips.clear()
-    backend.set_chord_size(group_id, 3)
-    assert len(redis_round_trips) == 1
-    assert redis_client.get(counter) is None
-    assert redis_client.get(size) == b"3"
-    assert 0 < redis_client.ttl(size) <= backend.chord_expires
-
-
-def test_a_forgotten_chord_leaves_no_key_and_calls_nothing_back(queue, redis_client, redis_round_trips):  # type: ignore[no-untyped-def]
-    """What a subtask that finished its task itself does with its chord (workers.tasks)."""
-    from celery import chord, group, signature
-
-    from marketplace.infra.celery_app import app
-
-    callback = signature("test.callback", queue=queue.name, immutable=True)
-    result = chord(group([signature("test.member", queue=queue.name, ignore_result=True)]), callback).apply_async()
-    group_id = result.parent.id
-    assert redis_client.exists(app.backend.get_key_for_group(group_id, ".s"))
-    app.backend.client.ping()
-    redis_round_trips.clear()
-    app.backend.forget_chord(group_id)
-    assert len(redis_round_trips) == 1
-    assert not redis_client.keys(app.backend.get_key_for_group(group_id, "*"))
-    # Its member counted anyway (a copy that ran late) would have completed the chord: it finds no
-    # chord size, and sends no callback.
-    member = type("Request", (), {"id": result.parent.results[0].id, "group": group_id, "group_index": 0,
-                                  "chord": dict(callback), "ignore_result": True})()
-    app.backend.on_chord_part_return(member, "SUCCESS", None)
-    assert _waiting(redis_client, queue) == 1  # the member's own message; no callback

@@ -1,0 +1,220 @@
+"""The lifecycle's own statements. Each move on a subtask's hot path is one statement that
+commits by itself (`infra.db.autocommit`) and writes, beside the moved row, what the move owes
+the other domains: its event (`events.payloads`), its charge (`billing.charges`), its audit
+records (`audit.service.pending_cte`) and the user's use of the queue (the fair dispatcher's).
+Prepared once per connection: their CTEs took PostgreSQL longer to plan than to run.
+
+Statuses come from the moves table (`moves.sources`), never spelt out twice.
+"""
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from marketplace.audit.service import pending_cte, record_select, record_types
+from marketplace.billing import charges
+from marketplace.events import payloads
+from marketplace.infra.prepared import Prepared
+from marketplace.tasks.lifecycle.moves import sources, sql_in
+from marketplace.tasks.models import SubTaskStatus, TaskStatus
+
+ACTIVE = sql_in((TaskStatus.SCHEDULED.value, TaskStatus.IN_PROGRESS.value))  # a subtask of these may run
+PENDING, RUNNING = SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value
+assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANCEL_OPEN and STOP
+
+# -- claim: Pending -> Running (and the task Scheduled -> InProgress) --------------------------------
+# The common case in one round trip: a Pending subtask of an active task becomes Running, the task
+# InProgress, and task_prerun's carried `subtask.started` record (bound as `c*`, NULL when there is
+# none) is written. `first_start_of`: the task's creation time when this claim started it (the wait
+# from submit to first start, a metric). Anything else (a redelivery, a task that ended) finds no
+# row and takes the checked path (`CLAIM_ANY` after `LOAD`).
+CLAIM_PENDING = Prepared("mp_claim_pending", f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{RUNNING}', attempts = subtasks.attempts + 1, worker = :worker,
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
+        FROM tasks t
+        WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND t.id = subtasks.task_id AND t.status IN {ACTIVE}
+        RETURNING subtasks.task_id, subtasks.index, subtasks.items, subtasks.inputs, subtasks.attempts,
+                  t.user_id, t.model, t.queue, t.params
+    ), t AS (
+        UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
+        FROM s WHERE tasks.id = s.task_id AND tasks.status = '{TaskStatus.SCHEDULED.value}'
+        RETURNING tasks.created_at
+    ), {pending_cte("a", [record_select("c", task_id="s.task_id::text", source="s")])}
+    SELECT s.*, (SELECT created_at FROM t) AS first_start_of FROM s
+""", types={"id": "uuid", "worker": "text", "inc": "text", "mid": "text", "now": "timestamptz",
+            **record_types("c")})
+
+LOAD = text("""
+    SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
+           s.worker, s.worker_incarnation, s.celery_id, s.started_at, s.attempts,
+           t.status AS task_status, t.user_id, t.model, t.queue, t.params
+    FROM subtasks s JOIN tasks t ON t.id = s.task_id
+    WHERE s.id = :id
+""")
+
+# The checked path's claim, decided from the row just loaded: Pending or Running (a copy taking over).
+CLAIM_ANY = text(f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{RUNNING}', attempts = attempts + 1, worker = :worker,
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
+        WHERE id = :id AND status IN {sql_in(sources("subtask", RUNNING))}
+        RETURNING task_id, attempts
+    ), t AS (
+        UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
+        FROM s WHERE tasks.id = s.task_id AND tasks.status IN {sql_in(sources("task", TaskStatus.IN_PROGRESS))}
+        RETURNING tasks.created_at
+    )
+    SELECT s.attempts, (SELECT created_at FROM t) AS first_start_of FROM s
+""")
+
+# -- outcomes: Running -> Done | Failed | Cancelled ---------------------------------------------------
+# The moved row (`s`), its task (`t`), its SubTaskCompleted event (`e`), the user's use of the
+# queue (`f`), its charge (`h`, `l`) and the charge's and the outcome's audit records (`a`, the
+# outcome bound as `o*`).
+_TASK = "t AS (SELECT tasks.user_id, tasks.queue, tasks.subtask_count FROM tasks JOIN s ON tasks.id = s.task_id)"
+_USE = """f AS (
+        UPDATE fair_shares SET used = used + :seconds, done = done + 1, updated_at = :now,
+               avg_seconds = CASE WHEN avg_seconds IS NULL THEN :seconds ELSE avg_seconds * 0.8 + :seconds * 0.2 END
+        FROM t WHERE fair_shares.queue = t.queue AND fair_shares.user_id = t.user_id
+        RETURNING 1
+    )"""
+
+
+def _outcome(status: str, sets: str) -> str:
+    return f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{status}', {sets}, seconds = :seconds, finished_at = :now
+        WHERE id = :id AND status IN {sql_in(sources("subtask", status))}
+        RETURNING *
+    ), {_TASK},
+    {payloads.insert_cte("e", type="SubTaskCompleted", key="s.task_id::text", payload=payloads.subtask_completed(),
+                         source="s, t")},
+    {_USE}, {charges.HOLD_CTE}, {charges.ledger_cte("AND EXISTS (SELECT 1 FROM s)")},
+    {pending_cte("a", [charges.CHARGE_RECORD, record_select("o", task_id=":task_key", source="s")])}"""
+
+
+_OUTCOME_TYPES = {"id": "uuid", "seconds": "float8", "topic": "text", **charges.TYPES, **record_types("o")}
+
+# Also answers which of the task's other subtasks this statement saw open: Pending ones (sent or
+# not), and Running ones (see `was_last`). One equality per status, so both columns of
+# ix_subtasks_task_status bound the scan ('Done' sorts before 'Pending': with `IN` the plan walked
+# past every Done sibling, O(N) a completion). The Running probe only when no Pending one is left.
+COMPLETE = Prepared("mp_complete", _outcome(SubTaskStatus.DONE.value,
+                                            "result_key = :key, result_sha256 = :sha, error = NULL") + f"""
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{PENDING}')
+                THEN 'pending'
+                WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{RUNNING}'
+                             AND x.id <> :id) THEN 'running'
+           END AS open_left,
+           t.subtask_count, s.task_id, t.queue, {charges.RESULT}
+    FROM s, t
+""", types={**_OUTCOME_TYPES, "key": "text", "sha": "text"})
+
+OPEN_LEFT = Prepared("mp_open_left", f"""
+    SELECT EXISTS (SELECT 1 FROM subtasks WHERE task_id = :task_id AND status = '{PENDING}')
+        OR EXISTS (SELECT 1 FROM subtasks WHERE task_id = :task_id AND status = '{RUNNING}')
+""", types={"task_id": "uuid"})
+
+# A failure for good, in the transaction that then fails its task; and a run stopped because its
+# task ended (cancelled), which commits by itself.
+FAIL = Prepared("mp_fail", _outcome(SubTaskStatus.FAILED.value, "error = :error") + f"""
+    SELECT s.task_id, s.index, t.queue, {charges.RESULT} FROM s, t
+""", types={**_OUTCOME_TYPES, "error": "text"})
+STOP = Prepared("mp_stop", _outcome(SubTaskStatus.CANCELLED.value, "error = :error") + f"""
+    SELECT s.task_id, s.index, t.queue, {charges.RESULT} FROM s, t
+""", types={**_OUTCOME_TYPES, "error": "text"})
+
+# -- retry: Running -> Pending (its message is re-sent by the Celery retry, or by `lost_run`) ----------
+RETRY = text(f"""
+    UPDATE subtasks SET status = '{PENDING}', error = :error
+    WHERE id = :id AND status IN {sql_in(sources("subtask", PENDING))}
+    RETURNING task_id
+""")
+
+# -- a task's end: what has not run is Cancelled ------------------------------------------------------
+# Returns the message ids of the ones that were sent (to revoke), and takes the task's backlog. The
+# caller holds the task's row. A subtask a node is claiming at this moment (its row locked) is
+# skipped, not waited for: that claim waits on the task's row, then runs on a task that ended, and
+# its node stops it (`work.stop`), as it stops those already running.
+CANCEL_OPEN = text(f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{SubTaskStatus.CANCELLED.value}', finished_at = :now,
+               error = COALESCE(error, :reason)
+        WHERE id IN (SELECT id FROM subtasks WHERE task_id = :task_id AND status = '{PENDING}'
+                     FOR UPDATE SKIP LOCKED)
+        RETURNING id, dispatches
+    ), b AS (
+        UPDATE tasks SET backlog = 0 WHERE id = :task_id AND backlog <> 0 RETURNING id
+    )
+    SELECT id, dispatches FROM s WHERE dispatches > 0
+""")
+
+# -- assign: Created -> Scheduled on a queue with live nodes ------------------------------------------
+# The common case in one round trip, with its TaskAssigned event; every subtask goes to the task's
+# backlog, which the fair dispatcher releases. The queue is chosen per device beforehand (:cpu,
+# :gpu, :any; NULL where none is live). Anything else finds no row and takes the locked path.
+_QUEUE = "CASE device WHEN 'cpu' THEN :cpu WHEN 'gpu' THEN :gpu ELSE :any END"
+ASSIGN = Prepared("mp_assign_queue", f"""
+    WITH t AS (
+        UPDATE tasks SET queue = {_QUEUE}, status = '{TaskStatus.SCHEDULED.value}', scheduled_at = :now,
+               progress_at = :now, status_reason = NULL, dispatch_count = dispatch_count + 1, backlog = subtask_count
+        WHERE id = :id AND status IN {sql_in(sources("task", TaskStatus.SCHEDULED))} AND model = :model
+          AND {_QUEUE} IS NOT NULL
+        RETURNING *
+    ), {payloads.insert_cte("e", type="TaskAssigned", key="t.id::text", payload=payloads.task_assigned(), source="t")}
+    SELECT t.queue, t.trace_id FROM t
+""", types={"id": "uuid", "model": "text", "cpu": "text", "gpu": "text", "any": "text", "now": "timestamptz",
+            "topic": "text"})
+# The locked path's assignment, and recovery's re-routing of a task to another queue: its event.
+ASSIGNED_EVENT = text(f"""
+    WITH t AS (SELECT * FROM tasks WHERE id = :id),
+    {payloads.insert_cte("e", type="TaskAssigned", key="t.id::text", payload=payloads.task_assigned(), source="t")}
+    SELECT count(*) FROM e
+""")
+
+# -- release: the fair dispatcher sends subtasks that waited in the database --------------------------
+# :tasks[i] gives :counts[i] of its next subtasks (index order); they become sent (dispatches 1) and
+# leave the task's backlog. The caller holds the queue's release lock and the tasks' rows
+# (`LOCK_TASKS`, taken first as every task-level door does, so a cancel never waits on a release
+# that waits on it).
+RELEASE = Prepared("mp_release", f"""
+    WITH p AS (
+        SELECT * FROM unnest(CAST(:tasks AS uuid[]), CAST(:counts AS integer[])) AS p(task_id, k)
+    ), pick AS (
+        SELECT x.id FROM p CROSS JOIN LATERAL (
+            SELECT id FROM subtasks WHERE task_id = p.task_id AND status = '{PENDING}' AND dispatches = 0
+            ORDER BY index LIMIT p.k
+        ) x
+    ), s AS (
+        UPDATE subtasks SET dispatches = 1 FROM pick WHERE subtasks.id = pick.id
+        RETURNING subtasks.id, subtasks.task_id, subtasks.index
+    ), b AS (
+        UPDATE tasks SET backlog = GREATEST(0, backlog - c.n)
+        FROM (SELECT task_id, count(*) AS n FROM s GROUP BY task_id) c WHERE tasks.id = c.task_id
+        RETURNING tasks.id
+    )
+    SELECT s.id, s.task_id FROM s ORDER BY s.task_id, s.index
+""", types={"tasks": "text", "counts": "text"})
+
+LOCK_TASKS = text(f"""
+    SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN {ACTIVE}
+    ORDER BY id FOR NO KEY UPDATE SKIP LOCKED
+""")
+
+# Recovery and `lost_run` send given subtasks again: a new message id each (`<id>:<dispatches>`), so
+# a copy that did go out and runs is told apart. Only subtasks still open and of an active task.
+# The task counts one more dispatch and has moved (recovery's stall clock starts again).
+RESEND = text(f"""
+    WITH s AS (
+        UPDATE subtasks SET dispatches = dispatches + 1
+        FROM tasks t
+        WHERE subtasks.id = ANY(CAST(:ids AS uuid[])) AND t.id = subtasks.task_id AND t.status IN {ACTIVE}
+          AND (subtasks.status = '{RUNNING}' OR (subtasks.status = '{PENDING}' AND subtasks.dispatches > 0))
+        RETURNING subtasks.id, subtasks.dispatches, subtasks.index, subtasks.task_id
+    ), t AS (
+        UPDATE tasks SET dispatch_count = dispatch_count + CAST(:count AS integer), progress_at = now()
+        WHERE id IN (SELECT task_id FROM s)
+        RETURNING id
+    )
+    SELECT id, dispatches, index FROM s
+""")
