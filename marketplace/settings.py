@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     topic_submissions_dlq: str = "marketplace.submissions.dlq"
     outbox_retention_hours: float = 24.0
 
+    # Live progress (`GET /v1/tasks/<id>/events`, `marketplace.events.feed`).
+    event_stream_heartbeat: float = 15.0  # seconds of silence before a comment line (proxies close idle streams)
+    event_feed_interval: float = 0.2  # seconds between a process's outbox reads while it has open streams
+    # Open streams per API worker process, each holding one of its threads beside the `--threads`
+    # that serve requests (`marketplace api`); one more gets 503 and Retry-After (clients poll then).
+    event_streams_per_worker: int = 256
+
     @field_validator("database_url")
     @classmethod
     def _psycopg2_url(cls, value: str) -> str:
