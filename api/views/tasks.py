@@ -1,6 +1,10 @@
 """Tasks: submit, list, look up, subtasks, result, cancel, live events."""
 from __future__ import annotations
 
+import select
+import socket
+from collections.abc import Callable
+
 from flask import Blueprint, Response, jsonify, request
 from flask_jwt_extended import jwt_required
 
@@ -138,7 +142,8 @@ def events(task_id: str):  # type: ignore[no-untyped-def]
         resp.headers["Retry-After"] = "5"
         return resp
     body = progress.stream(task_id=task.id, sub=sub, after=after, outputs=q.outputs,
-                           heartbeat=get_settings().event_stream_heartbeat)
+                           heartbeat=get_settings().event_stream_heartbeat,
+                           gone=_hung_up(request.environ.get("gunicorn.socket")))
     # Not `stream_with_context`: the request's session closes now, the stream holds no connection.
     resp = Response(body, mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"
@@ -157,3 +162,19 @@ def _last_event_id(given: int | None) -> int:
     if value < 0:
         raise InvalidInput.field("Last-Event-ID", "an event id this stream sent (an integer)")
     return value
+
+
+def _hung_up(sock: socket.socket | None) -> Callable[[], bool]:
+    """Whether the client closed the connection (gunicorn gives its socket; other servers: never)."""
+    def gone() -> bool:
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    return gone

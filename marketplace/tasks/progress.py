@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from marketplace.events.feed import Event, Feed, Subscription, get_feed, task_events
@@ -26,7 +26,8 @@ from marketplace.infra.db import session_scope
 
 STATUS_OF = {"TaskCreated": "Created", "TaskAssigned": "Scheduled", "TaskStarted": "InProgress"}
 PRUNED_WAIT_S = 10.0  # an ended task's final event not read yet: how long the feed may take to bring it
-RETRY_MS = 2000  # how soon an EventSource reconnects after a dropped connection
+RETRY_MS = 2000
+GONE_CHECK_S = 1.0  # how often a stream looks whether its client is still there  # how soon an EventSource reconnects after a dropped connection
 _PRIVATE = ("user_id", "result_key", "result_sha256")  # storage details and the owner's id
 
 
@@ -42,8 +43,11 @@ def open_stream(*, task_id: uuid.UUID, feed: Feed | None = None) -> Subscription
 
 
 def stream(*, task_id: uuid.UUID, sub: Subscription, after: int, outputs: bool, heartbeat: float,
-           feed: Feed | None = None) -> Iterator[str]:
-    """The SSE text of task `task_id` from event id `after` on, ending with its document."""
+           feed: Feed | None = None, gone: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """The SSE text of task `task_id` from event id `after` on, ending with its document.
+
+    `gone()`: whether the client hung up, asked every second or so (a write would tell only at the
+    next heartbeat, and the stream's thread and slot stay taken till then)."""
     from marketplace.billing.service import SETTLE_WAIT_SECONDS
 
     feed = feed or get_feed()
@@ -71,10 +75,9 @@ def stream(*, task_id: uuid.UUID, sub: Subscription, after: int, outputs: bool, 
             if final is None and ended_at is not None and time.monotonic() - ended_at > PRUNED_WAIT_S:
                 yield from _document(task_id, event_id=max(after, sub.since))
                 return
-            if sub.closed:
-                return  # the process is stopping: the client resumes from its last id elsewhere
-            waiting = final is not None or ended_at is not None
-            pending = sub.get(timeout=min(heartbeat, 1.0) if waiting else heartbeat)
+            if sub.closed or gone():
+                return  # the process is stopping (the client resumes from its last id elsewhere), or the client left
+            pending = sub.get(timeout=min(heartbeat, GONE_CHECK_S))
             if not pending and time.monotonic() - quiet_since >= heartbeat:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
