@@ -10,11 +10,30 @@ logconfig_dict = dict_config()
 
 
 def post_fork(server: Any, worker: Any) -> None:
+    from marketplace.events import feed
     from marketplace.infra import db, redis_client, storage
 
     db.init_engine()
     storage.reset_store()
     redis_client.reset_redis()
+    feed.reset_feed()
+
+
+def post_worker_init(worker: Any) -> None:
+    """A stopping worker ends its open event streams first: gunicorn waits for open requests up to
+    its graceful timeout, and a stream would hold it that long (clients resume from Last-Event-ID)."""
+    import signal
+
+    from marketplace.events import feed
+
+    graceful = signal.getsignal(signal.SIGTERM)
+
+    def stop(sig: int, frame: Any) -> None:
+        feed.get_feed().close_all()
+        if callable(graceful):
+            graceful(sig, frame)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def child_exit(server: Any, worker: Any) -> None:

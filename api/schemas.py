@@ -84,6 +84,15 @@ class ResultQuery(BaseModel):
         "not Done, listed in `missing` (a Failed or Cancelled job's finished subtasks were charged)."))
 
 
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: bool = Field(default=False, description="Each Done subtask's event carries its outputs.")
+    last_event_id: int | None = Field(default=None, ge=0, description=(
+        "Resume after this event id, for clients that cannot send the `Last-Event-ID` header "
+        "(the header wins when both are given)."))
+
+
 class FileOut(BaseModel):
     id: str
     size: int

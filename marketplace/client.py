@@ -4,11 +4,15 @@
     c.login("me@example.com", "secret")
     task = c.submit("echo", ["a", "b"])
     c.wait(task["id"]); print(c.result(task["id"])["outputs"])
+
+    for event in c.events(task["id"]):  # live progress (Server-Sent Events)
+        print(event["event"], event["data"])
 """
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,11 @@ class ApiError(Exception):
         self.status = status
         self.problem = problem
         super().__init__(f"HTTP {status}: {problem.get('detail') or problem.get('title') or problem}")
+
+
+class StreamUnavailable(Exception):
+    """The server has no event stream to give (an older server, one at its stream limit, a dropped
+    connection that does not come back): poll instead."""
 
 
 class Client:
@@ -129,10 +138,82 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/tasks/{task_id}/cancel")
 
+    def events(self, task_id: str, *, after: int | None = None, outputs: bool = False,
+               reconnects: int = 5) -> Iterator[dict[str, Any]]:
+        """The task's live events, `{"id", "event", "data"}` each (`status`, `subtask`, and last
+        `task`, whose data is the task document), from `GET /v1/tasks/<id>/events`. A dropped
+        connection is resumed after the last event seen (`Last-Event-ID`), `reconnects` times in
+        a row at most. StreamUnavailable when the server has no stream (404, 405, 501, 503, or it
+        cannot be reached); an ApiError for any other refusal."""
+        last, failures = after, 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            params = {"outputs": "true"} if outputs else None
+            try:
+                resp = self._stream_request(task_id, headers=headers, params=params)
+            except requests.RequestException as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise StreamUnavailable(f"no event stream: {exc}") from exc
+                time.sleep(min(2.0, 0.2 * failures))
+                continue
+            if resp.status_code == 204:  # resumed after the end: nothing more
+                return
+            try:
+                for event in _sse(resp):
+                    failures = 0
+                    if event["id"] is not None:
+                        last = event["id"]
+                    yield event
+                    if event["event"] == "task":
+                        return
+            except requests.RequestException:
+                pass  # dropped mid-stream: resume after `last`
+            finally:
+                resp.close()
+            failures += 1
+            if failures > reconnects:
+                raise StreamUnavailable(f"the event stream of task {task_id} keeps dropping")
+            time.sleep(min(2.0, 0.2 * failures))
+
+    def _stream_request(self, task_id: str, *, headers: dict[str, str],
+                        params: dict[str, str] | None) -> requests.Response:
+        # A read timeout well past the server's heartbeat (15 s): silence that long is a dead connection.
+        def send() -> requests.Response:
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            return self.http.get(f"{self.base_url}/v1/tasks/{task_id}/events", headers=headers, params=params,
+                                 stream=True, timeout=(self.timeout, 60.0))
+
+        resp = send()
+        if resp.status_code == 401 and self.refresh_token:
+            resp.close()
+            self.refresh()
+            resp = send()
+        if resp.status_code in (404, 405, 501, 503):
+            resp.close()
+            raise StreamUnavailable(f"no event stream (HTTP {resp.status_code})")
+        if resp.status_code >= 400:
+            try:
+                problem = resp.json()
+            except ValueError:
+                problem = {"detail": resp.text[:500]}
+            raise ApiError(resp.status_code, problem)
+        return resp
+
     def wait(self, task_id: str, *, timeout: float = 600.0, poll: float = 0.5,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll until the task is final; `on_progress(doc)` sees every poll. TimeoutError past `timeout`."""
+             on_progress: Callable[[dict[str, Any]], None] | None = None, stream: bool = True) -> dict[str, Any]:
+        """Follow the task to a final status and return its document: on its event stream, or by
+        polling every `poll` seconds where the server has none (or `stream=False`).
+        `on_progress(doc)` sees each change (`status` and `progress` at least). TimeoutError past `timeout`."""
         deadline = time.monotonic() + timeout
+        if stream:
+            try:
+                return self._wait_on_stream(task_id, deadline=deadline, timeout=timeout, on_progress=on_progress)
+            except StreamUnavailable:
+                pass
         while True:
             doc = self.get(task_id)
             if on_progress:
@@ -142,3 +223,51 @@ class Client:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"task {task_id} still {doc['status']} after {timeout}s")
             time.sleep(poll)
+
+    def _wait_on_stream(self, task_id: str, *, deadline: float, timeout: float,
+                        on_progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        doc: dict[str, Any] = {"id": task_id, "status": "Created", "progress": {"done": 0, "failed": 0, "total": 0}}
+        for event in self.events(task_id):
+            data = event["data"]
+            if event["event"] == "task":
+                doc = data
+            elif event["event"] == "status":
+                doc["status"] = data["status"]
+                doc["progress"]["total"] = data.get("subtasks", doc["progress"]["total"])
+            elif event["event"] == "subtask" and data.get("status") in ("Done", "Failed"):
+                doc["progress"]["done" if data["status"] == "Done" else "failed"] += 1
+            if on_progress and event["event"] != "comment":
+                on_progress(doc)
+            if doc["status"] in FINAL and event["event"] == "task":
+                return doc
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} still {doc['status']} after {timeout}s")
+        raise StreamUnavailable(f"the event stream of task {task_id} ended without its document")
+
+
+def _sse(resp: requests.Response) -> Iterator[dict[str, Any]]:
+    """Server-Sent Events from a streamed response: `{"id", "event", "data"}` each (data parsed as
+    JSON), and `{"event": "comment"}` for each keep-alive line (a caller's chance to look at its clock)."""
+    buffer = b""
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for chunk in resp.iter_content(chunk_size=None):  # as the chunks arrive, not in 512-byte blocks
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8").rstrip("\r")
+            if not line:
+                if data:
+                    event_id = fields.get("id")
+                    yield {"id": int(event_id) if event_id and event_id.isdigit() else None,
+                           "event": fields.get("event", "message"), "data": json.loads("\n".join(data))}
+                fields, data = {}, []
+            elif line.startswith(":"):
+                yield {"id": None, "event": "comment", "data": line[1:].strip()}
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "data":
+                    data.append(value)
+                elif name in ("id", "event"):
+                    fields[name] = value

@@ -1,6 +1,7 @@
 """Typed settings: the only place that reads the environment."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from functools import lru_cache
@@ -11,6 +12,21 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+# `postgresql://` and `postgres://` (what psql, pg_dump, Heroku and pgserver print) and any
+# explicit driver (`postgresql+psycopg://`, `+asyncpg`, ...): SQLAlchemy 2.1 maps the bare
+# scheme to psycopg 3, which is not installed, and our statements use psycopg2 itself
+# (`infra.prepared`, `infra.db.autocommit`).
+_POSTGRES_SCHEME = re.compile(r"^(?:postgres|postgresql)(?:\+[A-Za-z0-9_]+)?://", re.IGNORECASE)
+
+
+def psycopg2_url(url: str) -> str:
+    """A PostgreSQL URL in any of its spellings, as SQLAlchemy's psycopg2 URL; others unchanged.
+
+    Every place that reads a database URL goes through here (the setting's validator, engines
+    made from an explicit URL, Alembic's environment)."""
+    return _POSTGRES_SCHEME.sub("postgresql+psycopg2://", url.strip(), count=1)
+
 
 
 class Settings(BaseSettings):
@@ -117,6 +133,18 @@ class Settings(BaseSettings):
     topic_submissions_dlq: str = "marketplace.submissions.dlq"
     outbox_retention_hours: float = 24.0
 
+    # Live progress (`GET /v1/tasks/<id>/events`, `marketplace.events.feed`).
+    event_stream_heartbeat: float = 15.0  # seconds of silence before a comment line (proxies close idle streams)
+    event_feed_interval: float = 0.2  # seconds between a process's outbox reads while it has open streams
+    # Open streams per API worker process, each holding one of its threads beside the `--threads`
+    # that serve requests (`marketplace api`); one more gets 503 and Retry-After (clients poll then).
+    event_streams_per_worker: int = 256
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg2_url(cls, value: str) -> str:
+        return psycopg2_url(value)
+
     @field_validator("webhook_allow_private", mode="before")
     @classmethod
     def _private_webhooks(cls, value: object) -> object:
@@ -155,4 +183,4 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "get_settings", "reset_settings", "Field"]
+__all__ = ["Settings", "get_settings", "psycopg2_url", "reset_settings", "Field"]

@@ -58,14 +58,26 @@ def db_current() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", "num_workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
-@click.option("--threads", default=4, show_default=True, type=int)
+@click.option("--threads", default=4, show_default=True, type=int,
+              help="request threads per worker (open event streams have threads of their own)")
 def api(host: str, port: int, num_workers: int, threads: int) -> None:
     """Serve the REST API with gunicorn."""
+    from marketplace.settings import get_settings
+
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which("gunicorn")
     if not gunicorn:
         raise click.ClickException("gunicorn is not installed")
+    # gthread: an open event stream (`GET /v1/tasks/<id>/events`) holds one thread of its worker
+    # for as long as it is open, asleep on its inbox (`events.feed`): a parked thread costs a
+    # little memory and no CPU. Each worker gets `--threads` for requests plus one per stream it
+    # may hold (MARKETPLACE_EVENT_STREAMS_PER_WORKER; one more is refused with 503), so streams
+    # never take the threads that serve POST /v1/tasks. Not gevent: it is not installed, and it
+    # would need psycopg2, redis, Celery's publisher and the OpenTelemetry exporters all made
+    # cooperative (monkey-patching, psycogreen) for one endpoint that sleeps.
+    streams = max(0, get_settings().event_streams_per_worker)
     args = [
-        gunicorn, "--bind", f"{host}:{port}", "--workers", str(num_workers), "--threads", str(threads),
+        gunicorn, "--bind", f"{host}:{port}", "--workers", str(num_workers), "--threads", str(threads + streams),
+        "--worker-connections", str(max(1000, 4 * (threads + streams))),
         "--worker-class", "gthread", "--no-control-socket", "--access-logfile", "-",
         "--config", "python:api.gunicorn_conf", "api.wsgi:app",
     ]

@@ -32,6 +32,10 @@ EVENTS: dict[str, tuple[str, type[Message]]] = {
     "AuditEvent": ("audit_event", pb.AuditEvent),
 }
 
+# Outbox types for the task event streams only (`GET /v1/tasks/<id>/events`): the relay marks
+# them sent without a Kafka record.
+LOCAL_EVENTS = frozenset({"TaskStarted"})
+
 # proto field -> payload keys tried after the field's own name
 ALIASES: dict[str, tuple[str, ...]] = {
     "total_items": ("items",),

@@ -12,7 +12,10 @@ from marketplace.infra.db import Base, utcnow
 
 class OutboxEvent(Base):
     __tablename__ = "outbox_events"
-    __table_args__ = (Index("ix_outbox_unsent", "id", postgresql_where="sent_at IS NULL"),)
+    __table_args__ = (
+        Index("ix_outbox_unsent", "id", postgresql_where="sent_at IS NULL"),
+        Index("ix_outbox_key_id", "key", "id"),  # a task's events, from an event stream's Last-Event-ID
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     topic: Mapped[str] = mapped_column(String(255))

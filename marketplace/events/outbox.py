@@ -11,7 +11,8 @@ from marketplace.infra.db import take_buffer, transaction_buffer, utcnow
 from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 
-TASK_EVENTS = ("TaskCreated", "TaskAssigned", "TaskCompleted", "TaskFailed", "TaskCancelled")
+TASK_EVENTS = ("TaskCreated", "TaskAssigned", "TaskStarted", "TaskCompleted", "TaskFailed", "TaskCancelled")
+FINAL_TASK_EVENTS = {"TaskCompleted": "Done", "TaskFailed": "Failed", "TaskCancelled": "Cancelled"}
 SUBTASK_EVENTS = ("SubTaskCompleted",)
 
 

@@ -24,6 +24,12 @@ def task_assigned(t: str = "t", subtasks: str = "t.subtask_count") -> str:
         'subtasks', {subtasks}, 'priority', {t}.priority, 'dispatch_count', {t}.dispatch_count)"""
 
 
+def task_started(t: str = "t") -> str:
+    """`TaskStarted`: its first subtask was claimed (Scheduled -> InProgress). Read by the task's
+    event streams; it has no Kafka message (`codec.LOCAL_EVENTS`)."""
+    return f"""jsonb_build_object('task_id', {t}.id::text, 'user_id', {t}.user_id::text, 'started_at', {t}.started_at)"""
+
+
 def insert_cte(name: str, *, type: str, key: str, payload: str, source: str, topic: str = ":topic") -> str:
     """A CTE `name` that writes one `type` event per row of `source` (its FROM clause)."""
     return f"""{name} AS (

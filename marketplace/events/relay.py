@@ -101,6 +101,9 @@ class Relay:
             return _cb
 
         for row in rows:
+            if row.type in codec.LOCAL_EVENTS:
+                report.skipped.append(row.id)
+                continue
             try:
                 value, headers = codec.encode(event_id=row.id, type=row.type, key=row.key, payload=row.payload,
                                               created_at=row.created_at)

@@ -47,12 +47,12 @@ def init_engine(url: str | None = None, **kwargs: Any) -> Engine:
     global _engine, _sessionmaker
     if _engine is not None:
         _engine.dispose(close=False)
-    from marketplace.settings import get_settings
+    from marketplace.settings import get_settings, psycopg2_url
 
     settings = get_settings()
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
-    _engine = create_engine(url or settings.database_url, **kwargs)
+    _engine = create_engine(psycopg2_url(url or settings.database_url), **kwargs)
     _sessionmaker = sessionmaker(bind=_engine, expire_on_commit=False)
     if settings.database_transaction_pooling:
         # Each transaction may run on another server connection: nothing may rely on a session's

@@ -20,7 +20,9 @@ def free_port() -> int:
 
 
 def sqlalchemy_url(uri: str) -> str:
-    return uri.replace("postgresql://", "postgresql+psycopg2://", 1) if uri.startswith("postgresql://") else uri
+    from marketplace.settings import psycopg2_url
+
+    return psycopg2_url(uri)
 
 
 class EmbeddedPostgres:

@@ -10,12 +10,9 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    url = config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
-    from marketplace.settings import get_settings
+    from marketplace.settings import get_settings, psycopg2_url
 
-    return get_settings().database_url
+    return psycopg2_url(config.get_main_option("sqlalchemy.url") or get_settings().database_url)
 
 
 def run_migrations_offline() -> None:

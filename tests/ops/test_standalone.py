@@ -120,7 +120,8 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp("standalone")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARKETPLACE_")}
     metrics_port = _free_ports(3)
-    env.update({"MARKETPLACE_DATABASE_URL": pg.url, "MARKETPLACE_LOG_JSON": "false",
+    # The URL as psql prints it (`postgresql://`): SQLAlchemy alone would take it for psycopg 3.
+    env.update({"MARKETPLACE_DATABASE_URL": pg.plain_url, "MARKETPLACE_LOG_JSON": "false",
                 "MARKETPLACE_METRICS_PORT": str(metrics_port)})  # on, on free ports: their binds are checked
     run = Running(proc=None, log=tmp / "standalone.log", data=tmp / "data", port=free_port(),  # type: ignore[arg-type]
                   grpc_port=free_port(), flower_port=free_port(), metrics_port=metrics_port)
@@ -151,6 +152,14 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
                 except psutil.NoSuchProcess:
                     pass
         pg.drop()
+
+
+def test_a_plain_postgresql_url_runs_a_job_to_done(standalone: Running) -> None:
+    """Every process of it (migrations, API, gRPC, nodes, beat) read `postgresql://user@host/db`."""
+    given = psutil.Process(standalone.proc.pid).environ()["MARKETPLACE_DATABASE_URL"]
+    assert given.startswith("postgresql://"), given
+    path = standalone.job_done(standalone.admin_token())
+    assert standalone.call(path, token=standalone.admin_token())["status"] == "Done"
 
 
 def _nodes(url: str, count: int, timeout: float = 120) -> dict[str, dict]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg2
 
+from marketplace.settings import psycopg2_url
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
@@ -36,9 +38,14 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def libpq_url(url: str) -> str:
+    """A database URL in any spelling (`marketplace.settings.psycopg2_url`) as libpq takes it."""
+    return "postgresql://" + psycopg2_url(url).split("://", 1)[1]
+
+
 def _pg_reachable(url: str) -> bool:
     try:
-        psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"), connect_timeout=2).close()
+        psycopg2.connect(libpq_url(url), connect_timeout=2).close()
         return True
     except psycopg2.OperationalError:
         return False
@@ -55,12 +62,13 @@ class Postgres:
 
             self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="mp-pg-")))
             base = self.embedded.url("postgres")
-        self.admin_url = base.replace("postgresql+psycopg2://", "postgresql://")
+        self.admin_url = libpq_url(base)
         self.name = f"mp_test_{uuid.uuid4().hex[:10]}"
         self._exec(f'CREATE DATABASE "{self.name}"')
         prefix, _, rest = self.admin_url.rpartition("/")
         query = ("?" + rest.split("?", 1)[1]) if "?" in rest else ""
-        self.url = f"{prefix}/{self.name}{query}".replace("postgresql://", "postgresql+psycopg2://", 1)
+        self.plain_url = f"{prefix}/{self.name}{query}"  # `postgresql://...`, as psql prints it
+        self.url = psycopg2_url(self.plain_url)
 
     def _exec(self, sql: str) -> None:
         conn = psycopg2.connect(self.admin_url)

@@ -27,6 +27,8 @@ assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANC
 # none) is written. `first_start_of`: the task's creation time when this claim started it (the wait
 # from submit to first start, a metric). Anything else (a redelivery, a task that ended) finds no
 # row and takes the checked path (`CLAIM_ANY` after `LOAD`).
+# The task's TaskStarted event, when this claim moved it (`t` has its row only then).
+_STARTED = payloads.insert_cte("e", type="TaskStarted", key="t.id::text", payload=payloads.task_started(), source="t")
 CLAIM_PENDING = Prepared("mp_claim_pending", f"""
     WITH s AS (
         UPDATE subtasks SET status = '{RUNNING}', attempts = subtasks.attempts + 1, worker = :worker,
@@ -38,10 +40,10 @@ CLAIM_PENDING = Prepared("mp_claim_pending", f"""
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status = '{TaskStatus.SCHEDULED.value}'
-        RETURNING tasks.created_at
-    ), {pending_cte("a", [record_select("c", task_id="s.task_id::text", source="s")])}
+        RETURNING tasks.id, tasks.user_id, tasks.started_at, tasks.created_at
+    ), {_STARTED}, {pending_cte("a", [record_select("c", task_id="s.task_id::text", source="s")])}
     SELECT s.*, (SELECT created_at FROM t) AS first_start_of FROM s
-""", types={"id": "uuid", "worker": "text", "inc": "text", "mid": "text", "now": "timestamptz",
+""", types={"id": "uuid", "worker": "text", "inc": "text", "mid": "text", "now": "timestamptz", "topic": "text",
             **record_types("c")})
 
 LOAD = text("""
@@ -62,8 +64,8 @@ CLAIM_ANY = text(f"""
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status IN {sql_in(sources("task", TaskStatus.IN_PROGRESS))}
-        RETURNING tasks.created_at
-    )
+        RETURNING tasks.id, tasks.user_id, tasks.started_at, tasks.created_at
+    ), {_STARTED}
     SELECT s.attempts, (SELECT created_at FROM t) AS first_start_of FROM s
 """)
 

@@ -81,7 +81,7 @@ def claim(subtask_id: str, *, node: str, message_id: str | None = None,
     if len(carried) <= 1:  # the common case: one statement, committed by itself
         with autocommit() as conn:
             row = sql.CLAIM_PENDING.execute(conn, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
-                                                   "now": now,
+                                                   "now": now, "topic": topic_for("TaskStarted"),
                                                    **record_params("c", carried[0] if carried else None)}).first()
         if row is not None:
             return None, _work(subtask_id, row, row.attempts, row.first_start_of, now)
@@ -96,7 +96,8 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
     """Redelivery, a copy from recovery, a task that ended: decide from the row, in a transaction."""
     if len(carried) > 1:  # several carried records: the one-statement claim, then the rest beside it
         row = sql.CLAIM_PENDING.execute(conn, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
-                                               "now": now, **record_params("c", None)}).first()
+                                               "now": now, "topic": topic_for("TaskStarted"),
+                                               **record_params("c", None)}).first()
         if row is not None:
             write_carried(conn, task_id=row.task_id, rows=carried)
             return None, _work(subtask_id, row, row.attempts, row.first_start_of, now)
@@ -129,7 +130,7 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                 f"did not finish within its time limit ({limit:g}s) in {row.attempts} attempts; "
                 f"the last ran on {row.worker}")), None
     claimed = conn.execute(sql.CLAIM_ANY, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
-                                           "now": now}).first()
+                                           "now": now, "topic": topic_for("TaskStarted")}).first()
     return None, _work(subtask_id, row, claimed.attempts, claimed.first_start_of, now)
 
 
