@@ -79,10 +79,14 @@ class Unavailable(MarketplaceError):
 
 def database_unavailable(exc: BaseException) -> bool:
     """The database is down or the connection died with it (a crash can surface as a plain
-    DatabaseError, "server closed the connection unexpectedly", not an OperationalError)."""
+    DatabaseError, "server closed the connection unexpectedly", not an OperationalError), or
+    this process's pool had no connection to give within `pool_timeout` (every one busy: the
+    database is too slow to answer now, which a client should retry like an outage, not a 500)."""
     from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    return (isinstance(exc, OperationalError | PoolTimeout)
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated))
 
 
 def unavailable_dependency(exc: BaseException) -> str | None:

@@ -75,3 +75,23 @@ def test_within_the_window_a_dropped_connection_fails_once_as_a_disconnect(stack
     assert dropped.value.connection_invalidated
     assert _backend_pid(engine) != pid
     assert pings == []
+
+
+def test_an_exhausted_pool_is_a_503_with_retry_after_not_a_500(client):  # type: ignore[no-untyped-def]
+    """Every pooled connection busy past `pool_timeout` (a slow database under load) raised
+    SQLAlchemy's TimeoutError, which the API answered as a 500."""
+    from marketplace.infra.db import get_engine, init_engine
+    from tests.support.api import register
+
+    user = register(client)
+    init_engine(pool_size=1, max_overflow=0, pool_timeout=0.2)
+    held = get_engine().connect()
+    try:
+        resp = client.get("/v1/me", headers=user["headers"])
+        assert resp.status_code == 503, resp.get_data(as_text=True)
+        assert resp.headers.get("Retry-After")
+        assert "database" in resp.get_json()["detail"]
+    finally:
+        held.close()
+        init_engine()
+    assert client.get("/v1/me", headers=user["headers"]).status_code == 200
