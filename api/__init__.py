@@ -12,6 +12,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["marketplace.settings"] = settings
+    if settings.trusted_proxies:
+        # The client's address (rate limits, logs) is the one the trusted proxies saw, not theirs.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     from api import openapi
     from api.auth import init_auth

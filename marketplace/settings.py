@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     anonymous_rate_limit: str = "120/minute"  # requests per address without one
     signup_rate_limit: str = "5/hour"  # accounts created per address: each gets signup_credits
     login_failure_rate_limit: str = "20/hour"  # failed logins per account, then every login refused till the window ends
+    # Reverse proxies in front of the API that set X-Forwarded-For/-Proto (a load balancer, an
+    # ingress: 1). 0 trusts none, so a client cannot pick its own address for the per-address
+    # limits; behind a proxy with 0, every client shares the proxy's address and budget.
+    trusted_proxies: int = Field(default=0, ge=0, le=5)
     grpc_streams_per_user: int = 4  # open gRPC server streams (WatchTask, ...) per user or address
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 200_000

@@ -109,3 +109,23 @@ def test_failed_logins_are_limited_per_account_whatever_the_address(make_app):  
         "rate limit exceeded: 3 per 1 hour (failed logins per account)")
     assert int(resp.headers["Retry-After"]) > 0
     assert login(other["email"], other["password"]).status_code == 200
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_address_budget(make_app):  # type: ignore[no-untyped-def]
+    """Behind a load balancer every request came from its address: one busy client's sign-ups
+    used every client's budget. With MARKETPLACE_TRUSTED_PROXIES=1 the forwarded address counts;
+    without it a client cannot pick its own by sending the header."""
+    proxy = _address()
+
+    def sign_up(c, forwarded: str):  # type: ignore[no-untyped-def]
+        return c.post("/v1/auth/register", json={"email": f"p-{uuid.uuid4().hex[:10]}@example.com",
+                                                 "password": "correct horse battery"},
+                      environ_base=proxy, headers={"X-Forwarded-For": forwarded}).status_code
+
+    behind = make_app(signup_rate_limit="1/hour", trusted_proxies=1).test_client()
+    a, b = (_address()["REMOTE_ADDR"] for _ in range(2))
+    assert [sign_up(behind, a), sign_up(behind, a), sign_up(behind, b)] == [201, 429, 201]
+
+    proxy = _address()
+    direct = make_app(signup_rate_limit="1/hour").test_client()
+    assert [sign_up(direct, a), sign_up(direct, b)] == [201, 429]  # the header is not believed
