@@ -48,7 +48,9 @@ class Standalone:
     def _backing_services(self) -> None:
         from marketplace.infra.embedded import EmbeddedPostgres, EmbeddedRedis
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets, the database's files and every log live here: only its owner may list or read it.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         if not os.environ.get("MARKETPLACE_DATABASE_URL"):
             pg = EmbeddedPostgres(self.data_dir / "pg")
             self.embedded.append(pg)

@@ -250,6 +250,9 @@ def test_another_local_user_gets_nothing_from_the_embedded_redis(standalone: Run
     # The password is in the 0600 files that hold it, and in no log, command line or banner.
     mode = (standalone.data / "redis-password").stat().st_mode & 0o777
     assert mode == 0o600, oct(mode)
+    # The data directory (secrets, the database's files, logs) was 0755: any local user listed it
+    # and read its logs.
+    assert standalone.data.stat().st_mode & 0o777 == 0o700, oct(standalone.data.stat().st_mode)
     logs = [standalone.log, *standalone.data.glob("*.log")]
     assert len(logs) >= 6, logs  # the standalone's own output, api, worker, beat, flower, grpc
     for log in logs:
