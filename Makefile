@@ -16,10 +16,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-# Debian tools the tests use for real: gVisor, bubblewrap, compose, promtool and PgBouncer.
+# Debian tools the tests use for real: gVisor, bubblewrap, compose, promtool, PgBouncer and kubectl.
 system-deps:
 	@missing=""; \
-	for pair in runsc:runsc bwrap:bubblewrap docker-compose:docker-compose promtool:prometheus pgbouncer:pgbouncer; do \
+	for pair in runsc:runsc bwrap:bubblewrap docker-compose:docker-compose promtool:prometheus pgbouncer:pgbouncer kubectl:kubectl; do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; command -v $$bin >/dev/null || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -51,16 +51,19 @@ proto: install
 proto-check: install
 	./scripts/generate.sh --check
 
-# Each prints its numbers next to a plain-Celery (or direct-call) baseline measured in the same run.
+# Each prints its numbers next to a plain-Celery (or direct-call) baseline measured in the same run;
+# fanout, batching, latency, inference and warm_start on `marketplace standalone` as shipped.
 bench: install
-	cd bench && ../$(PY) fanout.py
-	cd bench && ../$(PY) batching.py
-	cd bench && ../$(PY) latency.py
+	cd bench && ../$(PY) fanout.py --mode standalone
+	cd bench && ../$(PY) batching.py --mode standalone
+	cd bench && ../$(PY) latency.py --mode standalone
 	cd bench && ../$(PY) api_load.py
-	cd bench && ../$(PY) inference.py
+	cd bench && ../$(PY) inference.py --mode standalone
+	cd bench && ../$(PY) warm_start.py --mode standalone
 	cd bench && ../$(PY) billing_audit.py
 	cd bench && ../$(PY) daily_spend.py
 	cd bench && ../$(PY) fairness.py
+	cd bench && ../$(PY) audit_verify.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -82,14 +82,35 @@ task_routes = {
 task_soft_time_limit = None
 task_time_limit = None
 
+# A credentialed node (`marketplace worker --credentials FILE`): its own broker user, limited by
+# a Redis ACL to its queues' keys (marketplace/providers/broker_acl.py); kombu's unacked
+# bookkeeping under its own keys; no result backend (nothing reads a subtask's Celery result);
+# no remote control (pidbox) and no events (celeryev): both are broker-wide fanouts.
+if _settings.is_node:
+    from marketplace.providers import credential as _credential
+
+    _node = _credential.load(str(_settings.node_credentials))
+    broker_url = _node["broker_url"]
+    result_backend = "workers.backends:NodeResultBackend"
+    broker_transport_options = {**broker_transport_options, **_credential.unacked_keys(_node["node_id"])}
+    worker_enable_remote_control = False
+    worker_send_task_events = False
+
 beat_schedule = {
     "recover-stalled-tasks": {"task": names.RECOVER, "schedule": 30.0},
     # The fair dispatcher's backstop: nodes ask for more work as they finish (scheduling/dispatch.py).
     "release-queued-subtasks": {"task": names.RELEASE, "schedule": 2.0,
                                 "options": {"queue": names.SCHEDULER_QUEUE, "expires": 10}},
-    "audit-chain-pending": {"task": names.CHAIN_AUDIT, "schedule": 2.0,
+    # A backstop too: each task's end asks for its records to be chained a second later, and every
+    # reader of the chain chains first. Every 2 s it chained a running job's records in the middle
+    # of the job (two per subtask, each hashed and signed), in one of the node's pool slots: on the
+    # standalone, a fan-out of 1,000 one-item subtasks lost a slot for about a second to it.
+    "audit-chain-pending": {"task": names.CHAIN_AUDIT, "schedule": 30.0,
                             "options": {"queue": names.MAINTENANCE_QUEUE}},
     "sweep-workers": {"task": names.SWEEP_WORKERS, "schedule": 15.0},
+    # Signs and publishes a checkpoint when MARKETPLACE_AUDIT_CHECKPOINT_EVERY / _INTERVAL say one is due.
+    "audit-checkpoint": {"task": names.CHECKPOINT_AUDIT, "schedule": 5.0,
+                         "options": {"queue": names.MAINTENANCE_QUEUE, "expires": 30}},
     "audit-verify": {"task": names.VERIFY_AUDIT, "schedule": 300.0,
                      "options": {"queue": names.MAINTENANCE_QUEUE}},
     "prune-outbox": {"task": names.PRUNE_OUTBOX, "schedule": 3600.0,

@@ -36,6 +36,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(bp)
     from api.views import audit as audit_views
     from api.views import billing as billing_views
+    from api.views import providers as providers_views
     app.register_blueprint(billing_views.bp)
     app.register_blueprint(audit_views.bp)
+    app.register_blueprint(audit_views.receipts_bp)
+    app.register_blueprint(providers_views.bp)
     return app

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 from flask_jwt_extended import JWTManager, current_user
 
 from api.db import db
@@ -80,12 +80,21 @@ def _is_revoked(_header: dict[str, Any], payload: dict[str, Any]) -> bool:
     return tokens.is_revoked(str(payload.get("jti", "")), payload.get("sid"))
 
 
+# What the `auditor` role may call: the audit log's reads, its own session (tokens, /v1/me).
+AUDITOR_ENDPOINTS = frozenset({"audit.records", "audit.chain_records", "audit.checkpoints_page", "audit.public_key",
+                               "auth.logout", "auth.refresh", "me.profile"})
+
+
 @jwt.user_lookup_loader
 def _load_user(_header: dict[str, Any], payload: dict[str, Any]) -> User | None:
     try:
-        return db().get(User, uuid.UUID(payload["sub"]))
+        user = db().get(User, uuid.UUID(payload["sub"]))
     except (KeyError, ValueError):
         return None
+    if user is not None and user.is_auditor and request.endpoint not in AUDITOR_ENDPOINTS:
+        # Raised out of the view's jwt_required, before the view runs: a 403 problem.
+        raise PermissionDenied("the auditor role reads the audit log and nothing else")
+    return user
 
 
 @jwt.user_lookup_error_loader

@@ -1,10 +1,11 @@
 """Fan-out: a marketplace `echo` job of N single-item subtasks vs a plain Celery chord of N no-ops.
 
-Both run on the same private Redis, with prefork workers of the same concurrency and the
-same Celery settings (celeryconfig.py), both workers up for the whole run and the runs
-interleaved (plain, marketplace, plain, ...). Prints wall time from submit to Done and the ratio.
+The marketplace side is `marketplace standalone` as shipped (`--mode private`: the bench's own
+stack), the job submitted over its REST API; the chord runs on the same Redis, on a plain Celery
+worker of the same concurrency and Celery settings (celeryconfig.py), both up for the whole run and
+the runs interleaved (plain, marketplace, plain, ...). Prints wall time from submit to Done and the ratio.
 
-    .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3]
+    .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3] [--mode standalone|private]
 """
 from __future__ import annotations
 
@@ -12,16 +13,7 @@ import argparse
 import statistics
 import time
 
-from harness import (
-    CONTROL,
-    api_client,
-    new_user,
-    settle,
-    stack,
-    start_worker,
-    wait_marketplace_ready,
-    wait_task_done,
-)
+from harness import add_mode_argument, marketplace, new_user, settle, start_plain_worker, wait_task_done
 
 # Both sides look for the end every POLL seconds. The marketplace side used the harness's
 # adaptive poll (2 ms early): ~1,000 PostgreSQL queries in a 3 s job against ~300 Redis GETs
@@ -58,19 +50,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000, 5000])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
+    add_mode_argument(parser)
     args = parser.parse_args()
     rows = []
-    with stack():
-        import os
-        import sys
-
-        sys.path.insert(0, os.path.dirname(__file__))
-        plain = start_worker(["bench.noop", "celery"], concurrency=args.concurrency, name="plain", app="plain_app",
-                             env={"PYTHONPATH": os.path.dirname(__file__)})
-        node = start_worker(CONTROL + ["cpu.generic"], concurrency=args.concurrency, name="mp")
-        wait_marketplace_ready(node)
+    with marketplace(args.mode) as mp:
+        plain = start_plain_worker(args.concurrency)
+        mp.serve(["cpu.generic"], concurrency=args.concurrency, name="mp")
         time.sleep(3)
-        client = api_client()
+        client = mp.client
         headers = new_user(client)
         plain_chord(5)
         marketplace_job(client, headers, 5)  # warm the pool children
@@ -87,12 +74,11 @@ def main() -> None:
                 mp_times[n].append(marketplace_job(client, headers, n))
                 settle()
         plain.stop()
-        node.stop()
         for n in args.n:
             p, m = statistics.median(plain_times[n]), statistics.median(mp_times[n])
             rows.append((n, p, m, m / p))
-    print(f"{'N':>6} {'plain chord s':>14} {'marketplace s':>14} {'ratio':>7}   (median of {args.repeat}, "
-          f"prefork -c {args.concurrency})")
+    print(f"fan-out {mp.describe()}; plain chord on the same Redis, prefork -c {args.concurrency}")
+    print(f"{'N':>6} {'plain chord s':>14} {'marketplace s':>14} {'ratio':>7}   (median of {args.repeat})")
     for n, p, m, ratio in rows:
         print(f"{n:>6} {p:>14.3f} {m:>14.3f} {ratio:>7.2f}")
 

@@ -1,7 +1,10 @@
 """Inference: `embedding` over 2,000 sentences through the marketplace (one worker, -c 2) vs the
 same model called directly in one process with the same batch size. Prints items/s and the ratio.
 
-    .venv/bin/python bench/inference.py [--sentences 2000]
+The marketplace side is `marketplace standalone` as shipped (`--mode private`: the bench's own
+stack), the job submitted over its REST API.
+
+    .venv/bin/python bench/inference.py [--sentences 2000] [--mode standalone|private]
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 import statistics
 import time
 
-from harness import CONTROL, api_client, new_user, stack, start_worker, wait_marketplace_ready, wait_task_done
+from harness import add_mode_argument, marketplace, new_user, wait_task_done
 
 WORDS = "model data graph tensor cloud queue worker result vector token image sound river city music".split()
 
@@ -41,15 +44,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    add_mode_argument(parser)
     args = parser.parse_args()
     from marketplace.catalog import get_catalog
 
     batch = get_catalog().get("embedding").batch_size
     texts = sentences(args.sentences)
-    with stack():
-        node = start_worker(CONTROL + ["cpu.embedding"], concurrency=2, name="inference")
-        wait_marketplace_ready(node)
-        client = api_client()
+    with marketplace(args.mode) as mp:
+        mp.serve(["cpu.embedding"], concurrency=2, name="inference")
+        client = mp.client
         headers = new_user(client)
         warm = client.post("/v1/tasks", json={"model": "embedding", "inputs": texts[: batch * 2], "device": "cpu"},
                            headers=headers).get_json()
@@ -67,10 +70,9 @@ def main() -> None:
             status, seen = wait_task_done(resp.get_json()["id"], every=0.02)
             assert status == "Done", status
             marketplace_rates.append(len(texts) / (seen - start))
-        node.stop()
     marketplace_rate, direct_rate = statistics.median(marketplace_rates), statistics.median(direct_rates)
     print(f"embedding, {len(texts)} sentences, batch {batch}: marketplace {marketplace_rate:,.0f} items/s "
-          f"(1 worker, -c 2) vs direct {direct_rate:,.0f} items/s (1 process): ratio {marketplace_rate / direct_rate:.2f} "
+          f"({mp.describe()}) vs direct {direct_rate:,.0f} items/s (1 process): ratio {marketplace_rate / direct_rate:.2f} "
           f"(target >= 0.9; median of {args.rounds} interleaved rounds)")
 
 

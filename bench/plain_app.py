@@ -26,3 +26,15 @@ def noop(*_args: object) -> None:
 @app.task(name="bench.callback")
 def callback(*_args: object) -> str:
     return "done"
+
+
+@app.task(name="bench.echo_batch")
+def echo_batch(items: list[object]) -> list[object]:
+    """batching.py's baseline: a batch of items out as it came in."""
+    return items
+
+
+@app.task(name="bench.join")
+def join(parts: list[list[object]]) -> int:
+    """batching.py's baseline callback: the parts in order, as one list (its length returned)."""
+    return len([item for part in parts for item in part])

@@ -60,6 +60,17 @@ class ModelSpec(BaseModel):
     def queues(self) -> list[str]:
         return [self.queue(d) for d in self.devices]
 
+    def candidate_queues(self, device: str) -> list[str]:
+        """Queues a task asking for `device` (`any`, `cpu`, `gpu`) may use, best first: `any`
+        prefers GPU, then CPU; a device the model does not run on has none."""
+        if device == "any":
+            devices = [d for d in ("gpu", "cpu") if d in self.devices]
+        elif device in self.devices:
+            devices = [device]
+        else:
+            devices = []
+        return [self.queue(d) for d in devices]  # type: ignore[arg-type]
+
 
 class Catalog(BaseModel):
     models: dict[str, ModelSpec]

@@ -135,6 +135,22 @@ class Client:
         params = {"partial": "true"} if partial else None
         return self._json("GET", f"/v1/tasks/{task_id}/result", params=params)
 
+    # Providers: nodes and earnings.
+    def enroll_node(self, name: str, *, queues: list[str] | None = None) -> dict[str, Any]:
+        return self._json("POST", "/v1/providers/nodes", json={"name": name, **({"queues": queues} if queues else {})})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/providers/nodes")["nodes"]
+
+    def disable_node(self, name: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/providers/nodes/{name}/disable")
+
+    def rotate_node(self, name: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/providers/nodes/{name}/rotate")
+
+    def earnings(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/providers/earnings")
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/tasks/{task_id}/cancel")
 

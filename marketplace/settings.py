@@ -149,6 +149,32 @@ class Settings(BaseSettings):
     def _psycopg2_url(cls, value: str) -> str:
         return psycopg2_url(value)
 
+    # Warm nodes: a node announces a model only once every pool process has loaded it and run one
+    # small inference (`workers/node.py`); a model that fails to load is refused, with the reason.
+    embedding_model_path: Path | None = None  # a sentence-transformers directory; unset: the shipped all-MiniLM-L6-v2
+    warmup_timeout: float = 600.0  # seconds a node waits for a load, then refuses the model until it arrives
+    # Node hostnames (comma-separated) that must have announced their models before /readyz says
+    # ready: `marketplace standalone` names its own nodes; empty, /readyz checks the stores only.
+    ready_nodes: str = ""
+
+    # Audit for outsiders (signed checkpoints of the audit chain): a checkpoint is written once
+    # this many records were chained since the last one, or once this many seconds passed with
+    # any new record (beat looks every few seconds); receipts wait for the next one.
+    audit_checkpoint_every: int = Field(default=10000, ge=1)
+    audit_checkpoint_interval: float = Field(default=60.0, gt=0)
+
+    # Providers and nodes (issue 28): a provider's share of each settled charge, where the platform's
+    # gRPC door is for nodes (written into node credentials), and the credential a node runs from
+    # (`marketplace worker --credentials FILE`: set, this process is a node with no platform secrets).
+    provider_share: Decimal = Decimal("0.8")
+    public_grpc_address: str = "127.0.0.1:50051"
+    public_api_url: str = "http://127.0.0.1:8000"
+    public_broker_url: str | None = None  # the broker as nodes reach it (default: the broker URL)
+    node_credentials: Path | None = None
+    # The broker's ACL command, under the name it was renamed to where it is hidden from whoever
+    # holds the broker password (the standalone's embedded Redis: `rename-command ACL <secret>`).
+    broker_acl_command: SecretStr = SecretStr("ACL")
+
     @field_validator("webhook_allow_private", mode="before")
     @classmethod
     def _private_webhooks(cls, value: object) -> object:
@@ -166,6 +192,11 @@ class Settings(BaseSettings):
 
         for name, value in super().__repr_args__():
             yield name, maybe_sanitize_url(value) if isinstance(value, str) else value
+
+    @property
+    def is_node(self) -> bool:
+        """This process runs from a node credential: no database, no Redis of ours, no object store."""
+        return self.node_credentials is not None
 
     @property
     def celery_broker_url(self) -> str:

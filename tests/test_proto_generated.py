@@ -58,6 +58,10 @@ SERVICES = {
             "Heartbeat": False,
             "ListWorkers": False,
             "Capabilities": False,
+            "EnrollNode": False,
+            "ListNodes": False,
+            "DisableNode": False,
+            "RotateNode": False,
         },
     ),
     "result": (

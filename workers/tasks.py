@@ -10,7 +10,9 @@ from marketplace.infra import names
 from marketplace.infra.celery_app import app
 from marketplace.infra.errors import database_unavailable
 from marketplace.settings import get_settings
-from workers import node, runner  # noqa: F401  (node: capability probe + warm-up signals)
+
+# node: capability probe + warm-up signals; backends: a credentialed node's reporter (worker_init)
+from workers import backends, node, runner  # noqa: F401
 
 logger = logging.getLogger(__name__)
 INFRA_MAX_RETRIES = 60  # a down database or store gets ~30 min of capped backoff

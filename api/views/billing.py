@@ -33,7 +33,8 @@ class LedgerQuery(BaseModel):
 
 class LedgerEntryOut(BaseModel):
     id: int
-    kind: str = Field(description="signup | topup | charge | charge_failed | adjustment")
+    kind: str = Field(description="signup | topup | charge | charge_failed | adjustment | earning (a provider's "
+                      "share of a charge its node earned; GET /v1/providers/earnings)")
     amount: str = Field(description="decimal string; negative for charges")
     task_id: str | None
     subtask_id: str | None

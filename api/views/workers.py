@@ -30,7 +30,9 @@ class WorkerQuery(BaseModel):
 @api_doc(summary="Compute nodes: live ones, and those that went offline within the last day", query=WorkerQuery,
          tags=["workers"], description=(
              "Each node: hostname, queues, models, status, capacity, running, free, last_heartbeat "
-             "(deregistered_at once offline) and `unavailable`, the models it refuses. Admins also see "
+             "(deregistered_at once offline), `unavailable`, the models it refuses, and for a provider's "
+             "enrolled node `provider` (the provider's user id) and `node` (its name; null for the operator's "
+             "own nodes). Admins also see `provider_email`, "
              "`facts` (platform, CPUs, memory, GPUs) and why each model is refused; for other users "
              f"every reason reads {registry.REFUSED_FOR_USERS!r}."))
 @jwt_required()

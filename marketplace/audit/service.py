@@ -8,28 +8,33 @@ Two ways in, one chain:
   (the lock holder then only inserts, so it can never deadlock with row locks).
 - `enqueue(session, ...)` (high-rate subtask signals): a plain INSERT into
   `audit_pending`, no lock at all; `chain_pending` moves those rows into the chain in
-  short batches (beat every few seconds, after each finalize, before reads).
+  short batches (after each task ends, before reads, and beat every 30 s as a backstop).
 
-hash = sha256(prev_hash ‖ canonical record), the canonical record being compact,
-key-sorted UTF-8 JSON of {seq, ts, actor, action, subject, task_id, data} where
-`data` is the stored canonical JSON text itself; signature = Ed25519 over the hash.
+How a record is hashed and signed is `hashing` (pure functions a verifier uses with the
+public key alone); checkpoints and receipts are `checkpoints`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import String, cast, delete, event, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from marketplace.audit import anchor, signing
+from marketplace.audit.hashing import (  # noqa: F401 (re-exported)
+    GENESIS,
+    canonical_json,
+    canonical_ts,
+    public_record,
+    record_hash,
+)
 from marketplace.audit.models import AuditPending, AuditRecord
 from marketplace.events import outbox
 from marketplace.events.outbox import emit_many
@@ -37,7 +42,6 @@ from marketplace.infra.db import session_scope, take_buffer, transaction_buffer,
 from marketplace.infra.prepared import Prepared
 
 logger = logging.getLogger(__name__)
-GENESIS = "0" * 64
 # pg_advisory_xact_lock key for the chain head: int.from_bytes(b"mp-audit") & 0x7fff...
 CHAIN_LOCK_KEY = 0x6D702D6175646974
 _INFO_KEY = "marketplace.audit.records"
@@ -50,26 +54,6 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def canonical_ts(ts: datetime) -> str:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def record_hash(
-    *, prev_hash: str, seq: int, ts: datetime, actor: str, action: str, subject: str, task_id: str | None, data: str
-) -> str:
-    body = canonical_json({
-        "seq": seq, "ts": canonical_ts(ts), "actor": actor, "action": action, "subject": subject,
-        "task_id": task_id, "data": data,
-    })
-    return hashlib.sha256(prev_hash.encode("ascii") + body.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -307,6 +291,16 @@ def list_records(
     more = len(rows) > limit
     rows = rows[:limit]
     return [_document(r) for r in rows], (rows[-1].seq if more and rows else None)
+
+
+def chain_page(session: Session, *, after_seq: int = 0, limit: int = 1000) -> tuple[list[dict[str, Any]], int | None]:
+    """Records after `after_seq` in their public form (`hashing.public_record`: every field as hashed),
+    for verifiers; returns (records, next after_seq or None at the end)."""
+    rows = list(session.scalars(select(AuditRecord).where(AuditRecord.seq > after_seq)
+                                .order_by(AuditRecord.seq).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [public_record(r) for r in rows], (rows[-1].seq if more and rows else None)
 
 
 def verify_chain(session: Session) -> dict[str, Any]:

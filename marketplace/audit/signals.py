@@ -36,6 +36,21 @@ FLUSH_AT = 1000
 _published = threading.local()
 
 
+def _platform_only(handler: Any) -> Any:
+    """A handler that writes the platform's audit log: not run on a credentialed node, which has
+    no database (the platform writes its records: `marketplace.providers.work`)."""
+    import functools
+
+    @functools.wraps(handler)
+    def run(*args: Any, **kwargs: Any) -> None:
+        from marketplace.settings import get_settings
+
+        if not get_settings().is_node:
+            handler(*args, **kwargs)
+
+    return run
+
+
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> None:
     try:
         fn(*args, **kwargs)
@@ -113,6 +128,7 @@ def _dispatched_records(batch: list[tuple[str, str, str | None]], owners: dict[s
 
 
 @before_task_publish.connect
+@_platform_only
 def _on_publish(sender: Any = None, headers: Any = None, body: Any = None, routing_key: Any = None, **_: Any) -> None:
     name = sender if isinstance(sender, str) else (headers or {}).get("task")
     args = body[0] if isinstance(body, (list, tuple)) and body else (headers or {}).get("argsrepr")
@@ -137,6 +153,7 @@ def _hostname(task: Any) -> str:
 
 
 @task_prerun.connect
+@_platform_only
 def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: Any = None, **_: Any) -> None:
     if getattr(task or sender, "name", None) != SUBTASK:
         return
@@ -149,11 +166,13 @@ def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, args: 
 
 
 @task_postrun.connect
+@_platform_only
 def _on_postrun(**_: Any) -> None:
     _safe(flush_published)
 
 
 @task_success.connect
+@_platform_only
 def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     # A subtask's outcome record is written by its outcome's statement (`lifecycle`).
     if getattr(sender, "name", None) == names.FINALIZE and result in ("done", "failed"):
@@ -196,6 +215,7 @@ def request_chaining() -> None:
 
 
 @task_failure.connect
+@_platform_only
 def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, args: Any = None, **_: Any) -> None:
     name = getattr(sender, "name", None)
     error = f"{type(exception).__name__}: {exception}"[:2000]
@@ -210,6 +230,7 @@ def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, 
 
 
 @task_retry.connect
+@_platform_only
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     if getattr(sender, "name", None) != SUBTASK:
         return
@@ -220,6 +241,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
 
 
 @task_revoked.connect
+@_platform_only
 def _on_revoked(sender: Any = None, request: Any = None, terminated: Any = None, signum: Any = None,
                 expired: Any = None, **_: Any) -> None:
     name = getattr(sender, "name", None) or getattr(request, "task", None) or getattr(request, "name", None)
@@ -238,6 +260,7 @@ def _on_revoked(sender: Any = None, request: Any = None, terminated: Any = None,
 # --- worker lifecycle ------------------------------------------------------------------
 
 @worker_ready.connect
+@_platform_only
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     hostname = str(getattr(sender, "hostname", "unknown"))
     queues = sorted(getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", {}).consume_from.keys()) \
@@ -247,6 +270,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 
 @worker_shutdown.connect
+@_platform_only
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     hostname = str(getattr(sender, "hostname", "unknown"))
     _safe(service.record, actor=f"worker:{hostname}", action="worker.offline", subject=f"worker:{hostname}", data={})

@@ -31,3 +31,12 @@ def verify() -> dict:
         logger.error("audit: chain verification FAILED at seq %s: %s", report.get("first_bad_seq"),
                      report.get("reason"))
     return report
+
+
+@app.task(name=names.CHECKPOINT_AUDIT, acks_late=True, ignore_result=True)
+def checkpoint() -> dict | None:
+    """Chain what is buffered, then sign and publish a checkpoint if one is due (`checkpoints`)."""
+    from marketplace.audit import checkpoints
+
+    service.chain_pending()
+    return checkpoints.write_checkpoint()

@@ -20,16 +20,19 @@ class LedgerEntry(Base):
         Index("ix_ledger_task", "task_id"),
         Index("ix_ledger_user_created", "user_id", "created_at"),  # today's spend (migration 0002)
         Index("ix_ledger_unsettled", "task_id", postgresql_where=text("NOT settled")),  # recovery (0005)
+        Index("ix_ledger_node_earnings", "user_id", "node_id", postgresql_where=text("kind = 'earning'")),  # 0011
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     task_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     subtask_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    kind: Mapped[str] = mapped_column(String(32))  # signup | topup | charge | charge_failed | adjustment
+    kind: Mapped[str] = mapped_column(String(32))  # signup | topup | charge | charge_failed | adjustment | earning
     amount: Mapped[Decimal] = mapped_column()  # negative for charges
     detail: Mapped[str | None] = mapped_column(String(255))
     settled: Mapped[bool] = mapped_column(default=False)
+    # An earning's node (migration 0011): the provider's earnings per node.
+    node_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

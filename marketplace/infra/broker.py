@@ -59,6 +59,20 @@ def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[s
     return {queue: int(sum(next(lengths) for _ in broker_lists(queue, options))) for queue in queues}
 
 
+def queue_depth_and_flag(queue: str, flag: str, client: redis.Redis | None = None) -> tuple[int, bool]:
+    """Messages waiting in `queue` and whether the key `flag` exists, in one pipelined round trip."""
+    client = client or broker_redis()
+    if client is None:
+        return 0, False
+    names = broker_lists(queue, dict(_config().broker_transport_options or {}))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    pipe.exists(flag)
+    *lengths, exists = pipe.execute()
+    return int(sum(lengths)), bool(exists)
+
+
 def lost_before(now: datetime, client: redis.Redis | None = None) -> datetime | None:
     """When the broker's Redis was last found emptied (FLUSHALL, a restart without persistence):
     every message published before then is gone, even where a queue holds newer ones.

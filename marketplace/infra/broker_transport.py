@@ -39,6 +39,21 @@ class Channel(kombu_redis.Channel):
         yield reused
 
 
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """A credentialed node reads its queues' bindings, which the platform declared at its
+        enrollment (its broker user may not write them: a binding routes the platform's publishes)."""
+        from marketplace.settings import get_settings
+
+        if not get_settings().is_node or self.typeof(exchange).type == "fanout":
+            return super()._queue_bind(exchange, routing_key, pattern, queue)  # type: ignore[no-any-return]
+        member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+        with self.conn_or_acquire() as client:
+            if not client.sismember(self.keyprefix_queue % (exchange,), member):
+                raise RuntimeError(f"queue {queue} is not declared on the broker: the platform declares a node's "
+                                   "queues when it enrolls or rotates it")
+        return None
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 

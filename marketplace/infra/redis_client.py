@@ -11,6 +11,8 @@ def get_redis() -> redis.Redis:
     if _client is None:
         from marketplace.settings import get_settings
 
+        if get_settings().is_node:
+            raise RuntimeError("a credentialed node has no Redis of the platform's but its broker user")
         _client = redis.Redis.from_url(
             get_settings().redis_url, socket_connect_timeout=3, socket_timeout=5, health_check_interval=15
         )

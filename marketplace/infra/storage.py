@@ -33,6 +33,9 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """The keys under `prefix`, in key order (published audit checkpoints)."""
+
     def check(self) -> None:
         """Raise StorageError unless the store is usable (readiness)."""
 
@@ -84,6 +87,11 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root  # only the prefix's folder
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return iter(sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith(".tmp-")))
 
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -178,6 +186,17 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=_safe_key(key))
 
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        self.ensure_bucket()
+        token: str | None = None
+        while True:
+            page = self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=prefix,
+                              **({"ContinuationToken": token} if token else {}))
+            yield from (obj["Key"] for obj in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
     def check(self) -> None:
         self._bucket_checked = False
         self.ensure_bucket()
@@ -201,6 +220,10 @@ def get_store() -> ObjectStore:
     """The process-wide store (rebuilt after fork by `reset_store`)."""
     global _store
     if _store is None:
+        from marketplace.settings import get_settings
+
+        if get_settings().is_node:
+            raise StorageError("a credentialed node has no object-store key: the platform stores its parts")
         _store = build_store()
     return _store
 

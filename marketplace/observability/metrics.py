@@ -121,14 +121,20 @@ class StateCollector(Collector):
         return [family]
 
     def _subtasks(self, queues: list[str]) -> Iterable[Metric]:
-        """Subtasks not started (waiting in the database for the fair dispatcher, or sent and
-        waiting in the broker) and running, per queue: what autoscaling reads (KEDA)."""
+        """Subtasks not started and running, per queue: what autoscaling reads (KEDA,
+        `deploy/k8s`). Not started: waiting in the database for the fair dispatcher, sent and
+        waiting in the broker, and those of tasks still waiting for a live node (`Created`, no
+        queue yet: the scheduler gives a task a queue only once a node serves it). The last are
+        counted on every queue the task may use (`device: any`: the GPU and the CPU queue), so a
+        queue scaled to zero nodes sees the work that waits for it and scales up; whichever
+        queue's node comes first takes it."""
 
+        from marketplace.catalog import get_catalog
         from marketplace.infra.db import get_engine
 
         queued = GaugeMetricFamily("marketplace_subtasks_queued",
-                                   "Subtasks waiting to start (in the database or the broker), by queue.",
-                                   labels=["queue"])
+                                   "Subtasks waiting to start (in the database, the broker, or for a live node), "
+                                   "by queue.", labels=["queue"])
         running = GaugeMetricFamily("marketplace_subtasks_running", "Subtasks running on a node, by queue.",
                                     labels=["queue"])
         counts = {q: [0, 0] for q in queues if not q.startswith("marketplace.")}
@@ -139,6 +145,11 @@ class StateCollector(Collector):
                 for queue, waiting, run in conn.execute(_IN_FLIGHT_BY_QUEUE):
                     counts.setdefault(queue, [0, 0])[0] += int(waiting)
                     counts[queue][1] += int(run)
+                catalog = get_catalog()
+                for model, device, n in conn.execute(_WAITING_FOR_A_NODE):
+                    spec = catalog.get(model)
+                    for queue in spec.candidate_queues(device) if spec else []:
+                        counts.setdefault(queue, [0, 0])[0] += int(n or 0)
         except Exception as exc:
             logger.warning("metrics: subtask counts unavailable: %s", exc)
             return []
@@ -200,6 +211,10 @@ _IN_FLIGHT_BY_QUEUE = text("""
     WHERE t.status IN ('Scheduled', 'InProgress') AND (s.status = 'Running' OR (s.status = 'Pending' AND s.dispatches > 0))
     GROUP BY t.queue
 """)
+# Tasks the scheduler has not given a queue: no live node serves them yet (or their `schedule`
+# message is on its way). All their subtasks wait.
+_WAITING_FOR_A_NODE = text("SELECT model, device, sum(subtask_count) FROM tasks WHERE status = 'Created' "
+                           "GROUP BY model, device")
 STATE = StateCollector()
 
 

@@ -48,6 +48,18 @@ def heartbeat(r: redis.Redis, *, info: dict[str, Any]) -> None:
     pipe.execute()
 
 
+def heartbeat_record(r: redis.Redis, *, hostname: str) -> dict[str, Any] | None:
+    """The node's live record (its last heartbeat), None once it missed the TTL or deregistered."""
+    raw = r.get(_key(hostname))
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def deregister(r: redis.Redis, *, hostname: str) -> None:
     pipe = r.pipeline(transaction=False)
     pipe.delete(_key(hostname))
@@ -212,8 +224,11 @@ def _live_doc(doc: dict[str, Any]) -> dict[str, Any]:
 # (platform and kernel, memory, CPUs, GPUs) and the reasons it refuses a model (they name install
 # paths and packages), tells an attacker about the machine, and is for admins.
 PUBLIC_FIELDS = ("hostname", "queues", "models", "status", "capacity", "running", "free", "last_heartbeat",
-                 "deregistered_at")
+                 "deregistered_at", "provider", "node")
 REFUSED_FOR_USERS = "not run on this node"
+# The reason a node gives for a model its pool is still loading (`workers/node.py`): it announces
+# the model once loaded. Shown to every user as is (it names nothing of the machine).
+LOADING = "still loading the model (warm-up)"
 
 
 def node_view(doc: dict[str, Any], *, details: bool) -> dict[str, Any]:
@@ -222,8 +237,23 @@ def node_view(doc: dict[str, Any], *, details: bool) -> dict[str, Any]:
     if details:
         return doc
     out = {name: doc[name] for name in PUBLIC_FIELDS if name in doc}
-    out["unavailable"] = {model: REFUSED_FOR_USERS for model in doc.get("unavailable") or {}}
+    out["unavailable"] = {model: LOADING if reason == LOADING else REFUSED_FOR_USERS
+                          for model, reason in (doc.get("unavailable") or {}).items()}
     return out
+
+
+def _owners(session: Session, hostnames: list[str]) -> dict[str, dict[str, str]]:
+    """{hostname: {node, provider, provider_id}} of the enrolled nodes among `hostnames` (the
+    `nodes` table, `marketplace.providers`; read here by name, as that package depends on this one)."""
+    from sqlalchemy import bindparam, text
+
+    if not hostnames:
+        return {}
+    rows = session.execute(text(
+        "SELECT n.hostname, n.name, u.email, n.provider_id FROM nodes n JOIN users u ON u.id = n.provider_id "
+        "WHERE n.hostname IN :hostnames").bindparams(bindparam("hostnames", expanding=True)),
+        {"hostnames": hostnames})
+    return {h: {"node": n, "provider": email, "provider_id": str(pid)} for h, n, email, pid in rows}
 
 
 def list_workers(session: Session, *, r: redis.Redis, viewer: User | None, status: str | None = None,
@@ -257,6 +287,14 @@ def list_workers(session: Session, *, r: redis.Redis, viewer: User | None, statu
             })
     out = [w for w in out if (status is None or w["status"] == status)
            and (queue is None or queue in (w.get("queues") or []))]
+    # Whose node each is: a provider's enrolled node names its provider; the operator's own, none.
+    owners = _owners(session, [w["hostname"] for w in out])
+    for w in out:
+        owner = owners.get(w["hostname"])
+        w["provider"] = owner["provider_id"] if owner else None  # the provider's user id; admins: its email too
+        w["node"] = owner["node"] if owner else None
+        if owner:
+            w["provider_email"] = owner["provider"]
     details = viewer is None or viewer.is_admin
     return [node_view(w, details=details) for w in sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))]
 

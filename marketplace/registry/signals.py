@@ -8,6 +8,12 @@ child. A Redis counter bumped by `task_prerun`/`task_postrun` in the children
 would leak one on every killed child (postrun never fires) and costs two
 writes per subtask.
 
+A node announces a model only once its pool has loaded it: until then the model is listed in
+`unavailable` as `service.LOADING` (the scheduler counts no slot of it), a model that failed to
+load is listed with the reason, and each change is heartbeated at once (polled every 0.2 s while
+something loads), written to the node's row, and wakes the tasks waiting for it. What is loaded
+is told by the warm-up probes (`workers/node.py`).
+
 Each worker main process is an incarnation of its node: an id made at `worker_init`, before the
 pool forks (its children inherit it and write it with every claim), and heartbeated with the
 node's record. A node restarted under the same name heartbeats a new one, so the Running rows
@@ -42,19 +48,70 @@ Probe = Callable[[list[str]], dict[str, str]]
 _probes: list[Probe] = []
 
 
+# A credentialed node reports to the platform's NodeService instead of writing the registry
+# itself (`workers.backends.NodeReporter`): `beat(info)`, `leave()`.
+_reporter: dict[str, Any] = {}
+
+
+def set_reporter(reporter: Any) -> None:
+    _reporter["r"] = reporter
+
+
 def add_probe(probe: Probe) -> None:
     if probe not in _probes:
         _probes.append(probe)
 
 
+# Warm-up probes say which served models are not loaded yet in this node's pool (service.LOADING)
+# or could not be loaded (the reason): asked again at every beat.
+_warmup_probes: list[Probe] = []
+_announced: dict[str, str] = {}  # the warm-up state the last heartbeat carried
+WARMUP_POLL = 0.2  # seconds between looks while a model loads
+
+
+def add_warmup_probe(probe: Probe) -> None:
+    if probe not in _warmup_probes:
+        _warmup_probes.append(probe)
+
+
+def warmup_state(queues: list[str]) -> dict[str, str]:
+    return _ask(_warmup_probes, queues)
+
+
 def unavailable_models(queues: list[str]) -> dict[str, str]:
+    return _ask(_probes, queues)
+
+
+def _ask(probes: list[Probe], queues: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for probe in _probes:
+    for probe in probes:
         try:
             out.update(probe(queues))
         except Exception as exc:  # a broken probe must not stop the node registering
             logger.exception("registry: capability probe %r failed", probe)
             out.setdefault("?", f"probe failed: {exc}")
+    return out
+
+
+# Fact sources add to a node's `facts` (admins see them in GET /v1/workers): {name: value}.
+# `workers` adds how its sandbox is hardened (memory cgroups, seccomp), or why it is not.
+FactSource = Callable[[], dict[str, Any]]
+_fact_sources: list[FactSource] = []
+
+
+def add_fact_source(source: FactSource) -> None:
+    if source not in _fact_sources:
+        _fact_sources.append(source)
+
+
+def extra_facts() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for source in _fact_sources:
+        try:
+            out.update(source())
+        except Exception as exc:  # a broken source must not stop the node registering
+            logger.exception("registry: fact source %r failed", source)
+            out.setdefault("fact_errors", []).append(str(exc))
     return out
 
 
@@ -102,24 +159,70 @@ def node_info(consumer: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "incarnation": incarnation(),
         "started_at": time.time(),
-        "facts": node_facts(),
+        "facts": {**node_facts(), **extra_facts()},
     }
 
 
+def _current() -> dict[str, Any]:
+    """The node's record as announced now: what it refuses, with what its pool has not loaded."""
+    return {**_info, "unavailable": {**_info["unavailable"], **_announced}}
+
+
 def _beat_once() -> None:
+    if "r" in _reporter:
+        try:
+            _reporter["r"].beat({**_current(), "running": running_subtasks()})
+        except Exception as exc:
+            logger.warning("registry: heartbeat to the platform failed: %s", exc)
+        return
     from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import heartbeat
 
     try:
-        heartbeat(get_redis(), info={**_info, "running": running_subtasks()})
+        heartbeat(get_redis(), info={**_current(), "running": running_subtasks()})
     except Exception as exc:  # a Redis blip must stop neither the start nor the heartbeat thread
         logger.warning("registry: heartbeat failed: %s", exc)
 
 
+def _look_at_warmup() -> bool:
+    """Read the warm-up state; on a change, announce it (heartbeat, row, wake). Whether it changed."""
+    from marketplace.registry.service import LOADING
+
+    state = warmup_state(_info["queues"]) if _warmup_probes else {}
+    if state == _announced:
+        return False
+    before = set(_announced)
+    _announced.clear()
+    _announced.update(state)
+    for model in sorted(before - set(state)):
+        logger.info("registry: node %s now runs %r (loaded)", _info["hostname"], model)
+    for model, reason in sorted(state.items()):
+        if reason != LOADING:
+            logger.warning("registry: this node will NOT run %r: %s", model, reason)
+    _beat_once()
+    _record_online(_current())
+    if before - set(state):
+        _wake_waiting(_current())
+    return True
+
+
+def _loading() -> bool:
+    from marketplace.registry.service import LOADING
+
+    return any(reason == LOADING for reason in _announced.values())
+
+
 def _beat_forever() -> None:
     interval = get_settings().heartbeat_interval
-    while not _stop.wait(interval):
-        _beat_once()
+    last = time.monotonic()
+    while not _stop.wait(WARMUP_POLL if _loading() else interval):
+        if _loading() and _look_at_warmup():
+            last = time.monotonic()
+            continue
+        if time.monotonic() - last >= interval - WARMUP_POLL / 2:
+            if not _look_at_warmup():
+                _beat_once()
+            last = time.monotonic()
 
 
 def _record_online(info: dict[str, Any]) -> None:
@@ -153,19 +256,31 @@ def _wake_waiting(info: dict[str, Any]) -> None:
 def _on_ready(sender: Any = None, **_: Any) -> None:
     _info.clear()
     _info.update(node_info(sender))
-    # The row first: once the heartbeat key is visible the durable record exists too.
-    _record_online(_info)
+    _announced.clear()
+    _announced.update(warmup_state(_info["queues"]) if _warmup_probes else {})
     _stop.clear()
-    _beat_once()  # before `wake`: it tells the predecessor's rows from ours by the live record
+    if "r" in _reporter:  # the platform records it online and wakes waiting tasks at its first beat
+        _beat_once()
+    else:
+        # The row first: once the heartbeat key is visible the durable record exists too.
+        _record_online(_current())
+        _beat_once()  # before `wake`: it tells the predecessor's rows from ours by the live record
+        _wake_waiting(_current())
     threading.Thread(target=_beat_forever, name="marketplace-heartbeat", daemon=True).start()
-    _wake_waiting(_info)
-    logger.info("registry: node %s online for %s", _info["hostname"], ",".join(_info["queues"]))
+    logger.info("registry: node %s online for %s%s", _info["hostname"], ",".join(_info["queues"]),
+                f" (loading {', '.join(sorted(_announced))})" if _loading() else "")
 
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     _stop.set()
     if not _info:
+        return
+    if "r" in _reporter:
+        try:
+            _reporter["r"].leave()
+        except Exception as exc:
+            logger.warning("registry: could not tell the platform this node leaves: %s", exc)
         return
     from marketplace.infra.db import session_scope
     from marketplace.infra.redis_client import get_redis

@@ -65,7 +65,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             hash=row.hash, signature=row.signature,
         ))
 
-    @rpc()
+    @rpc(auditor=True)
     def Query(self, request: audit_pb2.QueryRequest, call: Call) -> audit_pb2.QueryResponse:
         """As REST: a task's records (owner/admin); without a task, your own records (admin: all)."""
         user = call.me
@@ -75,7 +75,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         if request.task_id:
             task_id = str(tasks.get_task(call.session, task_id=request.task_id, user=user).id)
         audit.chain_pending()  # bring buffered subtask records in, so the view is current
-        about = None if (task_id or user.is_admin) else f"user:{user.id}"
+        about = None if (task_id or user.reads_audit_log) else f"user:{user.id}"
         docs, next_seq = audit.list_records(call.session, task_id=task_id, about=about,
                                             after_seq=request.after_seq or None, limit=request.limit or DEFAULT_PAGE)
         return audit_pb2.QueryResponse(records=[record_message(d) for d in docs], next_after_seq=next_seq or 0)

@@ -172,15 +172,22 @@ class Call:
             raise errors.InvalidInput.field("user_id", "not a valid id") from None
 
 
-def _open(context: grpc.ServicerContext, auth: bool) -> Call:
+def _open(context: grpc.ServicerContext, auth: bool, auditor: bool = False) -> Call:
     call = Call(session=new_session(), context=context)
     if auth:
-        call.user = user_from_token(call.session, bearer_token(context))
+        try:
+            call.user = user_from_token(call.session, bearer_token(context))
+            if call.user.is_auditor and not auditor:
+                raise errors.PermissionDenied("the auditor role reads the audit log and nothing else")
+        except BaseException:
+            call.session.close()
+            raise
     return call
 
 
-def rpc(*, auth: bool = True) -> Callable[[F], F]:
-    """Unary method: session per call, caller from the JWT, domain errors → status codes."""
+def rpc(*, auth: bool = True, auditor: bool = False) -> Callable[[F], F]:
+    """Unary method: session per call, caller from the JWT, domain errors → status codes.
+    `auditor`: a caller with the auditor role may call it (by default, no method)."""
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
@@ -188,7 +195,7 @@ def rpc(*, auth: bool = True) -> Callable[[F], F]:
             failure = None
             call = None
             try:
-                call = _open(context, auth)
+                call = _open(context, auth, auditor)
                 return fn(self, request, call)
             except Exception as exc:  # mapped to a status below; never leaks a stack trace
                 failure = to_failure(exc)

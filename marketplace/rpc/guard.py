@@ -35,7 +35,10 @@ from marketplace.infra import errors, ratelimit
 
 logger = logging.getLogger(__name__)
 
-EXEMPT_SERVICES = ("/grpc.health.v1.Health/",)
+# NodeService too: a node's calls (a claim and a part per subtask) are paced by the messages its
+# queue hands it, not by a person, and the per-address limit (120/minute) would cap a node at one
+# subtask a second. Its calls carry a 256-bit node secret, not guessable by trying.
+EXEMPT_SERVICES = ("/grpc.health.v1.Health/", "/marketplace.worker.v1.NodeService/")
 
 
 def stream_capacity(max_workers: int) -> int:

@@ -1,6 +1,7 @@
 """WorkerService over gRPC: a thin adapter over `marketplace.registry.service`."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ def worker_message(doc: dict[str, Any]) -> worker_pb2.Worker:
         status=doc.get("status") or "online", running=int(doc.get("running") or 0),
         last_heartbeat=timestamp(last),
         registered_at=timestamp(doc.get("registered_at") or doc.get("started_at")),
+        provider=doc.get("provider"), node=doc.get("node"),
     )
 
 
@@ -58,7 +60,53 @@ def _live_record(hostname: str) -> dict[str, Any] | None:
     return next((w for w in registry.live_workers(_redis()) if w.get("hostname") == hostname), None)
 
 
+def node_message(doc: dict[str, Any]) -> worker_pb2.Node:
+    """A `providers.node_document` as a Node message."""
+    return message(worker_pb2.Node, id=doc["id"], name=doc["name"], hostname=doc["hostname"], queues=doc["queues"],
+                   public_key=doc["public_key"], enabled=doc["enabled"], created_at=timestamp(doc["created_at"]),
+                   rotated_at=timestamp(doc["rotated_at"]), disabled_at=timestamp(doc["disabled_at"]))
+
+
+def _credential_reply(cls: Any, node: Any, credential: dict[str, Any]) -> Any:
+    from marketplace.providers import service as providers
+
+    return cls(node=node_message(providers.node_document(node)), credential_json=json.dumps(credential))
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    # -- a provider's nodes (the same service functions as REST /v1/providers/nodes) --
+    @rpc()
+    def EnrollNode(self, request: worker_pb2.EnrollNodeRequest, call: Call) -> worker_pb2.EnrollNodeResponse:
+        from marketplace.providers import service as providers
+
+        node, credential = providers.enroll(call.session, provider=call.me, name=request.name,
+                                            queues=list(request.queues) or None)
+        call.session.commit()
+        return _credential_reply(worker_pb2.EnrollNodeResponse, node, credential)
+
+    @rpc()
+    def ListNodes(self, request: worker_pb2.ListNodesRequest, call: Call) -> worker_pb2.ListNodesResponse:
+        from marketplace.providers import service as providers
+
+        return worker_pb2.ListNodesResponse(nodes=[node_message(d) for d in
+                                                   providers.list_nodes(call.session, provider=call.me)])
+
+    @rpc()
+    def DisableNode(self, request: worker_pb2.DisableNodeRequest, call: Call) -> worker_pb2.DisableNodeResponse:
+        from marketplace.providers import service as providers
+
+        node = providers.disable(call.session, provider=call.me, name=request.name)
+        call.session.commit()
+        return worker_pb2.DisableNodeResponse(node=node_message(providers.node_document(node)))
+
+    @rpc()
+    def RotateNode(self, request: worker_pb2.RotateNodeRequest, call: Call) -> worker_pb2.RotateNodeResponse:
+        from marketplace.providers import service as providers
+
+        node, credential = providers.rotate(call.session, provider=call.me, name=request.name)
+        call.session.commit()
+        return _credential_reply(worker_pb2.RotateNodeResponse, node, credential)
+
     @rpc()
     def Register(self, request: worker_pb2.RegisterRequest, call: Call) -> worker_pb2.RegisterResponse:
         call.admin()

@@ -28,6 +28,7 @@ def _servicers() -> list[tuple[Any, Callable[[Any, grpc.Server], None], str]]:
     from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
     from marketplace.rpc.audit import AuditServicer
     from marketplace.rpc.billing import BillingServicer
+    from marketplace.rpc.nodes import NodeServicer
     from marketplace.rpc.registry import WorkerServicer
     from marketplace.rpc.results import ResultServicer
     from marketplace.rpc.scheduling import SchedulerServicer
@@ -42,6 +43,7 @@ def _servicers() -> list[tuple[Any, Callable[[Any, grpc.Server], None], str]]:
         (SchedulerServicer(), scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
          name(scheduler_pb2, "SchedulerService")),
         (WorkerServicer(), worker_pb2_grpc.add_WorkerServiceServicer_to_server, name(worker_pb2, "WorkerService")),
+        (NodeServicer(), worker_pb2_grpc.add_NodeServiceServicer_to_server, name(worker_pb2, "NodeService")),
         (ResultServicer(), result_pb2_grpc.add_ResultServiceServicer_to_server, name(result_pb2, "ResultService")),
         (BillingServicer(), billing_pb2_grpc.add_BillingServiceServicer_to_server,
          name(billing_pb2, "BillingService")),

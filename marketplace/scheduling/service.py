@@ -27,14 +27,10 @@ class Outcome:
 
 
 def candidate_queues(spec: ModelSpec, device: str) -> list[str]:
-    """Queues the task may use, best first: `any` prefers GPU, then CPU."""
-    if device == "any":
-        devices = [d for d in ("gpu", "cpu") if d in spec.devices]
-    elif device in spec.devices:
-        devices = [device]
-    else:
-        devices = []  # the API refuses this; a stale row must not invent a queue
-    return [spec.queue(d) for d in devices]  # type: ignore[arg-type]
+    """Queues the task may use, best first: `any` prefers GPU, then CPU (the catalog's rule, which
+    the autoscaling gauge shares). None for a device the model does not run on: the API refuses
+    it, and a stale row must not invent a queue."""
+    return spec.candidate_queues(device)
 
 
 def choose_queue(candidates: list[str], capacity: dict[str, int] | None) -> str | None:

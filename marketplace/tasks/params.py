@@ -52,7 +52,7 @@ class GenericParams(_Params):
     command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="argv run in the sandbox.")
     timeout_s: float = Field(10, gt=0, le=MAX_TIMEOUT_S, description=(
         "Wall-clock limit per subtask; at most the model's time limit less a margin (590 s as shipped)."))
-    memory_mb: int = Field(256, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB, description="Address-space limit.")
+    memory_mb: int = Field(256, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB, description="Memory of the whole run, all its processes together (MB).")
 
 
 PARAMS: dict[str, type[_Params]] = {

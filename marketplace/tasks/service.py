@@ -433,6 +433,8 @@ def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal |
                   waiting: tuple[int, int] | None = None) -> TaskOut:
     cost = task.cost if task.cost is not None else running_cost
     links = task_links(task.id)
+    if TaskStatus(task.status).final:  # its completion record, proven against a signed checkpoint
+        links["receipt"] = f"{links['self']}/receipt"
     return TaskOut(
         id=str(task.id),
         status=task.status,  # type: ignore[arg-type]

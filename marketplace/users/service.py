@@ -76,6 +76,7 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
         "id": str(user.id),
         "email": user.email,
         "role": user.role,
+        "provider": bool(user.provider),
         "balance": str(user.balance),
         "available_balance": str(available_balance(session, user=user)),
         "quotas": quotas.effective_quotas(user),
@@ -85,7 +86,8 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
 
 
 # What an operator may change on an account (`marketplace users set`); None means the default.
-SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit", "share", "max_running_subtasks")
+SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit", "share", "max_running_subtasks",
+            "provider")
 
 
 def update_user(session: Session, *, email: str, actor: str, changes: dict[str, object]) -> User:

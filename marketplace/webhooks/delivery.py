@@ -1,15 +1,16 @@
 """Webhooks: POST the task document to the task's `webhook_url` on a final status, signed.
 
-`X-Marketplace-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed by the user's
-webhook_secret>` (shown in `GET /v1/me`). Delivery is a Celery task on
+`Marketplace-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + the raw body, keyed by
+the user's webhook_secret>` (shown in `GET /v1/me`); receivers check it with
+`marketplace.webhooks.signing.verify` (5 minutes' tolerance, so a captured delivery cannot be
+replayed later). The deprecated `X-Marketplace-Signature: sha256=<HMAC of the body>` is still
+sent for receivers not yet moved. Delivery is a Celery task on
 `marketplace.maintenance`, sent after the final status commits, retried with
 exponential backoff a bounded number of times. Only to public addresses, unless the
 deployment allows more for the task's owner (`marketplace/webhook_targets.py`).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import uuid
@@ -18,19 +19,15 @@ from typing import Any
 from marketplace.billing.service import SETTLE_WAIT_SECONDS
 from marketplace.infra import names
 from marketplace.infra.celery_app import app
+from marketplace.webhooks import signing
 from marketplace.webhooks.targets import private_allowed, public_session, resolved_refusal
 
 logger = logging.getLogger(__name__)
 EVENTS = {"Done": "task.completed", "Failed": "task.failed", "Cancelled": "task.cancelled"}
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: str, body: bytes, header: str) -> bool:
-    """What a receiver does: recompute the signature and compare in constant time."""
-    return hmac.compare_digest(sign(secret, body), header or "")
+# Deprecated names of the legacy (timeless) signature; receivers use `signing.verify`.
+sign, verify = signing.legacy_sign, signing.legacy_verify
 
 
 def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str], bool] | None:
@@ -55,7 +52,8 @@ def build_delivery(task_id: str) -> tuple[str, bytes, dict[str, str], bool] | No
             "User-Agent": "marketplace-webhooks/1",
             "X-Marketplace-Event": EVENTS.get(task.status, "task.finished"),
             "X-Marketplace-Delivery": task_id,
-            "X-Marketplace-Signature": sign(user.webhook_secret, body),
+            signing.HEADER: signing.sign(user.webhook_secret, body),
+            signing.LEGACY_HEADER: signing.legacy_sign(user.webhook_secret, body),  # deprecated
         }
         return task.webhook_url, body, headers, private_allowed(owner_is_admin=user.is_admin)
 

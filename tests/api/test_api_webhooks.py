@@ -75,18 +75,30 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_done_task_is_posted_signed_to_the_webhook(client, user, worker, receiver):  # type: ignore[no-untyped-def]
-    from marketplace.webhooks.delivery import verify
+    from marketplace.webhooks.delivery import verify as legacy_verify
+    from marketplace.webhooks.signing import check, verify
 
     secret = client.get("/v1/me", headers=user["headers"]).get_json()["webhook_secret"]
     task = client.post("/v1/tasks", json={"model": "echo", "inputs": [1, 2, 3], "webhook_url": receiver.url},
                        headers=user["headers"]).get_json()
     assert wait_for_task(client, user["headers"], task["id"])["status"] == "Done"
     headers, body = receiver.wait(1)[0]
+    received_at = time.time()
     assert headers["X-Marketplace-Event"] == "task.completed"
-    signature = headers["X-Marketplace-Signature"]
-    assert signature.startswith("sha256=") and verify(secret, body, signature)
+    # The receiver's check: the raw body under the timestamp it came with, within 5 minutes.
+    signature = headers["Marketplace-Signature"]
+    assert verify(secret, body, signature)
+    assert abs(check(secret, body, signature) - received_at) < 60
     assert not verify("another secret", body, signature)
     assert not verify(secret, body + b" ", signature)
+    # Replayed later: the same delivery, byte for byte, six minutes on, is refused.
+    assert not verify(secret, body, signature, now=received_at + 360)
+    # Nor can the header be moved to a fresh time: the timestamp is under the HMAC.
+    mac = signature.split("v1=")[1]
+    assert not verify(secret, body, f"t={int(received_at) + 300},v1={mac}", now=received_at + 300)
+    # The deprecated, timeless header is still sent (documented as such).
+    legacy = headers["X-Marketplace-Signature"]
+    assert legacy.startswith("sha256=") and legacy_verify(secret, body, legacy)
     doc = json.loads(body)
     assert doc["id"] == task["id"] and doc["status"] == "Done" and doc["progress"]["done"] == 1
     time.sleep(1)

@@ -266,7 +266,8 @@ def test_a_node_s_platform_memory_and_paths_are_for_admins_on_both_doors(  # typ
         seen, raw = rest(user)
         assert seen == {"hostname": hostname, "queues": ["cpu.generic"], "models": ["echo", "generic"],
                         "status": "online", "capacity": 2, "running": 1, "free": 1,
-                        "last_heartbeat": seen["last_heartbeat"], "unavailable": {"generic": "not run on this node"}}
+                        "last_heartbeat": seen["last_heartbeat"], "unavailable": {"generic": "not run on this node"},
+                        "provider": None, "node": None}
         assert "secret-place" not in raw and "Linux-6.1.0-99" not in raw and str(2**34) not in raw
         seen, _ = rest(admin)
         assert seen["unavailable"] == {"generic": reason}
@@ -284,3 +285,23 @@ def test_a_node_s_platform_memory_and_paths_are_for_admins_on_both_doors(  # typ
         assert node.facts.memory_bytes == 2**34 and node.facts.cpu_count == 8
     finally:
         deregister(redis_client, hostname=hostname)
+
+
+def test_an_auditor_reads_audit_records_over_grpc_and_nothing_else(stubs, user, rpc_error):  # type: ignore[no-untyped-def]
+    """The auditor role: AuditService.Query over the whole log; every other method refused."""
+    import grpc
+
+    from marketplace.pb.audit import audit_pb2
+    from marketplace.pb.billing import billing_pb2
+    from marketplace.pb.task import task_pb2
+    from tests.grpc.conftest import _login, set_user
+
+    set_user(user["id"], role="auditor")
+    auditor = _login(stubs, user["email"], user["password"])
+    page = stubs.audit.Query(audit_pb2.QueryRequest(limit=3), metadata=auditor["md"])
+    assert [r.seq for r in page.records] == [1, 2, 3]  # the whole log, not only its own records
+    for call, request in ((stubs.tasks.ListTasks, task_pb2.ListTasksRequest()),
+                          (stubs.billing.GetBalance, billing_pb2.GetBalanceRequest()),
+                          (stubs.audit.Verify, audit_pb2.VerifyRequest())):
+        code, detail, _ = rpc_error(call, request, metadata=auditor["md"])
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "auditor" in detail, (call, code, detail)

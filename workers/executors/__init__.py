@@ -36,8 +36,18 @@ def _build(key: tuple[str, str]) -> Executor:
     return _instances[key]
 
 
+def loads_weights(model: str) -> bool:
+    """Whether the model's executor loads weights before it can run (its class says `preload`):
+    a node announces such a model only once its pool processes have loaded and warmed it."""
+    target = _REGISTRY.get(model)
+    if target is None:
+        return False
+    module_name, _, cls_name = target.partition(":")
+    return bool(getattr(getattr(importlib.import_module(module_name), cls_name), "preload", False))
+
+
 def reset_executors() -> None:
     _instances.clear()
 
 
-__all__ = ["ExecContext", "ExecutionError", "Executor", "Stopped", "get_executor", "reset_executors"]
+__all__ = ["ExecContext", "ExecutionError", "Executor", "Stopped", "get_executor", "loads_weights", "reset_executors"]

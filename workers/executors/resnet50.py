@@ -46,6 +46,7 @@ def _sha256_file(path: Path) -> str:
 
 class ResNet50Executor:
     name = "resnet50"
+    preload = True  # its node announces `resnet50` once this process has loaded (and run) the weights
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
@@ -123,9 +124,14 @@ class ResNet50Executor:
         spec = get_catalog().get("resnet50")
         version = str((spec.params if spec else {}).get("version", "v1"))
         try:
-            self.model(get_store(), version)
+            net, _ = self.model(get_store(), version)
         except ExecutionError as exc:  # no weights pushed yet is not a broken node
             logger.warning("resnet50: warm-up skipped: %s", exc)
+            return
+        import torch
+
+        with torch.inference_mode():  # one image through it: the first job does not pay the first call
+            net(torch.zeros((1, 3, 224, 224), device=self._torch_device()))
 
     # Inputs ----------------------------------------------------------------
 

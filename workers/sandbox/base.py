@@ -57,9 +57,10 @@ class SandboxStopped(SandboxError):
 class Limits:
     """Per-run limits.
 
-    `memory_mb` is RLIMIT_AS of each process under gvisor and bwrap (so the sandbox
-    as a whole is bounded by memory_mb * max_procs) and the cgroup limit of the
-    whole container under docker. `max_procs` counts tasks (processes and
+    `memory_mb` bounds the whole run, all its processes together: a cgroup per run
+    under bwrap and gVisor (`cgroup`), the container's cgroup under docker. A node
+    without usable cgroups falls back to RLIMIT_AS of each process (bwrap, gVisor),
+    and says so at start. `max_procs` counts tasks (processes and
     threads), as RLIMIT_NPROC does; reaching it stops the run. `cpu_s` is summed
     over every process of the sandbox.
     """
@@ -231,6 +232,11 @@ def with_tail(message: str, stderr_tail: str) -> str:
     return f"{message}; stderr (last {STDERR_TAIL_BYTES} bytes):\n{tail}" if tail else message
 
 
+def oom_message(limits: Limits) -> str:
+    """A run whose cgroup's OOM killer fired: it held more than memory_mb, all processes together."""
+    return f"sandbox: memory limit of {limits.memory_mb} MB exceeded (the kernel killed the run for memory)"
+
+
 def classify_failure(outcome: Outcome, limits: Limits, n_items: int) -> str | None:
     """The limit that ended an incomplete run early, judged by its exit and stderr, if any."""
     if outcome.returncode == 0 or outcome.stdout.count(b"\n") >= n_items:
@@ -266,6 +272,7 @@ _ETC_ENTRIES = (
     "ssl",
 )
 SANDBOX_UID = 65534  # nobody
+SETPRIV = "/usr/bin/setpriv"
 SANDBOX_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": "/tmp",

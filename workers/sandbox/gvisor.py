@@ -8,13 +8,15 @@ What works on the Debian `runsc` package (release 20221219) as root, and why thi
   read-only root holding only /usr, the lib links and a few /etc files, a private
   tmpfs /tmp, uid 65534, no capabilities and rlimits in `process.rlimits`.
 - Flags: `--network=none` (only loopback inside), `--platform=ptrace` (no KVM
-  here; also the default), `--ignore-cgroups` (we do not create cgroups in the
-  host's hierarchy; limits come from rlimits and the supervisor instead), and a
+  here; also the default), `--ignore-cgroups` (runsc makes no cgroups of its own:
+  this release has no total-memory flag, so `runsc run` is started inside the run's
+  memory cgroup from `cgroup`, limit memory_mb + RUNSC_OVERHEAD_MB, and the sentry,
+  gofer and stubs that hold the command's memory are counted there), and a
   private `--root` state directory per run so concurrent runs never share state.
   `--rootless` is not used: runsc needs root for a bundle like this one, and
   check() reports a worker that is not root as unavailable.
-- Limits the sentry enforces from the spec: RLIMIT_AS (allocation fails with
-  ENOMEM / MemoryError), RLIMIT_NPROC (counts threads too, like Linux),
+- Limits the sentry enforces from the spec: RLIMIT_AS only where there is no
+  cgroup (allocation fails with ENOMEM / MemoryError), RLIMIT_NPROC (counts threads too, like Linux),
   RLIMIT_FSIZE, RLIMIT_NOFILE. RLIMIT_CPU is accepted but NOT enforced by this
   release, so the supervisor sums the host CPU time of the sandbox's processes
   (sentry, gofer and ptrace stubs, which run the application code) instead.
@@ -32,6 +34,7 @@ What works on the Debian `runsc` package (release 20221219) as root, and why thi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -40,38 +43,69 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import workers.sandbox.cgroup as cgroups
 import workers.sandbox.rundir as rundir
 from workers.sandbox.base import (
     SANDBOX_ENV,
     SANDBOX_UID,
+    SETPRIV,
     ItemResult,
     Limits,
     ProbedSandbox,
     SandboxError,
+    SandboxStopped,
     SandboxUnavailable,
     Usage,
     classify_failure,
     decode_outputs,
     encode_items,
     host_entries,
+    oom_message,
     with_tail,
 )
 from workers.sandbox.supervise import descendants, supervise
 
+logger = logging.getLogger(__name__)
+
 RUNSC_FLAGS = ("--network=none", "--platform=ptrace", "--ignore-cgroups")
 # `runsc run` outlives a worker that is SIGKILLed (hard time limit, OOM) unless the
 # kernel kills it with its parent; the sandbox it starts `--attached` follows it.
-SETPRIV = "/usr/bin/setpriv"
+# What runsc's own processes (sentry, gofer, ptrace stubs) hold beside the command's memory,
+# measured with a shell inside: ~45 MB at the cgroup's peak. The run's cgroup allows memory_mb
+# plus this much.
+RUNSC_OVERHEAD_MB = 64
+_UNSET: Any = object()
 _PS_INTERVAL_S = 0.3
 
 
 class GVisorSandbox(ProbedSandbox):
     name = "gvisor"
 
-    def __init__(self, runsc: str | None = None, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        runsc: str | None = None,
+        run_dir: Path | None = None,
+        *,
+        memory_cgroups: cgroups.MemoryCgroups | str = _UNSET,
+    ) -> None:
         super().__init__()
         self.runsc = runsc or shutil.which("runsc") or "/usr/bin/runsc"
         self.run_dir = run_dir  # None: rundir.default_run_dir(), read at each run
+        self._memory_cgroups = memory_cgroups
+
+    def memory_cgroups(self) -> cgroups.MemoryCgroups | str:
+        if self._memory_cgroups is _UNSET:
+            self._memory_cgroups = cgroups.discover()
+        return self._memory_cgroups
+
+    def hardening(self) -> dict[str, str]:
+        """How memory is bounded here, in words (node facts); system calls meet gVisor's own kernel."""
+        found = self.memory_cgroups()
+        return {
+            "memory": f"{found.describe()} (memory_mb + {RUNSC_OVERHEAD_MB} MB for runsc itself)"
+            if isinstance(found, cgroups.MemoryCgroups) else f"RLIMIT_AS per process, NOT the whole run: {found}",
+            "seccomp": "gVisor's sentry serves the system calls (and runs under its own seccomp filter)",
+        }
 
     def _bundles(self) -> Path:
         return self.run_dir or rundir.default_run_dir()
@@ -93,32 +127,59 @@ class GVisorSandbox(ProbedSandbox):
             return f"gvisor: a trivial command failed: {err}"
         if results != [ItemResult(ok=True, value="ping")]:
             return f"gvisor: a trivial command answered {results!r}"
+        if not isinstance(self.memory_cgroups(), cgroups.MemoryCgroups):
+            logger.warning("sandbox gvisor: no cgroup for the runs, memory_mb bounds each process's address "
+                           "space only (RLIMIT_AS), not the whole run: %s", self.memory_cgroups())
         return None
 
     def _run(self, command: list[str], items: list[Any], limits: Limits) -> list[ItemResult]:
-        bundle = rundir.new_bundle(self._bundles(), "gvisor")
+        found = self.memory_cgroups()
+        run_cgroup = (
+            found.create(limits.memory_bytes + RUNSC_OVERHEAD_MB * 1024 * 1024)
+            if isinstance(found, cgroups.MemoryCgroups) else None
+        )
+        try:
+            bundle = rundir.new_bundle(self._bundles(), "gvisor")
+        except BaseException:
+            if run_cgroup is not None:
+                run_cgroup.remove()
+            raise
         container_id = f"mp-{uuid.uuid4().hex[:16]}"
         state = os.path.join(bundle, "state")
         base = [self.runsc, "--root", state, *RUNSC_FLAGS]
         try:
-            _write_bundle(bundle, command, limits)
+            _write_bundle(bundle, command, limits, cgroup=run_cgroup is not None)
+            argv = [SETPRIV, "--pdeathsig", "KILL", "--", *base, "run", "--bundle", bundle, container_id]
+            if run_cgroup is not None:  # runsc, its sentry and gofer, and the stubs running the command
+                argv = run_cgroup.enter_argv() + argv
             proc = subprocess.Popen(
-                [SETPRIV, "--pdeathsig", "KILL", "--", *base, "run", "--bundle", bundle, container_id],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
             )
-            outcome = supervise(
-                proc,
-                encode_items(items),
-                limits,
-                sample=_Sampler(proc.pid, [*base, "ps", "-format=json", container_id]),
-                terminate=lambda: _kill_container(base, container_id),
-            )
+            try:
+                outcome = supervise(
+                    proc,
+                    encode_items(items),
+                    limits,
+                    sample=_Sampler(proc.pid, [*base, "ps", "-format=json", container_id]),
+                    terminate=lambda: _kill_container(base, container_id),
+                )
+            except SandboxStopped:
+                raise
+            except SandboxError as err:  # the OOM killer takes the sentry: the run ends some other way
+                if run_cgroup is not None and run_cgroup.oom_killed():
+                    raise SandboxError(f"{oom_message(limits)}; then {err}") from err
+                raise
+            if run_cgroup is not None and run_cgroup.oom_killed():
+                raise SandboxError(with_tail(oom_message(limits), outcome.stderr_tail))
         finally:
             shutil.rmtree(bundle, ignore_errors=True)
+            if run_cgroup is not None:
+                run_cgroup.remove()
         failure = classify_failure(outcome, limits, len(items))
         if failure:
             raise SandboxError(with_tail(failure, outcome.stderr_tail))
@@ -155,7 +216,7 @@ def _kill_container(base: list[str], container_id: str) -> None:
     subprocess.run([*base, "kill", "--all", container_id, "KILL"], capture_output=True, timeout=5, check=False)
 
 
-def _write_bundle(bundle: str, command: list[str], limits: Limits) -> None:
+def _write_bundle(bundle: str, command: list[str], limits: Limits, *, cgroup: bool) -> None:
     rootfs = os.path.join(bundle, "rootfs")
     os.mkdir(rootfs)
     for name in ("proc", "dev", "sys", "tmp", "etc"):
@@ -191,8 +252,9 @@ def _write_bundle(bundle: str, command: list[str], limits: Limits) -> None:
             "cwd": "/tmp",
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "noNewPrivileges": True,
-            "rlimits": [
+            "rlimits": ([] if cgroup else [  # the run's cgroup bounds all of it; else each process
                 {"type": "RLIMIT_AS", "soft": limits.memory_bytes, "hard": limits.memory_bytes},
+            ]) + [
                 {"type": "RLIMIT_NPROC", "soft": nproc, "hard": nproc},
                 {"type": "RLIMIT_FSIZE", "soft": limits.memory_bytes, "hard": limits.memory_bytes},
                 {"type": "RLIMIT_NOFILE", "soft": 512, "hard": 512},

@@ -5,14 +5,14 @@
 trigger (`marketplace.events.feed`). Without this index that first read scanned the outbox.
 
 Revision ID: 0010_task_event_notify
-Revises: 0008_fair_dispatch
+Revises: 0009_audit_checkpoints
 """
 from collections.abc import Sequence
 
 from alembic import op
 
 revision: str = "0010_task_event_notify"
-down_revision: str | Sequence[str] | None = "0008_fair_dispatch"
+down_revision: str | Sequence[str] | None = "0009_audit_checkpoints"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -163,21 +163,43 @@ class AuditEvent(_message.Message):
     signature: str
     def __init__(self, event_id: _Optional[int] = ..., task_id: _Optional[str] = ..., user_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., seq: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., subject: _Optional[str] = ..., data_json: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
+class AuditCheckpoint(_message.Message):
+    __slots__ = ("event_id", "occurred_at", "log", "size", "head", "root", "time", "signature")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    occurred_at: _timestamp_pb2.Timestamp
+    log: str
+    size: int
+    head: str
+    root: str
+    time: str
+    signature: str
+    def __init__(self, event_id: _Optional[int] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log: _Optional[str] = ..., size: _Optional[int] = ..., head: _Optional[str] = ..., root: _Optional[str] = ..., time: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+
 class Envelope(_message.Message):
-    __slots__ = ("task_created", "task_assigned", "subtask_completed", "task_completed", "task_failed", "audit_event")
+    __slots__ = ("task_created", "task_assigned", "subtask_completed", "task_completed", "task_failed", "audit_event", "audit_checkpoint")
     TASK_CREATED_FIELD_NUMBER: _ClassVar[int]
     TASK_ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     SUBTASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     TASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     TASK_FAILED_FIELD_NUMBER: _ClassVar[int]
     AUDIT_EVENT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     task_created: TaskCreated
     task_assigned: TaskAssigned
     subtask_completed: SubTaskCompleted
     task_completed: TaskCompleted
     task_failed: TaskFailed
     audit_event: AuditEvent
-    def __init__(self, task_created: _Optional[_Union[TaskCreated, _Mapping]] = ..., task_assigned: _Optional[_Union[TaskAssigned, _Mapping]] = ..., subtask_completed: _Optional[_Union[SubTaskCompleted, _Mapping]] = ..., task_completed: _Optional[_Union[TaskCompleted, _Mapping]] = ..., task_failed: _Optional[_Union[TaskFailed, _Mapping]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ...) -> None: ...
+    audit_checkpoint: AuditCheckpoint
+    def __init__(self, task_created: _Optional[_Union[TaskCreated, _Mapping]] = ..., task_assigned: _Optional[_Union[TaskAssigned, _Mapping]] = ..., subtask_completed: _Optional[_Union[SubTaskCompleted, _Mapping]] = ..., task_completed: _Optional[_Union[TaskCompleted, _Mapping]] = ..., task_failed: _Optional[_Union[TaskFailed, _Mapping]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ..., audit_checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ...) -> None: ...
 
 class SubmitTask(_message.Message):
     __slots__ = ("api_token", "user_id", "idempotency_key", "model", "inputs", "params_json", "device", "batch_size", "priority", "webhook_url", "max_cost")

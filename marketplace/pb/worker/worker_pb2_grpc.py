@@ -55,6 +55,26 @@ class WorkerServiceStub:
                 request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesRequest.SerializeToString,
                 response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesResponse.FromString,
                 _registered_method=True)
+        self.EnrollNode = channel.unary_unary(
+                '/marketplace.worker.v1.WorkerService/EnrollNode',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/marketplace.worker.v1.WorkerService/ListNodes',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.DisableNode = channel.unary_unary(
+                '/marketplace.worker.v1.WorkerService/DisableNode',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeResponse.FromString,
+                _registered_method=True)
+        self.RotateNode = channel.unary_unary(
+                '/marketplace.worker.v1.WorkerService/RotateNode',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -91,6 +111,32 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollNode(self, request, context):
+        """A provider's nodes (the provider role; REST /v1/providers/nodes). Enroll and
+        Rotate return the node's credential once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +159,26 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Capabilities,
                     request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesRequest.FromString,
                     response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesResponse.SerializeToString,
+            ),
+            'EnrollNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollNode,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DisableNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableNode,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeResponse.SerializeToString,
+            ),
+            'RotateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateNode,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +290,379 @@ class WorkerService:
             '/marketplace.worker.v1.WorkerService/Capabilities',
             marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesRequest.SerializeToString,
             marketplace_dot_pb_dot_worker_dot_worker__pb2.CapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.WorkerService/EnrollNode',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.EnrollNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.WorkerService/ListNodes',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.WorkerService/DisableNode',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.DisableNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.WorkerService/RotateNode',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.RotateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeServiceStub:
+    """What an enrolled node does, authenticated by its credential: metadata
+    `x-node-id` and `x-node-secret` on every call (a disabled node's are
+    PERMISSION_DENIED). The platform claims, stores and records for it: the node
+    holds no database URL and no object-store key.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ClaimSubtask = channel.unary_unary(
+                '/marketplace.worker.v1.NodeService/ClaimSubtask',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskResponse.FromString,
+                _registered_method=True)
+        self.CompleteSubtask = channel.unary_unary(
+                '/marketplace.worker.v1.NodeService/CompleteSubtask',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskResponse.FromString,
+                _registered_method=True)
+        self.FailSubtask = channel.unary_unary(
+                '/marketplace.worker.v1.NodeService/FailSubtask',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/marketplace.worker.v1.NodeService/Heartbeat',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.CheckStop = channel.unary_unary(
+                '/marketplace.worker.v1.NodeService/CheckStop',
+                request_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopRequest.SerializeToString,
+                response_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopResponse.FromString,
+                _registered_method=True)
+
+
+class NodeServiceServicer:
+    """What an enrolled node does, authenticated by its credential: metadata
+    `x-node-id` and `x-node-secret` on every call (a disabled node's are
+    PERMISSION_DENIED). The platform claims, stores and records for it: the node
+    holds no database URL and no object-store key.
+    """
+
+    def ClaimSubtask(self, request, context):
+        """Pending -> Running for this node; the inputs to run, or the outcome when
+        there is nothing to run (a duplicate, a task that ended).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteSubtask(self, request, context):
+        """The part, signed by the node's key over (subtask id, attempt, sha256):
+        stored by the platform and the subtask completed. A part that is unsigned,
+        signed by another key, or for a subtask this node does not hold is refused
+        (PERMISSION_DENIED); a refused part's subtask runs again elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailSubtask(self, request, context):
+        """A run that ended without a part: retry, fail for good, or stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """The node is alive (its registry record); `leaving` on shutdown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckStop(self, request, context):
+        """Whether the task of a running subtask ended (its run should stop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ClaimSubtask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimSubtask,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskResponse.SerializeToString,
+            ),
+            'CompleteSubtask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteSubtask,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskResponse.SerializeToString,
+            ),
+            'FailSubtask': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailSubtask,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatResponse.SerializeToString,
+            ),
+            'CheckStop': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckStop,
+                    request_deserializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopRequest.FromString,
+                    response_serializer=marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'marketplace.worker.v1.NodeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('marketplace.worker.v1.NodeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeService:
+    """What an enrolled node does, authenticated by its credential: metadata
+    `x-node-id` and `x-node-secret` on every call (a disabled node's are
+    PERMISSION_DENIED). The platform claims, stores and records for it: the node
+    holds no database URL and no object-store key.
+    """
+
+    @staticmethod
+    def ClaimSubtask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.NodeService/ClaimSubtask',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.ClaimSubtaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteSubtask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.NodeService/CompleteSubtask',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.CompleteSubtaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailSubtask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.NodeService/FailSubtask',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.FailSubtaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.NodeService/Heartbeat',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.NodeHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckStop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.worker.v1.NodeService/CheckStop',
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopRequest.SerializeToString,
+            marketplace_dot_pb_dot_worker_dot_worker__pb2.CheckStopResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,11 +82,17 @@ _USE = """f AS (
     )"""
 
 
+# A credentialed node's outcome (`providers.work`) moves only the run it holds: the claim it made
+# (`worker`) and the attempt it signed. NULL for an operator's node: any run of the subtask.
+_HELD = """
+          AND (CAST(:held_by AS text) IS NULL OR (worker = :held_by AND attempts = :held_attempt))"""
+
+
 def _outcome(status: str, sets: str) -> str:
     return f"""
     WITH s AS (
         UPDATE subtasks SET status = '{status}', {sets}, seconds = :seconds, finished_at = :now
-        WHERE id = :id AND status IN {sql_in(sources("subtask", status))}
+        WHERE id = :id AND status IN {sql_in(sources("subtask", status))}{_HELD}
         RETURNING *
     ), {_TASK},
     {payloads.insert_cte("e", type="SubTaskCompleted", key="s.task_id::text", payload=payloads.subtask_completed(),
@@ -95,7 +101,8 @@ def _outcome(status: str, sets: str) -> str:
     {pending_cte("a", [charges.CHARGE_RECORD, record_select("o", task_id=":task_key", source="s")])}"""
 
 
-_OUTCOME_TYPES = {"id": "uuid", "seconds": "float8", "topic": "text", **charges.TYPES, **record_types("o")}
+_OUTCOME_TYPES = {"id": "uuid", "seconds": "float8", "topic": "text", "held_by": "text", "held_attempt": "int4",
+                  **charges.TYPES, **record_types("o")}
 
 # Also answers which of the task's other subtasks this statement saw open: Pending ones (sent or
 # not), and Running ones (see `was_last`). One equality per status, so both columns of
@@ -130,6 +137,7 @@ STOP = Prepared("mp_stop", _outcome(SubTaskStatus.CANCELLED.value, "error = :err
 RETRY = text(f"""
     UPDATE subtasks SET status = '{PENDING}', error = :error
     WHERE id = :id AND status IN {sql_in(sources("subtask", PENDING))}
+      AND (CAST(:held_by AS text) IS NULL OR worker = CAST(:held_by AS text))
     RETURNING task_id
 """)
 

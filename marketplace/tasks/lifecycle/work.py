@@ -166,17 +166,21 @@ def outcome_record(*, node: str, outcome: dict[str, Any]) -> dict[str, Any]:
         action = "subtask.stopped"
     else:
         action = "subtask.finished" if outcome.get("ok") else "subtask.failed"
-    data = {k: outcome.get(k) for k in ("index", "items", "seconds", "ok", "error", "duplicate", "key", "sha256")
+    # A credentialed node's part: its node, attempt and signature are kept with the record.
+    data = {k: outcome.get(k) for k in ("index", "items", "seconds", "ok", "error", "duplicate", "key", "sha256",
+                                        "node_id", "attempt", "signature")
             if outcome.get(k) is not None}
     return pending_values(actor=f"worker:{node}", action=action, subject=f"subtask:{outcome.get('subtask_id')}",
                           data=data)
 
 
 def _outcome_params(work: Work, *, node: str, outcome: dict[str, Any], kind: str, seconds: float,
-                    now: datetime) -> dict[str, Any]:
+                    now: datetime, held: bool = False) -> dict[str, Any]:
+    """`held`: only the run `node` claimed, at the work's attempt, may move (a credentialed node's)."""
     amount, detail = charges.amount_for(model=work.model, device=work.device, seconds=seconds, items=work.items,
                                         outcome=kind)
     return {"id": uuid.UUID(work.subtask_id), "seconds": seconds, "topic": topic_for("SubTaskCompleted"),
+            "held_by": node if held else None, "held_attempt": work.attempts if held else None,
             **charges.params(user_id=work.user_id, task_id=work.task_id, subtask_id=work.subtask_id,
                              amount=amount, ok=kind == "done", detail=detail, now=now),
             **record_params("o", outcome_record(node=node, outcome=outcome))}
@@ -193,11 +197,15 @@ class Recorded:
     late_charge: bool = False  # charged after its task was settled: settle it (`billing.settle_late`)
 
 
-def complete(work: Work, *, node: str, key: str, sha256: str, seconds: float) -> Recorded:
-    """Running -> Done, with its SubTaskCompleted event, charge and audit records, in one statement."""
+def complete(work: Work, *, node: str, key: str, sha256: str, seconds: float, held: bool = False,
+             signed: dict[str, Any] | None = None) -> Recorded:
+    """Running -> Done, with its SubTaskCompleted event, charge and audit records, in one statement.
+
+    `held`: only the run `node` holds at `work.attempts` completes; `signed`: the node's id, attempt
+    and signature, kept in the outcome's audit record."""
     now = utcnow()
-    outcome = work.outcome(ok=True, key=key, sha256=sha256, seconds=seconds)
-    params = {**_outcome_params(work, node=node, outcome=outcome, kind="done", seconds=seconds, now=now),
+    outcome = work.outcome(ok=True, key=key, sha256=sha256, seconds=seconds, **(signed or {}))
+    params = {**_outcome_params(work, node=node, outcome=outcome, kind="done", seconds=seconds, now=now, held=held),
               "key": key, "sha": sha256}
     with autocommit() as conn:
         row = sql.COMPLETE.execute(conn, params).first()
@@ -223,18 +231,21 @@ def was_last(conn: Any, row: Any) -> bool:
     return not sql.OPEN_LEFT.execute(conn, {"task_id": row.task_id}).scalar()
 
 
-def retry(subtask_id: str, *, error: str) -> None:
-    """Running -> Pending before a retry, keeping the last error visible; its message is re-sent."""
+def retry(subtask_id: str, *, error: str, held_by: str | None = None) -> bool:
+    """Running -> Pending before a retry, keeping the last error visible; its message is re-sent.
+    `held_by`: only while that node holds the run. Whether the row moved."""
     with autocommit() as conn:
-        conn.execute(sql.RETRY, {"id": uuid.UUID(subtask_id), "error": error})
+        return conn.execute(sql.RETRY, {"id": uuid.UUID(subtask_id), "error": error,
+                                        "held_by": held_by}).first() is not None
 
 
-def stop(work: Work, *, node: str, seconds: float, reason: str) -> Recorded:
+def stop(work: Work, *, node: str, seconds: float, reason: str, held: bool = False) -> Recorded:
     """Running -> Cancelled: its task ended while it ran and the run was stopped; charged for the
     time it ran (`billing.charges.amount_for`, "stopped")."""
     now = utcnow()
     outcome = work.outcome(ok=False, stopped=True, error=reason, seconds=seconds)
-    params = {**_outcome_params(work, node=node, outcome=outcome, kind="stopped", seconds=seconds, now=now),
+    params = {**_outcome_params(work, node=node, outcome=outcome, kind="stopped", seconds=seconds, now=now,
+                                held=held),
               "error": reason}
     with autocommit() as conn:
         row = sql.STOP.execute(conn, params).first()
@@ -243,12 +254,13 @@ def stop(work: Work, *, node: str, seconds: float, reason: str) -> Recorded:
     return Recorded(moved=True, queue=row.queue, late_charge=bool(row.inserted) and row.hold_status == "released")
 
 
-def fail(work: Work, *, node: str, error: str, seconds: float) -> Recorded:
+def fail(work: Work, *, node: str, error: str, seconds: float, held: bool = False) -> Recorded:
     """Running -> Failed for good, charged per the price card's `failed` rule, and its task Failed
     in the same transaction (`ends.fail_task`): its other subtasks are Cancelled, stopped if running."""
     now = utcnow()
     outcome = work.outcome(ok=False, error=error, seconds=seconds)
-    params = {**_outcome_params(work, node=node, outcome=outcome, kind="failed", seconds=seconds, now=now),
+    params = {**_outcome_params(work, node=node, outcome=outcome, kind="failed", seconds=seconds, now=now,
+                                held=held),
               "error": error}
     with session_scope() as session:
         # The task's row first, as every task-level door takes it before its subtasks' rows.

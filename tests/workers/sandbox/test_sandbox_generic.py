@@ -74,7 +74,7 @@ def test_the_wall_clock_runs_out_before_celerys_soft_limit() -> None:
 
 def test_memory_param_is_the_limit(use_sandbox) -> None:  # type: ignore[no-untyped-def]
     use_sandbox("bwrap")
-    hog = ["/usr/bin/python3", "-c", "import sys; sys.stdin.read(); x = bytearray(100 << 20); print(1)"]
+    hog = ["/usr/bin/python3", "-c", "import sys; sys.stdin.read(); x = b'x' * (100 << 20); print(1)"]
     assert GenericExecutor().run([1], {"command": hog, "memory_mb": 256, "timeout_s": 5}, CTX) == [1]
     with pytest.raises(ExecutionError, match="memory limit of 64 MB exceeded"):
         GenericExecutor().run([1], {"command": hog, "memory_mb": 64, "timeout_s": 5}, CTX)
