@@ -315,9 +315,10 @@ def test_redis_runs_as_compose_starts_it_refusing_clients_without_the_password_a
     services = _services()
     argv = _argv(services["redis"]["command"])
     assert argv[:2] == ["sh", "-c"]
-    port, password = free_port(), "compose-test-pw"
+    port, password, acl = free_port(), "compose-test-pw", "compose-test-acl-name"
     script = argv[2].replace("$$", "$") + f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --save ''"
-    server = subprocess.Popen(["sh", "-c", script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+    server = subprocess.Popen(["sh", "-c", script],
+                              env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password, "REDIS_ACL_COMMAND": acl},
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_port(port)
@@ -333,12 +334,17 @@ def test_redis_runs_as_compose_starts_it_refusing_clients_without_the_password_a
         for command in (["CONFIG", "SET", "dir", "/"], ["SAVE"], ["BGSAVE"], ["DEBUG", "SLEEP", "0"], ["MODULE", "LIST"],
                         ["REPLICAOF", "127.0.0.1", "1"], ["MIGRATE"], ["SHUTDOWN"], ["ACL", "LIST"]):
             assert "unknown command" in cli(*command, auth=password), command
+        # ACL under its secret name: the platform makes provider nodes' broker users with it
+        assert cli(acl, "WHOAMI", auth=password).strip() == "default"
     finally:
         server.terminate()
         server.wait(timeout=30)
     for name, svc in _app_services().items():
         url = svc["environment"]["MARKETPLACE_REDIS_URL"]
         assert url.startswith("redis://:${REDIS_PASSWORD"), (name, url)
+        # the same secret name as the redis service's rename: enrolling a node needs it
+        assert svc["environment"]["MARKETPLACE_BROKER_ACL_COMMAND"].startswith("${REDIS_ACL_COMMAND"), name
+    assert "REDIS_ACL_COMMAND" in services["redis"]["environment"]
 
 
 def test_grpc_listens_on_every_interface_of_its_container():
