@@ -5,7 +5,9 @@ stack), the job submitted over its REST API; the chord runs on the same Redis, o
 worker of the same concurrency and Celery settings (celeryconfig.py), both up for the whole run and
 the runs interleaved (plain, marketplace, plain, ...). Prints wall time from submit to Done and the ratio.
 
-    .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3] [--mode standalone|private]
+    .venv/bin/python bench/fanout.py [--n 10 100 1000] [--repeat 3] [--mode standalone|credentials|private]
+
+`--mode credentials`: the same job run by a provider's node started from its credential alone.
 """
 from __future__ import annotations
 

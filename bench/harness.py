@@ -4,6 +4,10 @@
   embedded PostgreSQL and Redis, a worker on every queue with task events on for Flower, Flower,
   beat, the API under gunicorn, JSON logs at INFO), started for the run; jobs go through its REST
   API over HTTP, and the plain-Celery baseline runs on the same Redis, on the same machine.
+- `credentials`: `marketplace standalone --no-compute` (the control plane only) and a provider's node
+  enrolled over its API and started from its credential alone (`marketplace worker --credentials`,
+  none of the platform's settings): the work goes through the node path (NodeService over gRPC,
+  signed parts, a Redis ACL user).
 - `private`: a throwaway stack of this process (fresh database, private Redis, local object store,
   one worker of the bench's own settings, the API called in-process), for looking at one part alone.
 """
@@ -30,7 +34,7 @@ from marketplace.infra.prepared import Prepared  # noqa: E402 - reads no setting
 from tests.support.servers import CeleryWorker, Postgres, RedisServer, free_port  # noqa: E402
 
 CONTROL = list(CONTROL_QUEUES)  # the catalog names the control queues
-MODES = ("standalone", "private")
+MODES = ("standalone", "credentials", "private")
 # What a benchmark needs beside the shipped defaults: it signs up accounts from 127.0.0.1 and
 # submits more than a person would. Nothing here changes how a job runs.
 BENCH_LIMITS = {
@@ -45,7 +49,8 @@ BENCH_LIMITS = {
 
 def add_mode_argument(parser: Any) -> None:
     parser.add_argument("--mode", choices=MODES, default="standalone",
-                        help="standalone: `marketplace standalone` as shipped (default); private: this process's stack")
+                        help="standalone: `marketplace standalone` as shipped (default); credentials: its "
+                             "--no-compute head and an enrolled node on its credential; private: this process's stack")
 
 
 class HttpResponse:
@@ -89,14 +94,21 @@ class Marketplace:
         self.pid: int | None = None  # the standalone's, for a profiler
 
     def serve(self, queues: list[str], *, concurrency: int = 2, name: str = "bench") -> None:
-        """A node for `queues` (private mode); the standalone's own node serves every queue."""
+        """A node for `queues` (private mode), an enrolled provider's node (credentials mode); the
+        standalone's own node serves every queue."""
         if self.mode == "standalone":
+            return
+        if self.mode == "credentials":
+            self.nodes.append(enrolled_node(self, queues, concurrency=concurrency, name=name))
             return
         node = start_worker(CONTROL + queues, concurrency=concurrency, name=name)
         self.nodes.append(node)
         wait_marketplace_ready(node)
 
     def describe(self) -> str:
+        if self.mode == "credentials":
+            return ("on `marketplace standalone --no-compute` and a provider's node started from its credential "
+                    "(prefork -c 2, -E)")
         if self.mode == "standalone":
             return "on `marketplace standalone` as shipped (its worker prefork -c 2, -E; Flower; beat; gunicorn API)"
         return "on the private bench stack (prefork -c 2, no Flower, logs at WARNING)"
@@ -119,11 +131,14 @@ def marketplace(mode: str, *, extra_env: dict[str, str] | None = None) -> Iterat
 
 @contextmanager
 def _side(mode: str, extra_env: dict[str, str] | None) -> Iterator[Marketplace]:
-    if mode == "standalone":
-        with standalone(extra_env=extra_env) as run:
+    if mode in ("standalone", "credentials"):
+        with standalone(extra_env=extra_env, no_compute=mode == "credentials") as run:
             mp = Marketplace(mode, HttpClient(run["url"]), run["env"], run["data"])
             mp.pid = run["proc"].pid
-            yield mp
+            try:
+                yield mp
+            finally:
+                mp.stop()
     else:
         with stack(extra_env=extra_env) as run:
             mp = Marketplace(mode, None, run["env"], tempfile.gettempdir())
@@ -135,7 +150,7 @@ def _side(mode: str, extra_env: dict[str, str] | None) -> Iterator[Marketplace]:
 
 
 @contextmanager
-def standalone(extra_env: dict[str, str] | None = None, *, concurrency: int = 2,
+def standalone(extra_env: dict[str, str] | None = None, *, concurrency: int = 2, no_compute: bool = False,
                timeout: float = 300) -> Iterator[dict[str, Any]]:
     """`marketplace standalone` as a user starts it, on free ports and a fresh data dir; yields
     {'url', 'env', 'data', 'proc'} once its /readyz says ready (its nodes online, their models
@@ -153,7 +168,7 @@ def standalone(extra_env: dict[str, str] | None = None, *, concurrency: int = 2,
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "marketplace"), "standalone", "--data-dir", str(Path(data) / "data"),
              "--port", str(port), "--grpc-port", str(free_port()), "--flower-port", str(free_port()),
-             "--concurrency", str(concurrency)],
+             "--concurrency", str(concurrency), *(["--no-compute"] if no_compute else [])],
             cwd=product, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -177,6 +192,44 @@ def standalone(extra_env: dict[str, str] | None = None, *, concurrency: int = 2,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def enrolled_node(mp: Marketplace, queues: list[str], *, concurrency: int = 2, name: str = "bench") -> CeleryWorker:
+    """A node for `queues` as a provider runs one: enrolled over the API (by the standalone's admin),
+    started from the credential file alone, returned once GET /v1/workers shows it online."""
+    import re
+
+    log = Path(mp.log_dir) / "standalone.log"
+    email, password = re.search(r"Admin\s+(\S+) / (\S+)", log.read_text(errors="replace")).groups()
+    token = mp.client.post("/v1/auth/login", json={"email": email, "password": password}).get_json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    resp = mp.client.post("/v1/providers/nodes", json={"name": name, "queues": queues}, headers=headers)
+    assert resp.status_code == 201, resp.get_json()
+    home = Path(tempfile.mkdtemp(prefix=f"mp-bench-node-{name}-"))
+    credential = home / "credential.json"
+    credential.write_text(json.dumps(resp.get_json()["credential"]))
+    credential.chmod(0o600)
+    node = CeleryWorker.__new__(CeleryWorker)  # the same handle (stop, log) over the node's process
+    node.name, node.queues = name, queues
+    node.log = home / "node.log"
+    # The provider's machine: none of the platform's settings, only the credential.
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+           "MARKETPLACE_METRICS_PORT": "0"}
+    node.proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "marketplace"), "worker", "--credentials", str(credential),
+         "-Q", ",".join(queues), "-c", str(concurrency)],
+        cwd=home, env=env, stdout=open(node.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        workers = mp.client.get("/v1/workers", headers=headers).get_json()["workers"]
+        if any(w.get("node") == name and w["status"] == "online" for w in workers):
+            return node
+        if node.proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    node.stop()
+    raise RuntimeError(f"enrolled node {name} not online:\n{node.log.read_text(errors='replace')[-3000:]}")
 
 
 def _free_ports(count: int) -> int:

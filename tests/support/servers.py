@@ -210,15 +210,19 @@ class CeleryWorker:
         return f"{self.name}@{socket.gethostname()}"
 
     def wait_ready(self, redis_client, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-        """Ready once this process's registry heartbeat appears (sent on worker_ready); not a
-        predecessor's under the same name, whose record outlives it by the TTL."""
+        """Ready once this process's registry heartbeat appears (sent on worker_ready) with no served
+        model still loading (warm-up), as `/readyz` counts a node ready; not a predecessor's record
+        under the same name, which outlives it by the TTL."""
+        from marketplace.registry.service import LOADING
+
         deadline = time.monotonic() + timeout
         key = f"marketplace:worker:{self.hostname}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
             raw = redis_client.get(key)
-            if raw is not None and json.loads(raw).get("pid") == self.proc.pid:
+            record = json.loads(raw) if raw is not None else {}
+            if record.get("pid") == self.proc.pid and LOADING not in (record.get("unavailable") or {}).values():
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker {self.hostname} not ready:\n{self.tail()}")
