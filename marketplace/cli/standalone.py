@@ -291,7 +291,9 @@ class Standalone:
             if self.compute:
                 click.echo(f"  More nodes set -a; . {self._node_env()}; set +a; "
                            "celery -A marketplace worker -Q cpu.generic -E -n extra@%h")
-            else:
+            else:  # the platform's environment, for the operator's own commands (users set --provider, ...)
+                click.echo(f"  Operator   set -a; . {self._node_env()}; set +a; "
+                           "marketplace users set EMAIL --provider")
                 click.echo("  Compute    none here (--no-compute): a provider enrolls nodes "
                            "(marketplace nodes enroll --name NAME -o node.json) and starts each with "
                            "marketplace worker --credentials node.json -Q cpu.generic")

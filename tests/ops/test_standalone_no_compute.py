@@ -55,6 +55,11 @@ def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 def test_a_head_node_runs_no_compute_and_an_enrolled_node_runs_the_jobs(head: Running, tmp_path: Path) -> None:
     assert "Compute    none here (--no-compute)" in head.output()
+    # the operator's shell gets the platform's environment (users set --provider needs the database)
+    operator_env = head.data / "node.env"
+    assert f"Operator   set -a; . {operator_env}; set +a;" in head.output()
+    assert operator_env.stat().st_mode & 0o777 == 0o600
+    assert "MARKETPLACE_DATABASE_URL=" in operator_env.read_text()
     token = head.admin_token()
     workers = head.call("/v1/workers", token=token)["workers"]
     assert all(set(w["queues"]) <= {"marketplace.scheduler", "marketplace.results", "marketplace.maintenance"}
