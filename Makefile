@@ -55,6 +55,7 @@ proto-check: install
 # fanout, batching, latency, inference and warm_start on `marketplace standalone` as shipped.
 bench: install
 	cd bench && ../$(PY) fanout.py --mode standalone
+	cd bench && ../$(PY) fanout.py --mode credentials --n 100 1000
 	cd bench && ../$(PY) batching.py --mode standalone
 	cd bench && ../$(PY) latency.py --mode standalone
 	cd bench && ../$(PY) api_load.py
