@@ -59,6 +59,7 @@ bench: install
 	cd bench && ../$(PY) batching.py --mode standalone
 	cd bench && ../$(PY) latency.py --mode standalone
 	cd bench && ../$(PY) api_load.py
+	cd bench && ../$(PY) event_streams.py
 	cd bench && ../$(PY) inference.py --mode standalone
 	cd bench && ../$(PY) warm_start.py --mode standalone
 	cd bench && ../$(PY) billing_audit.py
