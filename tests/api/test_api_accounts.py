@@ -184,5 +184,12 @@ def test_operators_list_accounts_and_set_roles_and_quotas(client, stack):  # typ
         assert bad.exit_code == 2, (args, bad.output)
     missing = runner.invoke(main, ["users", "set", "nobody@example.com", "--role", "user"])
     assert missing.exit_code == 1 and "no account nobody@example.com" in missing.output
-    records = client.get("/v1/audit", headers=u["headers"]).get_json()["records"]
-    assert [r for r in records if r["action"] == "user.updated"], records[-3:]
+    # every page (an admin reads the whole log, from its first record, whatever earlier tests wrote)
+    records, cursor = [], ""
+    while True:
+        page = client.get(f"/v1/audit?limit=1000{cursor}", headers=u["headers"]).get_json()
+        records += page["records"]
+        if not page["next_cursor"]:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert [r for r in records if r["action"] == "user.updated" and r["subject"] == f"user:{me['id']}"], records[-3:]
