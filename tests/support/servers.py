@@ -209,10 +209,11 @@ class CeleryWorker:
     def hostname(self) -> str:
         return f"{self.name}@{socket.gethostname()}"
 
-    def wait_ready(self, redis_client, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    def wait_ready(self, redis_client, timeout: float = 60.0, *, loaded: bool = True) -> None:  # type: ignore[no-untyped-def]
         """Ready once this process's registry heartbeat appears (sent on worker_ready) with no served
-        model still loading (warm-up), as `/readyz` counts a node ready; not a predecessor's record
-        under the same name, which outlives it by the TTL."""
+        model still loading (warm-up), as `/readyz` counts a node ready (`loaded=False`: its first
+        heartbeat, loading or not); not a predecessor's record under the same name, which outlives
+        it by the TTL."""
         from marketplace.registry.service import LOADING
 
         deadline = time.monotonic() + timeout
@@ -222,7 +223,8 @@ class CeleryWorker:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
             raw = redis_client.get(key)
             record = json.loads(raw) if raw is not None else {}
-            if record.get("pid") == self.proc.pid and LOADING not in (record.get("unavailable") or {}).values():
+            if record.get("pid") == self.proc.pid and (
+                not loaded or LOADING not in (record.get("unavailable") or {}).values()):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"worker {self.hostname} not ready:\n{self.tail()}")

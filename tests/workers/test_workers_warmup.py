@@ -56,7 +56,7 @@ def test_embedding_node_announces_the_model_only_after_every_pool_process_loaded
     from marketplace.registry.service import serves
 
     node = nodes(["cpu.embedding"], concurrency=2)
-    node.wait_ready(redis_client)
+    node.wait_ready(redis_client, loaded=False)  # its first heartbeat: the test watches the loading
     # Online at once (its heartbeat is there), the model not yet: importing torch alone takes seconds.
     first = _record(redis_client, node)
     assert first["unavailable"] == {"embedding": LOADING}, first
@@ -103,7 +103,7 @@ def test_node_that_cannot_load_embedding_refuses_it_and_says_why(  # type: ignor
         (path / "modules.json").write_text("[{]")
         why = "could not load it on cpu"
     node = nodes(["cpu.embedding"], concurrency=1, env={"MARKETPLACE_EMBEDDING_MODEL_PATH": str(path)})
-    node.wait_ready(redis_client)
+    node.wait_ready(redis_client, loaded=False)  # its first heartbeat: the test watches the loading
     started = time.monotonic()
 
     def refused() -> str | None:
