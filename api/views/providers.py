@@ -42,8 +42,12 @@ class CredentialOut(BaseModel):
         "The node starts from it alone: `marketplace worker --credentials FILE -Q <queues>`."))
 
 
+class ListedNodeOut(NodeOut):
+    online: bool = Field(description="its heartbeat is current (it appears in GET /v1/workers)")
+
+
 class NodesOut(BaseModel):
-    nodes: list[NodeOut]
+    nodes: list[ListedNodeOut]
 
 
 class EarningsOut(BaseModel):

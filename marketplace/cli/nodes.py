@@ -55,7 +55,8 @@ def nodes_list(as_json: bool, config_dir: str) -> None:
         _echo_json(rows)
         return
     for n in rows:
-        click.echo(f"{n['name']:<24} {'enabled' if n['enabled'] else 'disabled':<9} {','.join(n['queues'])}")
+        state = ("online" if n.get("online") else "offline") if n["enabled"] else "disabled"
+        click.echo(f"{n['name']:<24} {state:<9} {','.join(n['queues'])}")
 
 
 @nodes.command("disable")

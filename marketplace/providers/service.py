@@ -112,12 +112,18 @@ def _own_node(session: Session, *, provider: User, name: str) -> Node:
 
 
 def disable(session: Session, *, provider: User, name: str) -> Node:
-    """Refuse the node's calls and parts from now on, and remove its broker user."""
+    """Refuse the node's calls and parts from now on, remove its broker user, and take it out of
+    the registry (GET /v1/workers, the scheduler's live nodes) instead of waiting for its heartbeat
+    to expire."""
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import deregister
+
     node = _own_node(session, provider=provider, name=name)
     if node.enabled:
         node.enabled = False
         node.disabled_at = utcnow()
         broker_acl.remove_user(_broker(), node_id=node.id)
+        deregister(get_redis(), hostname=node.hostname)
         audit.append(session, actor=f"user:{provider.id}", action="node.disabled", subject=f"node:{node.id}",
                      data={"name": node.name})
     return node
@@ -146,9 +152,14 @@ def node_document(node: Node) -> dict[str, Any]:
 
 
 def list_nodes(session: Session, *, provider: User) -> list[dict[str, Any]]:
+    """The provider's nodes, each with `online`: its heartbeat is current (as in GET /v1/workers)."""
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import live_workers
+
     require_provider(provider)
     rows = session.scalars(select(Node).where(Node.provider_id == provider.id).order_by(Node.created_at))
-    return [node_document(n) for n in rows]
+    live = {w.get("hostname") for w in live_workers(get_redis())}
+    return [{**node_document(n), "online": n.hostname in live} for n in rows]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ _known: dict[tuple[str, str], tuple[float, providers.NodeIdentity]] = {}
 _known_lock = threading.Lock()
 
 
-def node_of(call: Call) -> providers.NodeIdentity:
+def node_of(call: Call, *, fresh: bool = False) -> providers.NodeIdentity:
+    """The calling node. `fresh`: read it now, not from the cache (a heartbeat, every few seconds:
+    a node disabled a moment ago must not register itself again for AUTH_CACHE_S)."""
     meta = {k.lower(): str(v) for k, v in (call.context.invocation_metadata() or ())}
     if not meta.get("x-node-id") or not meta.get("x-node-secret"):
         raise errors.Unauthenticated("missing node credential: send x-node-id and x-node-secret metadata")
@@ -30,9 +32,14 @@ def node_of(call: Call) -> providers.NodeIdentity:
     now = time.monotonic()
     with _known_lock:
         hit = _known.get(key)
-    if hit is not None and now - hit[0] < AUTH_CACHE_S:
+    if hit is not None and now - hit[0] < AUTH_CACHE_S and not fresh:
         return hit[1]
-    node = providers.authenticate(call.session, node_id=key[0], secret=key[1])
+    try:
+        node = providers.authenticate(call.session, node_id=key[0], secret=key[1])
+    except (errors.Unauthenticated, errors.PermissionDenied):  # refused now: its other calls too, not only after the cache expires
+        with _known_lock:
+            _known.pop(key, None)
+        raise
     with _known_lock:
         if len(_known) > 10_000:
             _known.clear()
@@ -78,7 +85,7 @@ class NodeServicer(worker_pb2_grpc.NodeServiceServicer):
 
     @rpc(auth=False)
     def Heartbeat(self, request: worker_pb2.NodeHeartbeatRequest, call: Call) -> worker_pb2.NodeHeartbeatResponse:
-        node = node_of(call)
+        node = node_of(call, fresh=True)
         call.session.close()
         info = parse_json(request.info_json, field="info_json", default={})
         if not isinstance(info, dict):

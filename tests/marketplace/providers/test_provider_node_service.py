@@ -210,6 +210,8 @@ def test_disable_and_rotate_refuse_the_old_credential(embedding_nodes, control_p
     listed = client.get("/v1/providers/nodes", headers=provider["headers"]).get_json()["nodes"]
     by_name = {n["name"]: n for n in listed}
     assert by_name[a.credential["name"]]["enabled"] is False and by_name[b.credential["name"]]["rotated_at"]
+    # b has just beaten with its fresh credential; a is disabled (its heartbeat dropped)
+    assert by_name[b.credential["name"]]["online"] is True and by_name[a.credential["name"]]["online"] is False
     assert "node_secret" not in json.dumps(listed) and "private_key" not in json.dumps(listed)
 
 
