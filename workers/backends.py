@@ -53,7 +53,7 @@ class LocalBackend:
         from marketplace.infra.storage import get_store
         from marketplace.results.service import part_key
 
-        key = part_key(work.task_id, work.index)
+        key = part_key(work.task_id, work.index, work.replica)
         sha = get_store().put_bytes(key, part, "application/json")
         with _database():
             recorded = lifecycle.complete(work, node=hostname, key=key, sha256=sha, seconds=seconds)

@@ -22,6 +22,44 @@ PENDING, RUNNING = SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value
 assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANCEL_OPEN and STOP
 
 # -- claim: Pending -> Running (and the task Scheduled -> InProgress) --------------------------------
+# Verified results: a node never runs two replicas of one batch, and a demoted node
+# (`registry.reputation`) gets no solo work: the first run of a redundancy-1 task's batch. Spot
+# checks and replicas it still gets, so it can earn its standing back. `t` is the task's row,
+# `subtasks` the claimed one. Where it does not hold, the checked path decides (`work._claim_checked`).
+_SIBLING_HERE = """EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = subtasks.task_id AND o.index = subtasks.index
+                              AND o.id <> subtasks.id AND o.worker = :worker)"""
+_DEMOTED = "EXISTS (SELECT 1 FROM node_reputation r WHERE r.worker = :worker AND r.demoted)"
+ELIGIBLE = f"""NOT {_SIBLING_HERE}
+          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DEMOTED})"""
+# Why the checked path's Pending row was not claimable here: (a replica of it ran here, demoted).
+REFUSAL = text(f"""
+    SELECT {_SIBLING_HERE} AS sibling_here, (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted
+    FROM subtasks JOIN tasks t ON t.id = subtasks.task_id WHERE subtasks.id = :id
+""")
+# A replica this node may not run (another replica of its batch ran here) trades its payload with a
+# never-run Pending row of the same task that this node may run (what each row runs is its batch:
+# index, replica, inputs; the rows, their messages and sends stay as they are). Without it, two
+# nodes taking adjacent replicas would send one back to the queue about every other time.
+SWAP = text(f"""
+    WITH me AS (
+        SELECT id, index, replica, inputs, items, platform_paid FROM subtasks
+        WHERE id = :id AND status = '{PENDING}' AND attempts = 0 FOR UPDATE
+    ), other AS (
+        SELECT o.id, o.index, o.replica, o.inputs, o.items, o.platform_paid FROM subtasks o, me
+        WHERE o.task_id = :task_id AND o.status = '{PENDING}' AND o.attempts = 0 AND o.index <> me.index
+          AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = o.task_id AND x.index = o.index
+                          AND x.worker = :worker)
+        ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
+    )
+    UPDATE subtasks SET
+        index = CASE WHEN subtasks.id = me.id THEN other.index ELSE me.index END,
+        replica = CASE WHEN subtasks.id = me.id THEN other.replica ELSE me.replica END,
+        inputs = CASE WHEN subtasks.id = me.id THEN other.inputs ELSE me.inputs END,
+        items = CASE WHEN subtasks.id = me.id THEN other.items ELSE me.items END,
+        platform_paid = CASE WHEN subtasks.id = me.id THEN other.platform_paid ELSE me.platform_paid END
+    FROM me, other WHERE subtasks.id IN (me.id, other.id)
+    RETURNING subtasks.id
+""")
 # The common case in one round trip: a Pending subtask of an active task becomes Running, the task
 # InProgress, and task_prerun's carried `subtask.started` record (bound as `c*`, NULL when there is
 # none) is written. `first_start_of`: the task's creation time when this claim started it (the wait
@@ -35,8 +73,9 @@ CLAIM_PENDING = Prepared("mp_claim_pending", f"""
                worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         FROM tasks t
         WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND t.id = subtasks.task_id AND t.status IN {ACTIVE}
+          AND {ELIGIBLE}
         RETURNING subtasks.task_id, subtasks.index, subtasks.items, subtasks.inputs, subtasks.attempts,
-                  t.user_id, t.model, t.queue, t.params
+                  subtasks.replica, subtasks.platform_paid, t.user_id, t.model, t.queue, t.params
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status = '{TaskStatus.SCHEDULED.value}'
@@ -48,8 +87,8 @@ CLAIM_PENDING = Prepared("mp_claim_pending", f"""
 
 LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
-           s.worker, s.worker_incarnation, s.celery_id, s.started_at, s.attempts,
-           t.status AS task_status, t.user_id, t.model, t.queue, t.params
+           s.worker, s.worker_incarnation, s.celery_id, s.started_at, s.attempts, s.replica, s.platform_paid,
+           t.status AS task_status, t.user_id, t.model, t.queue, t.params, t.redundancy
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
 """)

@@ -46,6 +46,8 @@ class Work:
     params: dict[str, Any]
     attempts: int
     waited: float | None = None  # seconds from submit to this, the task's first start
+    replica: int = 0  # which run of its batch (verified results: 0..k-1, then spot checks and tie-breaks)
+    platform_paid: bool = False  # a spot check or a tie-break: not charged to the task's owner
 
     def outcome(self, **extra: Any) -> dict[str, Any]:
         """The outcome dict `workers.run_subtask` returns (and its audit record is made of)."""
@@ -58,7 +60,8 @@ def _work(subtask_id: str, row: Any, attempts: int, first_start_of: datetime | N
     return Work(subtask_id=subtask_id, task_id=str(row.task_id), user_id=str(row.user_id), model=row.model,
                 device=queue.split(".", 1)[0], queue=row.queue or "", index=row.index, items=row.items,
                 inputs=row.inputs, params=row.params or {}, attempts=attempts,
-                waited=(now - first_start_of).total_seconds() if first_start_of else None)
+                waited=(now - first_start_of).total_seconds() if first_start_of else None,
+                replica=int(row.replica or 0), platform_paid=bool(row.platform_paid))
 
 
 def _skipped(subtask_id: str, row: Any, **extra: Any) -> dict[str, Any]:
@@ -112,6 +115,17 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                         seconds=row.seconds), None
     if SubTaskStatus(row.status).final:
         return _skipped(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), None
+    if row.status == SubTaskStatus.PENDING.value:
+        refusal = conn.execute(sql.REFUSAL, {"id": sid, "worker": node}).first()
+        if refusal.demoted:  # no solo work for a node under the reputation threshold: another node's
+            return _skipped(subtask_id, row, ok=False, elsewhere=True,
+                            error=f"node {node} is demoted: it runs replicas, not solo work"), None
+        if refusal.sibling_here:  # a replica of this batch ran here: run another batch's, or go elsewhere
+            swapped = conn.execute(sql.SWAP, {"id": sid, "task_id": row.task_id, "worker": node}).first()
+            if swapped is None:
+                return _skipped(subtask_id, row, ok=False, elsewhere=True,
+                                error=f"a replica of subtask {row.index} already ran on {node}"), None
+            row = conn.execute(sql.LOAD, {"id": sid}).first()
     if row.status == SubTaskStatus.RUNNING.value and row.celery_id and row.celery_id != message_id and row.worker:
         # Another message (recovery re-sent the subtask) while a live node still runs the first:
         # let that one finish rather than run the subtask twice at once. The same message coming
@@ -179,6 +193,8 @@ def _outcome_params(work: Work, *, node: str, outcome: dict[str, Any], kind: str
     """`held`: only the run `node` claimed, at the work's attempt, may move (a credentialed node's)."""
     amount, detail = charges.amount_for(model=work.model, device=work.device, seconds=seconds, items=work.items,
                                         outcome=kind)
+    if work.platform_paid:  # a spot check or a tie-break: the platform's cost, not the owner's
+        amount = None
     return {"id": uuid.UUID(work.subtask_id), "seconds": seconds, "topic": topic_for("SubTaskCompleted"),
             "held_by": node if held else None, "held_attempt": work.attempts if held else None,
             **charges.params(user_id=work.user_id, task_id=work.task_id, subtask_id=work.subtask_id,
