@@ -44,6 +44,15 @@ class LocalBackend:
         with _database():
             return lifecycle.claim(subtask_id, node=hostname, message_id=message_id, incarnation=incarnation)
 
+    def redirect(self, subtask_id: str, *, hostname: str) -> str | None:
+        from marketplace.scheduling.dispatch import redirect
+
+        try:
+            return redirect(subtask_id, refused_by=hostname)
+        except Exception:  # the shared queue, then
+            logger.warning("could not redirect subtask %s", subtask_id, exc_info=True)
+            return None
+
     def store(self) -> Any:
         from marketplace.infra.storage import get_store
 
@@ -150,6 +159,9 @@ class NodeBackend:
         fields = json.loads(reply.work_json)
         self._tickets[subtask_id] = (keys.sealed_fields(fields), reply.ticket)
         return None, lifecycle.Work(**fields)
+
+    def redirect(self, subtask_id: str, *, hostname: str) -> str | None:
+        return None  # the platform redirects at the claim (`providers.work.claim`), or answers Elsewhere
 
     def _ticket(self, work: lifecycle.Work) -> tuple[str, str]:
         return self._tickets.pop(work.subtask_id, ("", ""))

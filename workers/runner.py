@@ -40,6 +40,7 @@ class Retry:
 
     error: str
     infrastructure: bool = False
+    elsewhere: bool = False  # not for this node (verified results): back to the queue at once, for another
 
 
 def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: str | None = None
@@ -55,8 +56,11 @@ def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: s
         return {"ok": False, "skipped": True, "refused": True, "subtask_id": subtask_id, "error": str(exc)}
     if early is not None or work is None:
         early = early or {}
-        if early.pop("elsewhere", False):  # not for this node (verified results): back to the queue for another
-            return Retry(early["error"], infrastructure=True)
+        if early.pop("elsewhere", False):  # not for this node (verified results): to one that may run it
+            target = backend.redirect(subtask_id, hostname=hostname)
+            if target is None:  # none live now: back to the queue
+                return Retry(early["error"], infrastructure=True, elsewhere=True)
+            return {**early, "skipped": True, "redirected": target}
         if early.pop("abandoned", False):  # it kept outliving its time limit: fail it, with the reason
             return _failure(backend, _work_of(early), hostname, early["error"], time.perf_counter(), retryable=False)
         return early

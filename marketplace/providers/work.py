@@ -110,8 +110,13 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
         # no message it got. Undone at once (the run goes back to Pending), and refused.
         lifecycle.retry(subtask_id, error=f"claimed by node {node.name} outside its queues", held_by=node.hostname)
         raise PermissionDenied(f"subtask {subtask_id} is on {work.queue}, not a queue of node {node.name}")
-    if early is not None and early.pop("elsewhere", False):  # not for this node: back to the queue for another
-        raise Conflict(early["error"])
+    if early is not None and early.pop("elsewhere", False):  # not for this node (verified results)
+        from marketplace.scheduling.dispatch import redirect
+
+        target = redirect(subtask_id, refused_by=node.hostname)
+        if target is None:  # FAILED_PRECONDITION: the node's message goes back to the queue for another
+            raise Conflict(early["error"])
+        return {**early, "skipped": True, "redirected": target}, None
     if early is not None and early.pop("abandoned", False):  # it kept outliving its limit: fail it here
         row = _load(subtask_id)
         stuck = _work(subtask_id, row, int(row.attempts))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery import group, signature
 from sqlalchemy import text
@@ -200,7 +201,7 @@ def _publish_all(queue: str, sent: dict[str, list[str]], meta: dict[str, tuple[s
             _resend_when_back(task_id, exc)
 
 
-def publish(task_id: str, message_ids: list[str], *, queue: str, time_limit: float,
+def publish(task_id: str, message_ids: list[str], *, queue: Any, time_limit: float,
             trace_id: str | None = None) -> None:
     """One group of `workers.run_subtask` messages (`<subtask id>:<dispatch>` each) on `queue`.
 
@@ -237,6 +238,65 @@ def resend(task_id: str, subtask_ids: list[str], *, queue: str, model: str, trac
         publish(task_id, [mid for mid, _ in sent], queue=queue, time_limit=get_catalog().time_limit(model),
                 trace_id=trace_id)
     return [index for _, index in sent]
+
+
+# Verified results: the nodes that may not run a subtask (a replica of its batch ran there; a demoted
+# node and a redundancy-1 task's first run), and where it may go instead.
+_REDIRECT_FACTS = text("""
+    SELECT t.queue, t.model, t.trace_id, s.task_id,
+           (t.redundancy = 1 AND s.replica = 0) AS solo,
+           ARRAY(SELECT o.worker FROM subtasks o WHERE o.task_id = s.task_id AND o.index = s.index
+                 AND o.id <> s.id AND o.worker IS NOT NULL) AS ran_on
+    FROM subtasks s JOIN tasks t ON t.id = s.task_id
+    WHERE s.id = :id AND s.status = 'Pending' AND t.status IN ('Scheduled', 'InProgress')
+""")
+_STANDING = text("""
+    SELECT h AS worker, r.demoted, r.agreed, r.disagreed, EXISTS (SELECT 1 FROM nodes n WHERE n.hostname = h) AS enrolled
+    FROM unnest(CAST(:names AS text[])) AS h LEFT JOIN node_reputation r ON r.worker = h
+""")
+
+
+def redirect(subtask_id: str, *, refused_by: str) -> str | None:
+    """Send a subtask that `refused_by` may not run straight to a live node that may (Celery's
+    per-node queue, `worker_direct`), as a new message: the best-scored such node, then the
+    freest. A shared queue would hand it to any of its consumers, the refusing one included.
+    Returns that node, or None where none is live (the caller sends the message back to the
+    queue). Credentialed nodes have no per-node queue (their broker user reaches their queues
+    only): they get such work from the shared queue."""
+    from celery.utils.nodenames import worker_direct
+
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry import reputation
+    from marketplace.registry.service import live_workers, serves
+
+    with get_engine().connect() as conn:
+        facts = conn.execute(_REDIRECT_FACTS, {"id": subtask_id}).first()
+        if facts is None or not facts.queue:
+            return None
+        excluded = {refused_by, *facts.ran_on}
+        live = [w for w in live_workers(get_redis()) if w.get("hostname") not in excluded
+                and serves(w, facts.queue, facts.model)]
+        if not live:
+            return None
+        standing = {r.worker: r for r in conn.execute(_STANDING, {"names": [w["hostname"] for w in live]})}
+    candidates = []
+    for w in live:
+        rec = standing.get(w["hostname"])
+        if rec is None or rec.enrolled or (facts.solo and rec.demoted):
+            continue
+        score = reputation.wilson_lower_bound(rec.agreed or 0, (rec.agreed or 0) + (rec.disagreed or 0))
+        free = int(w.get("concurrency") or 1) - int(w.get("running") or 0)
+        candidates.append((score, free, w["hostname"]))
+    if not candidates:
+        return None
+    target = max(candidates)[2]
+    with get_engine().begin() as conn:
+        sent = lifecycle.resend(conn, [subtask_id], count=False)
+    if not sent:
+        return None
+    publish(str(facts.task_id), [mid for mid, _ in sent], queue=worker_direct(target),
+            time_limit=get_catalog().time_limit(facts.model), trace_id=facts.trace_id)
+    return target
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:
