@@ -90,6 +90,7 @@ class Verdict:
     more: dict[int, int] = field(default_factory=dict)  # index -> replicas to add
     failed: dict[int, str] = field(default_factory=dict)  # index -> why no quorum can be reached
     groups: dict[int, tuple[list[Any], list[Any]]] = field(default_factory=dict)  # index -> (agreed, disagreed)
+    ran_on: dict[int, set[str]] = field(default_factory=dict)  # index -> nodes, for the batches short of a quorum
 
 
 def judge(*, model: str, redundancy: int, runs: list[Any], store: Any) -> Verdict:
@@ -120,6 +121,7 @@ def judge(*, model: str, redundancy: int, runs: list[Any], store: Any) -> Verdic
         room = planned + extra - len(group)
         if need - nodes <= room:
             verdict.more[index] = need - nodes
+            verdict.ran_on[index] = {r.worker for r in group}
         else:
             distinct = len({r.worker for r in group})
             verdict.failed[index] = (f"{distinct} nodes disagreed on subtask {index}: no {need} of them "
@@ -148,6 +150,26 @@ def _outputs(run: Any, loaded: dict[str, list[Any]], store: Any) -> list[Any]:
     if key not in loaded:
         loaded[key] = json.loads(store.get_bytes(key))
     return loaded[key]
+
+
+def without_tiebreaker(verdict: Verdict, *, queue: str | None, model: str) -> str | None:
+    """Why a verdict's extra replicas cannot run (every live node of the queue already ran a replica
+    of that batch), or None. Registry unreachable: None (they wait, as any subtask does)."""
+    if not verdict.more or not queue:
+        return None
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import live_workers, serves
+
+    try:
+        live = {w["hostname"] for w in live_workers(get_redis()) if serves(w, queue, model)}
+    except Exception:
+        return None
+    for index in sorted(verdict.more):
+        ran = verdict.ran_on.get(index, set())
+        if not live - ran:
+            return (f"{len(ran)} nodes disagreed on subtask {index}, and no other live node on {queue} "
+                    f"can run a replica to break the tie")
+    return None
 
 
 # -- what a verdict writes ---------------------------------------------------------------------------

@@ -157,6 +157,10 @@ def finalize_task(task_id: str) -> str:
                 index, reason = min(verdict.failed.items())
                 lifecycle.fail_task(session, task=task, error=reason)
                 return "failed"
+            stuck = quorum.without_tiebreaker(verdict, queue=task.queue, model=task.model)
+            if stuck:  # no live node may run the extra replica: say why now, rather than wait
+                lifecycle.fail_task(session, task=task, error=stuck)
+                return "failed"
             if verdict.more:
                 quorum.add_replicas(session, task=task, more=verdict.more, now=utcnow())
                 defer(session, _release, task.queue)

@@ -109,6 +109,9 @@ class SubTask(Base):
         # two never-run replicas' payloads in one statement (`lifecycle.work`).
         UniqueConstraint("task_id", "index", "replica", name="uq_subtasks_task_index_replica",
                          deferrable=True, initially="IMMEDIATE"),
+        # Never two replicas of a batch on one node, even when two of its processes claim at once.
+        Index("uq_subtasks_replica_node", "task_id", "index", "worker", unique=True,
+              postgresql_where=text("worker IS NOT NULL")),
         Index("ix_subtasks_task_status", "task_id", "status"),
         # What the fair dispatcher releases next (never sent, in index order), and what is in
         # flight (sent and waiting in the broker, or running): each read is O(its rows).

@@ -27,6 +27,10 @@ def upgrade() -> None:
     op.drop_constraint("uq_subtasks_task_index", "subtasks", type_="unique")
     op.create_unique_constraint("uq_subtasks_task_index_replica", "subtasks", ["task_id", "index", "replica"],
                                 deferrable=True, initially="IMMEDIATE")
+    # Never two replicas of a batch on one node: two claims at once on one node (its pool processes)
+    # would each see no sibling there; this index makes the second one fail, and take another batch.
+    op.create_index("uq_subtasks_replica_node", "subtasks", ["task_id", "index", "worker"], unique=True,
+                    postgresql_where=sa.text("worker IS NOT NULL"))
     op.create_table(
         "node_reputation",
         sa.Column("worker", sa.String(255), primary_key=True),
@@ -39,6 +43,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("node_reputation")
+    op.drop_index("uq_subtasks_replica_node", table_name="subtasks")
     op.drop_constraint("uq_subtasks_task_index_replica", "subtasks", type_="unique")
     op.execute("DELETE FROM subtasks WHERE replica > 0")
     op.create_unique_constraint("uq_subtasks_task_index", "subtasks", ["task_id", "index"])

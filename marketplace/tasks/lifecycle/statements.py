@@ -40,16 +40,23 @@ REFUSAL = text(f"""
 # never-run Pending row of the same task that this node may run (what each row runs is its batch:
 # index, replica, inputs; the rows, their messages and sends stay as they are). Without it, two
 # nodes taking adjacent replicas would send one back to the queue about every other time.
+SWAP_LOCK_ME = text(f"SELECT id FROM subtasks WHERE id = :id AND status = '{PENDING}' AND attempts = 0 FOR UPDATE")
+# Three statements, each with a fresh snapshot: the two rows are locked first, then moved only if
+# both are still never-run Pending rows (a claim may have taken one just before the lock).
+SWAP_LOCK_OTHER = text(f"""
+    SELECT o.id FROM subtasks o
+    WHERE o.task_id = :task_id AND o.status = '{PENDING}' AND o.attempts = 0 AND o.index <> :index
+      AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = o.task_id AND x.index = o.index
+                      AND x.worker = :worker)
+    ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
+""")
 SWAP = text(f"""
     WITH me AS (
         SELECT id, index, replica, inputs, items, platform_paid FROM subtasks
-        WHERE id = :id AND status = '{PENDING}' AND attempts = 0 FOR UPDATE
+        WHERE id = :id AND status = '{PENDING}' AND attempts = 0
     ), other AS (
-        SELECT o.id, o.index, o.replica, o.inputs, o.items, o.platform_paid FROM subtasks o, me
-        WHERE o.task_id = :task_id AND o.status = '{PENDING}' AND o.attempts = 0 AND o.index <> me.index
-          AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = o.task_id AND x.index = o.index
-                          AND x.worker = :worker)
-        ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
+        SELECT id, index, replica, inputs, items, platform_paid FROM subtasks
+        WHERE id = :other AND status = '{PENDING}' AND attempts = 0
     )
     UPDATE subtasks SET
         index = CASE WHEN subtasks.id = me.id THEN other.index ELSE me.index END,
@@ -57,7 +64,7 @@ SWAP = text(f"""
         inputs = CASE WHEN subtasks.id = me.id THEN other.inputs ELSE me.inputs END,
         items = CASE WHEN subtasks.id = me.id THEN other.items ELSE me.items END,
         platform_paid = CASE WHEN subtasks.id = me.id THEN other.platform_paid ELSE me.platform_paid END
-    FROM me, other WHERE subtasks.id IN (me.id, other.id)
+    FROM me, other WHERE subtasks.id IN (me.id, other.id) AND subtasks.status = '{PENDING}' AND subtasks.attempts = 0
     RETURNING subtasks.id
 """)
 # The common case in one round trip: a Pending subtask of an active task becomes Running, the task
@@ -99,13 +106,14 @@ CLAIM_ANY = text(f"""
         UPDATE subtasks SET status = '{RUNNING}', attempts = attempts + 1, worker = :worker,
                worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         WHERE id = :id AND status IN {sql_in(sources("subtask", RUNNING))}
-        RETURNING task_id, attempts
+        RETURNING task_id, attempts, index, items, inputs, replica, platform_paid
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status IN {sql_in(sources("task", TaskStatus.IN_PROGRESS))}
         RETURNING tasks.id, tasks.user_id, tasks.started_at, tasks.created_at
     ), {_STARTED}
-    SELECT s.attempts, (SELECT created_at FROM t) AS first_start_of FROM s
+    SELECT s.attempts, s.index, s.items, s.inputs, s.replica, s.platform_paid,
+           (SELECT created_at FROM t) AS first_start_of FROM s
 """)
 
 # -- outcomes: Running -> Done | Failed | Cancelled ---------------------------------------------------

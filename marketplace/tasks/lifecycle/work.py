@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 import marketplace.tasks.lifecycle.statements as sql
 from marketplace.audit.service import pending_values, record_params, take_carried, write_carried
 from marketplace.billing import charges
@@ -82,15 +84,22 @@ def claim(subtask_id: str, *, node: str, message_id: str | None = None,
     now = utcnow()
     carried = take_carried()
     if len(carried) <= 1:  # the common case: one statement, committed by itself
-        with autocommit() as conn:
-            row = sql.CLAIM_PENDING.execute(conn, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
-                                                   "now": now, "topic": topic_for("TaskStarted"),
-                                                   **record_params("c", carried[0] if carried else None)}).first()
+        try:
+            with autocommit() as conn:
+                row = sql.CLAIM_PENDING.execute(conn, {
+                    "id": sid, "worker": node, "inc": incarnation, "mid": message_id, "now": now,
+                    "topic": topic_for("TaskStarted"), **record_params("c", carried[0] if carried else None)}).first()
+        except IntegrityError:  # another process of this node claimed a replica of the batch at this moment
+            row = None
         if row is not None:
             return None, _work(subtask_id, row, row.attempts, row.first_start_of, now)
-    with get_engine().begin() as conn:
-        return _claim_checked(conn, sid, subtask_id, node=node, incarnation=incarnation, message_id=message_id,
-                              now=now, carried=carried)
+    try:
+        with get_engine().begin() as conn:
+            return _claim_checked(conn, sid, subtask_id, node=node, incarnation=incarnation, message_id=message_id,
+                                  now=now, carried=carried)
+    except IntegrityError:  # the same, on the checked path: this node may not run it now; another may
+        return {"ok": False, "skipped": True, "elsewhere": True, "subtask_id": subtask_id,
+                "error": f"a replica of this subtask's batch runs on {node}"}, None
 
 
 def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, incarnation: str | None,
@@ -121,8 +130,7 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
             return _skipped(subtask_id, row, ok=False, elsewhere=True,
                             error=f"node {node} is demoted: it runs replicas, not solo work"), None
         if refusal.sibling_here:  # a replica of this batch ran here: run another batch's, or go elsewhere
-            swapped = conn.execute(sql.SWAP, {"id": sid, "task_id": row.task_id, "worker": node}).first()
-            if swapped is None:
+            if not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
                 return _skipped(subtask_id, row, ok=False, elsewhere=True,
                                 error=f"a replica of subtask {row.index} already ran on {node}"), None
             row = conn.execute(sql.LOAD, {"id": sid}).first()
@@ -145,7 +153,36 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                 f"the last ran on {row.worker}")), None
     claimed = conn.execute(sql.CLAIM_ANY, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
                                            "now": now, "topic": topic_for("TaskStarted")}).first()
-    return None, _work(subtask_id, row, claimed.attempts, claimed.first_start_of, now)
+    if claimed is None:  # taken since it was read (another node's claim)
+        return _skipped(subtask_id, row, ok=False, elsewhere=True, error="claimed elsewhere meanwhile"), None
+    # The batch as the claim found it (a swap may have moved it since `LOAD`), with the task's facts.
+    return None, _work(subtask_id, _Claimed(row, claimed), claimed.attempts, claimed.first_start_of, now)
+
+
+class _Claimed:
+    """The loaded row's task facts with the claimed row's batch (index, inputs, replica...)."""
+
+    BATCH = ("index", "items", "inputs", "replica", "platform_paid")
+
+    def __init__(self, loaded: Any, claimed: Any) -> None:
+        self._loaded, self._claimed = loaded, claimed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._claimed if name in self.BATCH else self._loaded, name)
+
+
+def _swap(conn: Any, sid: uuid.UUID, *, task_id: Any, index: int, node: str) -> bool:
+    """Trade the batch of never-run subtask `sid` (a replica of it ran on `node`) with that of a
+    never-run row of the same task that `node` may run; whether it did."""
+    if conn.execute(sql.SWAP_LOCK_ME, {"id": sid}).first() is None:
+        return False
+    other = conn.execute(sql.SWAP_LOCK_OTHER, {"task_id": task_id, "index": index, "worker": node}).scalar()
+    if other is None:
+        return False
+    moved = conn.execute(sql.SWAP, {"id": sid, "other": other}).all()
+    if len(moved) != 2:  # never half a swap (the unique key would refuse it too)
+        raise IntegrityError("swap", {}, RuntimeError(f"swap of {sid} and {other} moved {len(moved)} rows"))
+    return True
 
 
 def _still_running(row: Any, *, node: str, incarnation: str | None) -> bool:
