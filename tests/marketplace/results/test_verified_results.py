@@ -164,12 +164,14 @@ def test_two_replicas_that_disagree_get_a_third_on_another_node(client, nodes): 
     nodes("control")
     honest, liar = nodes("honest"), nodes("liar")
     user = register(client)
-    task = _submit(client, user, ["x"], redundancy=2)
-    # Both ran (one on each node) and disagree: a third replica waits for a node that ran neither.
+    task = _submit(client, user, ["x"], redundancy=2, params={"sleep_s": 4})
+    # Both replicas run (one on each node); a third node comes while they do.
+    wait_until(lambda: _db("SELECT count(*) FROM subtasks WHERE task_id = :t AND status = 'Running'",
+                           t=task["id"])[0][0] == 2, timeout=60, what="both replicas running")
+    tiebreak = nodes("honest")
+    # They disagree: a third replica, which only the new node may run (it ran neither).
     wait_until(lambda: _db("SELECT 1 FROM subtasks WHERE task_id = :t AND replica = 2", t=task["id"]),
                timeout=60, what="a third replica")
-    assert client.get(f"/v1/tasks/{task['id']}", headers=user["headers"]).get_json()["status"] == "InProgress"
-    tiebreak = nodes("honest")
     doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
     assert doc["status"] == "Done", doc
     assert client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()["outputs"] == ["x"]
@@ -184,6 +186,16 @@ def test_two_replicas_that_disagree_get_a_third_on_another_node(client, nodes): 
     assert charges[0].n == 2
     added = _audit(task["id"], "subtask.replicas_added")
     assert [json.loads(r.data) for r in added] == [{"subtasks": {"0": 1}}]
+
+
+def test_a_tie_that_no_live_node_can_break_fails_with_the_reason(client, nodes):  # type: ignore[no-untyped-def]
+    nodes("control")
+    nodes("honest"), nodes("liar")
+    user = register(client)
+    task = _submit(client, user, ["z"], redundancy=2)
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
+    assert doc["status"] == "Failed" and doc["error"] == (
+        "2 nodes disagreed on subtask 0, and no other live node on cpu.generic can run a replica to break the tie")
 
 
 def test_replicas_that_never_agree_fail_the_task_with_the_reason(client, nodes):  # type: ignore[no-untyped-def]
