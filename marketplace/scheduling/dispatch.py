@@ -25,7 +25,7 @@ from sqlalchemy import text
 from marketplace.catalog import get_catalog
 from marketplace.infra import names
 from marketplace.infra.db import get_engine, utcnow
-from marketplace.scheduling import fair
+from marketplace.scheduling import fair, replicas
 from marketplace.settings import get_settings
 from marketplace.tasks import lifecycle
 
@@ -94,7 +94,7 @@ def _release(queue: str, *, wait: bool, capacity: int | None) -> int:
     if capacity <= 0:
         return 0  # no live node: its tasks wait, saying so (scheduling.stranded)
     settings = get_settings()
-    waiting = _broker_depth(queue)
+    waiting = _broker_depth(queue, direct=replicas.direct_lists(queue))
     with get_engine().begin() as conn:
         locked = conn.execute(_LOCK if wait else _TRY_LOCK, {"queue": queue}).scalar()
         if not wait and not locked:
@@ -145,10 +145,13 @@ def _clear_busy(queue: str) -> None:
         logger.debug("could not clear the release mark of %s", queue, exc_info=True)
 
 
-def _broker_depth(queue: str) -> int:
+def _broker_depth(queue: str, *, direct: list[str] | None = None) -> int:
+    """Messages waiting in the queue's lists, and in the per-node lists of its nodes (`direct`:
+    the replicas of verified tasks go there, `scheduling.replicas`)."""
     from marketplace.infra.broker import queue_depths
 
-    return int(queue_depths([queue]).get(queue, 0))
+    depths = queue_depths([queue, *(direct or [])])
+    return int(sum(depths.values()))
 
 
 def release_if_low(queue: str) -> int:
@@ -166,7 +169,7 @@ def release_if_low(queue: str) -> int:
             raw = get_redis().get(WINDOW_KEY.format(queue))
             remembered = None if raw is None else int(raw)
             _windows[queue] = (now, remembered)
-        depth, busy = queue_depth_and_flag(queue, BUSY_KEY.format(queue))
+        depth, busy = queue_depth_and_flag(queue, BUSY_KEY.format(queue), also=replicas.direct_lists(queue))
     except Exception:  # the beat's periodic release covers it
         logger.warning("release trigger for %s: could not read the broker", queue, exc_info=True)
         return 0
@@ -192,11 +195,15 @@ def _remember_window(queue: str, window: int) -> None:
         logger.debug("could not remember the window of %s", queue, exc_info=True)
 
 
-def _publish_all(queue: str, sent: dict[str, list[str]], meta: dict[str, tuple[str, str | None]]) -> None:
-    for task_id, message_ids in sent.items():
+def _publish_all(queue: str, sent: dict[str, list[tuple[str, int, int]]],
+                 meta: dict[str, tuple[str, str | None]]) -> None:
+    """Publish a release: to the queue, and a verified task's replicas each to a distinct node."""
+    placed = replicas.place(queue, sent)
+    for (task_id, target), message_ids in placed.items():
         model, trace_id = meta.get(task_id, ("", None))
         try:
-            publish(task_id, message_ids, queue=queue, time_limit=get_catalog().time_limit(model), trace_id=trace_id)
+            publish(task_id, message_ids, queue=target, time_limit=get_catalog().time_limit(model),
+                    trace_id=trace_id)
         except _broker_errors() as exc:
             _resend_when_back(task_id, exc)
 
@@ -240,56 +247,15 @@ def resend(task_id: str, subtask_ids: list[str], *, queue: str, model: str, trac
     return [index for _, index in sent]
 
 
-# Verified results: the nodes that may not run a subtask (a replica of its batch ran there; a demoted
-# node and a redundancy-1 task's first run), and where it may go instead.
-_REDIRECT_FACTS = text("""
-    SELECT t.queue, t.model, t.trace_id, s.task_id,
-           (t.redundancy = 1 AND s.replica = 0) AS solo,
-           ARRAY(SELECT o.worker FROM subtasks o WHERE o.task_id = s.task_id AND o.index = s.index
-                 AND o.id <> s.id AND o.worker IS NOT NULL) AS ran_on
-    FROM subtasks s JOIN tasks t ON t.id = s.task_id
-    WHERE s.id = :id AND s.status = 'Pending' AND t.status IN ('Scheduled', 'InProgress')
-""")
-_STANDING = text("""
-    SELECT h AS worker, r.demoted, r.agreed, r.disagreed, EXISTS (SELECT 1 FROM nodes n WHERE n.hostname = h) AS enrolled
-    FROM unnest(CAST(:names AS text[])) AS h LEFT JOIN node_reputation r ON r.worker = h
-""")
-
-
 def redirect(subtask_id: str, *, refused_by: str) -> str | None:
-    """Send a subtask that `refused_by` may not run straight to a live node that may (Celery's
-    per-node queue, `worker_direct`), as a new message: the best-scored such node, then the
-    freest. A shared queue would hand it to any of its consumers, the refusing one included.
-    Returns that node, or None where none is live (the caller sends the message back to the
-    queue). Credentialed nodes have no per-node queue (their broker user reaches their queues
-    only): they get such work from the shared queue."""
+    """Send a subtask that `refused_by` may not run (verified results) straight to a node that may
+    (`replicas.redirect_target`), as a new message; that node, or None where none is live."""
     from celery.utils.nodenames import worker_direct
 
-    from marketplace.infra.redis_client import get_redis
-    from marketplace.registry import reputation
-    from marketplace.registry.service import live_workers, serves
-
-    with get_engine().connect() as conn:
-        facts = conn.execute(_REDIRECT_FACTS, {"id": subtask_id}).first()
-        if facts is None or not facts.queue:
-            return None
-        excluded = {refused_by, *facts.ran_on}
-        live = [w for w in live_workers(get_redis()) if w.get("hostname") not in excluded
-                and serves(w, facts.queue, facts.model)]
-        if not live:
-            return None
-        standing = {r.worker: r for r in conn.execute(_STANDING, {"names": [w["hostname"] for w in live]})}
-    candidates = []
-    for w in live:
-        rec = standing.get(w["hostname"])
-        if rec is None or rec.enrolled or (facts.solo and rec.demoted):
-            continue
-        score = reputation.wilson_lower_bound(rec.agreed or 0, (rec.agreed or 0) + (rec.disagreed or 0))
-        free = int(w.get("concurrency") or 1) - int(w.get("running") or 0)
-        candidates.append((score, free, w["hostname"]))
-    if not candidates:
+    found = replicas.redirect_target(subtask_id, refused_by=refused_by)
+    if found is None:
         return None
-    target = max(candidates)[2]
+    facts, target = found
     with get_engine().begin() as conn:
         sent = lifecycle.resend(conn, [subtask_id], count=False)
     if not sent:

@@ -240,17 +240,17 @@ RELEASE = Prepared("mp_release", f"""
     ), pick AS (
         SELECT x.id FROM p CROSS JOIN LATERAL (
             SELECT id FROM subtasks WHERE task_id = p.task_id AND status = '{PENDING}' AND dispatches = 0
-            ORDER BY index LIMIT p.k
+            ORDER BY index, replica LIMIT p.k
         ) x
     ), s AS (
         UPDATE subtasks SET dispatches = 1 FROM pick WHERE subtasks.id = pick.id
-        RETURNING subtasks.id, subtasks.task_id, subtasks.index
+        RETURNING subtasks.id, subtasks.task_id, subtasks.index, subtasks.replica
     ), b AS (
         UPDATE tasks SET backlog = GREATEST(0, backlog - c.n)
         FROM (SELECT task_id, count(*) AS n FROM s GROUP BY task_id) c WHERE tasks.id = c.task_id
         RETURNING tasks.id
     )
-    SELECT s.id, s.task_id FROM s ORDER BY s.task_id, s.index
+    SELECT s.id, s.task_id, s.index, s.replica FROM s ORDER BY s.task_id, s.index, s.replica
 """, types={"tasks": "text", "counts": "text"})
 
 LOCK_TASKS = text(f"""
