@@ -53,6 +53,21 @@ class LocalBackend:
             logger.warning("could not redirect subtask %s", subtask_id, exc_info=True)
             return None
 
+    def others(self, subtask_id: str, *, hostname: str) -> bool:
+        """Whether another live node may run it (one that ran none of its batch)."""
+        from marketplace.scheduling.replicas import redirect_target
+
+        try:
+            return redirect_target(subtask_id, refused_by=hostname) is not None
+        except Exception:
+            return True
+
+    def drop_check(self, subtask_id: str, *, reason: str) -> bool:
+        recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {reason}")
+        if recorded.moved and recorded.last:
+            followup.finish(_task_of(subtask_id), subtasks=recorded.subtasks)
+        return recorded.moved
+
     def store(self) -> Any:
         from marketplace.infra.storage import get_store
 
@@ -85,6 +100,15 @@ class LocalBackend:
 
     def stopped(self, task_id: str) -> bool:
         return bool(lifecycle.stopped(task_id))
+
+
+def _task_of(subtask_id: str) -> str:
+    from sqlalchemy import text
+
+    from marketplace.infra.db import get_engine
+
+    with get_engine().connect() as conn:
+        return str(conn.execute(text("SELECT task_id FROM subtasks WHERE id = :id"), {"id": subtask_id}).scalar())
 
 
 class _database:
@@ -162,6 +186,12 @@ class NodeBackend:
 
     def redirect(self, subtask_id: str, *, hostname: str) -> str | None:
         return None  # the platform redirects at the claim (`providers.work.claim`), or answers Elsewhere
+
+    def others(self, subtask_id: str, *, hostname: str) -> bool:
+        return True  # the platform decided at the claim (`providers.work.claim`)
+
+    def drop_check(self, subtask_id: str, *, reason: str) -> bool:
+        return False  # the platform drops it at the claim (`providers.work.claim`)
 
     def _ticket(self, work: lifecycle.Work) -> tuple[str, str]:
         return self._tickets.pop(work.subtask_id, ("", ""))

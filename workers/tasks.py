@@ -47,6 +47,8 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
             if outcome.elsewhere:  # another node runs it: no failure to back off from
                 countdown = min(1.0, ELSEWHERE_BACKOFF * (2**retries))
             # Retries jump the queue (0 is served first on Redis): a job waits on its slowest part.
-            raise self.retry(countdown=countdown, max_retries=limit, priority=0)
+            # Not for this node: to the shared queue, even where it came by this node's own.
+            where = {"queue": outcome.queue} if outcome.elsewhere and outcome.queue else {}
+            raise self.retry(countdown=countdown, max_retries=limit, priority=0, **where)
         return {"ok": False, "subtask_id": subtask_id, "skipped": True, "error": outcome.error}
     return {"ok": outcome.get("ok"), **({"error": outcome["error"]} if "error" in outcome else {}), **outcome}

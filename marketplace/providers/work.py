@@ -113,8 +113,19 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
     if early is not None and early.pop("elsewhere", False):  # not for this node (verified results)
         from marketplace.scheduling.dispatch import redirect
 
-        target = redirect(subtask_id, refused_by=node.hostname)
-        if target is None:  # FAILED_PRECONDITION: the node's message goes back to the queue for another
+        from marketplace.scheduling.replicas import redirect_target
+
+        early_check = early.pop("early_check", False)
+        target = None if early_check else redirect(subtask_id, refused_by=node.hostname)
+        if target is None and early_check and redirect_target(subtask_id, refused_by=node.hostname) is not None:
+            raise Conflict(early["error"])  # a spot check waiting for its batch's first run: later, elsewhere
+        if target is None:
+            recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {early['error']}")
+            if recorded.moved:  # a spot check no other node can run: the task does not wait on it
+                if recorded.last:
+                    followup.finish(str(_load(subtask_id).task_id), subtasks=recorded.subtasks)
+                return {**early, "skipped": True, "dropped": True}, None
+            # FAILED_PRECONDITION: the node's message goes back to the queue for another
             raise Conflict(early["error"])
         return {**early, "skipped": True, "redirected": target}, None
     if early is not None and early.pop("abandoned", False):  # it kept outliving its limit: fail it here

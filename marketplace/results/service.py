@@ -152,7 +152,8 @@ def finalize_task(task_id: str) -> str:
             return "failed"
         store = get_store()
         if task.redundancy > 1 or len(subs) > _batches(subs):  # replicas (redundancy, spot checks): a quorum each
-            verdict = quorum.judge(model=task.model, redundancy=task.redundancy, runs=subs, store=store)
+            runs = [s for s in subs if s.status == SubTaskStatus.DONE.value]  # not a dropped spot check
+            verdict = quorum.judge(model=task.model, redundancy=task.redundancy, runs=runs, store=store)
             if verdict.failed:
                 index, reason = min(verdict.failed.items())
                 lifecycle.fail_task(session, task=task, error=reason)

@@ -24,11 +24,11 @@ from sqlalchemy import text
 from marketplace.infra.db import get_engine
 
 logger = logging.getLogger(__name__)
-DIRECT_CACHE_S = 2.0  # how long a process keeps a queue's per-node targets
+DIRECT_CACHE_S = 1.0  # how long a process keeps a queue's per-node targets
 _direct: dict[str, tuple[float, list[str]]] = {}  # queue -> (read at, hostnames), per process
 
 _ENROLLED = text("SELECT hostname FROM nodes WHERE hostname = ANY(:names)")
-_VERIFIED = text("SELECT id::text FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1")
+_VERIFIED = text("SELECT id::text, redundancy FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1")
 
 
 def direct_nodes(queue: str) -> list[str]:
@@ -73,7 +73,9 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
         nodes = direct_nodes(queue)
         if len(nodes) >= 2:
             with get_engine().connect() as conn:
-                verified = {t for (t,) in conn.execute(_VERIFIED, {"ids": "{" + ",".join(replicated) + "}"})}
+                # Only where there are k such nodes: with fewer, the shared queue and the claims' swaps.
+                verified = {t for t, k in conn.execute(_VERIFIED, {"ids": "{" + ",".join(replicated) + "}"})
+                            if k <= len(nodes)}
     targets = {h: worker_direct(h) for h in nodes}
     for task_id, rows in sent.items():
         for mid, index, replica in rows:

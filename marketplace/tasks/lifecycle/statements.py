@@ -29,11 +29,16 @@ assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANC
 _SIBLING_HERE = """EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = subtasks.task_id AND o.index = subtasks.index
                               AND o.id <> subtasks.id AND o.worker = :worker)"""
 _DEMOTED = "EXISTS (SELECT 1 FROM node_reputation r WHERE r.worker = :worker AND r.demoted)"
+# A spot check runs after its batch's first run was taken by another node (so that it checks one).
+_PRIMARY_TAKEN = """EXISTS (SELECT 1 FROM subtasks p WHERE p.task_id = subtasks.task_id AND p.index = subtasks.index
+                               AND p.replica = 0 AND p.worker IS NOT NULL)"""
 ELIGIBLE = f"""NOT {_SIBLING_HERE}
-          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DEMOTED})"""
+          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DEMOTED})
+          AND (t.redundancy > 1 OR subtasks.replica = 0 OR {_PRIMARY_TAKEN})"""
 # Why the checked path's Pending row was not claimable here: (a replica of it ran here, demoted).
 REFUSAL = text(f"""
-    SELECT {_SIBLING_HERE} AS sibling_here, (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted
+    SELECT {_SIBLING_HERE} AS sibling_here, (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted,
+           (t.redundancy = 1 AND subtasks.replica > 0 AND NOT {_PRIMARY_TAKEN}) AS early_check
     FROM subtasks JOIN tasks t ON t.id = subtasks.task_id WHERE subtasks.id = :id
 """)
 # A replica this node may not run (another replica of its batch ran here) trades its payload with a
@@ -186,6 +191,21 @@ RETRY = text(f"""
     WHERE id = :id AND status IN {sql_in(sources("subtask", PENDING))}
       AND (CAST(:held_by AS text) IS NULL OR worker = CAST(:held_by AS text))
     RETURNING task_id
+""")
+
+# -- a spot check that no other node can run is dropped (Pending -> Cancelled, nothing charged) -----------
+DROP_CHECK = text(f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{SubTaskStatus.CANCELLED.value}', finished_at = :now, error = :reason
+        FROM tasks t
+        WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND subtasks.platform_paid
+          AND subtasks.replica > 0 AND t.id = subtasks.task_id AND t.redundancy = 1
+        RETURNING subtasks.task_id, t.subtask_count, t.queue
+    )
+    SELECT s.task_id, s.subtask_count, s.queue,
+           EXISTS (SELECT 1 FROM subtasks x, s WHERE x.task_id = s.task_id AND x.id <> :id
+                   AND x.status IN ('{PENDING}', '{RUNNING}')) AS open_left
+    FROM s
 """)
 
 # -- a task's end: what has not run is Cancelled ------------------------------------------------------

@@ -127,11 +127,14 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
     if row.status == SubTaskStatus.PENDING.value:
         refusal = conn.execute(sql.REFUSAL, {"id": sid, "worker": node}).first()
         if refusal.demoted:  # no solo work for a node under the reputation threshold: another node's
-            return _skipped(subtask_id, row, ok=False, elsewhere=True,
+            return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
                             error=f"node {node} is demoted: it runs replicas, not solo work"), None
+        if refusal.early_check:  # a spot check before its batch's first run: later, or not at all
+            return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue, early_check=True,
+                            error=f"spot check of subtask {row.index} before its first run"), None
         if refusal.sibling_here:  # a replica of this batch ran here: run another batch's, or go elsewhere
             if not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
-                return _skipped(subtask_id, row, ok=False, elsewhere=True,
+                return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
                                 error=f"a replica of subtask {row.index} already ran on {node}"), None
             row = conn.execute(sql.LOAD, {"id": sid}).first()
     if row.status == SubTaskStatus.RUNNING.value and row.celery_id and row.celery_id != message_id and row.worker:
@@ -154,7 +157,8 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
     claimed = conn.execute(sql.CLAIM_ANY, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
                                            "now": now, "topic": topic_for("TaskStarted")}).first()
     if claimed is None:  # taken since it was read (another node's claim)
-        return _skipped(subtask_id, row, ok=False, elsewhere=True, error="claimed elsewhere meanwhile"), None
+        return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
+                        error="claimed elsewhere meanwhile"), None
     # The batch as the claim found it (a swap may have moved it since `LOAD`), with the task's facts.
     return None, _work(subtask_id, _Claimed(row, claimed), claimed.attempts, claimed.first_start_of, now)
 
@@ -325,3 +329,15 @@ def fail(work: Work, *, node: str, error: str, seconds: float, held: bool = Fals
             fail_task(session, task=task, error=f"subtask {work.index} failed: {error}")
         return Recorded(moved=True, queue=row.queue,
                         late_charge=bool(row.inserted) and row.hold_status == "released")
+
+
+def drop_check(subtask_id: str, *, reason: str) -> Recorded:
+    """Pending -> Cancelled for a spot check (a redundancy-1 task's extra run at the platform's cost)
+    that no node other than those that ran its batch can run now: the task does not wait on it.
+    Nothing is charged. `last`: no other run of the task is open (the caller finishes it)."""
+    with autocommit() as conn:
+        row = conn.execute(sql.DROP_CHECK, {"id": uuid.UUID(subtask_id), "now": utcnow(),
+                                            "reason": reason}).first()
+    if row is None:
+        return Recorded(moved=False)
+    return Recorded(moved=True, last=not row.open_left, subtasks=int(row.subtask_count), queue=row.queue or "")

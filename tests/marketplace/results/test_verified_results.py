@@ -210,6 +210,49 @@ def test_replicas_that_never_agree_fail_the_task_with_the_reason(client, nodes):
     assert _db("SELECT count(*) FROM subtasks WHERE task_id = :t", t=task["id"])[0][0] == 2
 
 
+def test_spot_checks_rerun_solo_work_at_the_platforms_cost_and_count_against_a_liar(client, nodes):  # type: ignore[no-untyped-def]
+    every = {"MARKETPLACE_SPOT_CHECK_RATE": "1"}  # every batch of a redundancy-1 job gets a second run
+    nodes("control", **every)
+    honest_a, honest_b, liar = nodes("honest", **every), nodes("honest", **every), nodes("liar", **every)
+    user = register(client)
+    with switched_env(**every):
+        task = _submit(client, user, [f"s{i}" for i in range(8)])
+    assert task["subtasks"] == 16 and task["redundancy"] == 1
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=120)
+    assert doc["status"] == "Done", doc
+    # Whoever ran each batch first, the output is the one two nodes agreed on.
+    result = client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()
+    assert result["outputs"] == ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]
+    runs = _db("SELECT index, replica, worker, agreed, platform_paid FROM subtasks WHERE task_id = :t", t=task["id"])
+    liar_runs = [r for r in runs if r.worker == liar.hostname]
+    assert all(r.agreed is False for r in liar_runs)
+    assert all(r.agreed is True for r in runs if r.worker in (honest_a.hostname, honest_b.hostname))
+    by_index: dict[int, set[str]] = {}
+    for r in runs:
+        by_index.setdefault(r.index, set()).add(r.worker)
+    assert all(len(workers) == len([r for r in runs if r.index == i]) for i, workers in by_index.items())
+    # The owner pays for one run of each batch; spot checks and tie-breaks are the platform's.
+    charges = _db("SELECT count(*) AS n FROM ledger_entries WHERE task_id = :t AND kind = 'charge'", t=task["id"])
+    assert charges[0].n == len([r for r in runs if not r.platform_paid]) == 8
+    if liar_runs:
+        assert _reputation(client, user, liar.hostname)["disagreed"] == len(liar_runs)
+
+
+def test_a_spot_check_no_other_node_can_run_is_dropped(client, nodes):  # type: ignore[no-untyped-def]
+    every = {"MARKETPLACE_SPOT_CHECK_RATE": "1"}
+    nodes("control", **every)
+    only = nodes("honest", **every)
+    user = register(client)
+    with switched_env(**every):
+        task = _submit(client, user, ["a", "b", "c"])
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
+    assert doc["status"] == "Done", doc
+    assert client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()["outputs"] == ["a", "b", "c"]
+    rows = _db("SELECT replica, status, worker FROM subtasks WHERE task_id = :t ORDER BY index, replica", t=task["id"])
+    assert [(r.replica, r.status, r.worker) for r in rows] == [
+        (0, "Done", only.hostname), (1, "Cancelled", None)] * 3
+
+
 def test_redundancy_is_priced_k_times_in_the_estimate_and_the_hold(client, market):  # type: ignore[no-untyped-def]
     user = register(client)
     one = _submit(client, user, ["a", "b", "c"])
