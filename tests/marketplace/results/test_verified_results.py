@@ -261,3 +261,31 @@ def test_redundancy_is_priced_k_times_in_the_estimate_and_the_hold(client, marke
     holds = {str(r.task_id): r.amount for r in _db("SELECT task_id, amount FROM holds")}
     assert holds[three["id"]] == 3 * holds[one["id"]]
     assert (one["subtasks"], three["subtasks"]) == (3, 9)
+
+
+@pytest.mark.slow
+def test_embeddings_from_two_honest_nodes_agree_under_the_tolerance(client, nodes):  # type: ignore[no-untyped-def]
+    """Two nodes with different thread counts (torch sums in another order): their vectors may differ in
+    the last bits, and agree under the tolerance all the same."""
+    nodes("control")
+    one = nodes("honest", ["cpu.embedding"], OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    two = nodes("honest", ["cpu.embedding"], OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    user = register(client)
+    sentences = ["A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell today."]
+    resp = client.post("/v1/tasks", json={"model": "embedding", "inputs": sentences, "device": "cpu",
+                                          "batch_size": 3, "redundancy": 2}, headers=user["headers"])
+    assert resp.status_code == 202, resp.get_json()
+    doc = wait_for_task(client, user["headers"], resp.get_json()["id"], timeout=300)
+    assert doc["status"] == "Done", doc
+    (sub,) = client.get(f"/v1/tasks/{doc['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    assert {r["node"] for r in sub["replicas"]} == {one.hostname, two.hostname}
+    assert [r["agreed"] for r in sub["replicas"]] == [True, True]
+    from marketplace.infra.storage import get_store
+
+    keys = [r.result_key for r in _db("SELECT result_key FROM subtasks WHERE task_id = :t ORDER BY replica",
+                                      t=doc["id"])]
+    a, b = (json.loads(get_store().get_bytes(k)) for k in keys)
+    worst = max(abs(x - y) for va, vb in zip(a, b, strict=True) for x, y in zip(va, vb, strict=True))
+    assert worst <= 1e-4, worst
+    outputs = client.get(f"/v1/tasks/{doc['id']}/result", headers=user["headers"]).get_json()["outputs"]
+    assert [len(v) for v in outputs] == [384, 384, 384]
