@@ -87,7 +87,7 @@ def to_message(*, event_id: int, type: str, key: str, payload: dict[str, Any], c
         value = _value(payload, fd.name)
         if value is None:
             continue
-        if fd.label == FieldDescriptor.LABEL_REPEATED:
+        if fd.is_repeated:
             getattr(msg, fd.name).extend(_convert(fd, v) for v in value)
             continue
         setattr(msg, fd.name, _convert(fd, value))
