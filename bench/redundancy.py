@@ -18,8 +18,16 @@ import statistics
 import time
 import uuid
 
-from harness import CONTROL, add_mode_argument, marketplace, new_user, settle, start_worker, wait_marketplace_ready, \
-    wait_task_done
+from harness import (
+    CONTROL,
+    add_mode_argument,
+    marketplace,
+    new_user,
+    settle,
+    start_worker,
+    wait_marketplace_ready,
+    wait_task_done,
+)
 
 POLL = 0.01
 TARGET = 2.2

@@ -112,7 +112,6 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
         raise PermissionDenied(f"subtask {subtask_id} is on {work.queue}, not a queue of node {node.name}")
     if early is not None and early.pop("elsewhere", False):  # not for this node (verified results)
         from marketplace.scheduling.dispatch import redirect
-
         from marketplace.scheduling.replicas import redirect_target
 
         early_check = early.pop("early_check", False)
