@@ -62,6 +62,16 @@ class LocalBackend:
         except Exception:
             return True
 
+    def give_up_if_short(self, subtask_id: str) -> bool:
+        """Fail a verified task whose queue has fewer live nodes than its redundancy; whether it did."""
+        from marketplace.scheduling.replicas import fail_if_short
+
+        try:
+            return fail_if_short(subtask_id)
+        except Exception:
+            logger.warning("could not check the nodes of subtask %s's task", subtask_id, exc_info=True)
+            return False
+
     def drop_check(self, subtask_id: str, *, reason: str) -> bool:
         recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {reason}")
         if recorded.moved and recorded.last:
@@ -189,6 +199,9 @@ class NodeBackend:
 
     def others(self, subtask_id: str, *, hostname: str) -> bool:
         return True  # the platform decided at the claim (`providers.work.claim`)
+
+    def give_up_if_short(self, subtask_id: str) -> bool:
+        return False  # the platform decides at the claim (`providers.work.claim`)
 
     def drop_check(self, subtask_id: str, *, reason: str) -> bool:
         return False  # the platform drops it at the claim (`providers.work.claim`)

@@ -107,6 +107,8 @@ def _elsewhere(backend: Any, subtask_id: str, hostname: str, early: dict[str, An
     if not (early_check and backend.others(subtask_id, hostname=hostname)) and backend.drop_check(
             subtask_id, reason=early["error"]):
         return {**early, "skipped": True, "dropped": True}
+    if backend.give_up_if_short(subtask_id):  # fewer live nodes than its redundancy: its task failed, saying so
+        return {**early, "skipped": True}
     return Retry(early["error"], infrastructure=True, elsewhere=True, queue=early.get("queue"))
 
 

@@ -124,6 +124,10 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
                 if recorded.last:
                     followup.finish(str(_load(subtask_id).task_id), subtasks=recorded.subtasks)
                 return {**early, "skipped": True, "dropped": True}, None
+            from marketplace.scheduling.replicas import fail_if_short
+
+            if fail_if_short(subtask_id):  # fewer live nodes than its redundancy: its task failed, saying so
+                return {**early, "skipped": True}, None
             # FAILED_PRECONDITION: the node's message goes back to the queue for another
             raise Conflict(early["error"])
         return {**early, "skipped": True, "redirected": target}, None

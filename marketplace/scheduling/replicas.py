@@ -132,3 +132,46 @@ def redirect_target(subtask_id: str, *, refused_by: str) -> tuple[Any, str] | No
         free = int(w.get("concurrency") or 1) - int(w.get("running") or 0)
         candidates.append((score, free, w["hostname"]))
     return (facts, max(candidates)[2]) if candidates else None
+
+
+_NEEDS = text("""
+    SELECT t.id, t.queue, t.model, t.redundancy FROM subtasks s JOIN tasks t ON t.id = s.task_id
+    WHERE s.id = :id AND t.redundancy > 1 AND t.status IN ('Scheduled', 'InProgress')
+""")
+
+
+def short_of_nodes(subtask_id: str) -> tuple[str, str] | None:
+    """(task id, why) where the subtask's verified task asks for more distinct nodes than its queue
+    has live: its replicas could never all run. None otherwise (or when the registry cannot say)."""
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import live_workers, serves
+
+    with get_engine().connect() as conn:
+        row = conn.execute(_NEEDS, {"id": subtask_id}).first()
+    if row is None or not row.queue:
+        return None
+    try:
+        live = [w for w in live_workers(get_redis()) if serves(w, row.queue, row.model)]
+    except Exception:
+        return None
+    if len(live) >= row.redundancy:
+        return None
+    return str(row.id), (f"redundancy {row.redundancy} needs {row.redundancy} distinct nodes on {row.queue}; "
+                         f"{len(live)} live")
+
+
+def fail_if_short(subtask_id: str) -> bool:
+    """`short_of_nodes`, and then its task Failed with the reason (under the task's lock); whether it failed."""
+    short = short_of_nodes(subtask_id)
+    if short is None:
+        return False
+    from marketplace.infra.db import session_scope
+    from marketplace.tasks.lifecycle import fail_task, lock_task
+
+    task_id, reason = short
+    with session_scope() as session:
+        task = lock_task(session, task_id)
+        if task is None:
+            return False
+        fail_task(session, task=task, error=reason)
+    return True

@@ -253,6 +253,15 @@ def test_a_spot_check_no_other_node_can_run_is_dropped(client, nodes):  # type: 
         (0, "Done", only.hostname), (1, "Cancelled", None)] * 3
 
 
+def test_a_task_asking_for_more_nodes_than_are_live_fails_saying_so(client, nodes):  # type: ignore[no-untyped-def]
+    nodes("control")
+    nodes("honest")
+    user = register(client)
+    task = _submit(client, user, ["a", "b"], redundancy=2)
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
+    assert doc["status"] == "Failed" and doc["error"] == "redundancy 2 needs 2 distinct nodes on cpu.generic; 1 live"
+
+
 def test_redundancy_is_priced_k_times_in_the_estimate_and_the_hold(client, market):  # type: ignore[no-untyped-def]
     user = register(client)
     one = _submit(client, user, ["a", "b", "c"])
