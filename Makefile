@@ -66,6 +66,7 @@ bench: install
 	cd bench && ../$(PY) daily_spend.py
 	cd bench && ../$(PY) fairness.py
 	cd bench && ../$(PY) audit_verify.py
+	cd bench && ../$(PY) redundancy.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

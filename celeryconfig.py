@@ -82,6 +82,11 @@ task_routes = {
 task_soft_time_limit = None
 task_time_limit = None
 
+# Each operator's node also consumes its own queue (`<hostname>.dq2`): a subtask that the node
+# given it may not run (verified results: a replica of its batch ran there) goes straight to one
+# that may (`scheduling.dispatch.redirect`), not back to the shared queue and its other consumers.
+worker_direct = True
+
 # A credentialed node (`marketplace worker --credentials FILE`): its own broker user, limited by
 # a Redis ACL to its queues' keys (marketplace/providers/broker_acl.py); kombu's unacked
 # bookkeeping under its own keys; no result backend (nothing reads a subtask's Celery result);
@@ -95,6 +100,7 @@ if _settings.is_node:
     broker_transport_options = {**broker_transport_options, **_credential.unacked_keys(_node["node_id"])}
     worker_enable_remote_control = False
     worker_send_task_events = False
+    worker_direct = False  # its broker user reaches its queues' keys only
 
 beat_schedule = {
     "recover-stalled-tasks": {"task": names.RECOVER, "schedule": 30.0},

@@ -54,6 +54,7 @@ class TaskAccepted(BaseModel):
     status: str
     model: str
     subtasks: int
+    redundancy: int = 1
     estimated_cost: str
     links: dict[str, str]
 

@@ -175,6 +175,16 @@ class Settings(BaseSettings):
     # holds the broker password (the standalone's embedded Redis: `rename-command ACL <secret>`).
     broker_acl_command: SecretStr = SecretStr("ACL")
 
+    # Verified results (issue 29): the least redundancy of every task (a user's own minimum may be
+    # higher), how many runs past k a batch whose replicas disagree may get, the share of
+    # redundancy-1 subtasks re-run on another node at the platform's cost, and a node's standing:
+    # below this score (Wilson lower bound of its agreed replicas) after a disagreement, it gets
+    # no solo work.
+    min_redundancy: int = Field(default=1, ge=1, le=5)
+    extra_replicas: int = Field(default=2, ge=0, le=5)
+    spot_check_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    reputation_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
     @field_validator("webhook_allow_private", mode="before")
     @classmethod
     def _private_webhooks(cls, value: object) -> object:

@@ -44,6 +44,40 @@ class LocalBackend:
         with _database():
             return lifecycle.claim(subtask_id, node=hostname, message_id=message_id, incarnation=incarnation)
 
+    def redirect(self, subtask_id: str, *, hostname: str) -> str | None:
+        from marketplace.scheduling.dispatch import redirect
+
+        try:
+            return redirect(subtask_id, refused_by=hostname)
+        except Exception:  # the shared queue, then
+            logger.warning("could not redirect subtask %s", subtask_id, exc_info=True)
+            return None
+
+    def others(self, subtask_id: str, *, hostname: str) -> bool:
+        """Whether another live node may run it (one that ran none of its batch)."""
+        from marketplace.scheduling.replicas import redirect_target
+
+        try:
+            return redirect_target(subtask_id, refused_by=hostname) is not None
+        except Exception:
+            return True
+
+    def give_up_if_short(self, subtask_id: str) -> bool:
+        """Fail a verified task whose queue has fewer live nodes than its redundancy; whether it did."""
+        from marketplace.scheduling.replicas import fail_if_short
+
+        try:
+            return fail_if_short(subtask_id)
+        except Exception:
+            logger.warning("could not check the nodes of subtask %s's task", subtask_id, exc_info=True)
+            return False
+
+    def drop_check(self, subtask_id: str, *, reason: str) -> bool:
+        recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {reason}")
+        if recorded.moved and recorded.last:
+            followup.finish(_task_of(subtask_id), subtasks=recorded.subtasks)
+        return recorded.moved
+
     def store(self) -> Any:
         from marketplace.infra.storage import get_store
 
@@ -53,7 +87,7 @@ class LocalBackend:
         from marketplace.infra.storage import get_store
         from marketplace.results.service import part_key
 
-        key = part_key(work.task_id, work.index)
+        key = part_key(work.task_id, work.index, work.replica)
         sha = get_store().put_bytes(key, part, "application/json")
         with _database():
             recorded = lifecycle.complete(work, node=hostname, key=key, sha256=sha, seconds=seconds)
@@ -76,6 +110,15 @@ class LocalBackend:
 
     def stopped(self, task_id: str) -> bool:
         return bool(lifecycle.stopped(task_id))
+
+
+def _task_of(subtask_id: str) -> str:
+    from sqlalchemy import text
+
+    from marketplace.infra.db import get_engine
+
+    with get_engine().connect() as conn:
+        return str(conn.execute(text("SELECT task_id FROM subtasks WHERE id = :id"), {"id": subtask_id}).scalar())
 
 
 class _database:
@@ -150,6 +193,18 @@ class NodeBackend:
         fields = json.loads(reply.work_json)
         self._tickets[subtask_id] = (keys.sealed_fields(fields), reply.ticket)
         return None, lifecycle.Work(**fields)
+
+    def redirect(self, subtask_id: str, *, hostname: str) -> str | None:
+        return None  # the platform redirects at the claim (`providers.work.claim`), or answers Elsewhere
+
+    def others(self, subtask_id: str, *, hostname: str) -> bool:
+        return True  # the platform decided at the claim (`providers.work.claim`)
+
+    def give_up_if_short(self, subtask_id: str) -> bool:
+        return False  # the platform decides at the claim (`providers.work.claim`)
+
+    def drop_check(self, subtask_id: str, *, reason: str) -> bool:
+        return False  # the platform drops it at the claim (`providers.work.claim`)
 
     def _ticket(self, work: lifecycle.Work) -> tuple[str, str]:
         return self._tickets.pop(work.subtask_id, ("", ""))

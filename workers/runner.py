@@ -40,6 +40,8 @@ class Retry:
 
     error: str
     infrastructure: bool = False
+    elsewhere: bool = False  # not for this node (verified results): back to the queue at once, for another
+    queue: str | None = None  # where to send it back (it may have come by this node's own queue)
 
 
 def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: str | None = None
@@ -55,6 +57,8 @@ def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: s
         return {"ok": False, "skipped": True, "refused": True, "subtask_id": subtask_id, "error": str(exc)}
     if early is not None or work is None:
         early = early or {}
+        if early.pop("elsewhere", False):  # not for this node (verified results)
+            return _elsewhere(backend, subtask_id, hostname, early)
         if early.pop("abandoned", False):  # it kept outliving its time limit: fail it, with the reason
             return _failure(backend, _work_of(early), hostname, early["error"], time.perf_counter(), retryable=False)
         return early
@@ -90,6 +94,22 @@ def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: s
     except backends.Refused as exc:  # the platform runs the subtask again elsewhere
         logger.error("subtask %s: part refused: %s", subtask_id, exc)
         return work.outcome(ok=False, skipped=True, refused=True, error=str(exc), seconds=seconds)
+
+
+def _elsewhere(backend: Any, subtask_id: str, hostname: str, early: dict[str, Any]) -> dict[str, Any] | Retry:
+    """A subtask this node may not run: straight to a node that may; a spot check that no other node
+    can run is dropped; else back to the shared queue (a spot check before its batch's first run
+    waits there for it)."""
+    early_check = early.pop("early_check", False)
+    target = None if early_check else backend.redirect(subtask_id, hostname=hostname)
+    if target is not None:
+        return {**early, "skipped": True, "redirected": target}
+    if not (early_check and backend.others(subtask_id, hostname=hostname)) and backend.drop_check(
+            subtask_id, reason=early["error"]):
+        return {**early, "skipped": True, "dropped": True}
+    if backend.give_up_if_short(subtask_id):  # fewer live nodes than its redundancy: its task failed, saying so
+        return {**early, "skipped": True}
+    return Retry(early["error"], infrastructure=True, elsewhere=True, queue=early.get("queue"))
 
 
 def _stop_watch(backend: Any, task_id: str) -> Any:

@@ -16,6 +16,7 @@ from workers import backends, node, runner  # noqa: F401
 
 logger = logging.getLogger(__name__)
 INFRA_MAX_RETRIES = 60  # a down database or store gets ~30 min of capped backoff
+ELSEWHERE_BACKOFF = 0.05  # seconds, doubled per retry up to 1: a message this node may not run
 
 
 # The outcome's repr (worker log line, task-succeeded event) is cut at RESULT_REPR chars, with
@@ -43,7 +44,11 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
         limit = INFRA_MAX_RETRIES if outcome.infrastructure else settings.subtask_max_retries
         if retries < limit:
             countdown = min(30.0, settings.subtask_retry_backoff * (2**retries))
+            if outcome.elsewhere:  # another node runs it: no failure to back off from
+                countdown = min(1.0, ELSEWHERE_BACKOFF * (2**retries))
             # Retries jump the queue (0 is served first on Redis): a job waits on its slowest part.
-            raise self.retry(countdown=countdown, max_retries=limit, priority=0)
+            # Not for this node: to the shared queue, even where it came by this node's own.
+            where = {"queue": outcome.queue} if outcome.elsewhere and outcome.queue else {}
+            raise self.retry(countdown=countdown, max_retries=limit, priority=0, **where)
         return {"ok": False, "subtask_id": subtask_id, "skipped": True, "error": outcome.error}
     return {"ok": outcome.get("ok"), **({"error": outcome["error"]} if "error" in outcome else {}), **outcome}

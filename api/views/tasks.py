@@ -42,7 +42,7 @@ def submit():  # type: ignore[no-untyped-def]
     links = tasks.task_links(task.id)
     resp = jsonify({
         "id": str(task.id), "status": task.status, "model": task.model, "subtasks": task.subtask_count,
-        "estimated_cost": str(task.estimated_cost), "links": links,
+        "redundancy": task.redundancy, "estimated_cost": str(task.estimated_cost), "links": links,
     })
     resp.status_code = 202 if created else 200
     resp.headers["Location"] = links["self"]

@@ -287,12 +287,13 @@ _SETTLE = Prepared("mp_settle", f"""
     ), e AS (
         -- The provider's share of each charge settled now whose run was a provider's node's: an
         -- `earning` (once per subtask: the ledger's unique key), credited to its balance after the
-        -- commit (`credit_earnings`). Nothing for a failed or refused part: only `charge` rows.
+        -- commit (`credit_earnings`). Nothing for a failed or refused part: only `charge` rows; nothing
+        -- for a replica its quorum judged wrong (`results.quorum`).
         INSERT INTO ledger_entries (user_id, task_id, subtask_id, kind, amount, detail, settled, created_at, node_id)
         SELECT n.provider_id, s.task_id, s.subtask_id, 'earning', round(-s.amount * :share, 6),
                'node ' || n.name, false, :now, n.id
         FROM s JOIN subtasks st ON st.id = s.subtask_id JOIN nodes n ON n.hostname = st.worker
-        WHERE s.kind = 'charge'
+        WHERE s.kind = 'charge' AND st.agreed IS NOT FALSE  -- a replica that disagreed earns nothing
         ON CONFLICT ON CONSTRAINT uq_ledger_subtask_kind DO NOTHING
         RETURNING user_id
     ), d AS (

@@ -382,8 +382,11 @@ def users_list(as_json: bool) -> None:
               help="cap on the user's subtasks in flight per queue (default: the setting's, none as shipped)")
 @click.option("--provider/--no-provider", default=None,
               help="the provider role: the account may enroll compute nodes and earns from their work")
+@click.option("--min-redundancy", type=_override(int), default=None,
+              help="verified results: the least redundancy of the account's tasks, 1-5 (default: the setting's)")
 def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per_task: Any,
-              daily_spend_limit: Any, share: Any, max_running_subtasks: Any, provider: bool | None) -> None:
+              daily_spend_limit: Any, share: Any, max_running_subtasks: Any, provider: bool | None,
+              min_redundancy: Any = None) -> None:
     """Change an account's role, fair share or quota overrides (a number, or `default` for the setting's)."""
     from marketplace.infra.db import session_scope
     from marketplace.infra.errors import MarketplaceError
@@ -400,6 +403,10 @@ def users_set(email: str, role: str | None, max_active_tasks: Any, max_items_per
         changes["share"] = 1.0 if share[1] is None else share[1]
     if provider is not None:
         changes["provider"] = provider
+    if min_redundancy is not None:
+        if min_redundancy[1] is not None and not 1 <= min_redundancy[1] <= 5:
+            raise click.BadParameter("must be between 1 and 5", param_hint="--min-redundancy")
+        changes["min_redundancy"] = min_redundancy[1]
     if not changes:
         raise click.UsageError("nothing to change: give --role or a quota option")
     try:

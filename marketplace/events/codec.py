@@ -31,6 +31,7 @@ EVENTS: dict[str, tuple[str, type[Message]]] = {
     "TaskCancelled": ("task_failed", pb.TaskFailed),
     "AuditEvent": ("audit_event", pb.AuditEvent),
     "AuditCheckpoint": ("audit_checkpoint", pb.AuditCheckpoint),
+    "SubTaskVerified": ("subtask_verified", pb.SubTaskVerified),
 }
 
 # Outbox types for the task event streams only (`GET /v1/tasks/<id>/events`): the relay marks
@@ -85,6 +86,9 @@ def to_message(*, event_id: int, type: str, key: str, payload: dict[str, Any], c
             continue
         value = _value(payload, fd.name)
         if value is None:
+            continue
+        if fd.is_repeated:
+            getattr(msg, fd.name).extend(_convert(fd, v) for v in value)
             continue
         setattr(msg, fd.name, _convert(fd, value))
     msg.event_id = event_id

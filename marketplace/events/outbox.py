@@ -13,7 +13,7 @@ from marketplace.settings import get_settings
 
 TASK_EVENTS = ("TaskCreated", "TaskAssigned", "TaskStarted", "TaskCompleted", "TaskFailed", "TaskCancelled")
 FINAL_TASK_EVENTS = {"TaskCompleted": "Done", "TaskFailed": "Failed", "TaskCancelled": "Cancelled"}
-SUBTASK_EVENTS = ("SubTaskCompleted",)
+SUBTASK_EVENTS = ("SubTaskCompleted", "SubTaskVerified")
 
 
 def topic_for(event_type: str) -> str:

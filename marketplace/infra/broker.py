@@ -59,12 +59,15 @@ def queue_depths(queues: list[str], client: redis.Redis | None = None) -> dict[s
     return {queue: int(sum(next(lengths) for _ in broker_lists(queue, options))) for queue in queues}
 
 
-def queue_depth_and_flag(queue: str, flag: str, client: redis.Redis | None = None) -> tuple[int, bool]:
-    """Messages waiting in `queue` and whether the key `flag` exists, in one pipelined round trip."""
+def queue_depth_and_flag(queue: str, flag: str, client: redis.Redis | None = None,
+                         also: list[str] | None = None) -> tuple[int, bool]:
+    """Messages waiting in `queue` (and the queues `also`) and whether the key `flag` exists, in
+    one pipelined round trip."""
     client = client or broker_redis()
     if client is None:
         return 0, False
-    names = broker_lists(queue, dict(_config().broker_transport_options or {}))
+    options = dict(_config().broker_transport_options or {})
+    names = [name for q in [queue, *(also or [])] for name in broker_lists(q, options)]
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.llen(name)

@@ -45,7 +45,7 @@ def _load(subtask_id: str) -> Any:
     with session_scope() as session:
         row = session.execute(
             select(SubTask.status, SubTask.worker, SubTask.attempts, SubTask.index, SubTask.items, SubTask.task_id,
-                   Task.user_id, Task.model, Task.queue)
+                   SubTask.replica, SubTask.platform_paid, Task.user_id, Task.model, Task.queue)
             .join(Task, Task.id == SubTask.task_id).where(SubTask.id == _sid(subtask_id))).first()
     if row is None:
         raise NotFound(f"unknown subtask {subtask_id}", field="subtask_id")
@@ -56,7 +56,8 @@ def _work(subtask_id: str, row: Any, attempt: int) -> lifecycle.Work:
     queue = row.queue or "cpu."
     return lifecycle.Work(subtask_id=subtask_id, task_id=str(row.task_id), user_id=str(row.user_id), model=row.model,
                           device=queue.split(".", 1)[0], queue=row.queue or "", index=row.index, items=row.items,
-                          inputs=[], params={}, attempts=attempt)
+                          inputs=[], params={}, attempts=attempt, replica=int(row.replica or 0),
+                          platform_paid=bool(row.platform_paid))
 
 
 def _refused_here(node: NodeIdentity, subtask_id: str) -> bool:
@@ -109,6 +110,27 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
         # no message it got. Undone at once (the run goes back to Pending), and refused.
         lifecycle.retry(subtask_id, error=f"claimed by node {node.name} outside its queues", held_by=node.hostname)
         raise PermissionDenied(f"subtask {subtask_id} is on {work.queue}, not a queue of node {node.name}")
+    if early is not None and early.pop("elsewhere", False):  # not for this node (verified results)
+        from marketplace.scheduling.dispatch import redirect
+        from marketplace.scheduling.replicas import redirect_target
+
+        early_check = early.pop("early_check", False)
+        target = None if early_check else redirect(subtask_id, refused_by=node.hostname)
+        if target is None and early_check and redirect_target(subtask_id, refused_by=node.hostname) is not None:
+            raise Conflict(early["error"])  # a spot check waiting for its batch's first run: later, elsewhere
+        if target is None:
+            recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {early['error']}")
+            if recorded.moved:  # a spot check no other node can run: the task does not wait on it
+                if recorded.last:
+                    followup.finish(str(_load(subtask_id).task_id), subtasks=recorded.subtasks)
+                return {**early, "skipped": True, "dropped": True}, None
+            from marketplace.scheduling.replicas import fail_if_short
+
+            if fail_if_short(subtask_id):  # fewer live nodes than its redundancy: its task failed, saying so
+                return {**early, "skipped": True}, None
+            # FAILED_PRECONDITION: the node's message goes back to the queue for another
+            raise Conflict(early["error"])
+        return {**early, "skipped": True, "redirected": target}, None
     if early is not None and early.pop("abandoned", False):  # it kept outliving its limit: fail it here
         row = _load(subtask_id)
         stuck = _work(subtask_id, row, int(row.attempts))
@@ -153,7 +175,7 @@ def complete(node: NodeIdentity, *, subtask_id: str, attempt: int, output: bytes
                   else "signature does not verify with the node's enrolled key")
         refuse(node, work, reason=reason, signature=signature)
         raise PermissionDenied(f"part of subtask {subtask_id} refused: {reason}")
-    key = part_key(work.task_id, work.index)
+    key = part_key(work.task_id, work.index, work.replica)
     get_store().put_bytes(key, output, "application/json")
     signed = {"node_id": node.id, "attempt": attempt, "signature": signature}
     recorded = lifecycle.complete(work, node=node.hostname, key=key, sha256=sha256, seconds=seconds, held=True,

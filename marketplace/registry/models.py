@@ -22,3 +22,15 @@ class Worker(Base):
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat: Mapped[datetime] = mapped_column(default=utcnow)
     deregistered_at: Mapped[datetime | None] = mapped_column()
+
+
+class NodeReputation(Base):
+    """A node's record of replicas judged against their quorum (`registry.reputation`)."""
+
+    __tablename__ = "node_reputation"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)  # the node's hostname, as in subtasks.worker
+    agreed: Mapped[int] = mapped_column(Integer, default=0)
+    disagreed: Mapped[int] = mapped_column(Integer, default=0)
+    demoted: Mapped[bool] = mapped_column(default=False)  # no solo work (redundancy 1) until its score recovers
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -224,7 +224,7 @@ def _live_doc(doc: dict[str, Any]) -> dict[str, Any]:
 # (platform and kernel, memory, CPUs, GPUs) and the reasons it refuses a model (they name install
 # paths and packages), tells an attacker about the machine, and is for admins.
 PUBLIC_FIELDS = ("hostname", "queues", "models", "status", "capacity", "running", "free", "last_heartbeat",
-                 "deregistered_at", "provider", "node")
+                 "deregistered_at", "provider", "node", "reputation")
 REFUSED_FOR_USERS = "not run on this node"
 # The reason a node gives for a model its pool is still loading (`workers/node.py`): it announces
 # the model once loaded. Shown to every user as is (it names nothing of the machine).
@@ -295,6 +295,12 @@ def list_workers(session: Session, *, r: redis.Redis, viewer: User | None, statu
         w["node"] = owner["node"] if owner else None
         if owner:
             w["provider_email"] = owner["provider"]
+    # Its standing from replicas judged against their quorum (verified results).
+    from marketplace.registry import reputation
+
+    standing = reputation.of(session, [w["hostname"] for w in out])
+    for w in out:
+        w["reputation"] = standing.get(w["hostname"]) or reputation.new_node()
     details = viewer is None or viewer.is_admin
     return [node_view(w, details=details) for w in sorted(out, key=lambda w: (w["status"] != "online", w["hostname"]))]
 

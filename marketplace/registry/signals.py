@@ -141,7 +141,8 @@ def running_subtasks() -> int:
 def node_info(consumer: Any) -> dict[str, Any]:
     from marketplace.registry.facts import node_facts
 
-    queues = sorted(consumer.app.amqp.queues.consume_from.keys())
+    # Not its own queue (`<hostname>.dq2`, Celery's worker_direct: verified replicas are sent there).
+    queues = sorted(q for q in consumer.app.amqp.queues.consume_from if not q.endswith(".dq2"))
     catalog = get_catalog()
     models = sorted({m for q in queues for m in catalog.models_for_queue(q)})
     concurrency = getattr(getattr(consumer, "pool", None), "limit", None) or getattr(

@@ -12,9 +12,11 @@ from sqlalchemy.dialects.postgresql import JSON, aggregate_order_by
 from sqlalchemy.orm import Session
 
 from marketplace.audit import service as audit
-from marketplace.infra.db import session_scope
+from marketplace.infra.after_commit import defer
+from marketplace.infra.db import session_scope, utcnow
 from marketplace.infra.errors import Conflict
 from marketplace.infra.storage import get_store
+from marketplace.results import quorum
 from marketplace.tasks import lifecycle
 from marketplace.tasks.models import FINAL_SUBTASK_STATUSES, SubTask, SubTaskStatus, Task, TaskStatus
 
@@ -22,8 +24,9 @@ logger = logging.getLogger(__name__)
 FINAL_SUBTASK = tuple(s.value for s in FINAL_SUBTASK_STATUSES)
 
 
-def part_key(task_id: str, index: int) -> str:
-    return f"results/{task_id}/parts/{index}.json"
+def part_key(task_id: str, index: int, replica: int = 0) -> str:
+    """A run's part: `<index>.json`, and `<index>.r<replica>.json` for a batch's other replicas."""
+    return f"results/{task_id}/parts/{index}.json" if not replica else f"results/{task_id}/parts/{index}.r{replica}.json"
 
 
 def result_key(task_id: str) -> str:
@@ -106,6 +109,9 @@ class Part(NamedTuple):
     result_key: str | None
     result_sha256: str | None
     error: str | None
+    replica: int = 0
+    worker: str | None = None
+    id: str | None = None
 
 
 # The task row, locked, with its subtasks' outcomes in index order: one round trip where there
@@ -114,6 +120,7 @@ _PARTS = (
     select(func.coalesce(
         func.json_agg(aggregate_order_by(func.json_build_array(
             SubTask.index, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error,
+            SubTask.replica, SubTask.worker, SubTask.id,
         ), SubTask.index)),
         literal_column("'[]'::json"), type_=JSON,
     ))
@@ -143,12 +150,46 @@ def finalize_task(task_id: str) -> str:
             first = failed[0]
             lifecycle.fail_task(session, task=task, error=f"subtask {first.index} failed: {first.error}")
             return "failed"
-        key = result_key(task_id)
         store = get_store()
+        if task.redundancy > 1 or len(subs) > _batches(subs):  # replicas (redundancy, spot checks): a quorum each
+            runs = [s for s in subs if s.status == SubTaskStatus.DONE.value]  # not a dropped spot check
+            verdict = quorum.judge(model=task.model, redundancy=task.redundancy, runs=runs, store=store)
+            if verdict.failed:
+                index, reason = min(verdict.failed.items())
+                lifecycle.fail_task(session, task=task, error=reason)
+                return "failed"
+            stuck = quorum.without_tiebreaker(verdict, queue=task.queue, model=task.model)
+            if stuck:  # no live node may run the extra replica: say why now, rather than wait
+                lifecycle.fail_task(session, task=task, error=stuck)
+                return "failed"
+            if verdict.more:
+                quorum.add_replicas(session, task=task, more=verdict.more, now=utcnow())
+                defer(session, _release, task.queue)
+                return "waiting"
+            quorum.record(session, task=task, verdict=verdict)
+            subs = [verdict.accepted[i] for i in sorted(verdict.accepted)]
+        key = result_key(task_id)
         store.put_bytes(key, join_parts(task_id, task.model, subs, store), "application/json")
         task.result_key = key
         lifecycle.finish(session, task=task, status=TaskStatus.DONE, failed=0)
     return "done"
+
+
+def _batches(subs: list[Part]) -> int:
+    """How many batches the runs are of (the last index + 1: runs come in index order)."""
+    return subs[-1].index + 1 if subs else 0
+
+
+def _release(queue: str | None) -> None:
+    """After extra replicas were queued: the fair dispatcher sends them (else its beat does)."""
+    if not queue:
+        return
+    try:
+        from marketplace.scheduling.dispatch import release_queue
+
+        release_queue(queue, wait=False)
+    except Exception:
+        logger.warning("could not release the extra replicas on %s", queue, exc_info=True)
 
 
 def save_partial(
@@ -159,7 +200,8 @@ def save_partial(
     from marketplace.infra.errors import InvalidInput, NotFound
 
     with session_scope() as session:
-        sub = session.scalar(select(SubTask).where(SubTask.task_id == uuid.UUID(task_id), SubTask.index == index))
+        sub = session.scalar(select(SubTask).where(SubTask.task_id == uuid.UUID(task_id), SubTask.index == index,
+                                                   SubTask.replica == 0))
         if sub is None:
             raise NotFound(f"subtask {index} of task {task_id} not found")
         subtask_id, items = str(sub.id), sub.items
@@ -203,6 +245,8 @@ def read_partial_result(session: Session, *, task: Task) -> bytes:
         return stored[:-1] + partial_fields(task.status, [])
     subtasks = session.execute(
         select(SubTask.index, SubTask.items, SubTask.status, SubTask.result_key, SubTask.result_sha256, SubTask.error)
-        .where(SubTask.task_id == task.id).order_by(SubTask.index)
+        .where(SubTask.task_id == task.id, SubTask.replica == 0).order_by(SubTask.index)  # one run per batch
     ).all()
+    if task.redundancy > 1:  # replicas not judged (the task did not end Done): no verified output, missing
+        subtasks = [s._replace(status="Unverified") if s.status == SubTaskStatus.DONE.value else s for s in subtasks]
     return partial_document(task, list(subtasks), get_store())

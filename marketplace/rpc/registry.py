@@ -49,6 +49,7 @@ def worker_message(doc: dict[str, Any]) -> worker_pb2.Worker:
         last_heartbeat=timestamp(last),
         registered_at=timestamp(doc.get("registered_at") or doc.get("started_at")),
         provider=doc.get("provider"), node=doc.get("node"),
+        reputation=worker_pb2.Reputation(**doc["reputation"]) if doc.get("reputation") else None,
     )
 
 

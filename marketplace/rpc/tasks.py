@@ -34,7 +34,7 @@ def task_message(task: Task, doc: TaskOut) -> task_pb2.Task:
         error=doc.error or "", status_reason=doc.status_reason or "", queue_position=doc.queue_position or 0,
         trace_id=doc.trace_id or "",
         user_id=str(task.user_id), queue=doc.queue or "", priority=doc.priority, batch_size=task.batch_size,
-        subtask_count=task.subtask_count,
+        subtask_count=task.subtask_count, redundancy=task.redundancy or 1,
     )
 
 
@@ -44,6 +44,11 @@ def subtask_message(sub: SubTaskOut) -> task_pb2.SubTask:
         id=sub.id, index=sub.index, status=sub.status, worker=sub.worker or "", attempts=sub.attempts,
         seconds=sub.seconds or 0.0, items=sub.items, error=sub.error or "",
         started_at=timestamp(sub.started_at), finished_at=timestamp(sub.finished_at),
+        replicas=[task_pb2.Replica(
+            id=r.id, replica=r.replica, status=r.status, node=r.node or "", provider=r.provider or "",
+            output_sha256=r.output_sha256 or "", platform_paid=r.platform_paid,
+            verdict="" if r.agreed is None else ("agreed" if r.agreed else "disagreed"),
+        ) for r in sub.replicas or []],
     )
 
 
@@ -62,6 +67,8 @@ def task_request(request: task_pb2.CreateTaskRequest) -> TaskRequest:
         body["webhook_url"] = request.webhook_url
     if request.max_cost:
         body["max_cost"] = request.max_cost
+    if request.redundancy:
+        body["redundancy"] = request.redundancy
     check_storable(body)  # json.loads takes NaN and "\u0000", which the INSERT refused (INTERNAL)
     try:
         return TaskRequest.model_validate(body)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery import group, signature
 from sqlalchemy import text
@@ -24,7 +25,7 @@ from sqlalchemy import text
 from marketplace.catalog import get_catalog
 from marketplace.infra import names
 from marketplace.infra.db import get_engine, utcnow
-from marketplace.scheduling import fair
+from marketplace.scheduling import fair, replicas
 from marketplace.settings import get_settings
 from marketplace.tasks import lifecycle
 
@@ -93,7 +94,7 @@ def _release(queue: str, *, wait: bool, capacity: int | None) -> int:
     if capacity <= 0:
         return 0  # no live node: its tasks wait, saying so (scheduling.stranded)
     settings = get_settings()
-    waiting = _broker_depth(queue)
+    waiting = _broker_depth(queue, direct=replicas.direct_lists(queue))
     with get_engine().begin() as conn:
         locked = conn.execute(_LOCK if wait else _TRY_LOCK, {"queue": queue}).scalar()
         if not wait and not locked:
@@ -144,10 +145,13 @@ def _clear_busy(queue: str) -> None:
         logger.debug("could not clear the release mark of %s", queue, exc_info=True)
 
 
-def _broker_depth(queue: str) -> int:
+def _broker_depth(queue: str, *, direct: list[str] | None = None) -> int:
+    """Messages waiting in the queue's lists, and in the per-node lists of its nodes (`direct`:
+    the replicas of verified tasks go there, `scheduling.replicas`)."""
     from marketplace.infra.broker import queue_depths
 
-    return int(queue_depths([queue]).get(queue, 0))
+    depths = queue_depths([queue, *(direct or [])])
+    return int(sum(depths.values()))
 
 
 def release_if_low(queue: str) -> int:
@@ -165,7 +169,7 @@ def release_if_low(queue: str) -> int:
             raw = get_redis().get(WINDOW_KEY.format(queue))
             remembered = None if raw is None else int(raw)
             _windows[queue] = (now, remembered)
-        depth, busy = queue_depth_and_flag(queue, BUSY_KEY.format(queue))
+        depth, busy = queue_depth_and_flag(queue, BUSY_KEY.format(queue), also=replicas.direct_lists(queue))
     except Exception:  # the beat's periodic release covers it
         logger.warning("release trigger for %s: could not read the broker", queue, exc_info=True)
         return 0
@@ -191,16 +195,20 @@ def _remember_window(queue: str, window: int) -> None:
         logger.debug("could not remember the window of %s", queue, exc_info=True)
 
 
-def _publish_all(queue: str, sent: dict[str, list[str]], meta: dict[str, tuple[str, str | None]]) -> None:
-    for task_id, message_ids in sent.items():
+def _publish_all(queue: str, sent: dict[str, list[tuple[str, int, int]]],
+                 meta: dict[str, tuple[str, str | None]]) -> None:
+    """Publish a release: to the queue, and a verified task's replicas each to a distinct node."""
+    placed = replicas.place(queue, sent)
+    for (task_id, target), message_ids in placed.items():
         model, trace_id = meta.get(task_id, ("", None))
         try:
-            publish(task_id, message_ids, queue=queue, time_limit=get_catalog().time_limit(model), trace_id=trace_id)
+            publish(task_id, message_ids, queue=target, time_limit=get_catalog().time_limit(model),
+                    trace_id=trace_id)
         except _broker_errors() as exc:
             _resend_when_back(task_id, exc)
 
 
-def publish(task_id: str, message_ids: list[str], *, queue: str, time_limit: float,
+def publish(task_id: str, message_ids: list[str], *, queue: Any, time_limit: float,
             trace_id: str | None = None) -> None:
     """One group of `workers.run_subtask` messages (`<subtask id>:<dispatch>` each) on `queue`.
 
@@ -237,6 +245,24 @@ def resend(task_id: str, subtask_ids: list[str], *, queue: str, model: str, trac
         publish(task_id, [mid for mid, _ in sent], queue=queue, time_limit=get_catalog().time_limit(model),
                 trace_id=trace_id)
     return [index for _, index in sent]
+
+
+def redirect(subtask_id: str, *, refused_by: str) -> str | None:
+    """Send a subtask that `refused_by` may not run (verified results) straight to a node that may
+    (`replicas.redirect_target`), as a new message; that node, or None where none is live."""
+    from celery.utils.nodenames import worker_direct
+
+    found = replicas.redirect_target(subtask_id, refused_by=refused_by)
+    if found is None:
+        return None
+    facts, target = found
+    with get_engine().begin() as conn:
+        sent = lifecycle.resend(conn, [subtask_id], count=False)
+    if not sent:
+        return None
+    publish(str(facts.task_id), [mid for mid, _ in sent], queue=worker_direct(target),
+            time_limit=get_catalog().time_limit(facts.model), trace_id=facts.trace_id)
+    return target
 
 
 def _broker_errors() -> tuple[type[BaseException], ...]:

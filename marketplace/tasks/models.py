@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid, text
+from sqlalchemy import ForeignKey, Index, Integer, SmallInteger, String, Text, UniqueConstraint, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from marketplace.infra.db import Base, new_id, utcnow
@@ -72,7 +72,9 @@ class Task(Base):
     batch_size: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     total_items: Mapped[int] = mapped_column(Integer)
-    subtask_count: Mapped[int] = mapped_column(Integer, default=0)
+    subtask_count: Mapped[int] = mapped_column(Integer, default=0)  # rows: every replica of every batch
+    # Verified results: each batch runs on this many distinct nodes and a quorum must agree.
+    redundancy: Mapped[int] = mapped_column(SmallInteger, default=1)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     max_cost: Mapped[Decimal | None] = mapped_column()
     estimated_cost: Mapped[Decimal] = mapped_column(default=Decimal("0"))
@@ -103,7 +105,13 @@ class Task(Base):
 class SubTask(Base):
     __tablename__ = "subtasks"
     __table_args__ = (
-        UniqueConstraint("task_id", "index", name="uq_subtasks_task_index"),
+        # A subtask run on k nodes is k rows of one index (`replica`); deferrable: a claim may swap
+        # two never-run replicas' payloads in one statement (`lifecycle.work`).
+        UniqueConstraint("task_id", "index", "replica", name="uq_subtasks_task_index_replica",
+                         deferrable=True, initially="IMMEDIATE"),
+        # Never two replicas of a batch on one node, even when two of its processes claim at once.
+        Index("uq_subtasks_replica_node", "task_id", "index", "worker", unique=True,
+              postgresql_where=text("worker IS NOT NULL")),
         Index("ix_subtasks_task_status", "task_id", "status"),
         # What the fair dispatcher releases next (never sent, in index order), and what is in
         # flight (sent and waiting in the broker, or running): each read is O(its rows).
@@ -116,6 +124,12 @@ class SubTask(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
+    # 0 for the first run of a batch; 1.. for its other replicas (redundancy, spot checks, and the
+    # extra runs of replicas that disagreed). `agreed`: set when its batch's quorum was decided.
+    replica: Mapped[int] = mapped_column(SmallInteger, default=0)
+    agreed: Mapped[bool | None] = mapped_column(default=None)
+    # A spot check or a tie-break run: not charged to the task's owner.
+    platform_paid: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16), default=SubTaskStatus.PENDING.value)
     inputs: Mapped[list[Any]] = mapped_column()
     items: Mapped[int] = mapped_column(Integer)

@@ -9,6 +9,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 # How deep an input item or a parameter may nest. The request is hashed and stored through
 # pydantic's serializer, which refuses 255 levels and more (a 500); real items nest a few levels.
 MAX_NESTING = 64
+MAX_REDUNDANCY = 5
 
 
 def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
@@ -40,6 +41,9 @@ class TaskRequest(BaseModel):
         "evenly over ceil(n / batch_size) subtasks."))
     priority: int = Field(default=0, ge=0, le=9, strict=True, description="0–9, 9 most urgent.")
     webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the task document on a final status.")
+    redundancy: int | None = Field(default=None, ge=1, le=MAX_REDUNDANCY, strict=True, description=(
+        "Verified results: run each subtask on this many distinct nodes (1-5) and accept the output a "
+        "majority agrees on; priced this many times. Absent: your minimum (default 1)."))
     max_cost: Decimal | None = Field(default=None, gt=0, max_digits=24, decimal_places=6)
 
     @field_validator("inputs")
@@ -80,7 +84,8 @@ class TaskOut(BaseModel):
     priority: int
     progress: Progress
     total_items: int
-    subtasks: int
+    subtasks: int = Field(description="Subtask runs: each batch once per replica (redundancy, spot checks).")
+    redundancy: int = 1
     estimated_cost: str
     cost: str | None = Field(description="Settled cost, or the running sum of charges before the end.")
     created_at: str
@@ -96,6 +101,17 @@ class TaskOut(BaseModel):
     links: dict[str, str] = {}
 
 
+class ReplicaOut(BaseModel):
+    id: str
+    replica: int = Field(description="0 for the first run; more for the other replicas, spot checks and tie-breaks.")
+    status: str
+    node: str | None = Field(default=None, description="The node's hostname.")
+    provider: str | None = Field(default=None, description="The provider's user id; null for the operator's nodes.")
+    output_sha256: str | None = None
+    agreed: bool | None = Field(default=None, description="Whether it agreed with the accepted output; null until decided.")
+    platform_paid: bool = Field(default=False, description="A spot check or tie-break, at the platform's cost.")
+
+
 class SubTaskOut(BaseModel):
     id: str
     index: int
@@ -108,6 +124,8 @@ class SubTaskOut(BaseModel):
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    replicas: list[ReplicaOut] | None = Field(default=None, description=(
+        "Where the subtask ran on several nodes (redundancy, a spot check): each run, and whether it agreed."))
 
 
 MAX_SUBTASK_PAGE = 1000  # subtasks per page (REST `limit`, gRPC `limit`)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import uuid
 from datetime import datetime
@@ -29,7 +30,7 @@ from marketplace.infra.prepared import Prepared
 from marketplace.settings import get_settings
 from marketplace.tasks.models import SubTask, SubTaskStatus, Task, TaskStatus
 from marketplace.tasks.params import check_params
-from marketplace.tasks.schemas import Progress, SubTaskList, SubTaskOut, TaskOut, TaskRequest
+from marketplace.tasks.schemas import Progress, ReplicaOut, SubTaskList, SubTaskOut, TaskOut, TaskRequest
 from marketplace.users.models import User
 from marketplace.webhooks.targets import check_submitted
 
@@ -44,6 +45,7 @@ _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 # the statement timeout and were 503s. A smaller submit keeps the one-statement insert and lock:
 # its check would be one more round trip than the work it saves.
 BIG_SUBMIT_ITEMS = 1_000
+_random = random.SystemRandom()  # which batches are spot-checked: not for a node to guess
 
 
 def canonical_json(value: Any) -> str:
@@ -214,9 +216,11 @@ def create_task(
     from marketplace.billing import quotas
 
     quotas.check_submit(session, user_id=user_id, items=count)
-    # The estimate is a matter of counts: known, and checked, before any item is read.
-    estimate = max(billing.estimate_cost(spec, d, items=count, subtasks=_chunk_count(count, batch_size))
-                   for d in devices)
+    redundancy = _redundancy(session, user_id=user_id, requested=request.redundancy)
+    # The estimate is a matter of counts: known, and checked, before any item is read. Each of the
+    # k replicas is priced (spot checks and tie-breaks are the platform's).
+    estimate = redundancy * max(billing.estimate_cost(spec, d, items=count, subtasks=_chunk_count(count, batch_size))
+                                for d in devices)
     if request.max_cost is not None and estimate > request.max_cost:
         raise InvalidInput.field("max_cost", f"estimated cost {estimate} exceeds max_cost {request.max_cost}")
     big = count >= BIG_SUBMIT_ITEMS
@@ -224,6 +228,8 @@ def create_task(
         billing.check_hold(session, user_id=user_id, amount=estimate)
     items = validate_items(session, spec=spec, inputs=request.inputs, user_id=user_id)
     batches = _chunks(items, batch_size)
+    spot = spot_checks(len(batches), redundancy=redundancy)
+    rows = len(batches) * redundancy + len(spot)
     request_hash = keyed_hash or _request_hash(request)
 
     now = utcnow()
@@ -232,7 +238,7 @@ def create_task(
         id=uuid.uuid4(), user_id=user_id, model=spec.name, device=request.device, queue=None,
         status=TaskStatus.CREATED.value, status_reason=None, error=None,
         params=params, batch_size=batch_size, priority=request.priority,
-        total_items=len(items), subtask_count=len(batches),
+        total_items=len(items), subtask_count=rows, redundancy=redundancy,
         webhook_url=str(request.webhook_url) if request.webhook_url else None,
         max_cost=request.max_cost, estimated_cost=estimate, cost=None, idempotency_key=idempotency_key,
         request_hash=request_hash, trace_id=trace_id, result_key=None, created_at=now, scheduled_at=None,
@@ -242,10 +248,11 @@ def create_task(
         winner = _insert_keyed(session, task=task, idempotency_key=idempotency_key, request_hash=request_hash)
         if winner is not None:
             return winner, False
-        _INSERT_SUBTASKS.execute(session.connection(), {"id": task.id, "now": now, "batches": json.dumps(batches)})
+        _INSERT_SUBTASKS.execute(session.connection(), {"id": task.id, "now": now, "batches": json.dumps(batches),
+                                                        "k": redundancy, "spot": _array(spot)})
         balance = None
     else:  # no key, no race to lose: no savepoint, and the task, its subtasks (and the balance lock) in one statement
-        balance = _insert_task(session, task, batches, lock=not big)
+        balance = _insert_task(session, task, batches, lock=not big, spot=spot)
     billing.place_hold(session, user_id=user_id, task_id=task.id, amount=estimate, balance=balance)
     emit(
         session,
@@ -254,7 +261,7 @@ def create_task(
         payload={"task_id": str(task.id), "user_id": str(user_id), "model": spec.name, "device": request.device,
                  "items": len(items), "subtasks": len(batches), "estimated_cost": str(estimate),
                  "batch_size": batch_size, "priority": request.priority, "idempotency_key": idempotency_key,
-                 "trace_id": trace_id},
+                 "trace_id": trace_id, "redundancy": redundancy},
     )
     observability.task_submitted(model=spec.name, task_id=task.id, user_id=user_id)
     # Buffered (audit_pending, chained within seconds) in the same transaction: chaining here
@@ -262,19 +269,50 @@ def create_task(
     audit.enqueue(
         session, actor=f"user:{user_id}", action="task.created", subject=f"task:{task.id}", task_id=task.id,
         data={"model": spec.name, "device": request.device, "items": len(items), "subtasks": len(batches),
-              "estimated_cost": str(estimate), "schedule_id": schedule_message_id(task.id)},
+              "estimated_cost": str(estimate), "schedule_id": schedule_message_id(task.id),
+              **({"redundancy": redundancy} if redundancy > 1 else {}), **({"spot_checks": spot} if spot else {})},
     )
     return task, True
 
 
-# Task :id's subtasks, one per batch of the JSON array :batches, in index order.
+def _redundancy(session: Session, *, user_id: uuid.UUID, requested: int | None) -> int:
+    """The task's redundancy: as requested, at least the operator's and the user's minimum;
+    absent, that minimum. Asking for less is refused, naming the field."""
+    minimum = get_settings().min_redundancy
+    if requested is None or requested < 5:  # the user's own policy, read only where it can matter
+        own = session.scalar(select(User.min_redundancy).where(User.id == user_id))
+        minimum = max(minimum, own or 1)
+    if requested is None:
+        return minimum
+    if requested < minimum:
+        raise InvalidInput.field("redundancy", f"at least {minimum} (the minimum your account's policy sets)")
+    return requested
+
+
+def spot_checks(batches: int, *, redundancy: int) -> list[int]:
+    """Indices of a redundancy-1 task's batches that also run on a second node, at the platform's
+    cost (`MARKETPLACE_SPOT_CHECK_RATE`): a node that returns wrong outputs loses its standing."""
+    rate = get_settings().spot_check_rate
+    if redundancy > 1 or rate <= 0:
+        return []
+    return [i for i in range(batches) if _random.random() < rate]
+
+
+def _array(values: list[int]) -> str:
+    return "{" + ",".join(str(v) for v in values) + "}"
+
+
+# Task :id's subtasks: :k replicas (rows) of each batch of the JSON array :batches, in index order,
+# and one more, at the platform's cost, of each batch whose index is in :spot (spot checks).
 _SUBTASKS_SQL = f"""
-    INSERT INTO subtasks (id, task_id, index, status, inputs, items, attempts, created_at)
-    SELECT gen_random_uuid(), :id, CAST(ord AS integer) - 1, '{SubTaskStatus.PENDING.value}', batch,
+    INSERT INTO subtasks (id, task_id, index, replica, platform_paid, status, inputs, items, attempts, created_at)
+    SELECT gen_random_uuid(), :id, CAST(ord AS integer) - 1, r, r >= :k, '{SubTaskStatus.PENDING.value}', batch,
            jsonb_array_length(batch), 0, :now
     FROM jsonb_array_elements(:batches) WITH ORDINALITY AS b(batch, ord)
+    CROSS JOIN LATERAL generate_series(0, CASE WHEN CAST(ord AS integer) - 1 = ANY(CAST(:spot AS integer[]))
+                                               THEN :k ELSE :k - 1 END) AS r
 """
-_SUBTASK_TYPES = {"id": "uuid", "now": "timestamptz", "batches": "jsonb"}
+_SUBTASK_TYPES = {"id": "uuid", "now": "timestamptz", "batches": "jsonb", "k": "integer", "spot": "text"}
 _INSERT_SUBTASKS = Prepared("mp_insert_subtasks", _SUBTASKS_SQL, types=_SUBTASK_TYPES)
 # A submit's task row and its subtasks in one round trip, which also takes `place_hold`'s lock on
 # the user's balance and reads it. It was the ORM's flush of the task (~0.45 ms of Python), an
@@ -287,10 +325,10 @@ def _insert_task_sql(*, lock: bool) -> str:
     return f"""
     WITH t AS (
         INSERT INTO tasks (id, user_id, model, device, status, params, batch_size, priority, total_items,
-                           subtask_count, webhook_url, max_cost, estimated_cost, request_hash, trace_id,
+                           subtask_count, redundancy, webhook_url, max_cost, estimated_cost, request_hash, trace_id,
                            created_at, progress_at, dispatch_count)
         VALUES (:id, :user_id, :model, :device, '{TaskStatus.CREATED.value}', :params, :batch_size, :priority,
-                :total_items, :subtask_count, :webhook_url, :max_cost, :estimated_cost, :request_hash,
+                :total_items, :subtask_count, :k, :webhook_url, :max_cost, :estimated_cost, :request_hash,
                 :trace_id, :now, :now, 0)
     ), s AS ({_SUBTASKS_SQL})
     {billing.lock_balance_sql("user_id") if lock else "SELECT NULL"}
@@ -305,7 +343,8 @@ _INSERT_TASK = Prepared("mp_insert_task", _insert_task_sql(lock=True), types=_TA
 _INSERT_TASK_ROWS = Prepared("mp_insert_task_rows", _insert_task_sql(lock=False), types=_TASK_TYPES)
 
 
-def _insert_task(session: Session, task: Task, batches: list[list[Any]], *, lock: bool = True) -> Decimal | None:
+def _insert_task(session: Session, task: Task, batches: list[list[Any]], *, lock: bool = True,
+                 spot: list[int] | None = None) -> Decimal | None:
     """Insert `task` (every column set) and its subtasks; `task` becomes persistent in `session`.
 
     `lock`: returns the user's balance, locked for `billing.place_hold`; else None, and
@@ -317,6 +356,7 @@ def _insert_task(session: Session, task: Task, batches: list[list[Any]], *, lock
         "total_items": task.total_items, "subtask_count": task.subtask_count, "webhook_url": task.webhook_url,
         "max_cost": task.max_cost, "estimated_cost": task.estimated_cost, "request_hash": task.request_hash,
         "trace_id": task.trace_id, "now": task.created_at, "batches": json.dumps(batches),
+        "k": task.redundancy, "spot": _array(spot or []),
     }).scalar_one()
     # As if loaded: in the session's identity map, nothing left for its flush to write.
     make_transient_to_detached(task)
@@ -449,6 +489,7 @@ def task_document(task: Task, counts: dict[str, int], *, running_cost: Decimal |
         ),
         total_items=task.total_items,
         subtasks=task.subtask_count,
+        redundancy=task.redundancy or 1,
         estimated_cost=str(task.estimated_cost),
         cost=str(cost) if cost is not None else None,
         created_at=task.created_at.isoformat(),
@@ -514,18 +555,39 @@ def list_subtasks(session: Session, *, task: Task, status: str | None = None, af
                   limit: int | None = None) -> list[SubTaskOut]:
     """The task's subtasks in index order: those after index `after`, in `status`, at most `limit`
     (a job of 200,000 one-item subtasks is a page at a time, not one 50 MB answer)."""
-    query = select(SubTask).where(SubTask.task_id == task.id, SubTask.index > after)
+    query = select(SubTask).where(SubTask.task_id == task.id, SubTask.index > after, SubTask.replica == 0)
     if status is not None:
         query = query.where(SubTask.status == status)
-    rows = session.scalars(query.order_by(SubTask.index).limit(limit))
-    return [
-        SubTaskOut(
-            id=str(s.id), index=s.index, status=s.status, items=s.items, worker=s.worker,  # type: ignore[arg-type]
-            attempts=s.attempts, seconds=s.seconds, error=s.error,
-            started_at=_iso(s.started_at), finished_at=_iso(s.finished_at),
-        )
-        for s in rows
-    ]
+    rows = list(session.scalars(query.order_by(SubTask.index).limit(limit)))
+    replicas: dict[int, list[SubTask]] = {}
+    if rows and task.subtask_count > _chunk_count(task.total_items, task.batch_size):  # replicas: one list each
+        for r in session.scalars(select(SubTask).where(SubTask.task_id == task.id, SubTask.replica > 0,
+                                                       SubTask.index.in_([s.index for s in rows]))):
+            replicas.setdefault(r.index, []).append(r)
+    providers = _providers(session, [r.worker for s in rows for r in [s, *replicas.get(s.index, [])] if r.worker]
+                           ) if replicas else {}
+    out = []
+    for s in rows:
+        runs = sorted([s, *replicas.get(s.index, [])], key=lambda r: r.replica)
+        shown = next((r for r in runs if r.agreed), s)  # the accepted run, once judged
+        out.append(SubTaskOut(
+            id=str(s.id), index=s.index, status=shown.status, items=s.items, worker=shown.worker,  # type: ignore[arg-type]
+            attempts=shown.attempts, seconds=shown.seconds, error=shown.error,
+            started_at=_iso(shown.started_at), finished_at=_iso(shown.finished_at),
+            replicas=[ReplicaOut(id=str(r.id), replica=r.replica, status=r.status, node=r.worker,
+                                 provider=providers.get(r.worker or ""), output_sha256=r.result_sha256,
+                                 agreed=r.agreed, platform_paid=r.platform_paid) for r in runs] if len(runs) > 1 else None,
+        ))
+    return out
+
+
+def _providers(session: Session, hostnames: list[str]) -> dict[str, str]:
+    """{hostname: provider user id} of the enrolled nodes among `hostnames`."""
+    if not hostnames:
+        return {}
+    rows = session.execute(text("SELECT hostname, provider_id FROM nodes WHERE hostname = ANY(:names)"),
+                           {"names": sorted(set(hostnames))})
+    return {h: str(p) for h, p in rows}
 
 
 def subtask_page(session: Session, *, task: Task, status: str | None = None, after: int = -1,

@@ -5,7 +5,7 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import String, Uuid
+from sqlalchemy import SmallInteger, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from marketplace.infra.db import Base, new_id, utcnow
@@ -28,6 +28,8 @@ class User(Base):
     # The fair dispatcher's weight for this user, and a cap on its subtasks in flight (NULL: the setting's).
     share: Mapped[float] = mapped_column(default=1.0)
     max_running_subtasks: Mapped[int | None] = mapped_column(default=None)
+    # The least redundancy this user's tasks run with (NULL: MARKETPLACE_MIN_REDUNDANCY).
+    min_redundancy: Mapped[int | None] = mapped_column(SmallInteger, default=None)
     # Sells compute: may enroll nodes (`marketplace users set EMAIL --provider`); any role may be one.
     provider: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

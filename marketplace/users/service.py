@@ -87,7 +87,7 @@ def profile(session: Session, *, user: User) -> dict[str, object]:
 
 # What an operator may change on an account (`marketplace users set`); None means the default.
 SETTABLE = ("role", "max_active_tasks", "max_items_per_task", "daily_spend_limit", "share", "max_running_subtasks",
-            "provider")
+            "provider", "min_redundancy")
 
 
 def update_user(session: Session, *, email: str, actor: str, changes: dict[str, object]) -> User:

@@ -34,6 +34,10 @@ def _fields(resp) -> set[str]:  # type: ignore[no-untyped-def]
         ({"model": "echo", "inputs": [1], "webhook_url": "file:///etc/passwd"}, "webhook_url"),
         ({"model": "echo", "inputs": [1], "surprise": True}, "surprise"),
         ({"model": "echo", "inputs": ["a\u0000b"]}, "inputs[0]"),
+        ({"model": "echo", "inputs": [1], "redundancy": 0}, "redundancy"),
+        ({"model": "echo", "inputs": [1], "redundancy": 6}, "redundancy"),
+        ({"model": "echo", "inputs": [1], "redundancy": "2"}, "redundancy"),
+        ({"model": "echo", "inputs": [1], "redundancy": True}, "redundancy"),
     ],
 )
 def test_bad_task_bodies_are_422_naming_the_field(client, user, body, field):  # type: ignore[no-untyped-def]
@@ -164,3 +168,17 @@ def test_good_model_params_are_accepted(client, user):  # type: ignore[no-untype
     with get_engine().connect() as conn:
         stored = conn.execute(text("SELECT params FROM tasks WHERE id = :t"), {"t": resp.get_json()["id"]}).scalar()
     assert stored == {"command": ["/bin/cat"], "timeout_s": 5, "memory_mb": 128}
+
+
+def test_redundancy_under_the_users_minimum_is_422_and_absent_takes_it(client, user):  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from marketplace.infra.db import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE users SET min_redundancy = 3 WHERE id = :id"), {"id": user["id"]})
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1], "redundancy": 2}, headers=user["headers"])
+    assert resp.status_code == 422 and _fields(resp) == {"redundancy"}
+    assert "at least 3" in resp.get_json()["errors"][0]["message"]
+    resp = client.post("/v1/tasks", json={"model": "echo", "inputs": [1]}, headers=user["headers"])
+    assert resp.status_code == 202 and resp.get_json()["redundancy"] == 3 and resp.get_json()["subtasks"] == 3

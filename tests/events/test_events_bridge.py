@@ -288,6 +288,12 @@ def test_codec_maps_every_outbox_type_to_an_envelope():  # type: ignore[no-untyp
     sub = codec.decode(codec.encode(event_id=9, type="SubTaskCompleted", key="t2", created_at=now,
                                     payload={"index": 1, "seconds": 0.25, "items": 4, "status": "Done"})[0])
     assert sub.task_id == "t2" and sub.seconds == 0.25 and sub.items == 4
+    verified = codec.decode(codec.encode(event_id=10, type="SubTaskVerified", key="t3", created_at=now, payload={
+        "task_id": "t3", "index": 2, "accepted_subtask_id": "s1", "accepted_replica": 1, "accepted_node": "a@h",
+        "result_sha256": "ab", "replicas": 3, "agreed_nodes": ["a@h", "b@h"], "disagreed_nodes": ["liar@h"]})[0])
+    assert isinstance(verified, pb.SubTaskVerified) and verified.accepted_node == "a@h"
+    assert (verified.index, verified.accepted_replica, verified.replicas) == (2, 1, 3)
+    assert list(verified.agreed_nodes) == ["a@h", "b@h"] and list(verified.disagreed_nodes) == ["liar@h"]
     with pytest.raises(codec.UnknownEvent):
         codec.encode(event_id=1, type="Bogus", key="k", payload={}, created_at=now)
 

@@ -639,3 +639,15 @@ def test_marketplace_grpc_command_serves_health_and_calls(stack):  # type: ignor
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert proc.returncode == 0, out
+
+
+def test_redundancy_over_grpc_and_reputation_in_list_workers(stubs, user, rpc_error, worker):  # type: ignore[no-untyped-def]
+    code, _, meta = rpc_error(stubs.tasks.CreateTask, task_pb2.CreateTaskRequest(
+        model="echo", inputs=["1"], redundancy=6), metadata=user["md"])
+    assert code == C.INVALID_ARGUMENT and json.loads(meta["error-fields"])[0]["field"] == "redundancy"
+    task = _create(stubs, user, [1, 2], redundancy=2, batch_size=1).task
+    assert (task.redundancy, task.subtask_count) == (2, 4)
+    listed = stubs.workers.ListWorkers(worker_pb2.ListWorkersRequest(status="online"), metadata=user["md"])
+    mine = next(w for w in listed.workers if w.hostname == worker.hostname)
+    assert mine.HasField("reputation") and mine.reputation.demoted is False
+    assert mine.reputation.agreed >= 0 and 0.0 <= mine.reputation.score <= 1.0

@@ -193,11 +193,12 @@ class CeleryWorker:
     """A real `celery -A marketplace worker` process (prefork pool) for the given queues."""
 
     def __init__(self, queues: list[str], *, name: str | None = None, concurrency: int = 2,
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 app: str = "marketplace") -> None:
         self.name = name or f"test-{uuid.uuid4().hex[:6]}"
         self.queues = queues
         self.log = Path(tempfile.mkdtemp(prefix="mp-worker-")) / f"{self.name}.log"
-        cmd = [str(VENV_BIN / "celery"), "-A", "marketplace", "worker", "-Q", ",".join(queues),
+        cmd = [str(VENV_BIN / "celery"), "-A", app, "worker", "-Q", ",".join(queues),
                "-c", str(concurrency), "-n", f"{self.name}@%h", "-E", "-O", "fair",
                "--without-gossip", "--without-mingle", "--loglevel", "INFO", *(extra_args or [])]
         self.proc = subprocess.Popen(

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskCreated(_message.Message):
-    __slots__ = ("event_id", "task_id", "user_id", "occurred_at", "model", "device", "total_items", "batch_size", "priority", "estimated_cost", "idempotency_key", "trace_id")
+    __slots__ = ("event_id", "task_id", "user_id", "occurred_at", "model", "device", "total_items", "batch_size", "priority", "estimated_cost", "idempotency_key", "trace_id", "redundancy")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class TaskCreated(_message.Message):
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     event_id: int
     task_id: str
     user_id: str
@@ -35,7 +36,8 @@ class TaskCreated(_message.Message):
     estimated_cost: str
     idempotency_key: str
     trace_id: str
-    def __init__(self, event_id: _Optional[int] = ..., task_id: _Optional[str] = ..., user_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., total_items: _Optional[int] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., estimated_cost: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    redundancy: int
+    def __init__(self, event_id: _Optional[int] = ..., task_id: _Optional[str] = ..., user_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., total_items: _Optional[int] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., estimated_cost: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., trace_id: _Optional[str] = ..., redundancy: _Optional[int] = ...) -> None: ...
 
 class TaskAssigned(_message.Message):
     __slots__ = ("event_id", "task_id", "user_id", "occurred_at", "queue", "subtask_count", "priority", "dispatch_count")
@@ -184,7 +186,7 @@ class AuditCheckpoint(_message.Message):
     def __init__(self, event_id: _Optional[int] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log: _Optional[str] = ..., size: _Optional[int] = ..., head: _Optional[str] = ..., root: _Optional[str] = ..., time: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("task_created", "task_assigned", "subtask_completed", "task_completed", "task_failed", "audit_event", "audit_checkpoint")
+    __slots__ = ("task_created", "task_assigned", "subtask_completed", "task_completed", "task_failed", "audit_event", "audit_checkpoint", "subtask_verified")
     TASK_CREATED_FIELD_NUMBER: _ClassVar[int]
     TASK_ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     SUBTASK_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +194,7 @@ class Envelope(_message.Message):
     TASK_FAILED_FIELD_NUMBER: _ClassVar[int]
     AUDIT_EVENT_FIELD_NUMBER: _ClassVar[int]
     AUDIT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SUBTASK_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     task_created: TaskCreated
     task_assigned: TaskAssigned
     subtask_completed: SubTaskCompleted
@@ -199,10 +202,39 @@ class Envelope(_message.Message):
     task_failed: TaskFailed
     audit_event: AuditEvent
     audit_checkpoint: AuditCheckpoint
-    def __init__(self, task_created: _Optional[_Union[TaskCreated, _Mapping]] = ..., task_assigned: _Optional[_Union[TaskAssigned, _Mapping]] = ..., subtask_completed: _Optional[_Union[SubTaskCompleted, _Mapping]] = ..., task_completed: _Optional[_Union[TaskCompleted, _Mapping]] = ..., task_failed: _Optional[_Union[TaskFailed, _Mapping]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ..., audit_checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ...) -> None: ...
+    subtask_verified: SubTaskVerified
+    def __init__(self, task_created: _Optional[_Union[TaskCreated, _Mapping]] = ..., task_assigned: _Optional[_Union[TaskAssigned, _Mapping]] = ..., subtask_completed: _Optional[_Union[SubTaskCompleted, _Mapping]] = ..., task_completed: _Optional[_Union[TaskCompleted, _Mapping]] = ..., task_failed: _Optional[_Union[TaskFailed, _Mapping]] = ..., audit_event: _Optional[_Union[AuditEvent, _Mapping]] = ..., audit_checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ..., subtask_verified: _Optional[_Union[SubTaskVerified, _Mapping]] = ...) -> None: ...
+
+class SubTaskVerified(_message.Message):
+    __slots__ = ("event_id", "task_id", "user_id", "occurred_at", "index", "accepted_subtask_id", "accepted_replica", "accepted_node", "result_sha256", "replicas", "agreed_nodes", "disagreed_nodes")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_SUBTASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_NODE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    AGREED_NODES_FIELD_NUMBER: _ClassVar[int]
+    DISAGREED_NODES_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    task_id: str
+    user_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    index: int
+    accepted_subtask_id: str
+    accepted_replica: int
+    accepted_node: str
+    result_sha256: str
+    replicas: int
+    agreed_nodes: _containers.RepeatedScalarFieldContainer[str]
+    disagreed_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_id: _Optional[int] = ..., task_id: _Optional[str] = ..., user_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., index: _Optional[int] = ..., accepted_subtask_id: _Optional[str] = ..., accepted_replica: _Optional[int] = ..., accepted_node: _Optional[str] = ..., result_sha256: _Optional[str] = ..., replicas: _Optional[int] = ..., agreed_nodes: _Optional[_Iterable[str]] = ..., disagreed_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitTask(_message.Message):
-    __slots__ = ("api_token", "user_id", "idempotency_key", "model", "inputs", "params_json", "device", "batch_size", "priority", "webhook_url", "max_cost")
+    __slots__ = ("api_token", "user_id", "idempotency_key", "model", "inputs", "params_json", "device", "batch_size", "priority", "webhook_url", "max_cost", "redundancy")
     API_TOKEN_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +246,7 @@ class SubmitTask(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     api_token: str
     user_id: str
     idempotency_key: str
@@ -225,7 +258,8 @@ class SubmitTask(_message.Message):
     priority: int
     webhook_url: str
     max_cost: str
-    def __init__(self, api_token: _Optional[str] = ..., user_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., webhook_url: _Optional[str] = ..., max_cost: _Optional[str] = ...) -> None: ...
+    redundancy: int
+    def __init__(self, api_token: _Optional[str] = ..., user_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., webhook_url: _Optional[str] = ..., max_cost: _Optional[str] = ..., redundancy: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("payload", "key", "reason", "source_topic", "partition", "offset", "occurred_at")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emarketplace/pb/task/task.proto\x12\x13marketplace.task.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\x88\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1d.marketplace.task.v1.Progress\x12\x0c\n\x04\x63ost\x18\x06 \x01(\t\x12\x16\n\x0e\x65stimated_cost\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rstatus_reason\x18\x0c \x01(\t\x12\x10\n\x08trace_id\x18\r \x01(\t\x12\x0f\n\x07user_id\x18\x0e \x01(\t\x12\r\n\x05queue\x18\x0f \x01(\t\x12\x10\n\x08priority\x18\x10 \x01(\x05\x12\x12\n\nbatch_size\x18\x11 \x01(\x05\x12\x15\n\rsubtask_count\x18\x12 \x01(\x05\x12\x30\n\x0cscheduled_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0equeue_position\x18\x14 \x01(\x05\"\xe6\x01\n\x07SubTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05items\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x11\x43reateTaskRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x13\n\x0bwebhook_url\x18\x07 \x01(\t\x12\x10\n\x08max_cost\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\"X\n\x12\x43reateTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\x12\x19\n\x11idempotent_replay\x18\x02 \x01(\x08\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\":\n\x0fGetTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"A\n\x10ListTasksRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"R\n\x11ListTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.marketplace.task.v1.Task\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x12\x43\x61ncelTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"<\n\x11WatchTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"b\n\x12GetSubTasksRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\x05\x61\x66ter\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_after\"~\n\x13GetSubTasksResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12.\n\x08subtasks\x18\x02 \x03(\x0b\x32\x1c.marketplace.task.v1.SubTask\x12\x17\n\nnext_after\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_next_after2\xbd\x04\n\x0bTaskService\x12]\n\nCreateTask\x12&.marketplace.task.v1.CreateTaskRequest\x1a\'.marketplace.task.v1.CreateTaskResponse\x12T\n\x07GetTask\x12#.marketplace.task.v1.GetTaskRequest\x1a$.marketplace.task.v1.GetTaskResponse\x12Z\n\tListTasks\x12%.marketplace.task.v1.ListTasksRequest\x1a&.marketplace.task.v1.ListTasksResponse\x12]\n\nCancelTask\x12&.marketplace.task.v1.CancelTaskRequest\x1a\'.marketplace.task.v1.CancelTaskResponse\x12\\\n\tWatchTask\x12%.marketplace.task.v1.WatchTaskRequest\x1a&.marketplace.task.v1.WatchTaskResponse0\x01\x12`\n\x0bGetSubTasks\x12\'.marketplace.task.v1.GetSubTasksRequest\x1a(.marketplace.task.v1.GetSubTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emarketplace/pb/task/task.proto\x12\x13marketplace.task.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\x9c\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1d.marketplace.task.v1.Progress\x12\x0c\n\x04\x63ost\x18\x06 \x01(\t\x12\x16\n\x0e\x65stimated_cost\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rstatus_reason\x18\x0c \x01(\t\x12\x10\n\x08trace_id\x18\r \x01(\t\x12\x0f\n\x07user_id\x18\x0e \x01(\t\x12\r\n\x05queue\x18\x0f \x01(\t\x12\x10\n\x08priority\x18\x10 \x01(\x05\x12\x12\n\nbatch_size\x18\x11 \x01(\x05\x12\x15\n\rsubtask_count\x18\x12 \x01(\x05\x12\x30\n\x0cscheduled_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0equeue_position\x18\x14 \x01(\x05\x12\x12\n\nredundancy\x18\x15 \x01(\x05\"\x96\x02\n\x07SubTask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06worker\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05items\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08replicas\x18\x0b \x03(\x0b\x32\x1c.marketplace.task.v1.Replica\"\x95\x01\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x15\n\routput_sha256\x18\x06 \x01(\t\x12\x0f\n\x07verdict\x18\x07 \x01(\t\x12\x15\n\rplatform_paid\x18\x08 \x01(\x08\"\xd1\x01\n\x11\x43reateTaskRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x13\n\x0bwebhook_url\x18\x07 \x01(\t\x12\x10\n\x08max_cost\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x12\n\nredundancy\x18\n \x01(\x05\"X\n\x12\x43reateTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\x12\x19\n\x11idempotent_replay\x18\x02 \x01(\x08\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\":\n\x0fGetTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"A\n\x10ListTasksRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"R\n\x11ListTasksResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.marketplace.task.v1.Task\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x12\x43\x61ncelTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"<\n\x11WatchTaskResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.marketplace.task.v1.Task\"b\n\x12GetSubTasksRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\x05\x61\x66ter\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_after\"~\n\x13GetSubTasksResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12.\n\x08subtasks\x18\x02 \x03(\x0b\x32\x1c.marketplace.task.v1.SubTask\x12\x17\n\nnext_after\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_next_after2\xbd\x04\n\x0bTaskService\x12]\n\nCreateTask\x12&.marketplace.task.v1.CreateTaskRequest\x1a\'.marketplace.task.v1.CreateTaskResponse\x12T\n\x07GetTask\x12#.marketplace.task.v1.GetTaskRequest\x1a$.marketplace.task.v1.GetTaskResponse\x12Z\n\tListTasks\x12%.marketplace.task.v1.ListTasksRequest\x1a&.marketplace.task.v1.ListTasksResponse\x12]\n\nCancelTask\x12&.marketplace.task.v1.CancelTaskRequest\x1a\'.marketplace.task.v1.CancelTaskResponse\x12\\\n\tWatchTask\x12%.marketplace.task.v1.WatchTaskRequest\x1a&.marketplace.task.v1.WatchTaskResponse0\x01\x12`\n\x0bGetSubTasks\x12\'.marketplace.task.v1.GetSubTasksRequest\x1a(.marketplace.task.v1.GetSubTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,33 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_start=88
   _globals['_PROGRESS']._serialized_end=143
   _globals['_TASK']._serialized_start=146
-  _globals['_TASK']._serialized_end=666
-  _globals['_SUBTASK']._serialized_start=669
-  _globals['_SUBTASK']._serialized_end=899
-  _globals['_CREATETASKREQUEST']._serialized_start=902
-  _globals['_CREATETASKREQUEST']._serialized_end=1091
-  _globals['_CREATETASKRESPONSE']._serialized_start=1093
-  _globals['_CREATETASKRESPONSE']._serialized_end=1181
-  _globals['_GETTASKREQUEST']._serialized_start=1183
-  _globals['_GETTASKREQUEST']._serialized_end=1216
-  _globals['_GETTASKRESPONSE']._serialized_start=1218
-  _globals['_GETTASKRESPONSE']._serialized_end=1276
-  _globals['_LISTTASKSREQUEST']._serialized_start=1278
-  _globals['_LISTTASKSREQUEST']._serialized_end=1343
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1345
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1427
-  _globals['_CANCELTASKREQUEST']._serialized_start=1429
-  _globals['_CANCELTASKREQUEST']._serialized_end=1465
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1467
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1528
-  _globals['_WATCHTASKREQUEST']._serialized_start=1530
-  _globals['_WATCHTASKREQUEST']._serialized_end=1565
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1567
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1627
-  _globals['_GETSUBTASKSREQUEST']._serialized_start=1629
-  _globals['_GETSUBTASKSREQUEST']._serialized_end=1727
-  _globals['_GETSUBTASKSRESPONSE']._serialized_start=1729
-  _globals['_GETSUBTASKSRESPONSE']._serialized_end=1855
-  _globals['_TASKSERVICE']._serialized_start=1858
-  _globals['_TASKSERVICE']._serialized_end=2431
+  _globals['_TASK']._serialized_end=686
+  _globals['_SUBTASK']._serialized_start=689
+  _globals['_SUBTASK']._serialized_end=967
+  _globals['_REPLICA']._serialized_start=970
+  _globals['_REPLICA']._serialized_end=1119
+  _globals['_CREATETASKREQUEST']._serialized_start=1122
+  _globals['_CREATETASKREQUEST']._serialized_end=1331
+  _globals['_CREATETASKRESPONSE']._serialized_start=1333
+  _globals['_CREATETASKRESPONSE']._serialized_end=1421
+  _globals['_GETTASKREQUEST']._serialized_start=1423
+  _globals['_GETTASKREQUEST']._serialized_end=1456
+  _globals['_GETTASKRESPONSE']._serialized_start=1458
+  _globals['_GETTASKRESPONSE']._serialized_end=1516
+  _globals['_LISTTASKSREQUEST']._serialized_start=1518
+  _globals['_LISTTASKSREQUEST']._serialized_end=1583
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1585
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1667
+  _globals['_CANCELTASKREQUEST']._serialized_start=1669
+  _globals['_CANCELTASKREQUEST']._serialized_end=1705
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1707
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1768
+  _globals['_WATCHTASKREQUEST']._serialized_start=1770
+  _globals['_WATCHTASKREQUEST']._serialized_end=1805
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1807
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1867
+  _globals['_GETSUBTASKSREQUEST']._serialized_start=1869
+  _globals['_GETSUBTASKSREQUEST']._serialized_end=1967
+  _globals['_GETSUBTASKSRESPONSE']._serialized_start=1969
+  _globals['_GETSUBTASKSRESPONSE']._serialized_end=2095
+  _globals['_TASKSERVICE']._serialized_start=2098
+  _globals['_TASKSERVICE']._serialized_end=2671
 # @@protoc_insertion_point(module_scope)

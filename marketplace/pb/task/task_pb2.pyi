@@ -20,7 +20,7 @@ class Progress(_message.Message):
     def __init__(self, done: _Optional[int] = ..., failed: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "status", "model", "device", "progress", "cost", "estimated_cost", "created_at", "started_at", "finished_at", "error", "status_reason", "trace_id", "user_id", "queue", "priority", "batch_size", "subtask_count", "scheduled_at", "queue_position")
+    __slots__ = ("id", "status", "model", "device", "progress", "cost", "estimated_cost", "created_at", "started_at", "finished_at", "error", "status_reason", "trace_id", "user_id", "queue", "priority", "batch_size", "subtask_count", "scheduled_at", "queue_position", "redundancy")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Task(_message.Message):
     SUBTASK_COUNT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_AT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     model: str
@@ -61,10 +62,11 @@ class Task(_message.Message):
     subtask_count: int
     scheduled_at: _timestamp_pb2.Timestamp
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., cost: _Optional[str] = ..., estimated_cost: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., status_reason: _Optional[str] = ..., trace_id: _Optional[str] = ..., user_id: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., batch_size: _Optional[int] = ..., subtask_count: _Optional[int] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    redundancy: int
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., cost: _Optional[str] = ..., estimated_cost: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., status_reason: _Optional[str] = ..., trace_id: _Optional[str] = ..., user_id: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., batch_size: _Optional[int] = ..., subtask_count: _Optional[int] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_position: _Optional[int] = ..., redundancy: _Optional[int] = ...) -> None: ...
 
 class SubTask(_message.Message):
-    __slots__ = ("id", "index", "status", "worker", "attempts", "seconds", "items", "error", "started_at", "finished_at")
+    __slots__ = ("id", "index", "status", "worker", "attempts", "seconds", "items", "error", "started_at", "finished_at", "replicas")
     ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,7 @@ class SubTask(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     status: str
@@ -85,10 +88,31 @@ class SubTask(_message.Message):
     error: str
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., status: _Optional[str] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., seconds: _Optional[float] = ..., items: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., status: _Optional[str] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., seconds: _Optional[float] = ..., items: _Optional[int] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("id", "replica", "status", "node", "provider", "output_sha256", "verdict", "platform_paid")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_PAID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    replica: int
+    status: str
+    node: str
+    provider: str
+    output_sha256: str
+    verdict: str
+    platform_paid: bool
+    def __init__(self, id: _Optional[str] = ..., replica: _Optional[int] = ..., status: _Optional[str] = ..., node: _Optional[str] = ..., provider: _Optional[str] = ..., output_sha256: _Optional[str] = ..., verdict: _Optional[str] = ..., platform_paid: _Optional[bool] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("model", "inputs", "params_json", "device", "batch_size", "priority", "webhook_url", "max_cost", "idempotency_key")
+    __slots__ = ("model", "inputs", "params_json", "device", "batch_size", "priority", "webhook_url", "max_cost", "idempotency_key", "redundancy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +122,7 @@ class CreateTaskRequest(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     params_json: str
@@ -107,7 +132,8 @@ class CreateTaskRequest(_message.Message):
     webhook_url: str
     max_cost: str
     idempotency_key: str
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., webhook_url: _Optional[str] = ..., max_cost: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    redundancy: int
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., priority: _Optional[int] = ..., webhook_url: _Optional[str] = ..., max_cost: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., redundancy: _Optional[int] = ...) -> None: ...
 
 class CreateTaskResponse(_message.Message):
     __slots__ = ("task", "idempotent_replay")

@@ -198,7 +198,7 @@ class WorkerFacts(_message.Message):
     def __init__(self, cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpu_name: _Optional[str] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("hostname", "queues", "models", "facts", "concurrency", "status", "running", "last_heartbeat", "registered_at", "provider", "node")
+    __slots__ = ("hostname", "queues", "models", "facts", "concurrency", "status", "running", "last_heartbeat", "registered_at", "provider", "node", "reputation")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class Worker(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    REPUTATION_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     queues: _containers.RepeatedScalarFieldContainer[str]
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -221,7 +222,20 @@ class Worker(_message.Message):
     registered_at: _timestamp_pb2.Timestamp
     provider: str
     node: str
-    def __init__(self, hostname: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., facts: _Optional[_Union[WorkerFacts, _Mapping]] = ..., concurrency: _Optional[int] = ..., status: _Optional[str] = ..., running: _Optional[int] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., provider: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+    reputation: Reputation
+    def __init__(self, hostname: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., facts: _Optional[_Union[WorkerFacts, _Mapping]] = ..., concurrency: _Optional[int] = ..., status: _Optional[str] = ..., running: _Optional[int] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., provider: _Optional[str] = ..., node: _Optional[str] = ..., reputation: _Optional[_Union[Reputation, _Mapping]] = ...) -> None: ...
+
+class Reputation(_message.Message):
+    __slots__ = ("agreed", "disagreed", "score", "demoted")
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    DISAGREED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DEMOTED_FIELD_NUMBER: _ClassVar[int]
+    agreed: int
+    disagreed: int
+    score: float
+    demoted: bool
+    def __init__(self, agreed: _Optional[int] = ..., disagreed: _Optional[int] = ..., score: _Optional[float] = ..., demoted: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("hostname", "queues", "models", "facts", "concurrency")

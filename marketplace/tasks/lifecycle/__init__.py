@@ -36,6 +36,7 @@ from marketplace.tasks.lifecycle.work import (
     Work,
     claim,
     complete,
+    drop_check,
     fail,
     outcome_record,
     retry,
@@ -44,6 +45,6 @@ from marketplace.tasks.lifecycle.work import (
 
 __all__ = [
     "RUNNING_MARGIN", "STOP_KEY", "SUBTASK_MOVES", "TASK_MOVES", "IllegalMove", "Recorded", "Work", "assign",
-    "assign_locked", "cancel", "claim", "complete", "emit_assigned", "fail", "fail_task", "finish", "lock_task",
+    "assign_locked", "cancel", "claim", "complete", "drop_check", "emit_assigned", "fail", "fail_task", "finish", "lock_task",
     "outcome_record", "release", "resend", "retry", "send_webhook", "stop", "stopped",
 ]

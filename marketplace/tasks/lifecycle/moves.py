@@ -31,7 +31,8 @@ SUBTASK_MOVES: dict[tuple[SubTaskStatus, SubTaskStatus], str] = {
     (S.RUNNING, S.PENDING): "retry",          # a retryable error, or a run killed at its hard limit
     (S.RUNNING, S.FAILED): "fail",            # out of retries, or an error no retry mends
     (S.RUNNING, S.CANCELLED): "stop",         # its task ended while it ran: the run was stopped
-    (S.PENDING, S.CANCELLED): "finish",       # its task ended before it ran
+    (S.PENDING, S.CANCELLED): "finish",       # its task ended before it ran (also `drop_check`: a spot
+                                              # check no other node can run)
 }
 
 

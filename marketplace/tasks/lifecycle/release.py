@@ -12,19 +12,20 @@ from typing import Any
 import marketplace.tasks.lifecycle.statements as sql
 
 
-def release(conn: Any, picks: dict[str, int]) -> dict[str, list[str]]:
+def release(conn: Any, picks: dict[str, int]) -> dict[str, list[tuple[str, int, int]]]:
     """Take `picks[task]` next subtasks of each task off its backlog, as sent once, in the caller's
     transaction (which holds the queue's release lock). Tasks another door holds now (ending) are
-    left out. Returns task -> the message ids to publish (`<subtask id>:1`), in index order."""
+    left out. Returns task -> (message id to publish (`<subtask id>:1`), index, replica), in index
+    order (replicas of one batch together)."""
     if not picks:
         return {}
     locked = [str(r.id) for r in conn.execute(sql.LOCK_TASKS, {"ids": list(picks)})]
     if not locked:
         return {}
     rows = sql.RELEASE.execute(conn, {"tasks": _array(locked), "counts": _array(picks[t] for t in locked)})
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[tuple[str, int, int]]] = {}
     for row in rows:
-        out.setdefault(str(row.task_id), []).append(f"{row.id}:1")
+        out.setdefault(str(row.task_id), []).append((f"{row.id}:1", row.index, row.replica))
     return out
 
 

@@ -22,6 +22,56 @@ PENDING, RUNNING = SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value
 assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANCEL_OPEN and STOP
 
 # -- claim: Pending -> Running (and the task Scheduled -> InProgress) --------------------------------
+# Verified results: a node never runs two replicas of one batch, and a demoted node
+# (`registry.reputation`) gets no solo work: the first run of a redundancy-1 task's batch. Spot
+# checks and replicas it still gets, so it can earn its standing back. `t` is the task's row,
+# `subtasks` the claimed one. Where it does not hold, the checked path decides (`work._claim_checked`).
+_SIBLING_HERE = """EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = subtasks.task_id AND o.index = subtasks.index
+                              AND o.id <> subtasks.id AND o.worker = :worker)"""
+_DEMOTED = "EXISTS (SELECT 1 FROM node_reputation r WHERE r.worker = :worker AND r.demoted)"
+# A spot check runs after its batch's first run was taken by another node (so that it checks one).
+_PRIMARY_TAKEN = """EXISTS (SELECT 1 FROM subtasks p WHERE p.task_id = subtasks.task_id AND p.index = subtasks.index
+                               AND p.replica = 0 AND p.worker IS NOT NULL)"""
+ELIGIBLE = f"""NOT {_SIBLING_HERE}
+          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DEMOTED})
+          AND (t.redundancy > 1 OR subtasks.replica = 0 OR {_PRIMARY_TAKEN})"""
+# Why the checked path's Pending row was not claimable here: (a replica of it ran here, demoted).
+REFUSAL = text(f"""
+    SELECT {_SIBLING_HERE} AS sibling_here, (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted,
+           (t.redundancy = 1 AND subtasks.replica > 0 AND NOT {_PRIMARY_TAKEN}) AS early_check
+    FROM subtasks JOIN tasks t ON t.id = subtasks.task_id WHERE subtasks.id = :id
+""")
+# A replica this node may not run (another replica of its batch ran here) trades its payload with a
+# never-run Pending row of the same task that this node may run (what each row runs is its batch:
+# index, replica, inputs; the rows, their messages and sends stay as they are). Without it, two
+# nodes taking adjacent replicas would send one back to the queue about every other time.
+SWAP_LOCK_ME = text(f"SELECT id FROM subtasks WHERE id = :id AND status = '{PENDING}' AND attempts = 0 FOR UPDATE")
+# Three statements, each with a fresh snapshot: the two rows are locked first, then moved only if
+# both are still never-run Pending rows (a claim may have taken one just before the lock).
+SWAP_LOCK_OTHER = text(f"""
+    SELECT o.id FROM subtasks o
+    WHERE o.task_id = :task_id AND o.status = '{PENDING}' AND o.attempts = 0 AND o.index <> :index
+      AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = o.task_id AND x.index = o.index
+                      AND x.worker = :worker)
+    ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
+""")
+SWAP = text(f"""
+    WITH me AS (
+        SELECT id, index, replica, inputs, items, platform_paid FROM subtasks
+        WHERE id = :id AND status = '{PENDING}' AND attempts = 0
+    ), other AS (
+        SELECT id, index, replica, inputs, items, platform_paid FROM subtasks
+        WHERE id = :other AND status = '{PENDING}' AND attempts = 0
+    )
+    UPDATE subtasks SET
+        index = CASE WHEN subtasks.id = me.id THEN other.index ELSE me.index END,
+        replica = CASE WHEN subtasks.id = me.id THEN other.replica ELSE me.replica END,
+        inputs = CASE WHEN subtasks.id = me.id THEN other.inputs ELSE me.inputs END,
+        items = CASE WHEN subtasks.id = me.id THEN other.items ELSE me.items END,
+        platform_paid = CASE WHEN subtasks.id = me.id THEN other.platform_paid ELSE me.platform_paid END
+    FROM me, other WHERE subtasks.id IN (me.id, other.id) AND subtasks.status = '{PENDING}' AND subtasks.attempts = 0
+    RETURNING subtasks.id
+""")
 # The common case in one round trip: a Pending subtask of an active task becomes Running, the task
 # InProgress, and task_prerun's carried `subtask.started` record (bound as `c*`, NULL when there is
 # none) is written. `first_start_of`: the task's creation time when this claim started it (the wait
@@ -35,8 +85,9 @@ CLAIM_PENDING = Prepared("mp_claim_pending", f"""
                worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         FROM tasks t
         WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND t.id = subtasks.task_id AND t.status IN {ACTIVE}
+          AND {ELIGIBLE}
         RETURNING subtasks.task_id, subtasks.index, subtasks.items, subtasks.inputs, subtasks.attempts,
-                  t.user_id, t.model, t.queue, t.params
+                  subtasks.replica, subtasks.platform_paid, t.user_id, t.model, t.queue, t.params
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status = '{TaskStatus.SCHEDULED.value}'
@@ -48,8 +99,8 @@ CLAIM_PENDING = Prepared("mp_claim_pending", f"""
 
 LOAD = text("""
     SELECT s.task_id, s.index, s.items, s.status, s.inputs, s.result_key, s.result_sha256, s.seconds, s.error,
-           s.worker, s.worker_incarnation, s.celery_id, s.started_at, s.attempts,
-           t.status AS task_status, t.user_id, t.model, t.queue, t.params
+           s.worker, s.worker_incarnation, s.celery_id, s.started_at, s.attempts, s.replica, s.platform_paid,
+           t.status AS task_status, t.user_id, t.model, t.queue, t.params, t.redundancy
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
     WHERE s.id = :id
 """)
@@ -60,13 +111,14 @@ CLAIM_ANY = text(f"""
         UPDATE subtasks SET status = '{RUNNING}', attempts = attempts + 1, worker = :worker,
                worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
         WHERE id = :id AND status IN {sql_in(sources("subtask", RUNNING))}
-        RETURNING task_id, attempts
+        RETURNING task_id, attempts, index, items, inputs, replica, platform_paid
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status IN {sql_in(sources("task", TaskStatus.IN_PROGRESS))}
         RETURNING tasks.id, tasks.user_id, tasks.started_at, tasks.created_at
     ), {_STARTED}
-    SELECT s.attempts, (SELECT created_at FROM t) AS first_start_of FROM s
+    SELECT s.attempts, s.index, s.items, s.inputs, s.replica, s.platform_paid,
+           (SELECT created_at FROM t) AS first_start_of FROM s
 """)
 
 # -- outcomes: Running -> Done | Failed | Cancelled ---------------------------------------------------
@@ -141,6 +193,21 @@ RETRY = text(f"""
     RETURNING task_id
 """)
 
+# -- a spot check that no other node can run is dropped (Pending -> Cancelled, nothing charged) -----------
+DROP_CHECK = text(f"""
+    WITH s AS (
+        UPDATE subtasks SET status = '{SubTaskStatus.CANCELLED.value}', finished_at = :now, error = :reason
+        FROM tasks t
+        WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND subtasks.platform_paid
+          AND subtasks.replica > 0 AND t.id = subtasks.task_id AND t.redundancy = 1
+        RETURNING subtasks.task_id, t.subtask_count, t.queue
+    )
+    SELECT s.task_id, s.subtask_count, s.queue,
+           EXISTS (SELECT 1 FROM subtasks x, s WHERE x.task_id = s.task_id AND x.id <> :id
+                   AND x.status IN ('{PENDING}', '{RUNNING}')) AS open_left
+    FROM s
+""")
+
 # -- a task's end: what has not run is Cancelled ------------------------------------------------------
 # Returns the message ids of the ones that were sent (to revoke), and takes the task's backlog. The
 # caller holds the task's row. A subtask a node is claiming at this moment (its row locked) is
@@ -193,17 +260,17 @@ RELEASE = Prepared("mp_release", f"""
     ), pick AS (
         SELECT x.id FROM p CROSS JOIN LATERAL (
             SELECT id FROM subtasks WHERE task_id = p.task_id AND status = '{PENDING}' AND dispatches = 0
-            ORDER BY index LIMIT p.k
+            ORDER BY index, replica LIMIT p.k
         ) x
     ), s AS (
         UPDATE subtasks SET dispatches = 1 FROM pick WHERE subtasks.id = pick.id
-        RETURNING subtasks.id, subtasks.task_id, subtasks.index
+        RETURNING subtasks.id, subtasks.task_id, subtasks.index, subtasks.replica
     ), b AS (
         UPDATE tasks SET backlog = GREATEST(0, backlog - c.n)
         FROM (SELECT task_id, count(*) AS n FROM s GROUP BY task_id) c WHERE tasks.id = c.task_id
         RETURNING tasks.id
     )
-    SELECT s.id, s.task_id FROM s ORDER BY s.task_id, s.index
+    SELECT s.id, s.task_id, s.index, s.replica FROM s ORDER BY s.task_id, s.index, s.replica
 """, types={"tasks": "text", "counts": "text"})
 
 LOCK_TASKS = text(f"""

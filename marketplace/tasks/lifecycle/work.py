@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 import marketplace.tasks.lifecycle.statements as sql
 from marketplace.audit.service import pending_values, record_params, take_carried, write_carried
 from marketplace.billing import charges
@@ -46,6 +48,8 @@ class Work:
     params: dict[str, Any]
     attempts: int
     waited: float | None = None  # seconds from submit to this, the task's first start
+    replica: int = 0  # which run of its batch (verified results: 0..k-1, then spot checks and tie-breaks)
+    platform_paid: bool = False  # a spot check or a tie-break: not charged to the task's owner
 
     def outcome(self, **extra: Any) -> dict[str, Any]:
         """The outcome dict `workers.run_subtask` returns (and its audit record is made of)."""
@@ -58,7 +62,8 @@ def _work(subtask_id: str, row: Any, attempts: int, first_start_of: datetime | N
     return Work(subtask_id=subtask_id, task_id=str(row.task_id), user_id=str(row.user_id), model=row.model,
                 device=queue.split(".", 1)[0], queue=row.queue or "", index=row.index, items=row.items,
                 inputs=row.inputs, params=row.params or {}, attempts=attempts,
-                waited=(now - first_start_of).total_seconds() if first_start_of else None)
+                waited=(now - first_start_of).total_seconds() if first_start_of else None,
+                replica=int(row.replica or 0), platform_paid=bool(row.platform_paid))
 
 
 def _skipped(subtask_id: str, row: Any, **extra: Any) -> dict[str, Any]:
@@ -79,15 +84,22 @@ def claim(subtask_id: str, *, node: str, message_id: str | None = None,
     now = utcnow()
     carried = take_carried()
     if len(carried) <= 1:  # the common case: one statement, committed by itself
-        with autocommit() as conn:
-            row = sql.CLAIM_PENDING.execute(conn, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
-                                                   "now": now, "topic": topic_for("TaskStarted"),
-                                                   **record_params("c", carried[0] if carried else None)}).first()
+        try:
+            with autocommit() as conn:
+                row = sql.CLAIM_PENDING.execute(conn, {
+                    "id": sid, "worker": node, "inc": incarnation, "mid": message_id, "now": now,
+                    "topic": topic_for("TaskStarted"), **record_params("c", carried[0] if carried else None)}).first()
+        except IntegrityError:  # another process of this node claimed a replica of the batch at this moment
+            row = None
         if row is not None:
             return None, _work(subtask_id, row, row.attempts, row.first_start_of, now)
-    with get_engine().begin() as conn:
-        return _claim_checked(conn, sid, subtask_id, node=node, incarnation=incarnation, message_id=message_id,
-                              now=now, carried=carried)
+    try:
+        with get_engine().begin() as conn:
+            return _claim_checked(conn, sid, subtask_id, node=node, incarnation=incarnation, message_id=message_id,
+                                  now=now, carried=carried)
+    except IntegrityError:  # the same, on the checked path: this node may not run it now; another may
+        return {"ok": False, "skipped": True, "elsewhere": True, "subtask_id": subtask_id,
+                "error": f"a replica of this subtask's batch runs on {node}"}, None
 
 
 def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, incarnation: str | None,
@@ -112,6 +124,19 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                         seconds=row.seconds), None
     if SubTaskStatus(row.status).final:
         return _skipped(subtask_id, row, ok=False, duplicate=True, error=row.error, seconds=row.seconds), None
+    if row.status == SubTaskStatus.PENDING.value:
+        refusal = conn.execute(sql.REFUSAL, {"id": sid, "worker": node}).first()
+        if refusal.demoted:  # no solo work for a node under the reputation threshold: another node's
+            return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
+                            error=f"node {node} is demoted: it runs replicas, not solo work"), None
+        if refusal.early_check:  # a spot check before its batch's first run: later, or not at all
+            return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue, early_check=True,
+                            error=f"spot check of subtask {row.index} before its first run"), None
+        if refusal.sibling_here:  # a replica of this batch ran here: run another batch's, or go elsewhere
+            if not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
+                return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
+                                error=f"a replica of subtask {row.index} already ran on {node}"), None
+            row = conn.execute(sql.LOAD, {"id": sid}).first()
     if row.status == SubTaskStatus.RUNNING.value and row.celery_id and row.celery_id != message_id and row.worker:
         # Another message (recovery re-sent the subtask) while a live node still runs the first:
         # let that one finish rather than run the subtask twice at once. The same message coming
@@ -131,7 +156,37 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                 f"the last ran on {row.worker}")), None
     claimed = conn.execute(sql.CLAIM_ANY, {"id": sid, "worker": node, "inc": incarnation, "mid": message_id,
                                            "now": now, "topic": topic_for("TaskStarted")}).first()
-    return None, _work(subtask_id, row, claimed.attempts, claimed.first_start_of, now)
+    if claimed is None:  # taken since it was read (another node's claim)
+        return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
+                        error="claimed elsewhere meanwhile"), None
+    # The batch as the claim found it (a swap may have moved it since `LOAD`), with the task's facts.
+    return None, _work(subtask_id, _Claimed(row, claimed), claimed.attempts, claimed.first_start_of, now)
+
+
+class _Claimed:
+    """The loaded row's task facts with the claimed row's batch (index, inputs, replica...)."""
+
+    BATCH = ("index", "items", "inputs", "replica", "platform_paid")
+
+    def __init__(self, loaded: Any, claimed: Any) -> None:
+        self._loaded, self._claimed = loaded, claimed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._claimed if name in self.BATCH else self._loaded, name)
+
+
+def _swap(conn: Any, sid: uuid.UUID, *, task_id: Any, index: int, node: str) -> bool:
+    """Trade the batch of never-run subtask `sid` (a replica of it ran on `node`) with that of a
+    never-run row of the same task that `node` may run; whether it did."""
+    if conn.execute(sql.SWAP_LOCK_ME, {"id": sid}).first() is None:
+        return False
+    other = conn.execute(sql.SWAP_LOCK_OTHER, {"task_id": task_id, "index": index, "worker": node}).scalar()
+    if other is None:
+        return False
+    moved = conn.execute(sql.SWAP, {"id": sid, "other": other}).all()
+    if len(moved) != 2:  # never half a swap (the unique key would refuse it too)
+        raise IntegrityError("swap", {}, RuntimeError(f"swap of {sid} and {other} moved {len(moved)} rows"))
+    return True
 
 
 def _still_running(row: Any, *, node: str, incarnation: str | None) -> bool:
@@ -179,6 +234,8 @@ def _outcome_params(work: Work, *, node: str, outcome: dict[str, Any], kind: str
     """`held`: only the run `node` claimed, at the work's attempt, may move (a credentialed node's)."""
     amount, detail = charges.amount_for(model=work.model, device=work.device, seconds=seconds, items=work.items,
                                         outcome=kind)
+    if work.platform_paid:  # a spot check or a tie-break: the platform's cost, not the owner's
+        amount = None
     return {"id": uuid.UUID(work.subtask_id), "seconds": seconds, "topic": topic_for("SubTaskCompleted"),
             "held_by": node if held else None, "held_attempt": work.attempts if held else None,
             **charges.params(user_id=work.user_id, task_id=work.task_id, subtask_id=work.subtask_id,
@@ -272,3 +329,15 @@ def fail(work: Work, *, node: str, error: str, seconds: float, held: bool = Fals
             fail_task(session, task=task, error=f"subtask {work.index} failed: {error}")
         return Recorded(moved=True, queue=row.queue,
                         late_charge=bool(row.inserted) and row.hold_status == "released")
+
+
+def drop_check(subtask_id: str, *, reason: str) -> Recorded:
+    """Pending -> Cancelled for a spot check (a redundancy-1 task's extra run at the platform's cost)
+    that no node other than those that ran its batch can run now: the task does not wait on it.
+    Nothing is charged. `last`: no other run of the task is open (the caller finishes it)."""
+    with autocommit() as conn:
+        row = conn.execute(sql.DROP_CHECK, {"id": uuid.UUID(subtask_id), "now": utcnow(),
+                                            "reason": reason}).first()
+    if row is None:
+        return Recorded(moved=False)
+    return Recorded(moved=True, last=not row.open_left, subtasks=int(row.subtask_count), queue=row.queue or "")

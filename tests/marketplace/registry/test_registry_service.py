@@ -55,6 +55,7 @@ def test_online_then_expired_then_swept(stack, redis_client, hostname):  # type:
             "hostname": hostname, "queues": ["cpu.generic"], "models": ["echo", "generic"], "status": "online",
             "capacity": 2, "running": 1, "free": 1, "last_heartbeat": None,
             "unavailable": {"generic": "no sandbox"}, "facts": {"cpu_count": 2}, "provider": None, "node": None,
+            "reputation": {"agreed": 0, "disagreed": 0, "score": 0.0, "demoted": False},  # no replica judged yet
         }
         assert hostname in sweep(session, r=redis_client)["refreshed"]
 

@@ -158,7 +158,7 @@ def test_release_takes_the_next_subtasks_off_the_backlog_in_index_order(client):
     with get_engine().begin() as conn:
         sent = lifecycle.release(conn, {task_id: 2})
     ids = [r.id for r in _db("SELECT id FROM subtasks WHERE task_id = :t ORDER BY index", t=task_id)]
-    assert sent == {task_id: [f"{ids[0]}:1", f"{ids[1]}:1"]}
+    assert sent == {task_id: [(f"{ids[0]}:1", 0, 0), (f"{ids[1]}:1", 1, 0)]}  # (message, index, replica)
     (row,) = _db("SELECT status, backlog FROM tasks WHERE id = :t", t=task_id)
     assert (row.status, row.backlog) == ("Scheduled", 3)
     resent = []
