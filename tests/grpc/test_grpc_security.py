@@ -267,7 +267,9 @@ def test_a_node_s_platform_memory_and_paths_are_for_admins_on_both_doors(  # typ
         assert seen == {"hostname": hostname, "queues": ["cpu.generic"], "models": ["echo", "generic"],
                         "status": "online", "capacity": 2, "running": 1, "free": 1,
                         "last_heartbeat": seen["last_heartbeat"], "unavailable": {"generic": "not run on this node"},
-                        "provider": None, "node": None}
+                        "provider": None, "node": None,
+                        # a node with no replicas judged yet: the score buyers see (issue 29)
+                        "reputation": {"agreed": 0, "disagreed": 0, "score": 0.0, "demoted": False}}
         assert "secret-place" not in raw and "Linux-6.1.0-99" not in raw and str(2**34) not in raw
         seen, _ = rest(admin)
         assert seen["unavailable"] == {"generic": reason}
