@@ -16,7 +16,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.api import register
+from tests.support.api import api_app, register
 
 # With both modes over every operation: > 1000 requests (issue 8). `make fuzz` runs ten times more,
 # not derandomized: new examples on every run.
@@ -29,12 +29,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def fuzz_app(stack):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
+    return api_app()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.api import api_app
 from tests.support.env import private_broker
 from tests.support.servers import RedisServer
 
@@ -19,9 +20,4 @@ def own_broker(stack: dict[str, str]) -> Iterator[RedisServer]:
 @pytest.fixture()
 def app(own_broker: RedisServer):  # type: ignore[no-untyped-def]
     """The API app, built after the switch to this test's broker (limits and tokens live there)."""
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
+    return api_app()

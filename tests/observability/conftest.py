@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.api import api_app
 from tests.support.env import private_broker
 from tests.support.servers import CeleryWorker, RedisServer, free_port
 
@@ -112,12 +113,7 @@ def redis_client(obs_broker: RedisServer):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def app(obs_broker: RedisServer):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
+    return api_app()
 
 
 @pytest.fixture(scope="module")

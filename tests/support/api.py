@@ -26,3 +26,14 @@ def wait_for_task(client, headers, task_id: str, *, statuses=("Done", "Failed", 
             return doc
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} did not reach {statuses} in {timeout}s; last: {doc}")
+
+
+def api_app():  # type: ignore[no-untyped-def]
+    """The API app in testing mode, built on the settings in force now (after a test's switch of
+    database, broker or environment: its limits and tokens live there)."""
+    from api import create_app
+    from marketplace.settings import get_settings
+
+    application = create_app(get_settings())
+    application.config["TESTING"] = True
+    return application

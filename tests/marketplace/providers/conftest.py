@@ -20,8 +20,13 @@ from typing import Any
 import pytest
 
 from marketplace.catalog import CONTROL_QUEUES
-from tests.support.api import register
+from tests.support.api import api_app, register
 from tests.support.servers import ROOT, VENV_BIN, CeleryWorker
+
+
+@pytest.fixture(scope="module")
+def app(stack):  # type: ignore[no-untyped-def]
+    return api_app()
 
 
 @pytest.fixture(scope="module")

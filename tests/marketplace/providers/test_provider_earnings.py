@@ -6,24 +6,12 @@ import time
 import uuid
 from decimal import Decimal
 
-import pytest
-
 from tests.marketplace.providers.conftest import NodeProcess, enroll, make_provider, write_credential
 from tests.marketplace.providers.test_provider_nodes_e2e import ECHO_ITEM, ECHO_SECOND, ECHO_START, _q
 from tests.support.accounts import balance_of, set_user
 from tests.support.api import register, wait_for_task
 
 N = 1000
-
-
-@pytest.fixture(scope="module")
-def app(stack):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
 
 
 def test_earnings_of_a_thousand_subtasks_are_the_provider_share_of_their_charges(control_plane, app):

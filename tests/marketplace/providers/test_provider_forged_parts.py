@@ -5,8 +5,6 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal
 
-import pytest
-
 from tests.marketplace.providers.conftest import NodeProcess, enroll, make_provider, write_credential
 from tests.marketplace.providers.test_provider_nodes_e2e import (
     ECHO_ITEM,
@@ -17,16 +15,6 @@ from tests.marketplace.providers.test_provider_nodes_e2e import (
     _wait_for,
 )
 from tests.support.api import register, wait_for_task
-
-
-@pytest.fixture(scope="module")
-def app(stack):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
 
 
 def _audit(action: str, task_id: str) -> list:  # type: ignore[type-arg]

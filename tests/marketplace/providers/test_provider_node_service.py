@@ -16,16 +16,6 @@ from tests.marketplace.providers.conftest import enroll, make_provider
 from tests.support.api import register
 
 
-@pytest.fixture(scope="module")
-def app(stack):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
-
-
 class Node:
     """A node as the platform sees it: its credential's NodeService calls, made from this test."""
 

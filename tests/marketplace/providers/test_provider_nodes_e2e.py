@@ -43,16 +43,6 @@ def provider_node(control_plane, app):  # type: ignore[no-untyped-def]
         node.stop()
 
 
-@pytest.fixture(scope="module")
-def app(stack):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application
-
-
 def _submit(client, user, model, inputs, **params):  # type: ignore[no-untyped-def]
     resp = client.post("/v1/tasks", json={"model": model, "inputs": inputs, "device": "cpu",
                                           **({"params": params} if params else {}),

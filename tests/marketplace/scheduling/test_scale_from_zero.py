@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import CONTROL
-from tests.support.api import register, wait_for_task
+from tests.support.api import api_app, register, wait_for_task
 from tests.support.env import private_broker, private_database
 from tests.support.servers import CeleryWorker
 from tests.support.wait import wait_until
@@ -27,12 +27,7 @@ def market(stack) -> Iterator[None]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def client(market):  # type: ignore[no-untyped-def]
-    from api import create_app
-    from marketplace.settings import get_settings
-
-    application = create_app(get_settings())
-    application.config["TESTING"] = True
-    return application.test_client()
+    return api_app().test_client()
 
 
 @pytest.fixture()
