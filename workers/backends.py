@@ -76,6 +76,8 @@ class LocalBackend:
         recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {reason}")
         if recorded.moved and recorded.last:
             followup.finish(_task_of(subtask_id), subtasks=recorded.subtasks)
+        elif recorded.moved:
+            followup.release_more(recorded.queue)
         return recorded.moved
 
     def store(self) -> Any:

@@ -30,10 +30,17 @@ def after_outcome(*, task_id: str, subtask_id: str, queue: str, recorded: Any) -
             settle_late_now(task_id)
         except Exception:
             logger.exception("billing: could not settle the late charge of %s", subtask_id)
+    release_more(recorded.queue or queue)
+
+
+def release_more(queue: str) -> None:
+    """Ask the fair dispatcher for more work on `queue` if its broker list runs short: after an
+    outcome, and after a spot check dropped at its claim (its slot is free, and the task's last
+    batches may still wait in its backlog: beat's release would send them only seconds later)."""
     try:
         from marketplace.scheduling.dispatch import release_if_low
 
-        release_if_low(recorded.queue or queue)
+        release_if_low(queue)
     except Exception:
         logger.warning("could not release more work on %s", queue, exc_info=True)
 

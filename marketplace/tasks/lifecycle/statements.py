@@ -48,11 +48,16 @@ REFUSAL = text(f"""
 SWAP_LOCK_ME = text(f"SELECT id FROM subtasks WHERE id = :id AND status = '{PENDING}' AND attempts = 0 FOR UPDATE")
 # Three statements, each with a fresh snapshot: the two rows are locked first, then moved only if
 # both are still never-run Pending rows (a claim may have taken one just before the lock).
+# The other row's batch must be one this node may run, by ELIGIBLE's rules: a spot check whose
+# batch's first run has not been taken is not (taking it here first would leave that first run a
+# batch no node may run where this node is the only one, and its task would never end).
 SWAP_LOCK_OTHER = text(f"""
-    SELECT o.id FROM subtasks o
+    SELECT o.id FROM subtasks o JOIN tasks t ON t.id = o.task_id
     WHERE o.task_id = :task_id AND o.status = '{PENDING}' AND o.attempts = 0 AND o.index <> :index
       AND NOT EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = o.task_id AND x.index = o.index
                       AND x.worker = :worker)
+      AND (t.redundancy > 1 OR o.replica > 0 OR NOT {_DEMOTED})
+      AND (t.redundancy > 1 OR o.replica = 0 OR {_PRIMARY_TAKEN.replace("subtasks.", "o.")})
     ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
 """)
 SWAP = text(f"""
@@ -157,14 +162,16 @@ _OUTCOME_TYPES = {"id": "uuid", "seconds": "float8", "topic": "text", "held_by":
                   **charges.TYPES, **record_types("o")}
 
 # Also answers which of the task's other subtasks this statement saw open: Pending ones (sent or
-# not), and Running ones (see `was_last`). One equality per status, so both columns of
-# ix_subtasks_task_status bound the scan ('Done' sorts before 'Pending': with `IN` the plan walked
+# not), and Running ones (see `was_last`). A Pending run at the platform's cost (a spot check) may
+# be dropped rather than completed (`DROP_CHECK`), so it counts as a Running one: look again. One
+# equality per status, so both columns of ix_subtasks_task_status bound the scan ('Done' sorts before 'Pending': with `IN` the plan walked
 # past every Done sibling, O(N) a completion). The Running probe only when no Pending one is left.
 COMPLETE = Prepared("mp_complete", _outcome(SubTaskStatus.DONE.value,
                                             "result_key = :key, result_sha256 = :sha, error = NULL") + f"""
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{PENDING}')
-                THEN 'pending'
-                WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{RUNNING}'
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{PENDING}'
+                             AND NOT x.platform_paid) THEN 'pending'
+                WHEN EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{PENDING}')
+                  OR EXISTS (SELECT 1 FROM subtasks x WHERE x.task_id = s.task_id AND x.status = '{RUNNING}'
                              AND x.id <> :id) THEN 'running'
            END AS open_left,
            t.subtask_count, s.task_id, t.queue, {charges.RESULT}

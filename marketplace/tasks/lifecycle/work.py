@@ -279,7 +279,8 @@ def was_last(conn: Any, row: Any) -> bool:
     others still Running, and none would be the last. One that saw only Running siblings looks
     again, after its commit: the last of them to commit sees none open. Several may answer yes;
     finalize takes the task's lock and the others find it final. One that saw a Pending sibling
-    (waiting in the database or the broker) is not the last: that sibling completes after it.
+    (waiting in the database or the broker) is not the last: that sibling completes after it. A
+    Pending spot check may be dropped instead (`drop_check` looks again too): it counts as Running.
     """
     if row.open_left is None:
         return True
@@ -338,6 +339,10 @@ def drop_check(subtask_id: str, *, reason: str) -> Recorded:
     with autocommit() as conn:
         row = conn.execute(sql.DROP_CHECK, {"id": uuid.UUID(subtask_id), "now": utcnow(),
                                             "reason": reason}).first()
+        # As `was_last`: a completion committing beside this drop saw the check Pending, this drop
+        # saw that run open; the one that looks again after its commit finds none open.
+        last = row is not None and (not row.open_left
+                                    or not sql.OPEN_LEFT.execute(conn, {"task_id": row.task_id}).scalar())
     if row is None:
         return Recorded(moved=False)
-    return Recorded(moved=True, last=not row.open_left, subtasks=int(row.subtask_count), queue=row.queue or "")
+    return Recorded(moved=True, last=last, subtasks=int(row.subtask_count), queue=row.queue or "")

@@ -42,9 +42,9 @@ def nodes(market) -> Iterator:  # type: ignore[no-untyped-def]
 
     started: list[CeleryWorker] = []
 
-    def start(kind: str, queues: list[str] | None = None, **env: str) -> CeleryWorker:
+    def start(kind: str, queues: list[str] | None = None, *, concurrency: int = 1, **env: str) -> CeleryWorker:
         worker = CeleryWorker(queues or (CONTROL if kind == "control" else ["cpu.generic"]),
-                              name=f"{kind}-{uuid.uuid4().hex[:6]}", concurrency=1, env={**NODE_ENV, **env},
+                              name=f"{kind}-{uuid.uuid4().hex[:6]}", concurrency=concurrency, env={**NODE_ENV, **env},
                               app="tests.support.liar_node" if kind == "liar" else "marketplace")
         started.append(worker)
         worker.wait_ready(get_redis())
@@ -246,6 +246,31 @@ def test_a_spot_check_no_other_node_can_run_is_dropped(client, nodes):  # type: 
     rows = _db("SELECT replica, status, worker FROM subtasks WHERE task_id = :t ORDER BY index, replica", t=task["id"])
     assert [(r.replica, r.status, r.worker) for r in rows] == [
         (0, "Done", only.hostname), (1, "Cancelled", None)] * 3
+
+
+def test_a_job_on_one_node_with_spot_checks_ends_done_whatever_order_its_runs_come_in(client, nodes):  # type: ignore[no-untyped-def]
+    """`marketplace standalone` as shipped: one node, spot checks on. Its two pool processes take
+    primaries and checks in any order; a check must never take its batch's place (a swap once
+    handed the node a check before its primary: the primary could then run nowhere and the job
+    never ended), and the last dropped check finishes the task even while a completion commits
+    beside it (each saw the other open)."""
+    half = {"MARKETPLACE_SPOT_CHECK_RATE": "0.5"}
+    nodes("control", **half)
+    only = nodes("honest", concurrency=2, **half)
+    user = register(client)
+    inputs = [f"x{i}" for i in range(120)]
+    for _ in range(2):
+        with switched_env(**half):
+            task = _submit(client, user, inputs)
+        assert task["subtasks"] > 120  # some batches got a spot check
+        # Well inside recovery's stall deadline: the job ends by itself, not by a sweep.
+        doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
+        assert doc["status"] == "Done", doc
+        result = client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()
+        assert result["outputs"] == inputs
+        runs = _db("SELECT replica, status, worker, platform_paid FROM subtasks WHERE task_id = :t", t=task["id"])
+        assert sorted({(r.replica, r.status, r.worker, r.platform_paid) for r in runs}, key=str) == sorted(
+            {(0, "Done", only.hostname, False), (1, "Cancelled", None, True)}, key=str)
 
 
 def test_a_task_asking_for_more_nodes_than_are_live_fails_saying_so(client, nodes):  # type: ignore[no-untyped-def]
