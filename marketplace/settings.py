@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     extra_replicas: int = Field(default=2, ge=0, le=5)
     spot_check_rate: float = Field(default=0.02, ge=0.0, le=1.0)
     reputation_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # A node that has disagreed and scores this much under a live node of its queue with a free
+    # slot gets no solo work while that node has one (`scheduling.standing.better_free`).
+    reputation_margin: float = Field(default=0.1, ge=0.0, le=1.0)
 
     @field_validator("webhook_allow_private", mode="before")
     @classmethod

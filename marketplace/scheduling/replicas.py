@@ -12,45 +12,39 @@ redirected by its claim (`redirect`) to the best-scored node that may run it.
 Credentialed nodes have no per-node queue (their broker user reaches their queues only): they get
 verified work from the shared queue, where a claim that may not run there trades its batch with
 another never-run one of the task (`lifecycle.work._swap`) or goes back to the queue.
+
+Distinct providers: where the queue has live nodes of at least k providers (the operator's nodes
+count as one, the platform), a batch's k replicas go to k providers (`tasks.spread_providers`, set
+here at each release; a claim that finds them gone clears it). Such a task stays on the shared
+queue, and a claim of a replica whose batch a node of the same provider runs or ran is refused
+like a claim of a second replica on one node: a swap, a redirect, or back to the queue.
 """
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from sqlalchemy import text
 
 from marketplace.infra.db import get_engine
+from marketplace.scheduling import standing
 
 logger = logging.getLogger(__name__)
-DIRECT_CACHE_S = 1.0  # how long a process keeps a queue's per-node targets
-_direct: dict[str, tuple[float, list[str]]] = {}  # queue -> (read at, hostnames), per process
 
-_ENROLLED = text("SELECT hostname FROM nodes WHERE hostname = ANY(:names)")
-_VERIFIED = text("SELECT id::text, redundancy FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1")
+# A release's verified tasks, each marked for a spread over providers where the queue has as many live
+# providers as its redundancy (written only when that changes).
+_VERIFIED = text("""
+    WITH v AS (SELECT id, redundancy, redundancy <= :providers AS spread FROM tasks
+               WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1),
+    u AS (UPDATE tasks SET spread_providers = v.spread FROM v
+          WHERE tasks.id = v.id AND tasks.spread_providers <> v.spread RETURNING tasks.id)
+    SELECT id::text, redundancy, spread FROM v
+""")
 
 
 def direct_nodes(queue: str) -> list[str]:
     """The live operator's nodes consuming `queue`, by name (cached a moment per process)."""
-    now = time.monotonic()
-    read_at, nodes = _direct.get(queue, (-DIRECT_CACHE_S, []))
-    if now - read_at < DIRECT_CACHE_S:
-        return nodes
-    from marketplace.infra.redis_client import get_redis
-    from marketplace.registry.service import live_workers
-
-    try:
-        live = sorted(w["hostname"] for w in live_workers(get_redis())
-                      if w.get("hostname") and queue in (w.get("queues") or []))
-        with get_engine().connect() as conn:
-            enrolled = {h for (h,) in conn.execute(_ENROLLED, {"names": live})} if live else set()
-    except Exception:  # the shared queue, then
-        logger.warning("could not read the nodes of %s", queue, exc_info=True)
-        live, enrolled = [], set()
-    nodes = [h for h in live if h not in enrolled]
-    _direct[queue] = (now, nodes)
-    return nodes
+    return [n.hostname for n in standing.queue_nodes(queue) if n.provider == standing.PLATFORM]
 
 
 def direct_lists(queue: str) -> list[str]:
@@ -62,7 +56,9 @@ def direct_lists(queue: str) -> list[str]:
 
 def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple[str, Any], list[str]]:
     """(task, where) -> message ids of a release: the queue, or a node's own queue for each replica
-    of a verified task (redundancy > 1) where the queue has enough such nodes."""
+    of a verified task (redundancy > 1) where the queue has enough such nodes. A task whose replicas
+    go to distinct providers stays on the shared queue: the operator's nodes are one provider, and
+    the claims spread the replicas (`lifecycle.statements.ELIGIBLE`)."""
     from celery.utils.nodenames import worker_direct
 
     out: dict[tuple[str, Any], list[str]] = {}
@@ -71,11 +67,11 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
     nodes: list[str] = []
     if replicated:
         nodes = direct_nodes(queue)
-        if len(nodes) >= 2:
-            with get_engine().connect() as conn:
-                # Only where there are k such nodes: with fewer, the shared queue and the claims' swaps.
-                verified = {t for t, k in conn.execute(_VERIFIED, {"ids": "{" + ",".join(replicated) + "}"})
-                            if k <= len(nodes)}
+        with get_engine().begin() as conn:
+            rows = conn.execute(_VERIFIED, {"ids": "{" + ",".join(replicated) + "}",
+                                            "providers": standing.providers(queue)}).all()
+        # Only where there are k such nodes: with fewer, the shared queue and the claims' swaps.
+        verified = {t for t, k, spread in rows if not spread and 2 <= k <= len(nodes)}
     targets = {h: worker_direct(h) for h in nodes}
     for task_id, rows in sent.items():
         for mid, index, replica in rows:
@@ -92,6 +88,15 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
 _REDIRECT_FACTS = text("""
     SELECT t.queue, t.model, t.trace_id, s.task_id,
            (t.redundancy = 1 AND s.replica = 0) AS solo,
+           -- the operator's nodes (one provider) may not run it: one of them ran a replica of a spread batch
+           (t.redundancy > 1 AND t.spread_providers
+            AND (SELECT count(DISTINCT n.provider_id) + COALESCE(bool_or(n.hostname IS NULL), false)::int
+                 FROM subtasks o LEFT JOIN nodes n ON n.hostname = o.worker
+                 WHERE o.task_id = s.task_id AND o.index = s.index AND o.id <> s.id AND o.worker IS NOT NULL)
+                < t.redundancy
+            AND EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = s.task_id AND o.index = s.index AND o.id <> s.id
+                        AND o.worker IS NOT NULL AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.hostname = o.worker))
+           ) AS platform_ran,
            ARRAY(SELECT o.worker FROM subtasks o WHERE o.task_id = s.task_id AND o.index = s.index
                  AND o.id <> s.id AND o.worker IS NOT NULL) AS ran_on
     FROM subtasks s JOIN tasks t ON t.id = s.task_id
@@ -106,14 +111,15 @@ _STANDING = text("""
 
 def redirect_target(subtask_id: str, *, refused_by: str) -> tuple[Any, str] | None:
     """Where a subtask that `refused_by` may not run may go: (its facts, the best-scored live node
-    that may run it, then the freest), or None where none is live. `dispatch.redirect` sends it."""
+    that may run it (`standing.preference`), then the freest), or None where none is live, or where
+    the operator's nodes may not run it (its batch spreads over providers and one of them ran a
+    replica). `dispatch.redirect` sends it."""
     from marketplace.infra.redis_client import get_redis
-    from marketplace.registry import reputation
     from marketplace.registry.service import live_workers, serves
 
     with get_engine().connect() as conn:
         facts = conn.execute(_REDIRECT_FACTS, {"id": subtask_id}).first()
-    if facts is None or not facts.queue:
+    if facts is None or not facts.queue or facts.platform_ran:
         return None
     excluded = {refused_by, *facts.ran_on}
     allowed = set(direct_nodes(facts.queue)) - excluded
@@ -122,13 +128,13 @@ def redirect_target(subtask_id: str, *, refused_by: str) -> tuple[Any, str] | No
     if not live:
         return None
     with get_engine().connect() as conn:
-        standing = {r.worker: r for r in conn.execute(_STANDING, {"names": [w["hostname"] for w in live]})}
+        records = {r.worker: r for r in conn.execute(_STANDING, {"names": [w["hostname"] for w in live]})}
     candidates = []
     for w in live:
-        rec = standing[w["hostname"]]
+        rec = records[w["hostname"]]
         if facts.solo and rec.demoted:
             continue
-        score = reputation.wilson_lower_bound(rec.agreed, rec.agreed + rec.disagreed)
+        score = standing.preference(rec.agreed, rec.disagreed)
         free = int(w.get("concurrency") or 1) - int(w.get("running") or 0)
         candidates.append((score, free, w["hostname"]))
     return (facts, max(candidates)[2]) if candidates else None

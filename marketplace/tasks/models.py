@@ -75,6 +75,9 @@ class Task(Base):
     subtask_count: Mapped[int] = mapped_column(Integer, default=0)  # rows: every replica of every batch
     # Verified results: each batch runs on this many distinct nodes and a quorum must agree.
     redundancy: Mapped[int] = mapped_column(SmallInteger, default=1)
+    # Its replicas go to nodes of distinct providers: its queue had k live providers at its last
+    # release (`scheduling.replicas.place`); a claim that finds them gone clears it (`lifecycle.work`).
+    spread_providers: Mapped[bool] = mapped_column(default=False)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     max_cost: Mapped[Decimal | None] = mapped_column()
     estimated_cost: Mapped[Decimal] = mapped_column(default=Decimal("0"))
@@ -112,6 +115,10 @@ class SubTask(Base):
         # Never two replicas of a batch on one node, even when two of its processes claim at once.
         Index("uq_subtasks_replica_node", "task_id", "index", "worker", unique=True,
               postgresql_where=text("worker IS NOT NULL")),
+        # Never two of a batch's first k runs on nodes of one provider where its task spreads them
+        # (`tasks.spread_providers`): two nodes of one provider claiming at once each see no sibling.
+        Index("uq_subtasks_replica_provider", "task_id", "index", "spread_provider", unique=True,
+              postgresql_where=text("spread_provider IS NOT NULL")),
         Index("ix_subtasks_task_status", "task_id", "status"),
         # What the fair dispatcher releases next (never sent, in index order), and what is in
         # flight (sent and waiting in the broker, or running): each read is O(its rows).
@@ -130,6 +137,9 @@ class SubTask(Base):
     agreed: Mapped[bool | None] = mapped_column(default=None)
     # A spot check or a tie-break run: not charged to the task's owner.
     platform_paid: Mapped[bool] = mapped_column(default=False)
+    # The claiming node's provider ('' for the operator's nodes) when its task spreads its replicas
+    # over providers and this is one of its first k runs; NULL otherwise.
+    spread_provider: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=SubTaskStatus.PENDING.value)
     inputs: Mapped[list[Any]] = mapped_column()
     items: Mapped[int] = mapped_column(Integer)

@@ -22,25 +22,59 @@ PENDING, RUNNING = SubTaskStatus.PENDING.value, SubTaskStatus.RUNNING.value
 assert sources("subtask", SubTaskStatus.CANCELLED) == (PENDING, RUNNING)  # CANCEL_OPEN and STOP
 
 # -- claim: Pending -> Running (and the task Scheduled -> InProgress) --------------------------------
-# Verified results: a node never runs two replicas of one batch, and a demoted node
-# (`registry.reputation`) gets no solo work: the first run of a redundancy-1 task's batch. Spot
-# checks and replicas it still gets, so it can earn its standing back. `t` is the task's row,
-# `subtasks` the claimed one. Where it does not hold, the checked path decides (`work._claim_checked`).
+# Verified results: a node never runs two replicas of one batch, nor (where its queue has enough live
+# providers: `tasks.spread_providers`) one of a batch a node of its provider runs or ran, until the
+# batch has runs from k providers; a node that has disagreed (`registry.reputation`) takes solo work
+# (the first run of a redundancy-1 task's batch) only once the checked path found no better-scored
+# node with room, and a demoted one none. Spot checks and replicas it still gets, so it can earn its
+# standing back. `t` is the task's row, `subtasks` the claimed one. Where it does not hold, the
+# checked path decides (`work._claim_checked`). A node without a record pays one index probe.
 _SIBLING_HERE = """EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = subtasks.task_id AND o.index = subtasks.index
                               AND o.id <> subtasks.id AND o.worker = :worker)"""
 _DEMOTED = "EXISTS (SELECT 1 FROM node_reputation r WHERE r.worker = :worker AND r.demoted)"
+_DISAGREED = "EXISTS (SELECT 1 FROM node_reputation r WHERE r.worker = :worker AND (r.demoted OR r.disagreed > 0))"
 # A spot check runs after its batch's first run was taken by another node (so that it checks one).
 _PRIMARY_TAKEN = """EXISTS (SELECT 1 FROM subtasks p WHERE p.task_id = subtasks.task_id AND p.index = subtasks.index
                                AND p.replica = 0 AND p.worker IS NOT NULL)"""
+
+
+def _runs_of_batch(row: str) -> str:
+    """The other runs of `row`'s batch that a node holds or ran (`x`), with their node's enrolment (`n`:
+    none for the operator's nodes, which are one provider)."""
+    return f"""subtasks x LEFT JOIN nodes n ON n.hostname = x.worker
+        WHERE x.task_id = {row}.task_id AND x.index = {row}.index AND x.id <> {row}.id AND x.worker IS NOT NULL"""
+
+
+def same_provider(row: str) -> str:
+    """Whether a node of this node's (`:worker`) provider holds or ran another run of `row`'s batch,
+    while that batch has runs from fewer than its task's (`t`) redundancy providers."""
+    return f"""(t.redundancy > 1 AND t.spread_providers
+        AND EXISTS (SELECT 1 FROM {_runs_of_batch(row)}
+                    AND n.provider_id IS NOT DISTINCT FROM (SELECT provider_id FROM nodes WHERE hostname = :worker))
+        AND (SELECT count(DISTINCT n.provider_id) + COALESCE(bool_or(n.hostname IS NULL), false)::int
+             FROM {_runs_of_batch(row)}) < t.redundancy)"""
+
+
+# What a claim records as `spread_provider` (unique per batch: `uq_subtasks_replica_provider`).
+_SPREAD_PROVIDER = """CASE WHEN t.redundancy > 1 AND t.spread_providers AND subtasks.replica < t.redundancy
+                           THEN COALESCE((SELECT provider_id::text FROM nodes WHERE hostname = :worker), '') END"""
 ELIGIBLE = f"""NOT {_SIBLING_HERE}
-          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DEMOTED})
+          AND (t.redundancy > 1 OR subtasks.replica > 0 OR NOT {_DISAGREED})
+          AND (t.redundancy = 1 OR NOT {same_provider("subtasks")})
           AND (t.redundancy > 1 OR subtasks.replica = 0 OR {_PRIMARY_TAKEN})"""
-# Why the checked path's Pending row was not claimable here: (a replica of it ran here, demoted).
+# Why the checked path's Pending row was not claimable here: a replica of it ran here, a node of this
+# node's provider ran one, demoted, solo work to a node that has disagreed (its record), an early check.
 REFUSAL = text(f"""
-    SELECT {_SIBLING_HERE} AS sibling_here, (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted,
+    SELECT {_SIBLING_HERE} AS sibling_here, {same_provider("subtasks")} AS same_provider,
+           (t.redundancy = 1 AND subtasks.replica = 0 AND {_DEMOTED}) AS demoted,
+           (t.redundancy = 1 AND subtasks.replica = 0) AS solo, t.redundancy,
+           COALESCE(r.agreed, 0) AS agreed, COALESCE(r.disagreed, 0) AS disagreed,
            (t.redundancy = 1 AND subtasks.replica > 0 AND NOT {_PRIMARY_TAKEN}) AS early_check
-    FROM subtasks JOIN tasks t ON t.id = subtasks.task_id WHERE subtasks.id = :id
+    FROM subtasks JOIN tasks t ON t.id = subtasks.task_id LEFT JOIN node_reputation r ON r.worker = :worker
+    WHERE subtasks.id = :id
 """)
+# The queue has fewer live providers than the task's redundancy now: distinct nodes suffice.
+UNSPREAD = text("UPDATE tasks SET spread_providers = false WHERE id = :task_id AND spread_providers")
 # A replica this node may not run (another replica of its batch ran here) trades its payload with a
 # never-run Pending row of the same task that this node may run (what each row runs is its batch:
 # index, replica, inputs; the rows, their messages and sends stay as they are). Without it, two
@@ -58,6 +92,7 @@ SWAP_LOCK_OTHER = text(f"""
                       AND x.worker = :worker)
       AND (t.redundancy > 1 OR o.replica > 0 OR NOT {_DEMOTED})
       AND (t.redundancy > 1 OR o.replica = 0 OR {_PRIMARY_TAKEN.replace("subtasks.", "o.")})
+      AND NOT {same_provider("o")}
     ORDER BY o.dispatches DESC, o.index LIMIT 1 FOR UPDATE OF o SKIP LOCKED
 """)
 SWAP = text(f"""
@@ -87,7 +122,8 @@ _STARTED = payloads.insert_cte("e", type="TaskStarted", key="t.id::text", payloa
 CLAIM_PENDING = Prepared("mp_claim_pending", f"""
     WITH s AS (
         UPDATE subtasks SET status = '{RUNNING}', attempts = subtasks.attempts + 1, worker = :worker,
-               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL,
+               spread_provider = {_SPREAD_PROVIDER}
         FROM tasks t
         WHERE subtasks.id = :id AND subtasks.status = '{PENDING}' AND t.id = subtasks.task_id AND t.status IN {ACTIVE}
           AND {ELIGIBLE}
@@ -113,10 +149,13 @@ LOAD = text("""
 # The checked path's claim, decided from the row just loaded: Pending or Running (a copy taking over).
 CLAIM_ANY = text(f"""
     WITH s AS (
-        UPDATE subtasks SET status = '{RUNNING}', attempts = attempts + 1, worker = :worker,
-               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL
-        WHERE id = :id AND status IN {sql_in(sources("subtask", RUNNING))}
-        RETURNING task_id, attempts, index, items, inputs, replica, platform_paid
+        UPDATE subtasks SET status = '{RUNNING}', attempts = subtasks.attempts + 1, worker = :worker,
+               worker_incarnation = :inc, celery_id = :mid, started_at = :now, error = NULL,
+               spread_provider = {_SPREAD_PROVIDER}
+        FROM tasks t
+        WHERE subtasks.id = :id AND subtasks.status IN {sql_in(sources("subtask", RUNNING))} AND t.id = subtasks.task_id
+        RETURNING subtasks.task_id, subtasks.attempts, subtasks.index, subtasks.items, subtasks.inputs,
+                  subtasks.replica, subtasks.platform_paid
     ), t AS (
         UPDATE tasks SET status = '{TaskStatus.IN_PROGRESS.value}', started_at = :now
         FROM s WHERE tasks.id = s.task_id AND tasks.status IN {sql_in(sources("task", TaskStatus.IN_PROGRESS))}

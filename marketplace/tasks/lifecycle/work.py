@@ -132,10 +132,17 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
         if refusal.early_check:  # a spot check before its batch's first run: later, or not at all
             return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue, early_check=True,
                             error=f"spot check of subtask {row.index} before its first run"), None
-        if refusal.sibling_here:  # a replica of this batch ran here: run another batch's, or go elsewhere
+        if refusal.solo and refusal.disagreed:  # it has disagreed: solo work to better-scored nodes first
+            better = _better_free(row, node=node, agreed=refusal.agreed, disagreed=refusal.disagreed)
+            if better:
+                return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue, error=(
+                    f"node {node} has disagreed: solo work goes to {better}, which scores better and has room")), None
+        same_provider = refusal.same_provider and _spread_still(row, redundancy=refusal.redundancy)
+        if refusal.sibling_here or same_provider:  # run another batch's, or go elsewhere
             if not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
+                where = node if refusal.sibling_here else f"a node of the provider of {node}"
                 return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
-                                error=f"a replica of subtask {row.index} already ran on {node}"), None
+                                error=f"a replica of subtask {row.index} already ran on {where}"), None
             row = conn.execute(sql.LOAD, {"id": sid}).first()
     if row.status == SubTaskStatus.RUNNING.value and row.celery_id and row.celery_id != message_id and row.worker:
         # Another message (recovery re-sent the subtask) while a live node still runs the first:
@@ -173,6 +180,29 @@ class _Claimed:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._claimed if name in self.BATCH else self._loaded, name)
+
+
+def _better_free(row: Any, *, node: str, agreed: int, disagreed: int) -> str | None:
+    """A live node of the row's queue that scores better than `node` and has room (None: claim here)."""
+    from marketplace.scheduling.standing import better_free
+
+    try:
+        return better_free(row.queue or "", row.model, node=node, agreed=agreed, disagreed=disagreed)
+    except Exception:  # registry or reputation unreadable: run it here rather than not at all
+        logger.warning("could not compare node %s with its queue's", node, exc_info=True)
+        return None
+
+
+def _spread_still(row: Any, *, redundancy: int) -> bool:
+    """Whether the row's queue still has live nodes of as many providers as the task's redundancy.
+    If not, the task's replicas need distinct nodes only (`sql.UNSPREAD`, committed at once)."""
+    from marketplace.scheduling.standing import providers
+
+    if providers(row.queue or "") >= redundancy:
+        return True
+    with autocommit() as conn:
+        conn.execute(sql.UNSPREAD, {"task_id": row.task_id})
+    return False
 
 
 def _swap(conn: Any, sid: uuid.UUID, *, task_id: Any, index: int, node: str) -> bool:

@@ -8,6 +8,7 @@ from clean records.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -42,9 +43,11 @@ def nodes(market) -> Iterator:  # type: ignore[no-untyped-def]
 
     started: list[CeleryWorker] = []
 
-    def start(kind: str, queues: list[str] | None = None, *, concurrency: int = 1, **env: str) -> CeleryWorker:
+    def start(kind: str, queues: list[str] | None = None, *, name: str | None = None, concurrency: int = 1,
+              **env: str) -> CeleryWorker:
         worker = CeleryWorker(queues or (CONTROL if kind == "control" else ["cpu.generic"]),
-                              name=f"{kind}-{uuid.uuid4().hex[:6]}", concurrency=concurrency, env={**NODE_ENV, **env},
+                              name=name or f"{kind}-{uuid.uuid4().hex[:6]}", concurrency=concurrency,
+                              env={**NODE_ENV, **env},
                               app="tests.support.liar_node" if kind == "liar" else "marketplace")
         started.append(worker)
         worker.wait_ready(get_redis())
@@ -225,7 +228,7 @@ def test_spot_checks_rerun_solo_work_at_the_platforms_cost_and_count_against_a_l
     by_index: dict[int, set[str]] = {}
     for r in runs:
         by_index.setdefault(r.index, set()).add(r.worker)
-    assert all(len(workers) == len([r for r in runs if r.index == i]) for i, workers in by_index.items())
+    assert all(len(workers) == len([r for r in runs if r.index == i]) for i, workers in by_index.items()), runs
     # The owner pays for one run of each batch; spot checks and tie-breaks are the platform's.
     charges = _db("SELECT count(*) AS n FROM ledger_entries WHERE task_id = :t AND kind = 'charge'", t=task["id"])
     assert charges[0].n == len([r for r in runs if not r.platform_paid]) == 8
@@ -280,6 +283,88 @@ def test_a_task_asking_for_more_nodes_than_are_live_fails_saying_so(client, node
     task = _submit(client, user, ["a", "b"], redundancy=2)
     doc = wait_for_task(client, user["headers"], task["id"], timeout=60)
     assert doc["status"] == "Failed" and doc["error"] == "redundancy 2 needs 2 distinct nodes on cpu.generic; 1 live"
+
+
+def test_replicas_go_to_nodes_of_distinct_providers_where_there_are_enough(client, nodes):  # type: ignore[no-untyped-def]
+    """Two nodes of provider A and one of the operator's (the platform, a provider of its own): each
+    batch's two replicas run on two providers, though A's two nodes take messages as fast as the
+    operator's one."""
+    nodes("control")
+    names = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in (1, 2)]
+    provider_a = _enroll_as_provider_nodes(client, [f"{n}@{socket.gethostname()}" for n in names])  # before they start
+    a1, a2, platform = nodes("honest", name=names[0]), nodes("honest", name=names[1]), nodes("honest")
+    user = register(client)
+    task = _submit(client, user, [f"p{i}" for i in range(8)], redundancy=2)
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=120)
+    assert doc["status"] == "Done", doc
+    result = client.get(f"/v1/tasks/{task['id']}/result", headers=user["headers"]).get_json()
+    assert result["outputs"] == ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
+    subs = client.get(f"/v1/tasks/{task['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    assert len(subs) == 8
+    for sub in subs:
+        runs = sorted((r["provider"] or "", r["node"]) for r in sub["replicas"])
+        # one run on the platform's node (provider null), one on either of A's
+        assert [p for p, _ in runs] == ["", provider_a], sub
+        assert runs[0][1] == platform.hostname and runs[1][1] in (a1.hostname, a2.hostname), sub
+    assert _db("SELECT spread_providers FROM tasks WHERE id = :t", t=task["id"])[0][0] is True
+
+
+def test_replicas_run_on_distinct_nodes_of_one_provider_where_there_is_no_other(client, nodes):  # type: ignore[no-untyped-def]
+    nodes("control")
+    names = [f"a{i}-{uuid.uuid4().hex[:6]}" for i in (1, 2)]
+    provider_a = _enroll_as_provider_nodes(client, [f"{n}@{socket.gethostname()}" for n in names])
+    a1, a2 = nodes("honest", name=names[0]), nodes("honest", name=names[1])
+    user = register(client)
+    task = _submit(client, user, ["q0", "q1", "q2", "q3"], redundancy=2)
+    doc = wait_for_task(client, user["headers"], task["id"], timeout=120)
+    assert doc["status"] == "Done", doc
+    subs = client.get(f"/v1/tasks/{task['id']}/subtasks", headers=user["headers"]).get_json()["subtasks"]
+    for sub in subs:
+        assert sorted(r["node"] for r in sub["replicas"]) == sorted([a1.hostname, a2.hostname]), sub
+        assert {r["provider"] for r in sub["replicas"]} == {provider_a}
+    assert _db("SELECT spread_providers FROM tasks WHERE id = :t", t=task["id"])[0][0] is False
+
+
+def test_solo_work_goes_to_the_better_scored_node_while_it_has_room(client, nodes):  # type: ignore[no-untyped-def]
+    """A node that has disagreed (20 of 22 agreed: score 0.72, above the demotion threshold) and
+    one never found disagreeing (ranked 1.0), both idle: a solo job runs on the second; while
+    that one is busy, the first takes solo work."""
+    nodes("control")
+    good, doubtful = nodes("honest"), nodes("honest")
+    _exec("INSERT INTO node_reputation (worker, agreed, disagreed, demoted, updated_at) "
+          "VALUES (:w, 20, 2, false, now())", w=doubtful.hostname)
+    user = register(client)
+
+    idle = _submit(client, user, [f"i{i}" for i in range(12)])
+    doc = wait_for_task(client, user["headers"], idle["id"], timeout=120)
+    assert doc["status"] == "Done", doc
+    ran = [r.worker for r in _db("SELECT worker FROM subtasks WHERE task_id = :t", t=idle["id"])]
+    assert ran.count(good.hostname) >= 10, ran  # the doubtful node only when the good one's heartbeat said busy
+    taken = [r for r in _audit(idle["id"], "subtask.started") if r.actor == f"worker:{doubtful.hostname}"]
+    assert taken, "the doubtful node never took a message of the job: the test proved nothing"
+
+    # The good node busy (its heartbeat says so): the doubtful one takes solo work. First the good
+    # one idle again, in a heartbeat written after what the doubtful one read of it was stale.
+    from marketplace.infra.redis_client import get_redis
+    from marketplace.registry.service import heartbeat_record
+    from marketplace.scheduling.standing import CACHE_S
+
+    ended = _db("SELECT extract(epoch FROM finished_at) FROM tasks WHERE id = :t", t=idle["id"])[0][0]
+
+    def good_beat() -> dict:  # type: ignore[type-arg]
+        return heartbeat_record(get_redis(), hostname=good.hostname) or {}
+
+    wait_until(lambda: good_beat().get("running") == 0 and good_beat()["last_heartbeat"] > float(ended) + CACHE_S,
+               timeout=30, what="a heartbeat of the good node, idle")
+    long = _submit(client, user, ["l0", "l1", "l2"], params={"sleep_s": 4}, batch_size=3)  # one 12 s subtask
+    wait_until(lambda: good_beat().get("running") == 1, timeout=30,
+               what="the good node's heartbeat saying it runs the long subtask")
+    busy = _submit(client, user, [f"b{i}" for i in range(4)], params={"sleep_s": 0.3})
+    doc = wait_for_task(client, user["headers"], busy["id"], timeout=120)
+    assert doc["status"] == "Done", doc
+    ran = [r.worker for r in _db("SELECT worker FROM subtasks WHERE task_id = :t", t=busy["id"])]
+    assert ran.count(doubtful.hostname) >= 2, ran
+    assert _db("SELECT worker FROM subtasks WHERE task_id = :t", t=long["id"])[0][0] == good.hostname
 
 
 def test_redundancy_is_priced_k_times_in_the_estimate_and_the_hold(client, market):  # type: ignore[no-untyped-def]
