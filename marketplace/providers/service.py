@@ -115,6 +115,7 @@ def disable(session: Session, *, provider: User, name: str) -> Node:
     """Refuse the node's calls and parts from now on, remove its broker user, and take it out of
     the registry (GET /v1/workers, the scheduler's live nodes) instead of waiting for its heartbeat
     to expire."""
+    from marketplace.infra.after_commit import defer
     from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import deregister
 
@@ -123,7 +124,9 @@ def disable(session: Session, *, provider: User, name: str) -> Node:
         node.enabled = False
         node.disabled_at = utcnow()
         broker_acl.remove_user(_broker(), node_id=node.id)
-        deregister(get_redis(), hostname=node.hostname)
+        # Once committed: a heartbeat authenticated before the commit would register it again.
+        # One in flight across the commit deregisters itself (`providers.work.heartbeat`).
+        defer(session, lambda hostname=node.hostname: deregister(get_redis(), hostname=hostname))
         audit.append(session, actor=f"user:{provider.id}", action="node.disabled", subject=f"node:{node.id}",
                      data={"name": node.name})
     return node

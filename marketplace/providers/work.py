@@ -273,8 +273,18 @@ def heartbeat(node: NodeIdentity, *, info: dict[str, Any], leaving: bool) -> Non
         with session_scope() as session:
             registry.record_online(session, info=record)
     registry.heartbeat(r, info=record)
+    if not _still_enabled(node):  # disabled since this call authenticated: its deregister may be before our write
+        registry.deregister(r, hostname=node.hostname)
+        return
     if first:
         _wake(record)
+
+
+def _still_enabled(node: NodeIdentity) -> bool:
+    from marketplace.providers.models import Node
+
+    with session_scope() as session:
+        return bool(session.scalar(select(Node.enabled).where(Node.id == uuid.UUID(node.id))))
 
 
 def _wake(record: dict[str, Any]) -> None:
