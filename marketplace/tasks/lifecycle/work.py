@@ -139,7 +139,10 @@ def _claim_checked(conn: Any, sid: uuid.UUID, subtask_id: str, *, node: str, inc
                     f"node {node} has disagreed: solo work goes to {better}, which scores better and has room")), None
         same_provider = refusal.same_provider and _spread_still(row, redundancy=refusal.redundancy)
         if refusal.sibling_here or same_provider:  # run another batch's, or go elsewhere
-            if not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
+            # A spot check (of a redundancy-1 task) goes elsewhere at once, or is dropped: traded
+            # for a first run, its check would come back here with each later batch, and each
+            # trade scans the task's never-run rows (with one node: every check, to the job's end).
+            if refusal.redundancy == 1 or not _swap(conn, sid, task_id=row.task_id, index=row.index, node=node):
                 where = node if refusal.sibling_here else f"a node of the provider of {node}"
                 return _skipped(subtask_id, row, ok=False, elsewhere=True, queue=row.queue,
                                 error=f"a replica of subtask {row.index} already ran on {where}"), None
