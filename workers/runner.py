@@ -50,8 +50,10 @@ def execute(subtask_id: str, *, hostname: str, retries_left: bool, message_id: s
     backend = backends.current()
     try:
         early, work = backend.claim(subtask_id, hostname=hostname, message_id=message_id, incarnation=incarnation())
-    except (backends.Unreachable, backends.Elsewhere) as exc:  # later, or on another node (the message retries)
+    except backends.Unreachable as exc:  # later (the message retries, with the infrastructure backoff)
         return Retry(str(exc), infrastructure=True)
+    except backends.Elsewhere as exc:  # on another node: back to the shared queue at once, not after a backoff
+        return Retry(str(exc), infrastructure=True, elsewhere=True)
     except backends.Refused as exc:  # a disabled node, a subtask not of its queues: nothing ran, nothing to retry
         logger.error("subtask %s refused to this node: %s", subtask_id, exc)
         return {"ok": False, "skipped": True, "refused": True, "subtask_id": subtask_id, "error": str(exc)}

@@ -17,6 +17,11 @@ from workers import backends, node, runner  # noqa: F401
 logger = logging.getLogger(__name__)
 INFRA_MAX_RETRIES = 60  # a down database or store gets ~30 min of capped backoff
 ELSEWHERE_BACKOFF = 0.05  # seconds, doubled per retry up to 1: a message this node may not run
+# A message for another node (verified results: the one provider's node that may run it is busy
+# with a long run) bounces between the nodes that may not, a second apart, for up to ~15 min before
+# it is left to recovery: at INFRA_MAX_RETRIES (~1 min of bounces) it was dropped while its node
+# was still busy, and the task waited for recovery's stall deadline.
+ELSEWHERE_MAX_RETRIES = 900
 
 
 # The outcome's repr (worker log line, task-succeeded event) is cut at RESULT_REPR chars, with
@@ -41,7 +46,8 @@ def run_subtask(self, subtask_id: str) -> dict[str, Any]:  # type: ignore[no-unt
         logger.exception("subtask %s: unexpected error, will retry", subtask_id)
         outcome = runner.Retry(f"{type(exc).__name__}: {exc}", infrastructure=database_unavailable(exc))
     if isinstance(outcome, runner.Retry):
-        limit = INFRA_MAX_RETRIES if outcome.infrastructure else settings.subtask_max_retries
+        limit = (ELSEWHERE_MAX_RETRIES if outcome.elsewhere else INFRA_MAX_RETRIES if outcome.infrastructure
+                 else settings.subtask_max_retries)
         if retries < limit:
             countdown = min(30.0, settings.subtask_retry_backoff * (2**retries))
             if outcome.elsewhere:  # another node runs it: no failure to back off from

@@ -31,16 +31,6 @@ from marketplace.scheduling import standing
 
 logger = logging.getLogger(__name__)
 
-# A release's verified tasks, each marked for a spread over providers where the queue has as many live
-# providers as its redundancy (written only when that changes).
-_VERIFIED = text("""
-    WITH v AS (SELECT id, redundancy, redundancy <= :providers AS spread FROM tasks
-               WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1),
-    u AS (UPDATE tasks SET spread_providers = v.spread FROM v
-          WHERE tasks.id = v.id AND tasks.spread_providers <> v.spread RETURNING tasks.id)
-    SELECT id::text, redundancy, spread FROM v
-""")
-
 
 def direct_nodes(queue: str) -> list[str]:
     """The live operator's nodes consuming `queue`, by name (cached a moment per process)."""
@@ -67,9 +57,11 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
     nodes: list[str] = []
     if replicated:
         nodes = direct_nodes(queue)
+        from marketplace.tasks.lifecycle.statements import MARK_SPREAD
+
         with get_engine().begin() as conn:
-            rows = conn.execute(_VERIFIED, {"ids": "{" + ",".join(replicated) + "}",
-                                            "providers": standing.providers(queue)}).all()
+            rows = conn.execute(MARK_SPREAD, {"ids": "{" + ",".join(replicated) + "}",
+                                              "providers": standing.providers(queue)}).all()
         # Only where there are k such nodes: with fewer, the shared queue and the claims' swaps.
         verified = {t for t, k, spread in rows if not spread and 2 <= k <= len(nodes)}
     targets = {h: worker_direct(h) for h in nodes}

@@ -73,6 +73,16 @@ REFUSAL = text(f"""
     FROM subtasks JOIN tasks t ON t.id = subtasks.task_id LEFT JOIN node_reputation r ON r.worker = :worker
     WHERE subtasks.id = :id
 """)
+# A release's verified tasks (`scheduling.replicas.place`), each marked for a spread over providers where the queue has as many live
+# providers as its redundancy (written only when that changes).
+MARK_SPREAD = text("""
+    WITH v AS (SELECT id, redundancy, redundancy <= :providers AS spread FROM tasks
+               WHERE id = ANY(CAST(:ids AS uuid[])) AND redundancy > 1),
+    u AS (UPDATE tasks SET spread_providers = v.spread FROM v
+          WHERE tasks.id = v.id AND tasks.spread_providers <> v.spread RETURNING tasks.id)
+    SELECT id::text, redundancy, spread FROM v
+""")
+
 # The queue has fewer live providers than the task's redundancy now: distinct nodes suffice.
 UNSPREAD = text("UPDATE tasks SET spread_providers = false WHERE id = :task_id AND spread_providers")
 # A replica this node may not run (another replica of its batch ran here) trades its payload with a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -359,6 +360,11 @@ def test_solo_work_goes_to_the_better_scored_node_while_it_has_room(client, node
     long = _submit(client, user, ["l0", "l1", "l2"], params={"sleep_s": 4}, batch_size=3)  # one 12 s subtask
     wait_until(lambda: good_beat().get("running") == 1, timeout=30,
                what="the good node's heartbeat saying it runs the long subtask")
+    # What the doubtful node cached of its queue before that heartbeat has expired (a view read just
+    # before it, still "idle", would redirect the solo work to the good node's own queue).
+    busy_since = float(good_beat()["last_heartbeat"])
+    wait_until(lambda: time.time() > busy_since + CACHE_S, timeout=10,
+               what="the doubtful node's cached view of the queue older than the busy heartbeat")
     busy = _submit(client, user, [f"b{i}" for i in range(4)], params={"sleep_s": 0.3})
     doc = wait_for_task(client, user["headers"], busy["id"], timeout=120)
     assert doc["status"] == "Done", doc
