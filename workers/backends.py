@@ -74,10 +74,8 @@ class LocalBackend:
 
     def drop_check(self, subtask_id: str, *, reason: str) -> bool:
         recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {reason}")
-        if recorded.moved and recorded.last:
-            followup.finish(_task_of(subtask_id), subtasks=recorded.subtasks)
-        elif recorded.moved:
-            followup.release_more(recorded.queue)
+        if recorded.moved:
+            followup.after_drop(recorded)
         return recorded.moved
 
     def store(self) -> Any:
@@ -112,15 +110,6 @@ class LocalBackend:
 
     def stopped(self, task_id: str) -> bool:
         return bool(lifecycle.stopped(task_id))
-
-
-def _task_of(subtask_id: str) -> str:
-    from sqlalchemy import text
-
-    from marketplace.infra.db import get_engine
-
-    with get_engine().connect() as conn:
-        return str(conn.execute(text("SELECT task_id FROM subtasks WHERE id = :id"), {"id": subtask_id}).scalar())
 
 
 class _database:

@@ -121,10 +121,7 @@ def claim(node: NodeIdentity, *, subtask_id: str, message_id: str, incarnation: 
         if target is None:
             recorded = lifecycle.drop_check(subtask_id, reason=f"spot check dropped: {early['error']}")
             if recorded.moved:  # a spot check no other node can run: the task does not wait on it
-                if recorded.last:
-                    followup.finish(str(_load(subtask_id).task_id), subtasks=recorded.subtasks)
-                else:
-                    followup.release_more(recorded.queue)
+                followup.after_drop(recorded)
                 return {**early, "skipped": True, "dropped": True}, None
             from marketplace.scheduling.replicas import fail_if_short
 

@@ -33,6 +33,15 @@ def after_outcome(*, task_id: str, subtask_id: str, queue: str, recorded: Any) -
     release_more(recorded.queue or queue)
 
 
+def after_drop(recorded: Any) -> None:
+    """A spot check dropped at its claim (`lifecycle.drop_check`): the last open run of its task
+    finishes the task; otherwise its slot is free for more work."""
+    if recorded.last:
+        finish(recorded.task_id, subtasks=recorded.subtasks)
+    else:
+        release_more(recorded.queue)
+
+
 def release_more(queue: str) -> None:
     """Ask the fair dispatcher for more work on `queue` if its broker list runs short: after an
     outcome, and after a spot check dropped at its claim (its slot is free, and the task's last

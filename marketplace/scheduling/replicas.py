@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from marketplace.infra.db import get_engine
 from marketplace.scheduling import standing
+from marketplace.tasks.lifecycle.statements import MARK_SPREAD, spread_short
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
     nodes: list[str] = []
     if replicated:
         nodes = direct_nodes(queue)
-        from marketplace.tasks.lifecycle.statements import MARK_SPREAD
-
         with get_engine().begin() as conn:
             rows = conn.execute(MARK_SPREAD, {"ids": "{" + ",".join(replicated) + "}",
                                               "providers": standing.providers(queue)}).all()
@@ -77,15 +76,11 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
 
 # -- a claim that may not run here goes to a node that may ---------------------------------------------
 
-_REDIRECT_FACTS = text("""
+_REDIRECT_FACTS = text(f"""
     SELECT t.queue, t.model, t.trace_id, s.task_id,
            (t.redundancy = 1 AND s.replica = 0) AS solo,
            -- the operator's nodes (one provider) may not run it: one of them ran a replica of a spread batch
-           (t.redundancy > 1 AND t.spread_providers
-            AND (SELECT count(DISTINCT n.provider_id) + COALESCE(bool_or(n.hostname IS NULL), false)::int
-                 FROM subtasks o LEFT JOIN nodes n ON n.hostname = o.worker
-                 WHERE o.task_id = s.task_id AND o.index = s.index AND o.id <> s.id AND o.worker IS NOT NULL)
-                < t.redundancy
+           ({spread_short("s")}
             AND EXISTS (SELECT 1 FROM subtasks o WHERE o.task_id = s.task_id AND o.index = s.index AND o.id <> s.id
                         AND o.worker IS NOT NULL AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.hostname = o.worker))
            ) AS platform_ran,

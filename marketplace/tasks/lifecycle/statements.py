@@ -45,14 +45,20 @@ def _runs_of_batch(row: str) -> str:
         WHERE x.task_id = {row}.task_id AND x.index = {row}.index AND x.id <> {row}.id AND x.worker IS NOT NULL"""
 
 
+def spread_short(row: str) -> str:
+    """Whether `row`'s batch is to spread over providers (its task `t`) and its other runs come from
+    fewer than the task's redundancy providers (the operator's nodes counting as one)."""
+    return f"""(t.redundancy > 1 AND t.spread_providers
+        AND (SELECT count(DISTINCT n.provider_id) + COALESCE(bool_or(n.hostname IS NULL), false)::int
+             FROM {_runs_of_batch(row)}) < t.redundancy)"""
+
+
 def same_provider(row: str) -> str:
     """Whether a node of this node's (`:worker`) provider holds or ran another run of `row`'s batch,
     while that batch has runs from fewer than its task's (`t`) redundancy providers."""
-    return f"""(t.redundancy > 1 AND t.spread_providers
+    return f"""({spread_short(row)}
         AND EXISTS (SELECT 1 FROM {_runs_of_batch(row)}
-                    AND n.provider_id IS NOT DISTINCT FROM (SELECT provider_id FROM nodes WHERE hostname = :worker))
-        AND (SELECT count(DISTINCT n.provider_id) + COALESCE(bool_or(n.hostname IS NULL), false)::int
-             FROM {_runs_of_batch(row)}) < t.redundancy)"""
+                    AND n.provider_id IS NOT DISTINCT FROM (SELECT provider_id FROM nodes WHERE hostname = :worker)))"""
 
 
 # What a claim records as `spread_provider` (unique per batch: `uq_subtasks_replica_provider`).

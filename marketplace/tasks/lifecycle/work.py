@@ -285,6 +285,7 @@ class Recorded:
     subtasks: int = 0
     queue: str = ""
     late_charge: bool = False  # charged after its task was settled: settle it (`billing.settle_late`)
+    task_id: str = ""  # where the statement returned it (`drop_check`)
 
 
 def complete(work: Work, *, node: str, key: str, sha256: str, seconds: float, held: bool = False,
@@ -378,4 +379,5 @@ def drop_check(subtask_id: str, *, reason: str) -> Recorded:
                                     or not sql.OPEN_LEFT.execute(conn, {"task_id": row.task_id}).scalar())
     if row is None:
         return Recorded(moved=False)
-    return Recorded(moved=True, last=last, subtasks=int(row.subtask_count), queue=row.queue or "")
+    return Recorded(moved=True, last=last, subtasks=int(row.subtask_count), queue=row.queue or "",
+                    task_id=str(row.task_id))
