@@ -1,8 +1,10 @@
 """A control plane without compute (a control-queue worker, the gRPC server in this process) and
 provider nodes started from their credential alone, as real `marketplace worker --credentials` processes.
 
-The module's broker is Redis database 1 of the test Redis: a session's operator node (the `worker`
-fixture, on database 0) never takes these tests' subtasks, so each run here is a provider node's.
+The module's broker and registry are Redis database 1 of the test Redis: a session's operator node
+(the `worker` fixture, on database 0) neither takes these tests' subtasks nor is seen live on their
+queues (a replica placed on it would wait in a list on database 1 that nothing reads), so each run
+here is a provider node's.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def control_plane(stack: dict[str, str], redis_server) -> Iterator[dict[str, Any
     broker = redis_server.url.rsplit("/", 1)[0] + "/1"
     server = build_server(host="127.0.0.1", port=0, max_workers=16)
     server.start()
-    env = {"MARKETPLACE_BROKER_URL": broker, "MARKETPLACE_PUBLIC_GRPC_ADDRESS": f"127.0.0.1:{server.port}",
+    env = {"MARKETPLACE_BROKER_URL": broker, "MARKETPLACE_REDIS_URL": broker,
+           "MARKETPLACE_PUBLIC_GRPC_ADDRESS": f"127.0.0.1:{server.port}",
            "MARKETPLACE_PUBLIC_API_URL": "http://testserver"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
