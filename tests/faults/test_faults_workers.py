@@ -46,7 +46,11 @@ def _assert_exactly_once(client, user, task_id: str, inputs: list) -> None:  # t
 
 
 def _drive_recovery(client, user, task_id: str, timeout: float = 120.0) -> dict:  # type: ignore[no-untyped-def]
-    """Run the recovery job (beat runs it every 30 s) until the task is final."""
+    """Run beat's two jobs that push work on, recovery (every 30 s there) and the release of
+    queued work (every 2 s), until the task is final. The release matters where the broker lost
+    the nodes' heartbeats too: outcomes recorded before a node's next heartbeat find the queue
+    without capacity and release nothing, and only the periodic release sends the rest."""
+    from marketplace.scheduling.dispatch import release_all
     from marketplace.scheduling.recovery import recover_stalled
 
     deadline = time.monotonic() + timeout
@@ -55,6 +59,7 @@ def _drive_recovery(client, user, task_id: str, timeout: float = 120.0) -> dict:
         if doc["status"] in ("Done", "Failed") or time.monotonic() > deadline:
             return doc
         recover_stalled()
+        release_all()
         time.sleep(1)
 
 
