@@ -7,9 +7,11 @@ quorum, reputations, events) is what this measures beyond the doubled work: the 
 <= 2.2x the k = 1 job. The marketplace is `marketplace standalone` as shipped (`--mode private`:
 the bench's own stack) plus a second node on `cpu.generic` of the same concurrency; spot checks
 are off (MARKETPLACE_SPOT_CHECK_RATE=0), so the k = 1 job does its work once. Runs interleave
-(k=1, k=2, k=1, ...); prints wall time from submit to Done side by side and the ratio.
+(k=1, k=2, k=1, ...); prints wall time from submit to Done side by side and the ratio, and the
+machine's CPU seconds per run (a k = 2 job makes 2N runs): on 2 busy cores the wall ratio drifts by
+~10% between runs of the same code, while CPU per run says whether the bookkeeping grew.
 
-    .venv/bin/python bench/redundancy.py [--n 1000] [--repeat 3] [--mode standalone|private]
+    .venv/bin/python bench/redundancy.py [--n 1000] [--repeat 5] [--mode standalone|private]
 """
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ from harness import (
 
 POLL = 0.01
 TARGET = 2.2
+
+
+def busy_cpu() -> float:
+    """CPU seconds every process on this machine has used (the stack's and this script's)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def job(client, headers, n: int, k: int) -> tuple[float, str]:  # type: ignore[no-untyped-def]
@@ -62,7 +72,7 @@ def check(client, headers, task_id: str, n: int) -> None:  # type: ignore[no-unt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=2)
     add_mode_argument(parser)
     args = parser.parse_args()
@@ -80,10 +90,15 @@ def main() -> None:
             settle()
             solo: list[float] = []
             verified: list[float] = []
+            cpu: dict[int, list[float]] = {1: [], 2: []}  # CPU seconds per run
             for _ in range(args.repeat):
+                used = busy_cpu()
                 solo.append(job(client, headers, args.n, 1)[0])
+                cpu[1].append((busy_cpu() - used) / args.n)
                 settle()
+                used = busy_cpu()
                 seconds, task_id = job(client, headers, args.n, 2)
+                cpu[2].append((busy_cpu() - used) / (2 * args.n))
                 verified.append(seconds)
                 check(client, headers, task_id, args.n)
                 settle()
@@ -94,6 +109,9 @@ def main() -> None:
           f"spot checks off; median of {args.repeat}")
     print(f"{'n':>6} {'k=1 s':>9} {'k=2 s':>9} {'k=2/k=1':>8} {'target':>7}")
     print(f"{args.n:>6} {one:>9.2f} {two:>9.2f} {two / one:>7.2f}x {TARGET:>6.1f}x")
+    c1, c2 = statistics.median(cpu[1]) * 1000, statistics.median(cpu[2]) * 1000
+    print(f"machine CPU per run: k=1 {c1:.2f} ms, k=2 {c2:.2f} ms ({c2 / c1:.2f}x; 1.00x: the bookkeeping per run "
+          "did not grow)")
     print("runs k=1: " + ", ".join(f"{s:.2f}" for s in solo) + "; k=2: " + ", ".join(f"{s:.2f}" for s in verified))
 
 
