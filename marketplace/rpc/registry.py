@@ -62,10 +62,11 @@ def _live_record(hostname: str) -> dict[str, Any] | None:
 
 
 def node_message(doc: dict[str, Any]) -> worker_pb2.Node:
-    """A `providers.node_document` as a Node message."""
+    """A `providers.node_document` as a Node message (`online` where the document has it: a listing)."""
     return message(worker_pb2.Node, id=doc["id"], name=doc["name"], hostname=doc["hostname"], queues=doc["queues"],
                    public_key=doc["public_key"], enabled=doc["enabled"], created_at=timestamp(doc["created_at"]),
-                   rotated_at=timestamp(doc["rotated_at"]), disabled_at=timestamp(doc["disabled_at"]))
+                   rotated_at=timestamp(doc["rotated_at"]), disabled_at=timestamp(doc["disabled_at"]),
+                   online=bool(doc.get("online")))
 
 
 def _credential_reply(cls: Any, node: Any, credential: dict[str, Any]) -> Any:

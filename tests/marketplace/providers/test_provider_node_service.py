@@ -203,6 +203,14 @@ def test_disable_and_rotate_refuse_the_old_credential(embedding_nodes, control_p
     # b has just beaten with its fresh credential; a is disabled (its heartbeat dropped)
     assert by_name[b.credential["name"]]["online"] is True and by_name[a.credential["name"]]["online"] is False
     assert "node_secret" not in json.dumps(listed) and "private_key" not in json.dumps(listed)
+    # The same listing over gRPC (WorkerService.ListNodes), with the provider's token.
+    from marketplace.pb.worker import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(control_plane["grpc"]) as channel:
+        nodes = worker_pb2_grpc.WorkerServiceStub(channel).ListNodes(
+            worker_pb2.ListNodesRequest(), metadata=(("authorization", provider["headers"]["Authorization"]),)).nodes
+    over_grpc = {n.name: (n.enabled, n.online) for n in nodes}
+    assert over_grpc[a.credential["name"]] == (False, False) and over_grpc[b.credential["name"]] == (True, True)
 
 
 def test_enrollment_needs_the_provider_role_and_a_valid_name(control_plane, app):
