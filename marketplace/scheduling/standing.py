@@ -48,11 +48,13 @@ class LiveNode:
         return int(self.record.get("concurrency") or 1) - int(self.record.get("running") or 0)
 
 
-def queue_nodes(queue: str) -> list[LiveNode]:
-    """The live nodes consuming `queue`, in name order, with their providers (cached CACHE_S)."""
+def queue_nodes(queue: str, *, fresh: bool = False) -> list[LiveNode]:
+    """The live nodes consuming `queue`, in name order, with their providers (cached CACHE_S).
+    `fresh`: read now, for a decision that outlives the moment (a task's spread over providers:
+    a view from before a provider's node came online would keep its replicas off that node)."""
     now = time.monotonic()
     read_at, nodes = _nodes.get(queue, (-CACHE_S, []))
-    if now - read_at < CACHE_S:
+    if now - read_at < CACHE_S and not fresh:
         return nodes
     from marketplace.infra.redis_client import get_redis
     from marketplace.registry.service import live_workers
@@ -71,9 +73,9 @@ def queue_nodes(queue: str) -> list[LiveNode]:
     return nodes
 
 
-def providers(queue: str, model: str | None = None) -> int:
+def providers(queue: str, model: str | None = None, *, fresh: bool = False) -> int:
     """How many distinct providers have a live node on `queue` (that runs `model`, when given)."""
-    return len({n.provider for n in queue_nodes(queue) if model is None or n.serves(model)})
+    return len({n.provider for n in queue_nodes(queue, fresh=fresh) if model is None or n.serves(model)})
 
 
 def preference(agreed: int, disagreed: int) -> float:

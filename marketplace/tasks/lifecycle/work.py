@@ -198,10 +198,11 @@ def _better_free(row: Any, *, node: str, agreed: int, disagreed: int) -> str | N
 
 def _spread_still(row: Any, *, redundancy: int) -> bool:
     """Whether the row's queue still has live nodes of as many providers as the task's redundancy.
-    If not, the task's replicas need distinct nodes only (`sql.UNSPREAD`, committed at once)."""
+    If not, the task's replicas need distinct nodes only (`sql.UNSPREAD`, committed at once): a
+    lasting decision, so a cached view that says so is read again first."""
     from marketplace.scheduling.standing import providers
 
-    if providers(row.queue or "") >= redundancy:
+    if providers(row.queue or "") >= redundancy or providers(row.queue or "", fresh=True) >= redundancy:
         return True
     with autocommit() as conn:
         conn.execute(sql.UNSPREAD, {"task_id": row.task_id})
