@@ -57,10 +57,11 @@ def place(queue: str, sent: dict[str, list[tuple[str, int, int]]]) -> dict[tuple
     verified: set[str] = set()
     nodes: list[str] = []
     if replicated:
+        # One fresh read of the queue's nodes for both: the spread is a lasting decision.
+        providers = standing.providers(queue, fresh=True)
         nodes = direct_nodes(queue)
         with get_engine().begin() as conn:
-            rows = conn.execute(MARK_SPREAD, {"ids": "{" + ",".join(replicated) + "}",
-                                              "providers": standing.providers(queue, fresh=True)}).all()
+            rows = conn.execute(MARK_SPREAD, {"ids": "{" + ",".join(replicated) + "}", "providers": providers}).all()
         # Only where there are k such nodes: with fewer, the shared queue and the claims' swaps.
         verified = {t for t, k, spread in rows if not spread and 2 <= k <= len(nodes)}
     targets = {h: worker_direct(h) for h in nodes}
